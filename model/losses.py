@@ -1,0 +1,141 @@
+"""Training objectives: the paper's multi-task loss (eq. 2) and MOON's re-balanced attribute loss.
+
+Everything here runs in float32 whatever the autocast dtype of the forward pass: logits are cast on entry.  Unknown
+labels are masked, never imputed: an identity of ``-1`` and an attribute label of ``NaN`` contribute nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from model.network import Outputs
+
+ATTRIBUTE_LOSSES: tuple[str, ...] = ("mse", "moon")
+
+
+def attribute_mse(attribute_logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Mean squared error between ``sigmoid(attribute_logits)`` and 0/1 ``labels`` over the known labels only.
+
+    ``attribute_logits``: (B, M) any float dtype; ``labels``: (B, M) float32, NaN = unknown; ``weights``: optional
+    (B, M) float32 per-label weights.  The mean is over the number of known labels (not the sum of weights), so unit
+    weights reproduce the plain MSE.  Returns a float32 scalar (0 when nothing is known).
+    """
+    if attribute_logits.shape != labels.shape:
+        raise ValueError(f"attribute logits {tuple(attribute_logits.shape)} and labels {tuple(labels.shape)} differ")
+    known = ~torch.isnan(labels)
+    p = torch.sigmoid(attribute_logits.float())
+    err = (p - torch.nan_to_num(labels.float(), nan=0.0)) ** 2
+    if weights is not None:
+        err = err * weights
+    # Masked sum over a clamped count: no host sync, and an all-unknown batch gives 0 (still on the graph).
+    return torch.where(known, err, torch.zeros_like(err)).sum() / known.sum().clamp_min(1)
+
+
+def moon_weights(labels: Tensor, source_positive_rate: Tensor, target_positive_rate: float | Tensor = 0.5) -> Tensor:
+    """MOON's per-label weights (Rudd, Günther & Boult, ECCV 2016, eq. 3).
+
+    For attribute ``i`` with source (training-set) positive rate ``S_i`` and target rate ``T_i`` (negatives
+    ``1 - S_i``, ``1 - T_i``), a label ``y`` gets weight::
+
+        w_i(y) = 1                      if T_i(y) >= S_i(y)   (the minority class keeps full weight)
+        w_i(y) = T_i(y) / S_i(y)        otherwise             (the majority class is down-weighted)
+
+    so the effective positive share ``w+ S / (w+ S + w- (1 - S))`` moves from ``S_i`` toward ``T_i`` (it reaches
+    ``T_i`` only when no up-weighting is needed; MOON never up-weights, which keeps gradients bounded).  For
+    ``S = 0.2, T = 0.5``: ``w+ = 1``, ``w- = 0.625``, effective share 0.286.
+
+    ``labels``: (B, M) 0/1/NaN; ``source_positive_rate``: (M,) in [0, 1]; ``target_positive_rate``: scalar or (M,) in
+    (0, 1).  Returns (B, M) float32 weights (NaN labels get weight 1; they are masked by the loss anyway).
+    """
+    s_pos = source_positive_rate.to(device=labels.device, dtype=torch.float32)
+    t_pos = torch.as_tensor(target_positive_rate, dtype=torch.float32, device=labels.device).expand_as(s_pos)
+    if not bool(((t_pos > 0) & (t_pos < 1)).all()):
+        raise ValueError(f"target_positive_rate must be in (0, 1), got {target_positive_rate}")
+    # Ratios are only taken where source >= target > 0, so the denominator is never zero.
+    w_pos = torch.where(t_pos >= s_pos, torch.ones_like(s_pos), t_pos / s_pos.clamp_min(1e-12))
+    s_neg, t_neg = 1.0 - s_pos, 1.0 - t_pos
+    w_neg = torch.where(t_neg >= s_neg, torch.ones_like(s_neg), t_neg / s_neg.clamp_min(1e-12))
+    return torch.where(labels > 0.5, w_pos.expand_as(labels), w_neg.expand_as(labels))
+
+
+def moon_loss(
+    attribute_logits: Tensor,
+    labels: Tensor,
+    target_positive_rate: float | Tensor = 0.5,
+    source_positive_rate: Tensor | None = None,
+) -> Tensor:
+    """MOON's mixed objective on sigmoid probabilities: ``mean over known labels of w_i(y) * (sigmoid(z) - y)^2``.
+
+    MOON regresses linear outputs to ±1; we keep the paper's sigmoid-probability MSE (so λ1 keeps its meaning) and
+    apply MOON's re-weighting from :func:`moon_weights`.  ``source_positive_rate`` (M,) defaults to the positive rate
+    of the known labels in this batch; pass the training-set rates for a stable objective.  Float32 scalar.
+    """
+    if source_positive_rate is None:
+        known = ~torch.isnan(labels)
+        pos = torch.where(known, labels, torch.zeros_like(labels)).sum(0)
+        source_positive_rate = pos / known.sum(0).clamp_min(1)
+    weights = moon_weights(labels, source_positive_rate, target_positive_rate)
+    return attribute_mse(attribute_logits, labels, weights)
+
+
+def identity_cross_entropy(identity_logits: Tensor, identities: Tensor) -> Tensor:
+    """Softmax cross-entropy over the samples with a known identity (``-1`` = unknown, masked).
+
+    ``identity_logits``: (B, P) any float dtype; ``identities``: (B,) int64.  Float32 scalar (0 when none known).
+    """
+    known = identities >= 0
+    total = F.cross_entropy(identity_logits.float(), identities, ignore_index=-1, reduction="sum")
+    return total / known.sum().clamp_min(1)
+
+
+def multitask_loss(
+    outputs: Outputs,
+    identities: Tensor,
+    attributes: Tensor,
+    lambda1: float,
+    lambda2: float,
+    attribute_loss: str = "mse",
+    source_positive_rate: Tensor | None = None,
+    target_positive_rate: float = 0.5,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The paper's eq. 2: ``λ1 · L_attr + λ2 · L_identity``.
+
+    ``L_attr`` is the MSE between sigmoid attribute scores and 0/1 labels (``attribute_loss="mse"``) or MOON's
+    re-weighted MSE (``"moon"``, see :func:`moon_loss`); ``L_identity`` the softmax cross-entropy of the identity
+    classifier.  ``identities``: (B,) int64 with -1 unknown; ``attributes``: (B, M) float32 with NaN unknown.  A term
+    whose λ is 0 is not computed at all (stage 1 trains identity only).  Returns ``(total, parts)`` where ``parts`` maps
+    ``"attribute"`` / ``"identity"`` to the unweighted float32 scalar of each computed term (detached).
+    """
+    if attribute_loss not in ATTRIBUTE_LOSSES:
+        raise ValueError(f"unknown attribute_loss {attribute_loss!r}; valid: {list(ATTRIBUTE_LOSSES)}")
+    if lambda1 < 0 or lambda2 < 0 or lambda1 == lambda2 == 0:
+        raise ValueError(f"lambda1, lambda2 must be >= 0 and not both 0, got {lambda1}, {lambda2}")
+    terms: list[Tensor] = []
+    parts: dict[str, Tensor] = {}
+    if lambda1 > 0:
+        if attribute_loss == "moon":
+            la = moon_loss(outputs.attribute_logits, attributes, target_positive_rate, source_positive_rate)
+        else:
+            la = attribute_mse(outputs.attribute_logits, attributes)
+        terms.append(lambda1 * la)
+        parts["attribute"] = la.detach()
+    if lambda2 > 0:
+        if outputs.identity_logits is None:
+            raise ValueError("lambda2 > 0 needs an identity classifier (the model was built with num_identities=0)")
+        li = identity_cross_entropy(outputs.identity_logits, identities)
+        terms.append(lambda2 * li)
+        parts["identity"] = li.detach()
+    total = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+    return total, parts
+
+
+__all__ = [
+    "ATTRIBUTE_LOSSES",
+    "attribute_mse",
+    "identity_cross_entropy",
+    "moon_loss",
+    "moon_weights",
+    "multitask_loss",
+]
