@@ -1,0 +1,42 @@
+"""Shared fixtures: the ``../shared`` reference folder (skipped cleanly when absent) and the ORL faces in it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_ENV = "FACESEARCH_SHARED"
+
+
+def _shared_path() -> Path:
+    env = os.environ.get(SHARED_ENV)
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """``../shared`` next to the repository root (or ``$FACESEARCH_SHARED``); skips the test when absent."""
+    path = _shared_path()
+    if not path.is_dir():
+        pytest.skip(f"shared reference folder {path} is absent (set ${SHARED_ENV} to point at it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def orl_dir(shared_dir: Path) -> Path:
+    """The AT&T/ORL database: ``s{1..40}/{1..10}.pgm``, 92x112 grey; skips the test when absent."""
+    path = shared_dir / "data" / "orl"
+    if not (path / "s1" / "1.pgm").is_file():
+        pytest.skip(f"ORL faces not found under {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def yunet_path(shared_dir: Path) -> Path:
+    """The YuNet ONNX model from the shared folder; skips the test when absent."""
+    path = shared_dir / "models" / "yunet" / "face_detection_yunet_s_640_640.onnx"
+    if not path.is_file():
+        pytest.skip(f"YuNet model not found at {path}")
+    return path

@@ -1,0 +1,128 @@
+"""Image reading: every bad-input kind maps to its ImageError reason; good files round-trip."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from model.images import REASONS, ImageError, decode_image, read_image
+
+
+def _rgb(h: int = 40, w: int = 30, seed: int = 0) -> np.ndarray:
+    """A smooth seeded RGB image (smooth so JPEG round trips stay close)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(4, 3, 3), dtype=np.uint8)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def _encode(ext: str, rgb: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(ext, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    assert ok, f"cv2 could not encode {ext}"
+    return buf.tobytes()
+
+
+def _reason(path: Path) -> str:
+    with pytest.raises(ImageError) as info:
+        read_image(path)
+    assert str(path) in str(info.value), "the message must name the file"
+    assert "\n" not in str(info.value), "the message must be one line"
+    return info.value.reason
+
+
+def test_missing_and_empty(tmp_path: Path) -> None:
+    assert _reason(tmp_path / "nope.jpg") == "missing"
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    assert _reason(tmp_path / "zero.jpg") == "empty"
+    assert _reason(tmp_path) == "unreadable"
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png", ".ppm", ".bmp", ".webp"])
+def test_truncated(tmp_path: Path, ext: str) -> None:
+    data = _encode(ext, _rgb(64, 48))
+    path = tmp_path / f"cut{ext}"
+    path.write_bytes(data[: len(data) * 2 // 3])
+    assert _reason(path) == "truncated"
+
+
+def test_jpeg_missing_only_eoi(tmp_path: Path) -> None:
+    # OpenCV 4.x decodes such files "successfully" with a grey bottom (5.0 rejects them); the EOI check catches both.
+    data = _encode(".jpg", _rgb(128, 128))
+    assert data.endswith(b"\xff\xd9")
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[:-2])
+    assert _reason(path) == "truncated"
+    path.write_bytes(data + b"\x00" * 16)  # trailing padding after EOI is common and harmless
+    assert read_image(path).shape == (128, 128, 3)
+
+
+def test_corrupt_text_and_unsupported(tmp_path: Path) -> None:
+    data = bytearray(_encode(".png", _rgb()))
+    data[40:-12] = bytes(len(data) - 52)  # header and IEND intact, pixel data zeroed: zlib fails
+    (tmp_path / "bad.png").write_bytes(bytes(data))
+    assert _reason(tmp_path / "bad.png") == "corrupt"
+    jpeg = _encode(".jpg", _rgb())
+    (tmp_path / "bad.jpg").write_bytes(jpeg[:4] + bytes(range(256)) * 4 + b"\xff\xda\x00\x02\xff\xd9")
+    assert _reason(tmp_path / "bad.jpg") == "corrupt"
+    (tmp_path / "page.jpg").write_text("<html><body>404 Not Found</body></html>\n")
+    assert _reason(tmp_path / "page.jpg") == "not_an_image"
+    (tmp_path / "anim.jpg").write_bytes(b"GIF89a\x01\x00\x01\x00\x80\x00\x00" + bytes(20))
+    assert _reason(tmp_path / "anim.jpg") == "unsupported_format"
+    (tmp_path / "noise.jpg").write_bytes(bytes(np.random.default_rng(0).integers(128, 256, 100, dtype=np.uint8)))
+    assert _reason(tmp_path / "noise.jpg") == "unsupported_format"
+
+
+def test_error_pickles_and_reasons_are_known() -> None:
+    err = ImageError("a.jpg", "truncated", "truncated JPEG")
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.path, back.reason, str(back)) == (err.path, err.reason, str(err))
+    with pytest.raises(AssertionError):
+        ImageError("a.jpg", "nonsense", "x")
+    assert "no_face" in REASONS and "bad_landmarks" in REASONS
+
+
+@pytest.mark.parametrize("ext", [".png", ".bmp", ".ppm", ".tiff", ".webp"])
+def test_lossless_round_trip(tmp_path: Path, ext: str) -> None:
+    rgb = _rgb(37, 23, seed=1)
+    params = [cv2.IMWRITE_WEBP_QUALITY, 101] if ext == ".webp" else []  # 101 = lossless WebP
+    ok, buf = cv2.imencode(ext, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
+    assert ok
+    path = tmp_path / f"img{ext}"
+    path.write_bytes(buf.tobytes())
+    out = read_image(path)
+    assert out.dtype == np.uint8 and out.shape == (37, 23, 3)
+    np.testing.assert_array_equal(out, rgb)
+
+
+def test_jpeg_round_trip(tmp_path: Path) -> None:
+    rgb = _rgb(64, 48, seed=2)
+    (tmp_path / "a.jpg").write_bytes(_encode(".jpg", rgb))
+    out = read_image(tmp_path / "a.jpg")
+    assert out.shape == (64, 48, 3) and out.dtype == np.uint8
+    # JPEG is lossy: a smooth image at quality 95 stays within a few grey levels on average.
+    assert np.abs(out.astype(int) - rgb).mean() < 3.0
+    assert out[..., 0].mean() == pytest.approx(rgb[..., 0].mean(), abs=2.0), "channel order must be RGB"
+
+
+def test_grey_16bit_and_alpha() -> None:
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    out = decode_image(cv2.imencode(".png", grey)[1].tobytes())
+    assert out.shape == (3, 4, 3)
+    np.testing.assert_array_equal(out[..., 1], grey)
+    deep = grey.astype(np.uint16) * 257
+    np.testing.assert_array_equal(decode_image(cv2.imencode(".png", deep)[1].tobytes())[..., 0], grey)
+    bgra = np.zeros((2, 2, 4), np.uint8)
+    bgra[..., 2] = 200  # red
+    bgra[..., 3] = [[255, 0], [128, 255]]
+    out = decode_image(cv2.imencode(".png", bgra)[1].tobytes())
+    np.testing.assert_array_equal(out[..., 0], [[200, 0], [100, 200]])  # composited over black
+    assert not out[..., 1:].any()
+
+
+def test_orl_pgm(orl_dir: Path) -> None:
+    img = read_image(orl_dir / "s1" / "1.pgm")
+    assert img.shape == (112, 92, 3) and img.dtype == np.uint8
+    assert (img[..., 0] == img[..., 2]).all(), "grey replicated to three channels"
