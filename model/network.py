@@ -199,7 +199,7 @@ def count_macs(model: FaceNet) -> int:
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, *model.cfg.input_size))
+            model(torch.zeros(1, 3, *model.cfg.input_size, device=next(model.parameters()).device))
     finally:
         for h in handles:
             h.remove()

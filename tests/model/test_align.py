@@ -160,7 +160,8 @@ def test_orl_alignment_eyes_near_template(orl_faces: list[tuple[np.ndarray, np.n
     for img, lm in orl_faces:
         face = prepare_face(img, lm)
         assert face.crop.shape == (112, 96, 3) and face.crop.dtype == np.uint8
-    # The uniform 5-point fit (the SphereFace/insightface convention, our default) cannot put the eyes exactly on
+    # The project default weights the eyes (EYE_WEIGHTS), so prepare_face's crops are the eye-pinned ones below.
+    # The uniform 5-point fit (the SphereFace/insightface convention) cannot put the eyes exactly on
     # the template: YuNet's ORL landmarks have eye distance / eye-to-mouth distance ~1.05 vs the template's 0.87, so
     # each eye keeps ~2 px of systematic residual.  Measured: max 4.8 px, mean 2.4 px.  Tolerances: max 5.5, mean 3.
     uniform = _eye_errors(orl_faces, None)
