@@ -171,6 +171,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file via ``<path>.tmp`` + fsync + ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 def atomic_write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     """Write a safetensors file via ``<path>.tmp`` + fsync + ``os.replace`` (+ directory fsync)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -327,6 +338,7 @@ __all__ = [
     "FORMAT_VERSION",
     "Checkpoint",
     "atomic_write_safetensors",
+    "atomic_write_text",
     "capture_rng_state",
     "export_weights",
     "load_checkpoint",

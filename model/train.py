@@ -1,0 +1,349 @@
+"""Training: :func:`train` runs the paper's staged schedule (or any other) with exact, step-granular resume.
+
+Outputs under ``cfg.out``:
+
+* ``checkpoint.safetensors`` — the full training state (model, optimizer, RNG, step), rewritten atomically every
+  ``checkpoint_every`` steps and at the end; ``resume=True`` continues from it.
+* ``model.safetensors`` — weights only (no optimizer), written when the schedule completes; what inference and the
+  indexer load.  Same fingerprint as the final checkpoint.
+* ``train_config.json`` (resolved config), ``metrics.jsonl`` (one JSON object per log window / validation) and
+  ``skipped.jsonl`` (files that could not be read or aligned; they are skipped, never fatal).
+
+Exact resume: the batch order and flips are pure functions of (seed, step) (:mod:`model.trainer_data`), the learning
+rate a pure function of the step, and the checkpoint carries BN statistics, momentum buffers and the RNG state that
+drives dropout.  N steps in one run and N/2 + resume + N/2 give the same losses (tested on CPU in fp32).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from model.checkpoint import (
+    atomic_write_text,
+    capture_rng_state,
+    export_weights,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from model.datasets import FaceBatch, SkipReport
+from model.device import autocast, autocast_dtype, resolve_device
+from model.losses import multitask_loss
+from model.network import FaceNet, to_input
+from model.train_config import PAPER_STAGES, StageConfig, TrainConfig, resume_mismatch
+from model.trainer_data import StepBatchSampler, TrainingData, prepare_data, train_loader, val_loader
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.safetensors"
+WEIGHTS = "model.safetensors"
+Progress = Callable[[Mapping[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run produced.  ``final``: the last training window (loss, acc, ...) and validation metrics."""
+
+    out: Path
+    checkpoint: Path
+    weights: Path | None
+    metrics: Path
+    skipped: Path
+    step: int
+    total_steps: int
+    fingerprint: str
+    num_identities: int
+    final: dict[str, Any] = field(default_factory=dict)
+    skipped_summary: str = ""
+
+    @property
+    def complete(self) -> bool:
+        return self.step >= self.total_steps
+
+
+@dataclass
+class _Run:
+    """The live state of one invocation (model, data, logs); passed to the step/evaluate/save helpers."""
+
+    cfg: TrainConfig
+    device: torch.device
+    dtype: torch.dtype
+    data: TrainingData
+    model: FaceNet
+    metrics: Path
+    skips: SkipReport
+    progress: Progress | None
+    optimizer: torch.optim.Optimizer | None = None
+    opt_stage: int = -1
+    fingerprint: str = ""
+    last: dict[str, Any] = field(default_factory=dict)
+
+    def emit(self, record: dict[str, Any]) -> None:
+        with open(self.metrics, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        self.last.update({k: v for k, v in record.items() if k != "event"})
+        if self.progress is not None:
+            self.progress(record)
+
+
+def make_optimizer(model: FaceNet, cfg: TrainConfig, stage: StageConfig) -> torch.optim.SGD:
+    """SGD with momentum; weight decay on weight matrices and kernels only (not on BN, PReLU slopes or biases —
+    decaying PReLU slopes pushes them to ReLU and decaying BN scales fights the normalisation)."""
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=stage.lr, momentum=cfg.momentum)
+
+
+def train_step(run: _Run, batch: FaceBatch, stage: StageConfig) -> dict[str, Tensor] | None:
+    """One SGD step on ``batch`` (bf16 autocast forward if enabled, float32 loss).  Returns detached float32
+    scalars ``loss``, ``loss_attribute`` / ``loss_identity``, ``correct``, ``known``; None if the batch has fewer than
+    2 usable images (BatchNorm needs 2; the step still counts, so the schedule stays a function of the step)."""
+    if batch.images.shape[0] < 2:
+        log.warning("step skipped: only %d readable images in the batch", batch.images.shape[0])
+        return None
+    assert run.optimizer is not None, "the optimizer is created before the first step"
+    x = to_input(batch.images.to(run.device, non_blocking=True))
+    ids = batch.identities.to(run.device, non_blocking=True)
+    attrs = batch.attributes.to(run.device, non_blocking=True)
+    with autocast(run.device, run.dtype):
+        out = run.model(x)
+    total, parts = multitask_loss(
+        out, ids, attrs, stage.lambda1, stage.lambda2, run.cfg.attribute_loss, run.data.positive_rate,
+        run.cfg.moon_target,
+    )  # fmt: skip
+    run.optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    run.optimizer.step()
+    known = ids >= 0
+    stats = {"loss": total.detach(), "known": known.sum().float()}
+    stats.update({f"loss_{k}": v for k, v in parts.items()})
+    if out.identity_logits is not None:
+        stats["correct"] = (out.identity_logits.detach().argmax(1).eq(ids) & known).sum().float()
+    return stats
+
+
+@torch.inference_mode()
+def evaluate(run: _Run, loader: torch.utils.data.DataLoader) -> dict[str, Any]:
+    """Held-out identification top-1 (identity classifier) and attribute accuracy at 0.5 over the known labels."""
+    was_training = run.model.training
+    run.model.eval()
+    id_hits = id_n = attr_hits = attr_n = 0
+    try:
+        for batch in loader:
+            run.skips.add(batch.failures)
+            if batch.images.shape[0] == 0:
+                continue
+            with autocast(run.device, run.dtype):
+                out = run.model(to_input(batch.images.to(run.device)))
+            ids, attrs = batch.identities.to(run.device), batch.attributes.to(run.device)
+            if out.identity_logits is not None:
+                known = ids >= 0
+                id_hits += int((out.identity_logits.argmax(1).eq(ids) & known).sum())
+                id_n += int(known.sum())
+            labelled = ~torch.isnan(attrs)
+            pred = (torch.sigmoid(out.attribute_logits.float()) >= 0.5).float()
+            attr_hits += int((pred.eq((attrs >= 0.5).float()) & labelled).sum())
+            attr_n += int(labelled.sum())
+    finally:
+        run.model.train(was_training)
+    result: dict[str, Any] = {"val_images": id_n}
+    if id_n:
+        result["val_top1"] = id_hits / id_n
+        result["chance"] = 1.0 / max(1, len(run.data.identities))
+    if attr_n:
+        result["val_attribute_acc"] = attr_hits / attr_n
+    return result
+
+
+def _save(run: _Run, path: Path, step: int, stage: int) -> None:
+    assert run.optimizer is not None, "a checkpoint is written after at least one step"
+    run.fingerprint = save_checkpoint(
+        path,
+        run.model.cfg,
+        run.model.state_dict(),
+        step=step,
+        optimizer_state=run.optimizer.state_dict(),
+        rng_state=capture_rng_state(),
+        train_config=run.cfg.to_dict(),
+        identities=run.data.identities,
+        extra={"stage": stage, "n_train": len(run.data.train)},
+    )
+    run.skips.write_jsonl(run.cfg.out / "skipped.jsonl")
+
+
+def _restore(run: _Run, path: Path) -> int:
+    """Load ``path`` into ``run`` after checking it belongs to this config and data; returns the next step."""
+    ckpt = load_checkpoint(path, map_location=run.device)
+    mismatch = resume_mismatch(ckpt.train_config or {}, run.cfg)
+    if mismatch:
+        raise ValueError(f"cannot resume from {path}: the config differs in {mismatch} (start a new --out instead)")
+    if ckpt.identities != run.data.identities or ckpt.extra.get("n_train") != len(run.data.train):
+        raise ValueError(f"cannot resume from {path}: the training data changed (identities or image count differ)")
+    run.model.load_state_dict(ckpt.model_state)
+    step = ckpt.step
+    if step < run.cfg.total_steps:
+        stage, local = run.cfg.stage_at(step)
+        if local > 0 and ckpt.optimizer_state is not None:  # mid-stage: continue this stage's optimizer
+            run.optimizer, run.opt_stage = make_optimizer(run.model, run.cfg, run.cfg.stages[stage]), stage
+            run.optimizer.load_state_dict(ckpt.optimizer_state)
+    restore_rng_state(ckpt.rng_state)
+    run.fingerprint = ckpt.fingerprint
+    _truncate_metrics(run.metrics, step)
+    log.info("resumed from %s at step %d", path, step)
+    return step
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records logged after ``step`` by an interrupted run, so the log reads as one uninterrupted run."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+class _Window:
+    """Accumulates step statistics between log records (tensors, so no per-step host sync)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.images = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, stats: dict[str, Tensor], images: int) -> None:
+        for k, v in stats.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.counts[k] = self.counts.get(k, 0) + 1
+        self.images += images
+
+    def record(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        vals = {k: float(v) for k, v in self.sums.items()}
+        rec = {k: vals[k] / self.counts[k] for k in vals if k.startswith("loss")}
+        if "correct" in vals:
+            rec["acc"] = vals["correct"] / max(vals["known"], 1.0)
+        rec["images_per_s"] = self.images / elapsed
+        return rec
+
+
+def _new_run(cfg: TrainConfig, progress: Progress | None) -> _Run:
+    device = resolve_device(cfg.device)
+    dtype = autocast_dtype(device, cfg.precision)
+    data = prepare_data(
+        cfg.data, cfg.data_format, cfg.labels, cfg.input_size, cfg.attributes, cfg.holdout_per_identity, cfg.seed,
+        cfg.detect,
+    )  # fmt: skip
+    if not data.identities and any(s.lambda2 > 0 for s in cfg.stages):
+        raise ValueError(f"{cfg.data} has no identities, but the schedule trains the identity loss (lambda2 > 0)")
+    if not data.has_attribute_labels and any(s.lambda1 > 0 for s in cfg.stages):
+        log.warning("no attribute labels in %s (pass labels=...): the attribute loss will be 0", cfg.data)
+    torch.manual_seed(cfg.seed)  # model initialisation, then dropout's stream
+    model = FaceNet(cfg.model_config(len(data.identities))).to(device)
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    skips = SkipReport(total=len(data.train) + len(data.val))
+    return _Run(cfg, device, dtype, data, model, cfg.out / "metrics.jsonl", skips, progress)
+
+
+def _start(run: _Run) -> int:
+    cfg, path = run.cfg, run.cfg.out / CHECKPOINT
+    if cfg.resume:
+        if not path.is_file():
+            raise FileNotFoundError(f"nothing to resume: {path} does not exist")
+        return _restore(run, path)
+    if path.exists():
+        raise ValueError(f"{path} already exists: pass resume to continue that run, or choose another out directory")
+    run.metrics.unlink(missing_ok=True)
+    return 0
+
+
+def _loop(run: _Run, start: int, stop: int) -> int:
+    """Steps ``start .. stop - 1``; logs, validates and checkpoints on the way.  Returns the step reached."""
+    cfg, pin = run.cfg, run.device.type == "cuda"
+    sampler = StepBatchSampler(len(run.data.train), cfg.resolved_batch_size, cfg.seed, start, stop, cfg.flip)
+    loader = train_loader(run.data.train, sampler, cfg.resolved_workers, pin)
+    vloader = val_loader(run.data.val, cfg.resolved_batch_size, cfg.resolved_workers, pin, cfg.seed)
+    run.model.train()
+    window, step = _Window(), start
+    for batch in loader:
+        stage_idx, local = cfg.stage_at(step)
+        stage = cfg.stages[stage_idx]
+        if run.opt_stage != stage_idx:
+            run.optimizer, run.opt_stage = make_optimizer(run.model, cfg, stage), stage_idx
+        assert run.optimizer is not None, "optimizer exists"
+        lr = stage.lr_at(local)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        run.skips.add(batch.failures)
+        stats = train_step(run, batch, stage)
+        if stats is not None:
+            window.add(stats, int(batch.images.shape[0]))
+        step += 1
+        if (cfg.log_every and step % cfg.log_every == 0) or step == stop:
+            run.emit({"event": "train", "step": step, "total": cfg.total_steps, "stage": stage_idx + 1, "lr": lr,
+                      "epoch": step / sampler.steps_per_epoch, **window.record()})  # fmt: skip
+            window = _Window()
+        if step % sampler.steps_per_epoch == 0 and len(run.skips):
+            log.info("epoch %d: %s", step // sampler.steps_per_epoch, run.skips.summary())
+        if step != stop and cfg.val_every and step % cfg.val_every == 0 and len(run.data.val):
+            run.emit({"event": "val", "step": step, **evaluate(run, vloader)})
+        if step != stop and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            _save(run, cfg.out / CHECKPOINT, step, stage_idx)
+    if len(run.data.val):
+        run.emit({"event": "val", "step": step, **evaluate(run, vloader)})
+    if step > start:
+        _save(run, cfg.out / CHECKPOINT, step, cfg.stage_at(step - 1)[0])
+    return step
+
+
+def train(cfg: TrainConfig, progress: Progress | None = None) -> TrainResult:
+    """Train (or resume, with ``cfg.resume``) and return what was written.  ``progress`` receives every record that
+    goes to ``metrics.jsonl`` (``event`` = ``train`` with step, loss, acc, lr, images/s; or ``val``)."""
+    run = _new_run(cfg, progress)
+    start = _start(run)
+    atomic_write_text(cfg.out / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    stop = min(cfg.total_steps, cfg.stop_at) if cfg.stop_at is not None else cfg.total_steps
+    step = _loop(run, start, stop) if stop > start else start
+    if len(run.skips):
+        log.info("%s (see %s)", run.skips.summary(), cfg.out / "skipped.jsonl")
+    run.skips.write_jsonl(cfg.out / "skipped.jsonl")
+    weights = None
+    if step >= cfg.total_steps:
+        weights = export_weights(cfg.out / CHECKPOINT, cfg.out / WEIGHTS)
+    return TrainResult(
+        out=cfg.out,
+        checkpoint=cfg.out / CHECKPOINT,
+        weights=weights,
+        metrics=run.metrics,
+        skipped=cfg.out / "skipped.jsonl",
+        step=step,
+        total_steps=cfg.total_steps,
+        fingerprint=run.fingerprint,
+        num_identities=len(run.data.identities),
+        final=dict(run.last),
+        skipped_summary=run.skips.summary() if len(run.skips) else "",
+    )
+
+
+__all__ = [
+    "CHECKPOINT",
+    "PAPER_STAGES",
+    "WEIGHTS",
+    "StageConfig",
+    "TrainConfig",
+    "TrainResult",
+    "evaluate",
+    "make_optimizer",
+    "train",
+    "train_step",
+]

@@ -1,0 +1,211 @@
+"""Typed, frozen configuration of a training run: the stage schedule (paper §4.4) and everything else.
+
+The paper trains in two stages: identity only (λ1 = 0, λ2 = 1; SGD, momentum 0.9, weight decay 5e-4, lr 0.01 ×0.1
+at 40k and 58k, 70k iterations), then fine-tunes with the attribute loss (λ1 = 0.1, λ2 = 1, lr 0.001 ×0.1 at 10k
+and 20k, 30k iterations); batch 40 for the Full model, 48 for Fast and Variant.  The schedule is data, a tuple of
+:class:`StageConfig`, so any stage can be shortened or replaced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from model.config import ATTRIBUTES, INPUT_SIZE, ModelConfig, from_mapping
+from model.device import PRECISIONS
+from model.losses import ATTRIBUTE_LOSSES
+from model.trainer_data import DATA_FORMATS
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One training stage: ``iterations`` steps at learning rate ``lr``, multiplied by ``gamma`` at each of the
+    ``milestones`` (steps counted from the start of the stage), with loss weights ``lambda1`` (attributes) and
+    ``lambda2`` (identity) of eq. 2.  Each stage starts a fresh optimizer (momentum reset), as a fine-tune does."""
+
+    iterations: int
+    lr: float
+    milestones: tuple[int, ...] = ()
+    lambda1: float = 0.0
+    lambda2: float = 1.0
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
+        if self.iterations < 0:
+            raise ValueError(f"stage iterations must be >= 0, got {self.iterations}")
+        if not self.lr > 0 or not 0 < self.gamma <= 1:
+            raise ValueError(f"stage lr must be > 0 and gamma in (0, 1], got lr={self.lr}, gamma={self.gamma}")
+        if self.lambda1 < 0 or self.lambda2 < 0 or self.lambda1 == self.lambda2 == 0:
+            raise ValueError(f"stage lambdas must be >= 0 and not both 0, got {self.lambda1}, {self.lambda2}")
+        if list(self.milestones) != sorted(self.milestones) or any(m < 1 for m in self.milestones):
+            raise ValueError(f"stage milestones must be increasing positive steps, got {list(self.milestones)}")
+
+    def lr_at(self, local_step: int) -> float:
+        """The learning rate of step ``local_step`` (0-based within the stage): a pure function of the step."""
+        return self.lr * self.gamma ** sum(local_step >= m for m in self.milestones)
+
+
+#: The paper's two stages (§4.4).
+PAPER_STAGES: tuple[StageConfig, ...] = (
+    StageConfig(70_000, 0.01, (40_000, 58_000), lambda1=0.0, lambda2=1.0),
+    StageConfig(30_000, 0.001, (10_000, 20_000), lambda1=0.1, lambda2=1.0),
+)
+
+
+def rescale_stage(stage: StageConfig, iterations: int | None = None, lr: float | None = None) -> StageConfig:
+    """``stage`` with a new length and/or base lr; milestones keep their relative position (40k and 58k of 70k
+    become 114 and 165 of 200), so a shortened run keeps the paper's shape."""
+    changes: dict[str, Any] = {}
+    if lr is not None:
+        changes["lr"] = lr
+    if iterations is not None:
+        if iterations < 0:
+            raise ValueError(f"stage iterations must be >= 0, got {iterations}")
+        scaled = [round(m * iterations / stage.iterations) for m in stage.milestones] if stage.iterations else []
+        changes.update(iterations=iterations, milestones=tuple(sorted({m for m in scaled if 0 < m < iterations})))
+    return dataclasses.replace(stage, **changes)
+
+
+#: TrainConfig fields that may differ between a run and its ``resume`` (where and how it runs, not what it computes).
+RESUME_FREE_FIELDS: frozenset[str] = frozenset(
+    {"data", "labels", "out", "resume", "stop_at", "device", "precision", "num_workers", "val_every",
+     "checkpoint_every", "log_every"}
+)  # fmt: skip
+
+
+def _stage(x: Any) -> StageConfig:
+    if isinstance(x, StageConfig):
+        return x
+    if isinstance(x, Mapping):
+        return from_mapping(StageConfig, x)
+    raise ValueError(f"a stage must be a StageConfig or a mapping of its fields, got {x!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run.  ``data`` is a CASIA-style folder, a generic list CSV or a CelebA root (``data_format``);
+    ``labels`` an optional per-identity attribute CSV.  Model fields build the :class:`ModelConfig` (P comes from
+    the data).  ``batch_size`` None = the paper's (40 full, 48 fast/variant); ``num_workers`` None = min(2, CPUs).
+    ``stop_at`` ends this invocation after that global step (checkpointed, resumable with ``resume``)."""
+
+    data: Path
+    out: Path = Path("runs/train")
+    data_format: str = "casia"
+    labels: Path | None = None
+    arch: str = "full"
+    head: int = 1
+    width: float = 1.0
+    input_size: tuple[int, int] = INPUT_SIZE
+    embedding_dim: int = 1024
+    attribute_hidden: int = 1024
+    dropout: float = 0.5
+    attributes: tuple[str, ...] = ATTRIBUTES
+    stages: tuple[StageConfig, ...] = PAPER_STAGES
+    batch_size: int | None = None
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    attribute_loss: str = "mse"
+    moon_target: float = 0.5
+    holdout_per_identity: int = 1
+    flip: bool = True
+    detect: bool = True
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    num_workers: int | None = None
+    val_every: int = 2000
+    checkpoint_every: int = 2000
+    log_every: int = 20
+    resume: bool = False
+    stop_at: int | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "data", Path(self.data))
+        set_(self, "out", Path(self.out))
+        set_(self, "labels", None if self.labels is None else Path(self.labels))
+        set_(self, "input_size", tuple(int(v) for v in self.input_size))
+        set_(self, "attributes", tuple(self.attributes))
+        set_(self, "stages", tuple(_stage(s) for s in self.stages))
+        self._validate()
+
+    def _validate(self) -> None:
+        choices = {"data_format": DATA_FORMATS, "attribute_loss": ATTRIBUTE_LOSSES, "precision": PRECISIONS}
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"{name} must be one of {list(valid)}, got {getattr(self, name)!r}")
+        if not self.stages or self.total_steps < 1:
+            raise ValueError("the schedule needs at least one stage with iterations > 0")
+        if self.batch_size is not None and self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 (BatchNorm), got {self.batch_size}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        for name in ("val_every", "checkpoint_every", "log_every", "holdout_per_identity"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.moon_target < 1 or not 0 <= self.momentum < 1 or self.weight_decay < 0:
+            raise ValueError("need 0 < moon_target < 1, 0 <= momentum < 1 and weight_decay >= 0")
+        if self.stop_at is not None and self.stop_at < 1:
+            raise ValueError(f"stop_at must be >= 1, got {self.stop_at}")
+        self.model_config(1)  # arch, head, width, input size, dropout: ModelConfig validates them
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.iterations for s in self.stages)
+
+    @property
+    def resolved_batch_size(self) -> int:
+        return self.batch_size if self.batch_size is not None else (40 if self.arch == "full" else 48)
+
+    @property
+    def resolved_workers(self) -> int:
+        return self.num_workers if self.num_workers is not None else min(2, os.cpu_count() or 1)
+
+    def stage_at(self, step: int) -> tuple[int, int]:
+        """(stage index, step within that stage) of global step ``step`` (0-based)."""
+        for i, stage in enumerate(self.stages):
+            if step < stage.iterations:
+                return i, step
+            step -= stage.iterations
+        raise ValueError(f"step is past the end of the schedule ({self.total_steps} steps)")
+
+    def model_config(self, num_identities: int) -> ModelConfig:
+        return ModelConfig(
+            arch=self.arch,
+            head=self.head,
+            num_identities=num_identities,
+            attributes=self.attributes,
+            width=self.width,
+            input_size=self.input_size,
+            embedding_dim=self.embedding_dim,
+            attribute_hidden=self.attribute_hidden,
+            dropout=self.dropout,
+        )
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (paths as strings, stages as mappings); ``from_dict(to_dict())`` round-trips."""
+        d = dataclasses.asdict(self)
+        d.update(data=str(self.data), out=str(self.out), labels=None if self.labels is None else str(self.labels))
+        return json.loads(json.dumps(d))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        return from_mapping(cls, data)
+
+
+def resume_mismatch(saved: Mapping[str, Any], current: TrainConfig) -> list[str]:
+    """Names of the fields that differ between a checkpoint's config and ``current`` but must match for a resume."""
+    now = current.to_dict()
+    return sorted(k for k in set(now) | set(saved) if k not in RESUME_FREE_FIELDS and saved.get(k) != now.get(k))
+
+
+__all__ = ["PAPER_STAGES", "RESUME_FREE_FIELDS", "StageConfig", "TrainConfig", "rescale_stage", "resume_mismatch"]

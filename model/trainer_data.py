@@ -1,0 +1,247 @@
+"""Training data for :mod:`model.train`: samples from disk, the identity index, the held-out split, and a batch
+order that is a pure function of ``(seed, step)`` so that a resumed run sees exactly the batches it would have seen.
+
+* Epoch ``e`` visits the training set in the order ``randperm(n, generator seeded by (seed, e))``; step ``s`` is
+  batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch`` (the incomplete tail batch is dropped, so every
+  step has the same size and the mapping is closed-form).  Resuming at step ``s`` starts the sampler there: the
+  consumed part of the epoch is skipped without decoding an image.
+* Horizontal flips are a pure function of ``(seed, step, position in batch)``; the sampler yields ``(index, flip)``
+  pairs and :class:`FlippableDataset` applies them, so the DataLoader's worker count never changes the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from model.align import FaceDetector, default_yunet_path
+from model.datasets import (
+    FaceDataset,
+    FaceItem,
+    Failure,
+    Sample,
+    collate_faces,
+    read_attribute_labels,
+    read_casia,
+    read_celeba,
+    read_list,
+    split_holdout,
+)
+
+log = logging.getLogger(__name__)
+
+DATA_FORMATS: tuple[str, ...] = ("casia", "list", "celeba")
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from ``parts`` (e.g. ``("epoch", seed, e)``): distinct parts give unrelated streams."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def read_samples(data: Path, data_format: str) -> list[Sample]:
+    """Samples of a ``casia`` folder, a generic ``list`` CSV or a ``celeba`` root."""
+    if data_format == "casia":
+        return read_casia(Path(data))
+    if data_format == "list":
+        if not Path(data).is_file():
+            raise FileNotFoundError(f"list CSV {data} does not exist")
+        return read_list(Path(data))
+    if data_format == "celeba":
+        return read_celeba(Path(data))
+    raise ValueError(f"unknown data format {data_format!r}; valid: {list(DATA_FORMATS)}")
+
+
+def attach_labels(samples: Sequence[Sample], labels: Mapping[str, Mapping[str, float]]) -> list[Sample]:
+    """Give every sample its identity's attribute labels; labels already on a sample (per image) take precedence."""
+    out = []
+    for s in samples:
+        per_identity = labels.get(s.identity) if s.identity is not None else None
+        if per_identity:
+            s = dataclasses.replace(s, attributes={**per_identity, **(s.attributes or {})})
+        out.append(s)
+    unused = set(labels) - {s.identity for s in samples}
+    if unused:
+        log.warning("%d labelled identities have no images (e.g. %s)", len(unused), sorted(unused)[:3])
+    return out
+
+
+def positive_rates(samples: Sequence[Sample], attributes: Sequence[str]) -> torch.Tensor:
+    """Per-attribute mean of the known labels: (M,) float32 (NaN for an attribute with no known label)."""
+    sums = np.zeros(len(attributes))
+    counts = np.zeros(len(attributes))
+    for s in samples:
+        for j, name in enumerate(attributes):
+            value = (s.attributes or {}).get(name)
+            if value is not None:
+                sums[j] += value
+                counts[j] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return torch.from_numpy(np.where(counts > 0, sums / np.maximum(counts, 1), np.nan).astype(np.float32))
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The datasets of one run.  ``identities[i]`` is the name of class ``i``; ``positive_rate`` (M,) float32 is the
+    training-set positive rate per attribute (NaN: no labels); ``has_attribute_labels`` is False when no sample has
+    any known attribute."""
+
+    train: FaceDataset
+    val: FaceDataset
+    identities: tuple[str, ...]
+    positive_rate: torch.Tensor
+    has_attribute_labels: bool
+
+
+def prepare_data(
+    data: Path,
+    data_format: str,
+    labels: Path | None,
+    input_size: tuple[int, int],
+    attributes: Sequence[str],
+    holdout_per_identity: int = 1,
+    seed: int = 0,
+    detect: bool = True,
+) -> TrainingData:
+    """Read, label, split and wrap the samples.  Faces without landmarks are detected with YuNet when ``detect``
+    and the model file exists; otherwise they become ``no_landmarks`` failures (skipped, counted)."""
+    samples = read_samples(data, data_format)
+    if labels is not None:
+        if not Path(labels).is_file():
+            raise FileNotFoundError(f"attribute labels CSV {labels} does not exist")
+        samples = attach_labels(samples, read_attribute_labels(Path(labels)))
+    identities = tuple(sorted({s.identity for s in samples if s.identity is not None}))
+    index = {name: i for i, name in enumerate(identities)}
+    train, val = split_holdout(samples, per_identity=holdout_per_identity, seed=seed)
+    factory = None
+    if detect and any(s.landmarks is None for s in samples):
+        if default_yunet_path().is_file():
+            factory = FaceDetector
+        else:
+            log.warning("some images have no landmarks and no YuNet model is at %s: they will be skipped",
+                        default_yunet_path())  # fmt: skip
+    rates = positive_rates(train, attributes)
+    kwargs = {"size": input_size, "identity_index": index, "attributes": attributes, "detector_factory": factory}
+    return TrainingData(
+        train=FaceDataset(train, **kwargs),  # type: ignore[arg-type]
+        val=FaceDataset(val, **kwargs),  # type: ignore[arg-type]
+        identities=identities,
+        positive_rate=rates,
+        has_attribute_labels=bool(torch.isfinite(rates).any()),
+    )
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The visiting order of epoch ``epoch``: (n,) int64, a pure function of (n, seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed("epoch", seed, epoch)))
+
+
+def step_flips(seed: int, step: int, batch_size: int) -> torch.Tensor:
+    """Horizontal flip decisions of step ``step``: (batch_size,) bool, a pure function of (seed, step)."""
+    return torch.rand(batch_size, generator=torch.Generator().manual_seed(derive_seed("flip", seed, step))) < 0.5
+
+
+class StepBatchSampler(Sampler[list[tuple[int, bool]]]):
+    """Batches of ``(dataset index, flip)`` for global steps ``start .. stop - 1`` (see the module docstring)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, flip: bool = True) -> None:
+        if batch_size < 1 or n < batch_size:
+            raise ValueError(f"batch size {batch_size} needs at least that many training images, have {n}")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start, self.stop, self.flip = start, stop, flip
+        self.steps_per_epoch = n // batch_size
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def batch(self, step: int, perm: torch.Tensor | None = None) -> list[tuple[int, bool]]:
+        """The batch of global step ``step`` (``perm``: that epoch's permutation, if already computed)."""
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if perm is None:
+            perm = epoch_permutation(self.n, self.seed, epoch)
+        idx = perm[pos * self.batch_size : (pos + 1) * self.batch_size].tolist()
+        flips = step_flips(self.seed, step, self.batch_size).tolist() if self.flip else [False] * self.batch_size
+        return list(zip(idx, flips, strict=True))
+
+    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+        perm_epoch, perm = -1, None
+        for step in range(self.start, self.stop):
+            epoch = step // self.steps_per_epoch
+            if epoch != perm_epoch:
+                perm_epoch, perm = epoch, epoch_permutation(self.n, self.seed, epoch)
+            yield self.batch(step, perm)
+
+
+class FlippableDataset(Dataset["FaceItem | Failure"]):
+    """``base[index]`` for a key ``(index, flip)``, mirrored left-right when ``flip`` (attributes are flip-invariant,
+    so only the image changes)."""
+
+    def __init__(self, base: FaceDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, bool]) -> FaceItem | Failure:
+        index, flip = key
+        item = self.base[index]
+        if flip and isinstance(item, FaceItem):
+            item = dataclasses.replace(item, image=np.ascontiguousarray(item.image[:, ::-1]))
+        return item
+
+
+def _loader_kwargs(workers: int, pin_memory: bool, seed: int) -> dict[str, Any]:
+    # A private generator: creating a DataLoader iterator otherwise draws from the global RNG (dropout's stream).
+    kwargs: dict[str, Any] = {
+        "num_workers": workers,
+        "collate_fn": collate_faces,
+        "pin_memory": pin_memory,
+        "generator": torch.Generator().manual_seed(derive_seed("loader", seed)),
+    }
+    if workers > 0:
+        kwargs["prefetch_factor"] = 4
+    return kwargs
+
+
+def train_loader(dataset: FaceDataset, sampler: StepBatchSampler, workers: int, pin_memory: bool) -> DataLoader:
+    """One DataLoader over all remaining steps (one iterator for the whole run, so workers start once)."""
+    return DataLoader(
+        FlippableDataset(dataset), batch_sampler=sampler, **_loader_kwargs(workers, pin_memory, sampler.seed)
+    )  # type: ignore[arg-type]
+
+
+def val_loader(dataset: FaceDataset, batch_size: int, workers: int, pin_memory: bool, seed: int) -> DataLoader:
+    """Sequential batches over the held-out set; workers persist between validations."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        persistent_workers=workers > 0,
+        **_loader_kwargs(workers, pin_memory, seed),
+    )
+
+
+__all__ = [
+    "DATA_FORMATS",
+    "FlippableDataset",
+    "StepBatchSampler",
+    "TrainingData",
+    "attach_labels",
+    "derive_seed",
+    "epoch_permutation",
+    "positive_rates",
+    "prepare_data",
+    "read_samples",
+    "step_flips",
+    "train_loader",
+    "val_loader",
+]
