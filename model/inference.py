@@ -1,0 +1,118 @@
+"""Inference: load a checkpoint into an eval-mode :class:`FaceNet` and turn aligned crops into embeddings.
+
+:class:`Embedder` is what the indexer builds once per worker from a checkpoint path.  Embeddings are L2-normalised
+here (the one place), always float32, and a crop whose feature is all zero embeds to zero, never NaN.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.checkpoint import load_checkpoint, model_fingerprint
+from model.config import ModelConfig
+from model.device import autocast, autocast_dtype, resolve_device
+from model.network import FaceNet, to_input
+
+
+def load_model(
+    checkpoint: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> tuple[FaceNet, ModelConfig, dict[str, Any]]:
+    """A verified checkpoint (training or weights-only) -> (FaceNet in eval mode, channels_last, on ``device``;
+    its ModelConfig; metadata: path, step, fingerprint, identities, attributes, train_config, version)."""
+    dev = resolve_device(device) if isinstance(device, str) else device
+    ckpt = load_checkpoint(checkpoint, map_location="cpu")
+    model = FaceNet(ckpt.model_config)
+    model.load_state_dict(ckpt.model_state)
+    model = model.to(dev).to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
+    return model, ckpt.model_config, ckpt.meta
+
+
+class Embedder:
+    """Batched embedding of aligned uint8 crops with a trained :class:`FaceNet`.
+
+    ``source``: a checkpoint path or a FaceNet (put in eval mode on ``device``).  ``precision``: ``fp32 | bf16 |
+    auto`` (bf16 autocast where native).  ``flip_average``: also embed the mirrored crop and average (features
+    before normalisation, attribute probabilities), a common test-time augmentation for faces.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str] | FaceNet,
+        device: str | torch.device = "cpu",
+        precision: str = "auto",
+        batch_size: int = 256,
+        flip_average: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.dtype = autocast_dtype(self.device, precision)
+        self.batch_size = batch_size
+        self.flip_average = flip_average
+        if isinstance(source, FaceNet):
+            model = source.to(self.device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            self.model: FaceNet = model.eval()
+            self.model_config = source.cfg
+            self.meta: dict[str, Any] = {"fingerprint": model_fingerprint(source.cfg, source.state_dict())}
+        else:
+            self.model, self.model_config, self.meta = load_model(source, self.device)
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.meta["fingerprint"])
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.model_config.embedding_dim
+
+    @property
+    def attributes(self) -> tuple[str, ...]:
+        return self.model_config.attributes
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.model_config.input_size
+
+    def _check(self, crops: np.ndarray) -> None:
+        h, w = self.input_size
+        if not isinstance(crops, np.ndarray) or crops.dtype != np.uint8:
+            raise ValueError(f"crops must be a uint8 numpy array (B, {h}, {w}, 3), got {type(crops).__name__} "
+                             f"{getattr(crops, 'dtype', '')}")  # fmt: skip
+        if crops.ndim != 4 or crops.shape[1:] != (h, w, 3):
+            raise ValueError(
+                f"crops must have shape (B, {h}, {w}, 3) (the model's {h}x{w} input size), got {crops.shape}"
+            )
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(self.device, self.dtype):
+            out = self.model(x)
+        return out.features.float(), torch.sigmoid(out.attribute_logits.float())
+
+    @torch.inference_mode()
+    def embed_crops(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (B, h, w, 3) RGB aligned crops -> (embeddings (B, D) float32 L2-normalised, attribute
+        probabilities (B, M) float32).  B may be 0.  Raises ``ValueError`` for a wrong dtype or crop size."""
+        self._check(crops)
+        n, d, m = crops.shape[0], self.embedding_dim, len(self.attributes)
+        emb, attr = np.zeros((n, d), np.float32), np.zeros((n, m), np.float32)
+        for lo in range(0, n, self.batch_size):
+            images = torch.from_numpy(np.ascontiguousarray(crops[lo : lo + self.batch_size])).to(self.device)
+            features, probs = self._forward(to_input(images))
+            if self.flip_average:
+                f2, p2 = self._forward(to_input(images.flip(2)))
+                features, probs = features + f2, (probs + p2) / 2
+            emb[lo : lo + len(images)] = F.normalize(features, dim=1, eps=1e-12).cpu().numpy()
+            attr[lo : lo + len(images)] = probs.cpu().numpy()
+        return emb, attr
+
+    def attribute_dict(self, probabilities: np.ndarray) -> dict[str, np.ndarray]:
+        """(B, M) probabilities -> {attribute name: (B,) float32}."""
+        return {name: probabilities[:, i] for i, name in enumerate(self.attributes)}
+
+
+__all__ = ["Embedder", "load_model"]
