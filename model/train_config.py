@@ -74,7 +74,7 @@ def rescale_stage(stage: StageConfig, iterations: int | None = None, lr: float |
 
 #: TrainConfig fields that may differ between a run and its ``resume`` (where and how it runs, not what it computes).
 RESUME_FREE_FIELDS: frozenset[str] = frozenset(
-    {"data", "labels", "out", "resume", "stop_at", "device", "precision", "num_workers", "val_every",
+    {"data", "labels", "out", "resume", "stop_at", "device", "precision", "deterministic", "num_workers", "val_every",
      "checkpoint_every", "log_every"}
 )  # fmt: skip
 
@@ -92,7 +92,9 @@ class TrainConfig:
     """A training run.  ``data`` is a CASIA-style folder, a generic list CSV or a CelebA root (``data_format``);
     ``labels`` an optional per-identity attribute CSV.  Model fields build the :class:`ModelConfig` (P comes from
     the data).  ``batch_size`` None = the paper's (40 full, 48 fast/variant); ``num_workers`` None = min(2, CPUs).
-    ``stop_at`` ends this invocation after that global step (checkpointed, resumable with ``resume``)."""
+    ``stop_at`` ends this invocation after that global step (checkpointed, resumable with ``resume``).
+    ``deterministic`` makes cuDNN pick deterministic kernels (CUDA only; CPU runs are deterministic anyway): needed
+    for bit-exact resume on a GPU, where the default autotuned fp32 kernels differ from run to run."""
 
     data: Path
     out: Path = Path("runs/train")
@@ -118,6 +120,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
+    deterministic: bool = False
     num_workers: int | None = None
     val_every: int = 2000
     checkpoint_every: int = 2000

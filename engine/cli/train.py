@@ -132,6 +132,7 @@ def _apply(fn: Any) -> Any:
 @main.command("train")
 @_apply
 @click.option("--resume", is_flag=True, default=None, help="Continue the run in --out from its checkpoint.")
+@click.option("--deterministic", is_flag=True, default=None, help="Deterministic cuDNN kernels (exact GPU resume).")
 @DEVICE_OPTION
 @user_errors
 def train_command(config: Path | None, input_size: str | None, head: str | None, device: str, **opts: Any) -> None:

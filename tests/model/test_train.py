@@ -327,8 +327,10 @@ def test_cli_errors_are_one_line(casia: Path, tmp_path: Path, extra: list[str], 
 
 
 def test_model_config_matches_training_config(casia: Path, tmp_path: Path) -> None:
-    cfg = small_config(casia, tmp_path / "run", stages=(StageConfig(1, 0.05),), head=2)
+    cfg = small_config(casia, tmp_path / "run", stages=(StageConfig(1, 0.05),), head=2, deterministic=True)
+    flags = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
     result = train(cfg)
+    assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == flags  # process flags restored
     ckpt = load_checkpoint(result.checkpoint)
     assert ckpt.model_config == ModelConfig(arch="fast", head=2, num_identities=8, width=0.125, input_size=(56, 48),
                                             embedding_dim=32, attribute_hidden=16)  # fmt: skip
