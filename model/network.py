@@ -149,7 +149,9 @@ class FaceNet(nn.Module):
         # Zero-init the last BN of each residual main road so every block starts as (nearly) its bypass.
         for mod in self.modules():
             if isinstance(mod, ResidualBlock):
-                nn.init.zeros_(mod.main[-1][1].weight)
+                last_bn = list(mod.main[-1].children())[1]
+                assert isinstance(last_bn, nn.BatchNorm2d), "a block's main road ends in conv -> BN"
+                nn.init.zeros_(last_bn.weight)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The trunk, flattened: (B, C*H*W)."""

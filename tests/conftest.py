@@ -40,3 +40,27 @@ def yunet_path(shared_dir: Path) -> Path:
     if not path.is_file():
         pytest.skip(f"YuNet model not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic data set in every layout, generated once per session (seeded, ~2 s)."""
+    from model.synth import SynthConfig, generate_faces
+
+    out = tmp_path_factory.mktemp("synth") / "data"
+    generate_faces(
+        SynthConfig(
+            out=out,
+            seed=7,
+            identities=24,
+            images_per_identity=8,
+            celeba_images=600,
+            celeba_images_per_identity=12,
+            probe_identities=4,
+            probe_images_per_identity=5,
+            distractors=60,
+            size=96,
+            workers=1,
+        )
+    )
+    return out
