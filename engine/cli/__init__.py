@@ -6,9 +6,11 @@ point and echoes a summary; library ``ValueError``s become one-line click errors
 
 from __future__ import annotations
 
-from engine.cli._app import main
-
 # Importing the command modules registers their commands on ``main``.
-from engine.cli import synth as _synth  # noqa: F401  (registers `synth`)
+from engine.cli import attributes as _attributes  # noqa: F401
+from engine.cli import demo as _demo  # noqa: F401
+from engine.cli import synth as _synth  # noqa: F401
+from engine.cli import train as _train  # noqa: F401
+from engine.cli._app import main
 
 __all__ = ["main"]
