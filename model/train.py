@@ -209,7 +209,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop records logged after ``step`` by an interrupted run, so the log reads as one uninterrupted run."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the interruption
+            continue
+        if record.get("step", 0) <= step:
+            keep.append(line)
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 

@@ -30,7 +30,7 @@ CFG = ModelConfig(arch="fast", head=1, num_identities=5, width=0.125, input_size
 def _trained_state() -> tuple[FaceNet, torch.optim.Optimizer]:
     """A model and SGD optimizer after two steps, so BN stats and momentum buffers are non-trivial."""
     torch.manual_seed(0)
-    model = FaceNet(CFG).to(memory_format=torch.channels_last)
+    model = FaceNet(CFG).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     x = to_input(torch.randint(0, 255, (4, 56, 48, 3), dtype=torch.uint8))
     for _ in range(2):
@@ -68,7 +68,7 @@ def test_round_trip_is_bit_exact(tmp_path: Path) -> None:
     for name, t in model.state_dict().items():
         assert torch.equal(ckpt.model_state[name], t), name
     # Optimizer: a fresh SGD loaded from the checkpoint has identical momentum buffers and hyper-parameters.
-    model2 = FaceNet(CFG).to(memory_format=torch.channels_last)
+    model2 = FaceNet(CFG).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     model2.load_state_dict(ckpt.model_state)
     opt2 = torch.optim.SGD(model2.parameters(), lr=0.5)
     assert ckpt.optimizer_state is not None
@@ -93,7 +93,7 @@ def test_fingerprint_depends_on_weights_and_config_not_memory_format() -> None:
     torch.manual_seed(0)
     model = FaceNet(CFG)
     fp = model_fingerprint(CFG, model.state_dict())
-    assert fp == model_fingerprint(CFG, model.to(memory_format=torch.channels_last).state_dict())
+    assert fp == model_fingerprint(CFG, model.to(memory_format=torch.channels_last).state_dict())  # type: ignore[call-overload]
     assert fp != model_fingerprint(CFG.replace(dropout=0.4), model.state_dict())
     with torch.no_grad():
         next(model.parameters())[0, 0, 0, 0] += 1e-6

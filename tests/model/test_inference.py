@@ -27,6 +27,7 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with torch.no_grad():  # non-trivial BN statistics, as after training
         for mod in model.modules():
             if isinstance(mod, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
+                assert mod.running_mean is not None and mod.running_var is not None, "BN tracks statistics"
                 mod.running_mean.uniform_(-0.1, 0.1)
                 mod.running_var.uniform_(0.5, 1.5)
     path = tmp_path_factory.mktemp("w") / "model.safetensors"
@@ -76,8 +77,10 @@ def test_empty_batch_and_wrong_inputs(weights: Path) -> None:
 def test_zero_feature_embeds_to_zero_not_nan() -> None:
     torch.manual_seed(0)
     model = FaceNet(CFG)
+    linear = model.feature[0]
+    assert isinstance(linear, torch.nn.Linear), "f starts with its FC layer"
     with torch.no_grad():
-        model.feature[0].weight.zero_()  # f = PReLU(BN(0)) = 0 in eval mode with fresh BN statistics
+        linear.weight.zero_()  # f = PReLU(BN(0)) = 0 in eval mode with fresh BN statistics
     e, a = Embedder(model, precision="fp32").embed_crops(crops(3))
     assert np.isfinite(e).all() and np.isfinite(a).all()
     assert (e == 0).all()
