@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import click
+from tqdm import tqdm
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -40,3 +41,42 @@ DEVICE_OPTION = click.option(
     show_default=True,
     help="auto | cpu | cuda | cuda:N. A requested GPU that is absent is an error, never a silent CPU fallback.",
 )
+
+
+def parse_size(value: str | None) -> tuple[int, int] | None:
+    """``HEIGHTxWIDTH`` (e.g. ``112x96``) -> (height, width)."""
+    if value is None:
+        return None
+    try:
+        h, w = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"expected HEIGHTxWIDTH such as 112x96, got {value!r}") from None
+    return h, w
+
+
+class StepBar:
+    """Draws the training library's progress records as a tqdm bar (the library itself never prints).
+
+    The bar appears with the first record, so a run that fails while checking its input prints only the error."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.bar: tqdm | None = None
+        self.post: dict[str, str] = {}
+
+    def __call__(self, record: Mapping[str, Any]) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=self.total, unit="step", dynamic_ncols=True, leave=True)
+        if record.get("event") == "train":
+            self.bar.update(max(0, int(record["step"]) - self.bar.n))
+            self.post.update(loss=f"{record.get('loss', float('nan')):.4f}", lr=f"{record['lr']:.2g}")
+            if "acc" in record:
+                self.post["acc"] = f"{record['acc']:.3f}"
+            self.post["img/s"] = f"{record['images_per_s']:.0f}"
+        elif record.get("event") == "val" and "val_top1" in record:
+            self.post["val"] = f"{record['val_top1']:.3f}"
+        self.bar.set_postfix(self.post, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from engine.cli._app import DEVICE_OPTION, main, user_errors
-from engine.cli.train import _Bar, _parse_size
+from engine.cli._app import DEVICE_OPTION, StepBar, main, parse_size, user_errors
 from model.attributes import AttributeTrainConfig, LabelConfig, label_identities, train_attribute_classifier
 from model.config import ARCHS
 from model.device import PRECISIONS
@@ -41,12 +40,12 @@ def attributes_group() -> None:
 @user_errors
 def train_command(input_size: str, workers: int | None, **opts: object) -> None:
     """Train the attribute classifier on CelebA-format data with MOON's re-balanced loss."""
-    cfg = AttributeTrainConfig(input_size=_parse_size(input_size) or (112, 96), num_workers=workers, **opts)  # type: ignore[arg-type]
-    bar = _Bar(cfg.iterations)
+    cfg = AttributeTrainConfig(input_size=parse_size(input_size) or (112, 96), num_workers=workers, **opts)  # type: ignore[arg-type]
+    bar = StepBar(cfg.iterations)
     try:
         result = train_attribute_classifier(cfg, progress=bar)
     finally:
-        bar.bar.close()
+        bar.close()
     for key in ("val_attribute_acc",):
         if key in result.final:
             click.echo(f"{key:<22} {result.final[key]:.3f}")

@@ -12,25 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import click
-from tqdm import tqdm
 
-from engine.cli._app import DEVICE_OPTION, main, user_errors
+from engine.cli._app import DEVICE_OPTION, StepBar, main, parse_size, user_errors
 from model.config import ARCHS, HEADS
 from model.device import PRECISIONS
 from model.losses import ATTRIBUTE_LOSSES
 from model.train import train
 from model.train_config import TrainConfig, rescale_stage
 from model.trainer_data import DATA_FORMATS
-
-
-def _parse_size(value: str | None) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    try:
-        h, w = (int(v) for v in value.lower().split("x"))
-    except ValueError:
-        raise click.BadParameter(f"expected HEIGHTxWIDTH such as 112x96, got {value!r}") from None
-    return h, w
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -71,25 +60,6 @@ def build_config(opts: Mapping[str, Any], config_file: Path | None) -> TrainConf
     cfg = TrainConfig.from_dict(merged)
     stages = _stages(cfg, (opts["stage1_iterations"], opts["stage2_iterations"]), (opts["lr"], opts["finetune_lr"]))
     return cfg.replace(stages=stages)
-
-
-class _Bar:
-    """Draws the library's progress records as a tqdm bar (the library itself never prints)."""
-
-    def __init__(self, total: int) -> None:
-        self.bar = tqdm(total=total, unit="step", dynamic_ncols=True, leave=True)
-        self.post: dict[str, str] = {}
-
-    def __call__(self, record: Mapping[str, Any]) -> None:
-        if record.get("event") == "train":
-            self.bar.update(max(0, int(record["step"]) - self.bar.n))
-            self.post.update(loss=f"{record.get('loss', float('nan')):.4f}", lr=f"{record['lr']:.2g}")
-            if "acc" in record:
-                self.post["acc"] = f"{record['acc']:.3f}"
-            self.post["img/s"] = f"{record['images_per_s']:.0f}"
-        elif record.get("event") == "val" and "val_top1" in record:
-            self.post["val"] = f"{record['val_top1']:.3f}"
-        self.bar.set_postfix(self.post, refresh=False)
 
 
 def _opt(name: str, type_: Any, help_: str, *decls: str) -> Any:
@@ -139,13 +109,13 @@ def _apply(fn: Any) -> Any:
 @user_errors
 def train_command(config: Path | None, input_size: str | None, head: str | None, device: str, **opts: Any) -> None:
     """Train the multi-task network (paper §4.4 two-stage schedule by default) and write a checkpoint."""
-    opts.update(input_size=_parse_size(input_size), head=None if head is None else int(head), device=device)
+    opts.update(input_size=parse_size(input_size), head=None if head is None else int(head), device=device)
     cfg = build_config(opts, config)
-    bar = _Bar(cfg.total_steps)
+    bar = StepBar(cfg.total_steps)
     try:
         result = train(cfg, progress=bar)
     finally:
-        bar.bar.close()
+        bar.close()
     final = result.final
     click.echo(f"steps        {result.step}/{result.total_steps} ({'complete' if result.complete else 'stopped'})")
     if "loss" in final:
