@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from model.attributes import AttributeTrainConfig, LabelConfig, embed_dataset, label_identities
-from model.checkpoint import atomic_write_text, package_version
+from model.checkpoint import package_version
 from model.datasets import FaceDataset, Sample, read_attribute_labels, read_casia, read_list, split_holdout
+from model.fileio import atomic_write_text
 from model.inference import Embedder
 from model.synth import SynthConfig, generate_faces
 from model.train import TrainResult, train

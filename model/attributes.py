@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.checkpoint import atomic_write_text, package_version
+from model.checkpoint import package_version
 from model.config import ATTRIBUTES, INPUT_SIZE, from_mapping
 from model.datasets import FaceDataset, SkipReport, collate_faces, write_attribute_labels
+from model.fileio import atomic_write_text
 from model.inference import Embedder
 from model.train import TrainResult, train
 from model.train_config import StageConfig, TrainConfig

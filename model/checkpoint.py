@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from model.config import ModelConfig
+from model.fileio import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -158,30 +159,6 @@ def restore_rng_state(state: Mapping[str, Tensor]) -> None:
                 torch.cuda.set_rng_state(t.cpu(), i)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file via ``<path>.tmp`` + fsync + ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def atomic_write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     """Write a safetensors file via ``<path>.tmp`` + fsync + ``os.replace`` (+ directory fsync)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +170,7 @@ def atomic_write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: d
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def save_checkpoint(
@@ -338,7 +315,6 @@ __all__ = [
     "FORMAT_VERSION",
     "Checkpoint",
     "atomic_write_safetensors",
-    "atomic_write_text",
     "capture_rng_state",
     "export_weights",
     "load_checkpoint",

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from model.align import FaceDetector, prepare_face
 from model.config import ATTRIBUTES
+from model.fileio import atomic_write_text
 from model.images import ImageError
 
 log = logging.getLogger(__name__)
@@ -55,15 +56,6 @@ class Sample:
 
     def __hash__(self) -> int:
         return hash((self.path, self.identity))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _parse_float(value: str, what: str, where: str) -> float:
@@ -255,7 +247,7 @@ def write_attribute_labels(path: Path, labels: Mapping[str, Mapping[str, float]]
     for identity in sorted(labels):
         row = labels[identity]
         lines.append(",".join([identity, *("" if row.get(a) is None else repr(float(row[a])) for a in attributes)]))
-    _atomic_write_text(Path(path), "\n".join(lines) + "\n")
+    atomic_write_text(Path(path), "\n".join(lines) + "\n")
 
 
 @dataclass(frozen=True)
@@ -411,7 +403,7 @@ class SkipReport:
     def write_jsonl(self, path: Path) -> None:
         """One JSON object per failure (index, path, reason, message), written atomically."""
         lines = [json.dumps(asdict(f)) + "\n" for f in self.failures.values()]
-        _atomic_write_text(Path(path), "".join(lines))
+        atomic_write_text(Path(path), "".join(lines))
 
 
 def split_holdout(samples: Sequence[Sample], per_identity: int = 1, seed: int = 0) -> tuple[list[Sample], list[Sample]]:

@@ -33,6 +33,7 @@ import cv2
 import numpy as np
 
 from model.config import ATTRIBUTES, from_mapping
+from model.fileio import atomic_write_bytes
 from model.synth_identity import ATTRIBUTE_BASE_RATES, Identity, flickr_paths, person_names, sample_identity
 from model.synth_render import CELEBA_SIZE, encode_image, render_face
 
@@ -151,20 +152,8 @@ class _Plan:
 
 
 # ---------------------------------------------------------------------------------------------------------- writing
-def _write_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
-    """Write ``path`` via ``path.tmp`` + ``os.replace``, so a killed run never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        if fsync:
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _write_text(path: Path, lines: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, ("\n".join(lines) + "\n").encode())
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
 def _landmark_rows(paths: list[str], ids: list[str], lm: np.ndarray) -> list[str]:
@@ -332,7 +321,7 @@ def _render_chunk(out: str, seed: int, strength: float, jobs: list[_Job]) -> tup
         if path.parent.as_posix() not in made:
             path.parent.mkdir(parents=True, exist_ok=True)
             made.add(path.parent.as_posix())
-        _write_atomic(path, encode_image(img, path.suffix, rng, strength), fsync=False)
+        atomic_write_bytes(path, encode_image(img, path.suffix, rng, strength), fsync=False)
     return lm, labels
 
 
@@ -409,7 +398,7 @@ def _write_manifest(cfg: SynthConfig, plans: dict[str, _Plan], extra: dict[str, 
         **extra,
     }
     path = cfg.out / MANIFEST
-    _write_atomic(path, (json.dumps(man, indent=2) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(man, indent=2) + "\n").encode())
     return path
 
 

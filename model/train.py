@@ -30,7 +30,6 @@ import torch
 from torch import Tensor
 
 from model.checkpoint import (
-    atomic_write_text,
     capture_rng_state,
     export_weights,
     load_checkpoint,
@@ -39,6 +38,7 @@ from model.checkpoint import (
 )
 from model.datasets import FaceBatch, SkipReport
 from model.device import autocast, autocast_dtype, resolve_device
+from model.fileio import atomic_write_text
 from model.losses import multitask_loss
 from model.network import FaceNet, to_input
 from model.train_config import PAPER_STAGES, StageConfig, TrainConfig, resume_mismatch

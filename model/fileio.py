@@ -1,0 +1,46 @@
+"""Atomic file writes: every artifact of the project is written as ``<name>.tmp``, flushed, then ``os.replace``d,
+so a job killed at any moment leaves either the previous file or the new one, never half of one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    """Persist a rename inside ``path`` (best effort: some file systems refuse to fsync a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically; ``fsync=False`` skips the flush to disk (still never half-written after
+    a process kill, only after a power loss), for bulk writes of many small regenerable files."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically (fsynced), with no newline translation."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+__all__ = ["atomic_write_bytes", "atomic_write_text", "fsync_dir"]

@@ -1,0 +1,26 @@
+"""Atomic writes: the old file survives a failed write and no temporary is left behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from model.fileio import atomic_write_bytes, atomic_write_text
+
+
+def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "a.txt"
+    atomic_write_text(target, "one\n")
+    atomic_write_text(target, "two\r\n")
+    assert target.read_bytes() == b"two\r\n", "text is written byte for byte (no newline translation)"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a.txt"]
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path: Path) -> None:
+    target = tmp_path / "a.bin"
+    atomic_write_bytes(target, b"old")
+    with pytest.raises(TypeError):
+        atomic_write_bytes(target, "not bytes")  # type: ignore[arg-type]
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
