@@ -34,29 +34,30 @@ def attribute_mse(attribute_logits: Tensor, labels: Tensor, weights: Tensor | No
 
 
 def moon_weights(labels: Tensor, source_positive_rate: Tensor, target_positive_rate: float | Tensor = 0.5) -> Tensor:
-    """MOON's per-label weights (Rudd, Günther & Boult, ECCV 2016, eq. 3).
+    """MOON's per-label weights (Rudd, Günther & Boult, ECCV 2016): re-weight positives and negatives of each
+    attribute so the *effective* label distribution equals a target distribution.
 
-    For attribute ``i`` with source (training-set) positive rate ``S_i`` and target rate ``T_i`` (negatives
-    ``1 - S_i``, ``1 - T_i``), a label ``y`` gets weight::
+    For attribute ``i`` with source (training-set) positive rate ``S_i`` and target rate ``T_i``::
 
-        w_i(y) = 1                      if T_i(y) >= S_i(y)   (the minority class keeps full weight)
-        w_i(y) = T_i(y) / S_i(y)        otherwise             (the majority class is down-weighted)
+        T_i >= S_i (positives are the minority):  w+ = 1,  w- = S_i (1 - T_i) / ((1 - S_i) T_i)
+        T_i <  S_i (positives are the majority):  w- = 1,  w+ = T_i (1 - S_i) / (S_i (1 - T_i))
 
-    so the effective positive share ``w+ S / (w+ S + w- (1 - S))`` moves from ``S_i`` toward ``T_i`` (it reaches
-    ``T_i`` only when no up-weighting is needed; MOON never up-weights, which keeps gradients bounded).  For
-    ``S = 0.2, T = 0.5``: ``w+ = 1``, ``w- = 0.625``, effective share 0.286.
+    i.e. the majority side is down-weighted by the odds ratio, so ``w+ S / (w+ S + w- (1 - S)) = T`` exactly, and no
+    weight ever exceeds 1 (gradients stay bounded, as in MOON, which drops majority samples with that probability).
+    For ``S = 0.2, T = 0.5``: ``w+ = 1``, ``w- = 0.25``, effective positive share 0.5.
 
     ``labels``: (B, M) 0/1/NaN; ``source_positive_rate``: (M,) in [0, 1]; ``target_positive_rate``: scalar or (M,) in
-    (0, 1).  Returns (B, M) float32 weights (NaN labels get weight 1; they are masked by the loss anyway).
+    (0, 1).  Returns (B, M) float32 weights (NaN labels get weight 1; they are masked by the loss anyway).  An
+    attribute with no positives (or no negatives) in the source keeps weight 1 for the class it has.
     """
     s_pos = source_positive_rate.to(device=labels.device, dtype=torch.float32)
     t_pos = torch.as_tensor(target_positive_rate, dtype=torch.float32, device=labels.device).expand_as(s_pos)
     if not bool(((t_pos > 0) & (t_pos < 1)).all()):
         raise ValueError(f"target_positive_rate must be in (0, 1), got {target_positive_rate}")
-    # Ratios are only taken where source >= target > 0, so the denominator is never zero.
-    w_pos = torch.where(t_pos >= s_pos, torch.ones_like(s_pos), t_pos / s_pos.clamp_min(1e-12))
-    s_neg, t_neg = 1.0 - s_pos, 1.0 - t_pos
-    w_neg = torch.where(t_neg >= s_neg, torch.ones_like(s_neg), t_neg / s_neg.clamp_min(1e-12))
+    s = s_pos.clamp(1e-12, 1 - 1e-12)
+    odds = (t_pos * (1 - s)) / (s * (1 - t_pos))  # target odds / source odds of a positive
+    w_pos = torch.where(odds >= 1, torch.ones_like(s), odds)
+    w_neg = torch.where(odds >= 1, 1 / odds, torch.ones_like(s))
     return torch.where(labels > 0.5, w_pos.expand_as(labels), w_neg.expand_as(labels))
 
 

@@ -143,16 +143,19 @@ def test_zero_lambda_term_is_skipped() -> None:
         multitask_loss(out, torch.zeros(6, dtype=torch.long), attrs, 0.0, 0.0)
 
 
-def test_moon_weights_move_the_effective_balance_toward_the_target() -> None:
-    # Source 20 % positive, target 50 %: negatives (the majority) get 0.5 / 0.8, positives keep 1.
+def test_moon_weights_make_the_effective_balance_the_target() -> None:
+    # Source 20 % positive, target 50 %: negatives (the majority) get the odds ratio 0.25, positives keep 1.
     labels = torch.tensor([[1.0]] * 20 + [[0.0]] * 80)
     w = moon_weights(labels, torch.tensor([0.2]), 0.5)
-    assert torch.allclose(w[:20], torch.tensor(1.0)) and torch.allclose(w[20:], torch.tensor(0.625))
+    assert torch.allclose(w[:20], torch.tensor(1.0)) and torch.allclose(w[20:], torch.tensor(0.25))
     share = float((w * labels).sum() / w.sum())
-    assert share == pytest.approx(0.2 / (0.2 + 0.5), abs=1e-6)  # 0.286: moved from 0.2 toward 0.5
-    # The best constant prediction under each loss is the effective positive share: 0.2 (MSE) vs 0.286 (MOON).
+    assert share == pytest.approx(0.5, abs=1e-6)
+    # Majority positives (source 80 %, target 30 %): positives are down-weighted, negatives keep 1.
+    w2 = moon_weights(1 - labels, torch.tensor([0.8]), 0.3)
+    assert float(((1 - labels) * w2).sum() / w2.sum()) == pytest.approx(0.3, abs=1e-6) and float(w2.max()) == 1.0
+    # The best constant prediction under each loss is the effective positive share: 0.2 (MSE) vs 0.5 (MOON).
     for loss_fn, expected in [
-        (lambda z: moon_loss(z, labels, 0.5, torch.tensor([0.2])), 0.2 / 0.7),
+        (lambda z: moon_loss(z, labels, 0.5, torch.tensor([0.2])), 0.5),
         (lambda z: ((torch.sigmoid(z) - labels) ** 2).mean(), 0.2),
     ]:
         z = torch.zeros(1, 1, requires_grad=True)
