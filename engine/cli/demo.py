@@ -10,7 +10,7 @@ from engine.cli._app import DEVICE_OPTION, main, user_errors
 from engine.demo import DemoConfig, run_demo
 
 SMALL_DEMO = {"celeba_images": 240, "distractors": 40, "probe_identities": 4, "probe_images_per_identity": 3,
-              "batch_size": 16}  # fmt: skip
+              "batch_size": 16, "attribute_input_size": (56, 48)}  # fmt: skip
 
 
 @main.command("demo")
