@@ -1,0 +1,423 @@
+"""The embedding shard format: ``part-00000.parquet`` … plus ``manifest.json``; the contract between the embedder,
+the synthetic-features writer and the index builder.
+
+Row schema (see :func:`schema`): ``id`` int64 (stable: the row's position in the planned input list), ``path``
+string (relative to the input root), ``identity`` string (nullable), ``embedding`` fixed_size_list<float16|float32>[d]
+(L2-normalised; null for failed rows), one float32 column per attribute probability (nullable), ``det_score`` float32
+(null when landmarks were given), ``landmarks`` fixed_size_list<float32>[10] (x1, y1, …, x5, y5; nullable),
+``status`` string (``ok`` or a :data:`model.images.REASONS` code) and ``error`` string (nullable).
+
+Readers stream :class:`Block` s with :func:`iter_shards`: shard boundaries are invisible and memory is bounded by
+``block_rows``.  Every file is written atomically (``*.tmp``, fsync, ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from model.fileio import atomic_write_text, fsync_dir
+from model.images import REASONS
+
+log = logging.getLogger(__name__)
+
+SHARD_PATTERN = "part-{:05d}.parquet"
+MANIFEST = "manifest.json"
+KIND = "facesearch.shards"
+FORMAT_VERSION = 1
+DTYPES: tuple[str, ...] = ("float16", "float32")
+STATUSES: tuple[str, ...] = ("ok", *REASONS)
+BASE_COLUMNS: tuple[str, ...] = ("id", "path", "identity", "embedding")
+TAIL_COLUMNS: tuple[str, ...] = ("det_score", "landmarks", "status", "error")
+_ROW_GROUP = 16384
+_ARROW_DTYPE = {"float16": pa.float16(), "float32": pa.float32()}
+
+
+def shard_name(i: int) -> str:
+    """Shard ``i`` -> ``part-0000i.parquet`` (zero-padded to 5 digits)."""
+    if i < 0:
+        raise ValueError(f"shard index must be >= 0, got {i}")
+    return SHARD_PATTERN.format(i)
+
+
+def _check_dtype(dtype: str) -> pa.DataType:
+    if dtype not in _ARROW_DTYPE:
+        raise ValueError(f"embedding dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    return _ARROW_DTYPE[dtype]
+
+
+def schema(d: int, dtype: str, attributes: Sequence[str]) -> pa.Schema:
+    """The row schema of a shard with ``d``-dimensional ``dtype`` embeddings and the given attribute columns."""
+    if d < 1:
+        raise ValueError(f"embedding dimension d must be >= 1, got {d}")
+    clash = sorted(set(attributes) & set(BASE_COLUMNS + TAIL_COLUMNS))
+    if clash or len(set(attributes)) != len(attributes):
+        raise ValueError(f"attribute names must be unique and not reuse column names, got {list(attributes)}")
+    fields = [
+        pa.field("id", pa.int64(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("identity", pa.string()),
+        pa.field("embedding", pa.list_(_check_dtype(dtype), d)),
+        *(pa.field(name, pa.float32()) for name in attributes),
+        pa.field("det_score", pa.float32()),
+        pa.field("landmarks", pa.list_(pa.float32(), 10)),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+    ]
+    return pa.schema(fields)
+
+
+def _float_column(values: np.ndarray | None, n: int, what: str) -> pa.Array:
+    """(n,) float -> float32 array, NaN (or ``None`` for all) = null."""
+    if values is None:
+        return pa.nulls(n, pa.float32())
+    x = np.asarray(values, dtype=np.float32)
+    if x.shape != (n,):
+        raise ValueError(f"{what} must have shape ({n},), got {x.shape}")
+    return pa.array(x, type=pa.float32(), from_pandas=True)  # from_pandas: NaN -> null
+
+
+def _list_column(values: np.ndarray, valid: np.ndarray, dtype: pa.DataType) -> pa.Array:
+    """(n, k) floats + (n,) bool validity -> fixed_size_list<dtype>[k]; invalid rows are null (child zeroed)."""
+    k = values.shape[1]
+    flat = np.where(valid[:, None], values, 0).astype(dtype.to_pandas_dtype()).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=dtype), k, mask=pa.array(~valid))
+
+
+def table_from_arrays(
+    ids: np.ndarray,
+    paths: Sequence[str],
+    identities: Sequence[str | None],
+    embeddings: np.ndarray,
+    attributes: Mapping[str, np.ndarray],
+    det_score: np.ndarray | None,
+    landmarks: np.ndarray | None,
+    status: Sequence[str],
+    error: Sequence[str | None],
+    dtype: str = "float16",
+) -> pa.Table:
+    """Columns -> a shard table in :func:`schema` order.
+
+    ``ids`` (n,) int; ``embeddings`` (n, d) float (rows whose ``status`` is not ``ok`` become null); ``attributes``
+    {name: (n,) float, NaN = null}; ``det_score`` (n,) float or ``None``, NaN = null; ``landmarks`` (n, 10) or
+    (n, 5, 2) float or ``None``, a row with NaN = null; ``status`` ``ok`` or a reason code; ``error`` message or None.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    n = len(ids)
+    emb = np.asarray(embeddings)
+    if emb.ndim != 2 or emb.shape[0] != n:
+        raise ValueError(f"embeddings must be (n={n}, d), got shape {emb.shape}")
+    for what, seq in (("paths", paths), ("identities", identities), ("status", status), ("error", error)):
+        if len(seq) != n:
+            raise ValueError(f"{what} has {len(seq)} entries, expected {n}")
+    bad = sorted(set(status) - set(STATUSES))
+    if bad:
+        raise ValueError(f"unknown status value(s) {bad}; valid: {list(STATUSES)}")
+    ok = np.array([s == "ok" for s in status], dtype=bool)
+    lm = np.full((n, 10), np.nan, np.float32) if landmarks is None else np.asarray(landmarks, np.float32).reshape(n, 10)
+    sch = schema(emb.shape[1], dtype, list(attributes))
+    columns = [
+        pa.array(ids, pa.int64()),
+        pa.array(list(paths), pa.string()),
+        pa.array(list(identities), pa.string()),
+        _list_column(emb, ok, _check_dtype(dtype)),
+        *(_float_column(v, n, f"attribute {k}") for k, v in attributes.items()),
+        _float_column(det_score, n, "det_score"),
+        _list_column(lm, np.asarray(np.isfinite(lm).all(axis=1)), pa.float32()),
+        pa.array(list(status), pa.string()),
+        pa.array(list(error), pa.string()),
+    ]
+    return pa.Table.from_arrays(columns, schema=sch)
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 (hex) of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One shard in the manifest: file name, row counts, SHA-256 of the file and the half-open id range [lo, hi)."""
+
+    file: str
+    rows: int
+    ok_rows: int
+    sha256: str
+    id_lo: int
+    id_hi: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def write_shard(path: Path, table: pa.Table, id_range: tuple[int, int] | None = None) -> ShardEntry:
+    """Write ``table`` to ``path`` atomically (``.tmp`` + fsync + ``os.replace``) and return its manifest entry.
+
+    ``id_range`` (the planned [lo, hi)) defaults to [min id, max id + 1) of the table ([0, 0) when empty)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        pq.write_table(table, tmp, row_group_size=_ROW_GROUP, compression="zstd")
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    if id_range is None:
+        ids = table.column("id")
+        id_range = (0, 0) if len(ids) == 0 else (int(pc.min(ids).as_py()), int(pc.max(ids).as_py()) + 1)
+    ok_rows = int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
+    return ShardEntry(path.name, table.num_rows, ok_rows, file_sha256(path), int(id_range[0]), int(id_range[1]))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``manifest.json`` of a shard directory.  ``shards`` are sorted by file name; ``planned_shards`` is how many the
+    job will write (``complete`` once all are present).  ``source``: input description (root, list file, format,
+    count); ``config``: the resolved embed config; ``versions``: software versions."""
+
+    fingerprint: str
+    d: int
+    dtype: str
+    attributes: tuple[str, ...]
+    model_config: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, Any] = field(default_factory=dict)
+    shards: tuple[ShardEntry, ...] = ()
+    planned_shards: int = 0
+    complete: bool = False
+    normalized: bool = True
+    created: str = field(default_factory=_now)
+    updated: str = field(default_factory=_now)
+
+    def __post_init__(self) -> None:
+        _check_dtype(self.dtype)
+        object.__setattr__(self, "attributes", tuple(self.attributes))
+        object.__setattr__(self, "shards", tuple(sorted(self.shards, key=lambda e: e.file)))
+
+    @property
+    def totals(self) -> dict[str, int]:
+        rows = sum(e.rows for e in self.shards)
+        ok = sum(e.ok_rows for e in self.shards)
+        return {"shards": len(self.shards), "rows": rows, "ok_rows": ok, "failed_rows": rows - ok}
+
+    def entry(self, file: str) -> ShardEntry | None:
+        return next((e for e in self.shards if e.file == file), None)
+
+    def with_entry(self, entry: ShardEntry) -> Manifest:
+        """A copy with ``entry`` added (replacing one of the same file)."""
+        others = tuple(e for e in self.shards if e.file != entry.file)
+        return dataclasses.replace(self, shards=(*others, entry))
+
+    def replace(self, **changes: Any) -> Manifest:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"kind": KIND, "format_version": FORMAT_VERSION}
+        data.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        data.update(attributes=list(self.attributes), shards=[e.to_dict() for e in self.shards], totals=self.totals)
+        return json.loads(json.dumps(data))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in fields}
+        values["shards"] = tuple(ShardEntry(**e) for e in data.get("shards", ()))
+        return cls(**values)
+
+
+def read_manifest(directory: Path) -> Manifest:
+    """``directory/manifest.json`` -> :class:`Manifest`; a one-line ``ValueError`` naming the file when it is
+    missing, not JSON, of another kind or format version, or malformed."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"{path} not found: {directory} is not a shard directory (run facesearch embed first)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"corrupt shard manifest {path}: {e}") from e
+    if not isinstance(data, dict) or data.get("kind") != KIND:
+        kind = data.get("kind") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path} is not a shard manifest (kind {kind!r}, expected {KIND!r})")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported shard format version {data.get('format_version')!r} (reads 1)")
+    try:
+        return Manifest.from_dict(data)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"corrupt shard manifest {path}: {e}") from e
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> Manifest:
+    """Write ``manifest`` atomically to ``directory/manifest.json`` with ``updated`` set to now; returns it."""
+    manifest = manifest.replace(updated=_now())
+    atomic_write_text(Path(directory) / MANIFEST, json.dumps(manifest.to_dict(), indent=2) + "\n")
+    return manifest
+
+
+def verify_shard(directory: Path, entry: ShardEntry) -> bool:
+    """True when ``entry.file`` exists in ``directory`` with the recorded row count and SHA-256."""
+    path = Path(directory) / entry.file
+    if not path.is_file():
+        return False
+    try:
+        if pq.ParquetFile(path).metadata.num_rows != entry.rows:
+            return False
+    except (OSError, pa.ArrowException):
+        return False
+    return file_sha256(path) == entry.sha256
+
+
+@dataclass(frozen=True)
+class Block:
+    """A block of streamed rows: ``ids`` (n,) int64, ``xb`` (n, d) float32|float16 C-contiguous (NaN rows for null
+    embeddings when ``only_ok=False``), ``meta`` the other requested columns (n rows)."""
+
+    ids: np.ndarray
+    xb: np.ndarray
+    meta: pa.Table
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def embeddings_to_numpy(column: pa.Array | pa.ChunkedArray, d: int) -> np.ndarray:
+    """A fixed_size_list<float>[d] column -> (n, d) numpy array (zero-copy for one chunk without nulls; null rows
+    become NaN)."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts = []
+    for chunk in chunks:
+        values = chunk.values.slice(chunk.offset * d, len(chunk) * d)
+        x = values.to_numpy(zero_copy_only=False).reshape(len(chunk), d)
+        if chunk.null_count:
+            x = np.array(x, dtype=x.dtype)
+            x[chunk.is_null().to_numpy(zero_copy_only=False)] = np.nan
+        parts.append(x)
+    if not parts:
+        return np.zeros((0, d), np.float32)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _meta_columns(manifest: Manifest, columns: Sequence[str] | None) -> list[str]:
+    all_columns = ["path", "identity", *manifest.attributes, *TAIL_COLUMNS]
+    if columns is None:
+        return all_columns
+    unknown = sorted(set(columns) - set(all_columns))
+    if unknown:
+        raise ValueError(f"unknown shard column(s) {unknown}; valid: {all_columns}")
+    return list(columns)
+
+
+def _to_block(batches: list[pa.RecordBatch], meta_cols: list[str], d: int, dtype: type) -> Block:
+    table = pa.Table.from_batches(batches)
+    ids = table.column("id").to_numpy().astype(np.int64, copy=False)
+    xb: np.ndarray = np.ascontiguousarray(embeddings_to_numpy(table.column("embedding"), d), dtype=dtype)
+    return Block(ids=ids, xb=xb, meta=table.select(meta_cols).combine_chunks())
+
+
+def iter_shards(
+    directory: Path,
+    block_rows: int = 65536,
+    columns: Sequence[str] | None = None,
+    dtype: type = np.float32,
+    only_ok: bool = True,
+    allow_incomplete: bool = False,
+) -> Iterator[Block]:
+    """Stream the rows of a shard directory as :class:`Block` s of at most ``block_rows`` rows, in id order, across
+    shard boundaries.  ``columns``: the ``meta`` columns (``None`` = all but ``id`` / ``embedding``; ``[]`` = none).
+    ``dtype``: ``np.float32`` or ``np.float16`` for ``xb`` (an explicit cast from the stored dtype).
+    ``only_ok`` drops failed rows.  An incomplete directory (a job still running or killed) raises unless
+    ``allow_incomplete``.  Memory is bounded by ``block_rows`` (plus one Parquet row group)."""
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    if np.dtype(dtype) not in (np.float16, np.float32):
+        raise ValueError(f"dtype must be np.float32 or np.float16, got {dtype!r}")
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if not manifest.complete and not allow_incomplete:
+        raise ValueError(f"{directory}: the shard set is incomplete ({len(manifest.shards)} of "
+                         f"{manifest.planned_shards} shards); re-run facesearch embed to finish it")  # fmt: skip
+    meta_cols = _meta_columns(manifest, columns)
+    read_cols = list(dict.fromkeys(["id", "embedding", *meta_cols, "status"]))
+    pending: list[pa.RecordBatch] = []
+    size = 0
+    for entry in manifest.shards:
+        path = directory / entry.file
+        try:
+            reader = pq.ParquetFile(path)
+            for batch in reader.iter_batches(batch_size=block_rows, columns=read_cols):
+                if only_ok:
+                    batch = batch.filter(pc.equal(batch.column("status"), "ok"))
+                while batch.num_rows:
+                    take = batch.slice(0, block_rows - size)
+                    pending.append(take)
+                    size += take.num_rows
+                    batch = batch.slice(take.num_rows)
+                    if size == block_rows:
+                        yield _to_block(pending, meta_cols, manifest.d, dtype)
+                        pending, size = [], 0
+        except (OSError, pa.ArrowException) as e:
+            raise ValueError(f"cannot read shard {path} (ids {entry.id_lo}..{entry.id_hi - 1}): {e}") from e
+    if size:
+        yield _to_block(pending, meta_cols, manifest.d, dtype)
+
+
+def read_all(
+    directory: Path, columns: Sequence[str] | None = None, dtype: type = np.float32, only_ok: bool = True
+) -> Block:
+    """Every row of a (complete) shard directory as one :class:`Block` (for small data and tests)."""
+    manifest = read_manifest(directory)
+    blocks = list(iter_shards(directory, 1 << 30, columns, dtype, only_ok))
+    meta_cols = _meta_columns(manifest, columns)
+    if not blocks:
+        empty = schema(manifest.d, manifest.dtype, manifest.attributes).empty_table()
+        xb: np.ndarray = np.zeros((0, manifest.d), dtype)
+        return Block(np.zeros(0, np.int64), xb, empty.select(meta_cols))
+    assert len(blocks) == 1, "read_all reads one block"
+    return blocks[0]
+
+
+__all__ = [
+    "DTYPES",
+    "KIND",
+    "MANIFEST",
+    "SHARD_PATTERN",
+    "STATUSES",
+    "Block",
+    "Manifest",
+    "ShardEntry",
+    "embeddings_to_numpy",
+    "file_sha256",
+    "iter_shards",
+    "read_all",
+    "read_manifest",
+    "schema",
+    "shard_name",
+    "table_from_arrays",
+    "verify_shard",
+    "write_manifest",
+    "write_shard",
+]

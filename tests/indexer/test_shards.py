@@ -1,0 +1,141 @@
+"""The shard format: exact round trips, streaming across shard boundaries, empty / 1-row shards, manifest errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from indexer.shards import (
+    Manifest,
+    iter_shards,
+    read_all,
+    read_manifest,
+    schema,
+    shard_name,
+    table_from_arrays,
+    verify_shard,
+    write_manifest,
+    write_shard,
+)
+
+ATTRS = ("Male", "Big_Nose")
+
+
+def _table(lo: int, n: int, d: int, dtype: str, seed: int) -> tuple[pa.Table, np.ndarray]:
+    """Rows lo..lo+n-1; every 5th row failed.  Returns the table and the (n, d) embeddings in the stored dtype."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = np.arange(lo, lo + n)
+    status = ["ok" if i % 5 else "corrupt" for i in ids]
+    lm = rng.uniform(0, 90, (n, 10)).astype(np.float32)
+    det = rng.uniform(0.6, 1, n).astype(np.float32)
+    det[::3] = np.nan
+    table = table_from_arrays(
+        ids=ids,
+        paths=[f"a/{i}.jpg" for i in ids],
+        identities=[None if i % 4 == 0 else f"p{i % 7}" for i in ids],
+        embeddings=x,
+        attributes={"Male": rng.uniform(0, 1, n), "Big_Nose": np.full(n, np.nan)},
+        det_score=det,
+        landmarks=lm,
+        status=status,
+        error=[None if s == "ok" else f"bad {i}" for i, s in zip(ids, status, strict=True)],
+        dtype=dtype,
+    )
+    return table, x.astype(dtype)
+
+
+def _write_dir(out: Path, sizes: list[int], d: int = 8, dtype: str = "float16") -> tuple[list[pa.Table], np.ndarray]:
+    tables, xs, entries, lo = [], [], [], 0
+    for i, n in enumerate(sizes):
+        t, x = _table(lo, n, d, dtype, seed=i)
+        entries.append(write_shard(out / shard_name(i), t, (lo, lo + n)))
+        tables.append(t)
+        xs.append(x)
+        lo += n
+    man = Manifest(fingerprint="f" * 64, d=d, dtype=dtype, attributes=ATTRS, shards=tuple(entries),
+                   planned_shards=len(sizes), complete=True)  # fmt: skip
+    write_manifest(out, man)
+    return tables, np.concatenate(xs)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_round_trip_exact(tmp_path: Path, dtype: str) -> None:
+    tables, x = _write_dir(tmp_path, [7, 0, 1, 12], dtype=dtype)
+    expected = pa.concat_tables(tables)
+    assert expected.schema == schema(8, dtype, ATTRS)
+    block = read_all(tmp_path, dtype=np.dtype(dtype).type, only_ok=False)
+    np.testing.assert_array_equal(block.ids, np.arange(20))
+    ok = np.array([s == "ok" for s in expected.column("status").to_pylist()])
+    assert block.xb.dtype == np.dtype(dtype) and block.xb.flags.c_contiguous
+    np.testing.assert_array_equal(block.xb[ok], x[ok])  # bit-exact, no tolerance
+    assert np.isnan(block.xb[~ok]).all()
+    assert block.meta.equals(expected.drop_columns(["id", "embedding"]))
+    man = read_manifest(tmp_path)
+    assert man.totals == {"shards": 4, "rows": 20, "ok_rows": int(ok.sum()), "failed_rows": int((~ok).sum())}
+    assert [e.rows for e in man.shards] == [7, 0, 1, 12] and all(verify_shard(tmp_path, e) for e in man.shards)
+
+
+def test_blocks_across_shard_boundaries(tmp_path: Path) -> None:
+    _write_dir(tmp_path, [5, 1, 0, 9, 3])
+    whole = read_all(tmp_path, columns=["path", "Male"])
+    for block_rows in (1, 2, 4, 7, 100):
+        blocks = list(iter_shards(tmp_path, block_rows=block_rows, columns=["path", "Male"]))
+        assert all(0 < len(b) <= block_rows for b in blocks)
+        assert all(len(b) == block_rows for b in blocks[:-1])
+        np.testing.assert_array_equal(np.concatenate([b.ids for b in blocks]), whole.ids)
+        np.testing.assert_array_equal(np.concatenate([b.xb for b in blocks]), whole.xb)
+        assert pa.concat_tables([b.meta for b in blocks]).equals(whole.meta)
+    assert whole.xb.dtype == np.float32 and whole.meta.column_names == ["path", "Male"]
+    assert not (whole.ids % 5 == 0).any()  # only_ok drops the failed rows
+
+
+def test_empty_and_one_row(tmp_path: Path) -> None:
+    _write_dir(tmp_path / "empty", [0])
+    assert list(iter_shards(tmp_path / "empty")) == []
+    block = read_all(tmp_path / "empty", columns=[])
+    assert block.xb.shape == (0, 8) and block.ids.shape == (0,)
+    _write_dir(tmp_path / "one", [2])  # row 0 failed, row 1 ok
+    (block,) = list(iter_shards(tmp_path / "one", block_rows=1, columns=[]))
+    assert block.ids.tolist() == [1] and block.xb.shape == (1, 8) and block.meta.num_columns == 0
+    np.testing.assert_allclose(np.linalg.norm(block.xb, axis=1), 1, atol=2e-3)  # float16 storage rounding
+
+
+def test_manifest_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"manifest\.json not found"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"corrupt shard manifest .*manifest\.json"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"kind": "facesearch.index"}))
+    with pytest.raises(ValueError, match="not a shard manifest"):
+        read_manifest(tmp_path)
+    _write_dir(tmp_path, [3, 4])
+    man = read_manifest(tmp_path)
+    with open(tmp_path / man.shards[1].file, "r+b") as fh:  # flip one byte
+        fh.seek(20)
+        b = fh.read(1)
+        fh.seek(20)
+        fh.write(bytes([b[0] ^ 1]))
+    assert verify_shard(tmp_path, man.shards[0]) and not verify_shard(tmp_path, man.shards[1])
+    (tmp_path / man.shards[0].file).unlink()
+    assert not verify_shard(tmp_path, man.shards[0])
+    with pytest.raises(ValueError, match=r"part-00000.parquet \(ids 0..2\)"):
+        list(iter_shards(tmp_path))
+    write_manifest(tmp_path, man.replace(complete=False))
+    with pytest.raises(ValueError, match="incomplete"):
+        list(iter_shards(tmp_path))
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="dtype"):
+        schema(4, "bfloat16", ())
+    with pytest.raises(ValueError, match="status"):
+        table_from_arrays(np.arange(1), ["a"], [None], np.ones((1, 2)), {}, None, None, ["weird"], [None])
+    with pytest.raises(ValueError, match="embeddings"):
+        table_from_arrays(np.arange(2), ["a", "b"], [None] * 2, np.ones((1, 2)), {}, None, None, ["ok"] * 2, [None] * 2)
