@@ -1,0 +1,263 @@
+"""Exact (brute-force) inner-product search over a stream of database blocks, behind one interface.
+
+``search_exact(xq, blocks, k)`` streams ``(ids, xb)`` blocks, takes each block's top-k and merges it into a running
+top-k, so memory is bounded by the block/tile size and never by ``nb``. Two back-ends compute the block scores:
+
+- ``faiss``: ``faiss.IndexFlatIP`` per block (on the GPU when the installed faiss has GPU support and
+  ``device="cuda"``);
+- ``torch``: a tiled matrix product + ``torch.topk`` on CPU or CUDA. Optionally the tile product runs in bfloat16 or
+  float16 (``screen``) **only as a screen**: the top ``k + margin`` candidates per query are re-scored exactly in
+  float32, and the result is accepted only when the k-th exact score provably beats every candidate the screen left out
+  (see :func:`_screen_error`); otherwise that query is recomputed exactly. Results therefore equal the float32 search.
+
+Ties: among equal scores the smaller id ranks first, deterministically, whatever the block boundaries (a boundary tie
+at position k is resolved by looking at every item of the block with that score). Scores are compared as the back-end
+computes them in float32, so two back-ends may order items whose scores differ by one ulp differently.
+When fewer than k items exist, results are padded with score ``-inf`` and id ``-1``.
+"""
+
+# ruff: noqa: E741  -- FAISS vocabulary: D (scores) and I (ids), as STYLE.md asks
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "faiss", "torch")
+SCREENS = ("none", "bf16", "fp16")
+_UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11}
+_TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def merge_topk(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of each row of candidate lists, ties broken by the smaller id; padded with -inf / -1.
+
+    D: (nq, c) float32 scores, I: (nq, c) int64 ids (-1 = empty slot). Returns (nq, k) float32, (nq, k) int64."""
+    D = np.where(I < 0, -np.inf, D).astype(np.float32)
+    key_id = np.where(I < 0, np.iinfo(np.int64).max, I)
+    order = np.lexsort((key_id, -D), axis=1)[:, :k]  # primary key: score descending; then id ascending
+    D_out = np.take_along_axis(D, order, axis=1)
+    I_out = np.take_along_axis(I, order, axis=1)
+    if D_out.shape[1] < k:
+        pad = k - D_out.shape[1]
+        D_out = np.pad(D_out, ((0, 0), (0, pad)), constant_values=-np.inf)
+        I_out = np.pad(I_out, ((0, 0), (0, pad)), constant_values=-1)
+    return D_out.astype(np.float32), I_out.astype(np.int64)
+
+
+def _topk_full_rows(S: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k with id tie-breaking from full score rows. S: (m, n) float32, ids: (n,) int64."""
+    kk = min(k + 1, S.shape[1])
+    vals, pos = torch.topk(S, kk, dim=1)
+    D, I = vals.cpu().numpy(), ids[pos].cpu().numpy()
+    if kk > k:
+        # Rows whose k-th and (k+1)-th scores tie may have more tied items outside; take all items >= k-th score.
+        tie = np.flatnonzero(D[:, k - 1] == D[:, k])
+        D, I = merge_topk(D[:, :k], I[:, :k], k)
+        for r in tie:
+            sel = torch.nonzero(S[r] >= float(D[r, k - 1])).flatten()
+            Dr, Ir = merge_topk(S[r, sel].cpu().numpy()[None], ids[sel].cpu().numpy()[None], k)
+            D[r], I[r] = Dr[0], Ir[0]
+        return D, I
+    return merge_topk(D, I, k)
+
+
+def _faiss_block(xq: np.ndarray, ids: np.ndarray, xb: np.ndarray, k: int, device: str) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of one block with FAISS flat inner product. xq: (nq, d) float32, ids: (n,) int64, xb: (n, d).
+
+    FAISS orders equal scores arbitrarily, so k+1 results are fetched; rows whose k-th and last fetched scores tie are
+    searched again with a doubled width until every item tied with the k-th is in view (then ids break the tie)."""
+    import faiss
+
+    index: Any = faiss.IndexFlatIP(xb.shape[1])
+    if device.startswith("cuda"):
+        index = faiss.index_cpu_to_gpu(_gpu_resources(), int(device.partition(":")[2] or 0), index)
+    index.add(np.ascontiguousarray(xb, dtype=np.float32))
+    n = xb.shape[0]
+    kk = min(k + 1, n)
+    D, P = index.search(xq, kk)
+    D_out, I_out = merge_topk(D, ids[P], k)
+    rows = np.flatnonzero(D[:, k - 1] == D[:, kk - 1]) if kk > k else np.zeros(0, dtype=np.int64)
+    while len(rows):
+        kk = min(2 * kk, n)
+        D2, P2 = index.search(xq[rows], kk)
+        D_out[rows], I_out[rows] = merge_topk(D2, ids[P2], k)
+        if kk == n:
+            break
+        rows = rows[D2[:, k - 1] == D2[:, kk - 1]]
+    return D_out, I_out
+
+
+_GPU_RES: list[Any] = []
+
+
+def _gpu_resources() -> Any:
+    """One ``faiss.StandardGpuResources`` per process (allocating it per block would be slow)."""
+    import faiss
+
+    if not _GPU_RES:
+        _GPU_RES.append(faiss.StandardGpuResources())
+    return _GPU_RES[0]
+
+
+def _screen_error(xq32: torch.Tensor, xqs: torch.Tensor, xb32: torch.Tensor, xbs: torch.Tensor) -> torch.Tensor:
+    """Upper bound, per query, of |low-precision score - float32 score| for every item of the tile, before the
+    rounding of the product's output (handled by the caller).
+
+    With x~ = x + dx and y~ = y + dy: |x~.y~ - x.y| = |dx.y + x~.dy| <= |dx| |y| + |x~| |dy| (Cauchy-Schwarz, using the
+    measured rounding-error norms), plus the float32 accumulation of d products: gamma_d |x~| |y~|,
+    gamma_d = d u32 / (1 - d u32). Returns (m,) float32."""
+    d = xq32.shape[1]
+    u32 = 2.0**-24
+    gamma = d * u32 / (1 - d * u32)
+    dq = torch.linalg.vector_norm(xqs.float() - xq32, dim=1)
+    nq_s = torch.linalg.vector_norm(xqs.float(), dim=1)
+    nb_max = torch.linalg.vector_norm(xb32, dim=1).max()
+    db_max = torch.linalg.vector_norm(xbs.float() - xb32, dim=1).max()
+    nbs_max = torch.linalg.vector_norm(xbs.float(), dim=1).max()
+    return dq * nb_max + nq_s * db_max + gamma * nq_s * nbs_max
+
+
+def _screened_tile(
+    xq32: torch.Tensor, ids: torch.Tensor, xb32: torch.Tensor, k: int, screen: str, margin: int, floor: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Top-k of one tile via a low-precision screen + exact re-scoring; queries that fail the proof run exactly.
+
+    floor: (m,) float32, the running global k-th score (a left-out item below it cannot enter the result anyway).
+    Returns D (m, k) float32, I (m, k) int64, and the number of queries that fell back to the exact product."""
+    n = xb32.shape[0]
+    kk = min(k + margin, n)
+    if kk >= n:
+        return (*_topk_full_rows(xq32 @ xb32.T, ids, k), 0)
+    dt = _TORCH_DTYPE[screen]
+    xqs, xbs = xq32.to(dt), xb32.to(dt)
+    low = (xqs @ xbs.T).float()
+    vals, pos = torch.topk(low, kk, dim=1)
+    cand = xb32[pos]  # (m, kk, d)
+    exact = torch.bmm(cand, xq32.unsqueeze(2)).squeeze(2)  # (m, kk) float32 re-scores
+    D, I = _topk_full_rows_cand(exact, ids[pos], k)
+    u_out = _UNIT_ROUNDOFF[screen]
+    thresh = vals[:, -1]  # every left-out item has a low-precision score <= thresh
+    bound = thresh + thresh.abs() * (u_out / (1 - u_out)) + _screen_error(xq32, xqs, xb32, xbs)
+    bar = np.maximum(D[:, k - 1], floor)
+    fail = np.flatnonzero(~(bound.cpu().numpy() < bar))
+    if len(fail):
+        f = torch.as_tensor(fail, device=xq32.device)
+        Df, If = _topk_full_rows(xq32[f] @ xb32.T, ids, k)
+        D[fail], I[fail] = Df, If
+    return D, I, len(fail)
+
+
+def _topk_full_rows_cand(S: torch.Tensor, cand_ids: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of per-row candidate lists. S: (m, c) float32 scores of candidates cand_ids (m, c) int64."""
+    return merge_topk(S.cpu().numpy(), cand_ids.cpu().numpy(), k)
+
+
+def _torch_blocks(
+    xq: np.ndarray,
+    blocks: Iterable[tuple[np.ndarray, np.ndarray]],
+    k: int,
+    device: str,
+    tile_rows: int,
+    screen: str,
+    margin: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    dev = torch.device(device)
+    xq32 = torch.from_numpy(xq).to(dev)
+    D = np.full((xq.shape[0], k), -np.inf, dtype=np.float32)
+    I = np.full((xq.shape[0], k), -1, dtype=np.int64)
+    fallbacks = 0
+    with torch.inference_mode():
+        for ids_np, xb_np in blocks:
+            for s in range(0, len(ids_np), tile_rows):
+                ids = torch.from_numpy(np.ascontiguousarray(ids_np[s : s + tile_rows], dtype=np.int64)).to(dev)
+                xb32 = torch.from_numpy(np.ascontiguousarray(xb_np[s : s + tile_rows])).to(dev).float()
+                if screen == "none":
+                    Dt, It = _topk_full_rows(xq32 @ xb32.T, ids, k)
+                else:
+                    Dt, It, nf = _screened_tile(xq32, ids, xb32, k, screen, margin, D[:, k - 1])
+                    fallbacks += nf
+                D, I = merge_topk(np.concatenate([D, Dt], 1), np.concatenate([I, It], 1), k)
+    if screen != "none":
+        log.debug("%s screen: %d query-tile pairs fell back to the exact product", screen, fallbacks)
+    return D, I
+
+
+def resolve_backend(backend: str, device: str) -> str:
+    """``auto`` -> ``faiss`` on CPU or with faiss GPU support, else ``torch``. Raises ValueError on bad names."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ValueError(f"device {device!r} is not cpu, cuda or cuda:N (resolve 'auto' at the edge)")
+    if device.startswith("cuda") and not torch.cuda.is_available() and backend != "faiss":
+        raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
+    if backend != "auto":
+        if backend == "faiss" and device.startswith("cuda"):
+            import faiss
+
+            if faiss.get_num_gpus() == 0:
+                raise ValueError("backend 'faiss' on cuda needs faiss with GPU support (pip install faiss-gpu-cu12)")
+        return backend
+    if device == "cpu":
+        return "faiss"
+    import faiss
+
+    return "faiss" if faiss.get_num_gpus() > 0 else "torch"
+
+
+def search_exact(
+    xq: np.ndarray,
+    blocks: Iterable[tuple[np.ndarray, np.ndarray]],
+    k: int,
+    backend: str = "auto",
+    device: str = "cpu",
+    tile_rows: int = 16384,
+    screen: str = "none",
+    margin: int = 64,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k inner-product search of ``xq`` against a stream of database blocks.
+
+    xq: (nq, d) float32 queries. blocks: iterable of ``(ids (n,) int64, xb (n, d) float32 or float16)``; a block may be
+    empty. k >= 1. backend: auto | faiss | torch. device: cpu | cuda | cuda:N. tile_rows: database rows per product
+    (memory ~ nq * tile_rows * 4 bytes). screen: none | bf16 | fp16 (torch only; exact results, see module doc).
+    margin: extra candidates per query kept by the screen.
+    Returns D (nq, k) float32 scores, descending, and I (nq, k) int64 ids; ties by smaller id; padding -inf / -1."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if tile_rows < 1 or margin < 0:
+        raise ValueError(f"tile_rows must be >= 1 and margin >= 0, got {tile_rows}, {margin}")
+    if screen not in SCREENS:
+        raise ValueError(f"screen {screen!r} is not one of {', '.join(SCREENS)}")
+    backend = resolve_backend(backend, device)
+    if screen != "none" and backend != "torch":
+        raise ValueError(f"screen={screen!r} needs backend='torch' (FAISS flat search is float32 only)")
+    xq = np.ascontiguousarray(xq, dtype=np.float32)
+    if xq.ndim != 2:
+        raise ValueError(f"xq must be (nq, d), got shape {xq.shape}")
+    checked = _check_blocks(blocks, xq.shape[1])
+    if backend == "torch":
+        return _torch_blocks(xq, checked, k, device, tile_rows, screen, margin)
+    D = np.full((xq.shape[0], k), -np.inf, dtype=np.float32)
+    I = np.full((xq.shape[0], k), -1, dtype=np.int64)
+    for ids, xb in checked:
+        for s in range(0, len(ids), tile_rows):
+            Db, Ib = _faiss_block(xq, ids[s : s + tile_rows], xb[s : s + tile_rows], k, device)
+            D, I = merge_topk(np.concatenate([D, Db], 1), np.concatenate([I, Ib], 1), k)
+    return D, I
+
+
+def _check_blocks(blocks: Iterable[tuple[np.ndarray, np.ndarray]], d: int) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """Validate shapes lazily and skip empty blocks."""
+    for ids, xb in blocks:
+        if xb.ndim != 2 or xb.shape[1] != d or len(ids) != xb.shape[0]:
+            raise ValueError(f"block of {len(ids)} ids with xb shape {xb.shape} does not match d={d}")
+        if len(ids):
+            yield np.ascontiguousarray(ids, dtype=np.int64), xb
+
+
+__all__ = ["BACKENDS", "SCREENS", "merge_topk", "resolve_backend", "search_exact"]

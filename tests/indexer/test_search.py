@@ -1,0 +1,118 @@
+"""Exact search back-ends against a brute-force numpy reference (every score materialised)."""
+
+# ruff: noqa: E741  -- FAISS vocabulary: D (scores) and I (ids)
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from indexer.search import merge_topk, search_exact
+
+
+def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _brute(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference: all scores in float64, full sort by (score desc, id asc)."""
+    S = xq.astype(np.float64) @ xb.astype(np.float64).T
+    order = np.lexsort((np.broadcast_to(ids, S.shape), -S), axis=1)[:, :k]
+    return np.take_along_axis(S, order, 1), ids[order]
+
+
+def assert_same_up_to_ties(D: np.ndarray, I: np.ndarray, Dr: np.ndarray, Ir: np.ndarray, atol: float) -> None:
+    """Scores within ``atol``; ids equal except where two items' scores are within ``atol`` (a float32 near-tie can
+    order differently between back-ends that round the products differently)."""
+    np.testing.assert_allclose(D, Dr, atol=atol)
+    for q, j in zip(*np.nonzero(I != Ir), strict=True):
+        where = np.flatnonzero(Ir[q] == I[q, j])
+        other = Dr[q, where[0]] if len(where) else Dr[q, -1]
+        assert abs(other - Dr[q, j]) <= 2 * atol, f"query {q} rank {j}: id {I[q, j]} vs {Ir[q, j]} is not a tie"
+
+
+def _blocks(ids: np.ndarray, xb: np.ndarray, sizes: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    out, s = [], 0
+    for n in sizes:
+        out.append((ids[s : s + n], xb[s : s + n]))
+        s += n
+    return out
+
+
+@pytest.mark.parametrize("backend,screen", [("faiss", "none"), ("torch", "none"), ("torch", "bf16"), ("torch", "fp16")])
+def test_matches_brute_force_over_uneven_blocks(backend: str, screen: str) -> None:
+    rng = np.random.default_rng(0)
+    nb, d, k = 3000, 64, 10
+    xb = _unit(rng, nb, d)
+    ids = rng.permutation(10 * nb)[:nb].astype(np.int64)  # ids unrelated to positions
+    xq = _unit(rng, 37, d)
+    sizes = [0, 1, 999, 0, 1500, 500]  # an empty and a 1-row block, boundaries inside tiles
+    D, I = search_exact(xq, _blocks(ids, xb, sizes), k, backend=backend, tile_rows=700, screen=screen, margin=16)
+    Dr, Ir = _brute(xq, xb, ids, k)
+    # Random scores have no exact ties, so ids must match exactly; float32 products differ from float64 by
+    # accumulation rounding, at most ~d * 2^-24 for unit vectors.
+    np.testing.assert_array_equal(I, Ir)
+    np.testing.assert_allclose(D, Dr, atol=1e-5)
+    assert D.dtype == np.float32 and I.dtype == np.int64
+
+
+def test_screen_on_clustered_data_is_exact_and_falls_back() -> None:
+    """Near-duplicates make the bf16 screen's bound fail for some queries; those must fall back to exact."""
+    rng = np.random.default_rng(1)
+    d = 128
+    centres = _unit(rng, 5, d)
+    xb = centres[rng.integers(0, 5, 2000)] + 1e-3 * rng.standard_normal((2000, d)).astype(np.float32)
+    xb /= np.linalg.norm(xb, axis=1, keepdims=True)
+    ids = np.arange(2000, dtype=np.int64)
+    xq = xb[:20] + 1e-3 * rng.standard_normal((20, d)).astype(np.float32)
+    xq /= np.linalg.norm(xq, axis=1, keepdims=True)
+    Df, If = search_exact(xq, [(ids, xb)], 5, backend="faiss")
+    Dt, It = search_exact(xq, [(ids, xb)], 5, backend="torch", screen="bf16", tile_rows=512, margin=4)
+    # Near-duplicates score within a few ulps of each other: ids may swap only inside such near-ties.
+    assert_same_up_to_ties(Dt, It, Df, If, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_fewer_than_k_items_are_padded(backend: str) -> None:
+    rng = np.random.default_rng(2)
+    xb, xq = _unit(rng, 3, 16), _unit(rng, 4, 16)
+    ids = np.array([7, 3, 5], dtype=np.int64)
+    D, I = search_exact(xq, [(ids[:0], xb[:0]), (ids, xb)], 5, backend=backend)
+    _, Ir = _brute(xq, xb, ids, 3)
+    np.testing.assert_array_equal(I[:, :3], Ir)
+    assert (I[:, 3:] == -1).all() and np.isneginf(D[:, 3:]).all()
+    D0, I0 = search_exact(xq, [], 2, backend=backend)
+    assert (I0 == -1).all() and np.isneginf(D0).all()
+
+
+@pytest.mark.parametrize("backend,screen", [("faiss", "none"), ("torch", "none"), ("torch", "bf16")])
+def test_ties_broken_by_smaller_id_across_blocks(backend: str, screen: str) -> None:
+    """Duplicated vectors tie exactly; the smaller ids win whatever the block order and boundaries."""
+    rng = np.random.default_rng(3)
+    base = _unit(rng, 4, 32)
+    xb = np.repeat(base, 50, axis=0)  # 200 rows, 50 exact copies of each of 4 vectors
+    ids = rng.permutation(200).astype(np.int64)
+    xq = base[:2]
+    D, I = search_exact(xq, _blocks(ids, xb, [37, 100, 63]), 10, backend=backend, tile_rows=30, screen=screen)
+    for q in range(2):
+        expect = np.sort(ids[q * 50 : (q + 1) * 50])[:10]
+        np.testing.assert_array_equal(I[q], expect)
+        assert np.all(D[q] == D[q, 0])
+
+
+def test_merge_topk_orders_by_score_then_id() -> None:
+    D = np.array([[0.5, 0.9, 0.5, -np.inf]], dtype=np.float32)
+    I = np.array([[9, 4, 2, -1]], dtype=np.int64)
+    Dm, Im = merge_topk(D, I, 5)
+    np.testing.assert_array_equal(Im, [[4, 2, 9, -1, -1]])
+    assert np.isneginf(Dm[0, 3:]).all()
+
+
+def test_bad_arguments_raise() -> None:
+    xq = np.zeros((1, 4), np.float32)
+    with pytest.raises(ValueError, match="backend"):
+        search_exact(xq, [], 1, backend="annoy")
+    with pytest.raises(ValueError, match="screen"):
+        search_exact(xq, [], 1, backend="faiss", screen="bf16")
+    with pytest.raises(ValueError, match="d=4"):
+        search_exact(xq, [(np.zeros(2, np.int64), np.zeros((2, 3), np.float32))], 1)
