@@ -173,7 +173,7 @@ def write_shard(path: Path, table: pa.Table, id_range: tuple[int, int] | None = 
     ``id_range`` (the planned [lo, hi)) defaults to [min id, max id + 1) of the table ([0, 0) when empty)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: an orphaned worker may race a resume
     try:
         pq.write_table(table, tmp, row_group_size=_ROW_GROUP, compression="zstd")
         with open(tmp, "rb+") as fh:

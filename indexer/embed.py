@@ -1,0 +1,348 @@
+"""Batch embedding without Dask: the config, planning (which image goes in which shard) and the per-shard function.
+
+:func:`plan_inputs` and :func:`plan_shards` are pure and deterministic; :func:`embed_partition` turns one shard's
+items into a shard table with an :class:`model.Embedder` and (optionally) a YuNet detector built by the caller, once
+per worker.  Every failure is a row (null embedding, ``status`` reason, ``error`` message): nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pyarrow as pa
+
+from indexer.shards import DTYPES, table_from_arrays
+from model.align import FaceDetector, align_face
+from model.config import from_mapping
+from model.datasets import IMAGE_SUFFIXES, read_list
+from model.device import PRECISIONS
+from model.images import ImageError, decode_image
+from model.inference import Embedder
+
+log = logging.getLogger(__name__)
+
+INPUT_FORMATS: tuple[str, ...] = ("images", "list", "devkit")
+STAGES: tuple[str, ...] = ("read", "decode", "align", "infer", "write")
+#: EmbedConfig fields that do not change a shard's content (resume may change them freely).
+EXECUTION_FIELDS: tuple[str, ...] = ("out", "workers", "threads_per_worker", "scheduler")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Everything ``facesearch embed`` needs.  ``input``: an image directory tree (``format="images"``), a generic
+    list CSV (``list``: ``path,identity,x1..y5``, paths relative to ``root`` or the CSV's folder) or a MegaFace /
+    FaceScrub devkit JSON (``devkit``: ``{"path": [...], "id": [...]}``, paths relative to ``root``).  Landmarks come
+    from the list, a ``landmarks`` CSV (generic list format, matched by path), ``sidecars`` (``<image>.json`` holding
+    5 (x, y) points, or ``{"landmarks": ...}``), else YuNet detection on a ``detector_pad``-padded image."""
+
+    input: Path
+    checkpoint: Path
+    out: Path
+    format: str = "images"
+    root: Path | None = None
+    landmarks: Path | None = None
+    sidecars: bool = False
+    detector_pad: int = 0
+    detector_model: Path | None = None
+    shard_rows: int = 50_000
+    batch_size: int = 128
+    dtype: str = "float16"
+    flip_average: bool = False
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int | None = None
+    threads_per_worker: int = 1
+    scheduler: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("input", "checkpoint", "out", "root", "landmarks", "detector_model"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value))
+        choices = {"format": INPUT_FORMATS, "dtype": DTYPES, "precision": PRECISIONS}
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"{name} must be one of {list(valid)}, got {getattr(self, name)!r}")
+        for name in ("shard_rows", "batch_size", "threads_per_worker"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.detector_pad < 0:
+            raise ValueError(f"detector_pad must be >= 0, got {self.detector_pad}")
+        if self.format == "devkit" and self.root is None:
+            raise ValueError("a devkit JSON input needs root (the image folder its paths are relative to)")
+
+    @property
+    def image_root(self) -> Path:
+        """The folder the rows' ``path`` column is relative to."""
+        if self.root is not None:
+            return self.root
+        return self.input if self.format == "images" else self.input.parent
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+
+    def content_dict(self) -> dict[str, Any]:
+        """The fields that determine the shards' rows (compared on resume)."""
+        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
+
+    def replace(self, **changes: Any) -> EmbedConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EmbedConfig:
+        return from_mapping(cls, data)
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One planned image: ``id`` its int64 row id, ``path`` the file, ``rel`` the path relative to the image root,
+    ``landmarks`` (5, 2) float32 or ``None`` (sidecar or detection)."""
+
+    id: int
+    path: Path
+    rel: str
+    identity: str | None = None
+    landmarks: np.ndarray | None = None
+
+
+def _walk_images(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise FileNotFoundError(f"input image folder {root} does not exist or is not a directory")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [Path(dirpath) / f for f in filenames if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _read_devkit(path: Path) -> tuple[list[str], list[str | None]]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"devkit list {path} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"devkit list {path} is not valid JSON: {e}") from None
+    paths = data.get("path") if isinstance(data, dict) else None
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise ValueError(f'devkit list {path} must be a JSON object {{"path": [...], "id": [...]?}}')
+    ids = data.get("id") or [None] * len(paths)
+    if len(ids) != len(paths):
+        raise ValueError(f"devkit list {path}: {len(ids)} ids for {len(paths)} paths")
+    return paths, [None if i is None else str(i) for i in ids]
+
+
+def _key(path: Path) -> str:
+    return os.path.normpath(os.path.abspath(path))
+
+
+def plan_inputs(cfg: EmbedConfig) -> list[InputItem]:
+    """The ordered input list; ``id`` = position.  A directory tree is walked in sorted relative-path order (hidden
+    folders skipped; identity = the parent folder, ``None`` for top-level files); a list or devkit keeps its order."""
+    root = cfg.image_root
+    rows: list[tuple[Path, str | None, np.ndarray | None]]
+    if cfg.format == "images":
+        files = _walk_images(cfg.input)
+        rows = [(p, p.parent.name if p.parent != cfg.input else None, None) for p in files]
+    elif cfg.format == "list":
+        if not cfg.input.is_file():
+            raise FileNotFoundError(f"input list {cfg.input} not found")
+        rows = [(s.path, s.identity, s.landmarks) for s in read_list(cfg.input, root)]
+    else:
+        paths, ids = _read_devkit(cfg.input)
+        rows = [(root / p, i, None) for p, i in zip(paths, ids, strict=True)]
+    known: dict[str, np.ndarray] = {}
+    if cfg.landmarks is not None:
+        if not cfg.landmarks.is_file():
+            raise FileNotFoundError(f"landmarks CSV {cfg.landmarks} not found")
+        known = {_key(s.path): s.landmarks for s in read_list(cfg.landmarks) if s.landmarks is not None}
+    items = []
+    for i, (path, identity, lm) in enumerate(rows):
+        lm = known.get(_key(path), lm)
+        rel = os.path.relpath(path, root).replace(os.sep, "/")
+        items.append(InputItem(i, Path(path), rel, identity, None if lm is None else np.asarray(lm, np.float32)))
+    return items
+
+
+def plan_shards(n_items: int, shard_rows: int) -> list[range]:
+    """Consecutive id ranges of at most ``shard_rows`` covering ``0..n_items-1`` (one empty range when n is 0)."""
+    if n_items < 0 or shard_rows < 1:
+        raise ValueError(f"need n_items >= 0 and shard_rows >= 1, got {n_items}, {shard_rows}")
+    if n_items == 0:
+        return [range(0, 0)]
+    return [range(lo, min(lo + shard_rows, n_items)) for lo in range(0, n_items, shard_rows)]
+
+
+@contextmanager
+def stage(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Add the wall seconds of the block to ``timings[name]``."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+
+
+@dataclass
+class _Prepared:
+    """One item after read/decode/align: a crop or a failure."""
+
+    crop: np.ndarray | None = None
+    landmarks: np.ndarray | None = None
+    score: float = float("nan")
+    status: str = "ok"
+    error: str | None = None
+
+
+def _sidecar_landmarks(item: InputItem) -> np.ndarray:
+    side = item.path.with_name(item.path.name + ".json")
+    try:
+        data = json.loads(side.read_text(encoding="utf-8"))
+        values = data["landmarks"] if isinstance(data, dict) else data
+        return np.asarray(values, dtype=np.float32).reshape(5, 2)
+    except FileNotFoundError:
+        raise ImageError(item.rel, "no_landmarks", f"sidecar {side.name} not found") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ImageError(item.rel, "bad_landmarks", f"sidecar {side.name} has no 5 (x, y) landmarks: {e}") from None
+
+
+def _locate(item: InputItem, image: np.ndarray, detector: FaceDetector | None, sidecars: bool) -> tuple[Any, float]:
+    """The landmarks to align with (given, sidecar or detected) and the detector score (NaN when not detected)."""
+    if item.landmarks is not None:
+        return item.landmarks, float("nan")
+    if sidecars:
+        return _sidecar_landmarks(item), float("nan")
+    if detector is None:
+        raise ImageError(item.rel, "no_landmarks", "no landmarks given and no detector")
+    found = detector.detect(image)
+    if found is None:
+        raise ImageError(item.rel, "no_face", f"no face found in the {image.shape[1]}x{image.shape[0]} image")
+    return found.landmarks, found.score
+
+
+def _prepare(item: InputItem, detector: FaceDetector | None, size: tuple[int, int], sidecars: bool,
+             timings: dict[str, float]) -> _Prepared:  # fmt: skip
+    try:
+        with stage(timings, "read"):
+            try:
+                data = item.path.read_bytes()
+            except FileNotFoundError:
+                raise ImageError(item.rel, "missing", "no such file; expected an image file") from None
+            except OSError as e:
+                raise ImageError(item.rel, "unreadable", f"cannot read ({e.strerror})") from None
+        with stage(timings, "decode"):
+            image = decode_image(data, item.rel)
+        with stage(timings, "align"):
+            lm, score = _locate(item, image, detector, sidecars)
+            crop = align_face(image, lm, size, name=item.rel)
+        return _Prepared(crop, np.asarray(lm, np.float32).reshape(10), score)
+    except ImageError as e:
+        return _Prepared(status=e.reason, error=str(e))
+    except (OSError, cv2.error) as e:  # one bad file never stops a shard
+        return _Prepared(status="corrupt", error=f"{item.rel}: {e}")
+
+
+def embed_partition(
+    items: Sequence[InputItem],
+    embedder: Embedder,
+    detector: FaceDetector | None,
+    cfg: EmbedConfig,
+    timings: dict[str, float] | None = None,
+) -> pa.Table:
+    """Embed one shard's ``items`` -> a shard table (one row per item, in item order).
+
+    Batches of ``cfg.batch_size`` consecutive items (fixed per shard, so the rows never depend on scheduling) are
+    read, decoded and aligned in a background thread while the previous batch is inferred.  ``timings`` receives
+    per-stage seconds (``read``, ``decode``, ``align``, ``infer``; the prefetch stages overlap ``infer``)."""
+    timings = {} if timings is None else timings
+    n, d, m = len(items), embedder.embedding_dim, len(embedder.attributes)
+    emb, attrs = np.zeros((n, d), np.float32), np.full((n, m), np.nan, np.float32)
+    prepared: list[_Prepared] = []
+    chunks = [items[lo : lo + cfg.batch_size] for lo in range(0, n, cfg.batch_size)]
+
+    def prepare(chunk: Sequence[InputItem]) -> list[_Prepared]:
+        return [_prepare(it, detector, embedder.input_size, cfg.sidecars, timings) for it in chunk]
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-prefetch") as pool:
+        future = pool.submit(prepare, chunks[0]) if chunks else None
+        for i in range(len(chunks)):
+            assert future is not None, "a chunk is always in flight"
+            batch = future.result()
+            future = pool.submit(prepare, chunks[i + 1]) if i + 1 < len(chunks) else None
+            _infer(batch, len(prepared), embedder, emb, attrs, timings)
+            prepared += batch
+    return _to_table(items, prepared, emb, attrs, embedder, cfg.dtype)
+
+
+def _infer(batch: list[_Prepared], offset: int, embedder: Embedder, emb: np.ndarray, attrs: np.ndarray,
+           timings: dict[str, float]) -> None:  # fmt: skip
+    rows = [j for j, p in enumerate(batch) if p.crop is not None]
+    if not rows:
+        return
+    crops = np.stack([batch[j].crop for j in rows])  # type: ignore[misc]
+    with stage(timings, "infer"):
+        e, a = embedder.embed_crops(crops)
+    idx = offset + np.array(rows)
+    emb[idx], attrs[idx] = e, a
+
+
+def _to_table(items: Sequence[InputItem], prepared: list[_Prepared], emb: np.ndarray, attrs: np.ndarray,
+              embedder: Embedder, dtype: str) -> pa.Table:  # fmt: skip
+    n = len(items)
+    lm = np.full((n, 10), np.nan, np.float32)
+    for j, p in enumerate(prepared):
+        if p.landmarks is not None:
+            lm[j] = p.landmarks
+    return table_from_arrays(
+        ids=np.array([it.id for it in items], dtype=np.int64),
+        paths=[it.rel for it in items],
+        identities=[it.identity for it in items],
+        embeddings=emb,
+        attributes={name: attrs[:, k] for k, name in enumerate(embedder.attributes)},
+        det_score=np.array([p.score for p in prepared], dtype=np.float32),
+        landmarks=lm,
+        status=[p.status for p in prepared],
+        error=[p.error for p in prepared],
+        dtype=dtype,
+    )
+
+
+def build_detector(cfg: EmbedConfig) -> FaceDetector:
+    """The YuNet detector of ``cfg`` (one per worker: not thread-safe, not picklable)."""
+    return FaceDetector(cfg.detector_model, pad=cfg.detector_pad)
+
+
+def build_embedder(cfg: EmbedConfig, device: str | None = None) -> Embedder:
+    """The Embedder of ``cfg`` (on ``device``, default ``cfg.device``)."""
+    return Embedder(cfg.checkpoint, device or cfg.device, cfg.precision, cfg.batch_size, cfg.flip_average)
+
+
+ProgressFn = Callable[[Mapping[str, Any]], object]
+
+__all__ = [
+    "EXECUTION_FIELDS",
+    "INPUT_FORMATS",
+    "STAGES",
+    "EmbedConfig",
+    "InputItem",
+    "ProgressFn",
+    "build_detector",
+    "build_embedder",
+    "embed_partition",
+    "plan_inputs",
+    "plan_shards",
+    "stage",
+]
