@@ -1,0 +1,175 @@
+"""The Dask pipeline on a real LocalCluster (2 worker processes, 1 thread each): ORL + synthetic faces + bad files
+into shards, exact round trip, resume after SIGKILL of the running command, adoption of unrecorded shards, refusal
+of another model, and a finished output left alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from indexer.embed import EmbedConfig, build_detector, embed_partition, plan_inputs, plan_shards
+from indexer.pipeline import run_embed
+from indexer.shards import read_all, read_manifest, write_manifest
+from model.inference import Embedder
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).parent))
+from test_embed import tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c:
+        yield c.scheduler_address
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory, orl_dir: Path, synth_data: Path, yunet_path: Path) -> Path:
+    """8 ORL people (80 PGMs), 3 synthetic CASIA identities (24 JPEGs) and 3 bad files."""
+    root = tmp_path_factory.mktemp("images") / "in"
+    for k in range(1, 9):
+        shutil.copytree(orl_dir / f"s{k}", root / f"s{k}")
+    for folder in sorted((synth_data / "casia").iterdir())[:3]:
+        if folder.is_dir():
+            shutil.copytree(folder, root / f"synth_{folder.name}")
+    (root / "zz_bad").mkdir()
+    (root / "zz_bad/empty.jpg").write_bytes(b"")
+    (root / "zz_bad/text.jpg").write_text("<html>404</html>")
+    (root / "zz_bad/trunc.pgm").write_bytes((orl_dir / "s9/1.pgm").read_bytes()[:300])
+    os.environ["FACESEARCH_YUNET"] = str(yunet_path)  # the CLI subprocesses find the detector through it
+    return root
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "weights.safetensors")
+
+
+def _cfg(images: Path, ckpt: Path, out: Path, scheduler: str | None = None) -> EmbedConfig:
+    return EmbedConfig(input=images, checkpoint=ckpt, out=out, shard_rows=10, batch_size=4, detector_pad=20,
+                       device="cpu", workers=2, threads_per_worker=1, scheduler=scheduler)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory, images: Path, ckpt: Path, cluster: str) -> Path:
+    out = tmp_path_factory.mktemp("clean") / "shards"
+    result = run_embed(_cfg(images, ckpt, out, cluster))
+    assert result.computed_shards == 11 and not result.already_complete
+    return out
+
+
+def _tables(out: Path) -> list[pa.Table]:
+    return [pq.read_table(out / e.file) for e in read_manifest(out).shards]
+
+
+def test_cluster_embed(clean: Path, images: Path, ckpt: Path) -> None:
+    man = read_manifest(clean)
+    items = plan_inputs(_cfg(images, ckpt, clean))
+    assert man.complete and man.planned_shards == 11 and man.totals["rows"] == len(items) == 107
+    assert [(e.id_lo, e.id_hi) for e in man.shards] == [(r.start, r.stop) for r in plan_shards(107, 10)]
+    whole = pa.concat_tables(_tables(clean))
+    assert whole.column("id").to_pylist() == list(range(107))
+    status = dict(zip(whole.column("path").to_pylist(), whole.column("status").to_pylist(), strict=True))
+    assert [status[f"zz_bad/{n}"] for n in ("empty.jpg", "text.jpg", "trunc.pgm")] == ["empty", "not_an_image",
+                                                                                         "truncated"]  # fmt: skip
+    assert sum(s == "ok" and p.startswith("s") for p, s in status.items()) >= 78  # YuNet finds ORL faces
+    block = read_all(clean, dtype=np.float16, only_ok=False)  # round trip through iter_shards is exact
+    ok = np.array([s == "ok" for s in whole.column("status").to_pylist()])
+    ref = np.array([e for e in whole.column("embedding").to_pylist() if e is not None], dtype=np.float16)
+    np.testing.assert_array_equal(block.xb[ok], ref)
+    # the worker-built model equals the model run here on one shard (float16 storage: 1e-3 relative rounding,
+    # and a different thread count here may reorder float32 sums)
+    shard = plan_shards(107, 10)[3]
+    cfg = _cfg(images, ckpt, clean)
+    embedder = Embedder(ckpt, "cpu", batch_size=4)
+    local = embed_partition(items[shard.start : shard.stop], embedder, build_detector(cfg), cfg)
+    assert local.column("status").equals(_tables(clean)[3].column("status"))
+    a = np.array([e for e in local.column("embedding").to_pylist() if e is not None], np.float32)
+    b = np.array([e for e in _tables(clean)[3].column("embedding").to_pylist() if e is not None], np.float32)
+    np.testing.assert_allclose(a, b, atol=3e-3)
+    assert man.source["count"] == 107 and man.normalized and man.d == 32 and "dask" in man.versions
+
+
+def _cli(images: Path, ckpt: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "engine.cli.embed", "embed", "--input", str(images), "--checkpoint", str(ckpt),
+            "--out", str(out), "--shard-rows", "10", "--batch-size", "4", "--detector-pad", "20", "--device", "cpu",
+            "--workers", "2", "--threads-per-worker", "1"]  # fmt: skip
+
+
+def test_sigkill_and_resume(tmp_path: Path, clean: Path, images: Path, ckpt: Path) -> None:
+    out = tmp_path / "shards"
+    proc = subprocess.Popen(_cli(images, ckpt, out), cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "manifest.json").is_file() and len(read_manifest(out).shards) >= 2:
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the command, its scheduler and its worker processes
+        proc.wait()
+    killed = read_manifest(out)
+    assert not killed.complete and 2 <= len(killed.shards) < 11, "the kill should land mid-run"
+    run = subprocess.run(_cli(images, ckpt, out), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "rows         107" in run.stdout and "already done" in run.stdout
+    resumed = _tables(out)
+    assert len(resumed) == 11 and all(a.equals(b) for a, b in zip(resumed, _tables(clean), strict=True))
+    again = subprocess.run(_cli(images, ckpt, out), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "already complete" in again.stdout
+
+
+def test_adopt_repair_and_refuse(tmp_path: Path, clean: Path, images: Path, ckpt: Path, cluster: str) -> None:
+    out = tmp_path / "shards"
+    shutil.copytree(clean, out)
+    man = read_manifest(out)
+    # killed after a worker wrote shard 4 but before the driver recorded it; shard 7 corrupted on disk
+    write_manifest(out, man.replace(shards=tuple(e for e in man.shards if e.file != "part-00004.parquet"),
+                                    complete=False))  # fmt: skip
+    (out / "part-00007.parquet").write_bytes(b"garbage")
+    result = run_embed(_cfg(images, ckpt, out, cluster))
+    assert result.computed_shards == 1 and result.reused_shards == 10
+    assert all(a.equals(b) for a, b in zip(_tables(out), _tables(clean), strict=True))
+    assert read_manifest(out).shards == read_manifest(clean).shards  # same checksums as the clean run
+    assert run_embed(_cfg(images, ckpt, out, cluster)).already_complete
+    other = tiny_checkpoint(tmp_path / "other.safetensors", seed=1)
+    with pytest.raises(ValueError, match=f"{man.fingerprint[:16]}.*{read_fp(other)[:16]}"):
+        run_embed(_cfg(images, other, out, cluster))
+    with pytest.raises(ValueError, match="another config"):
+        run_embed(_cfg(images, ckpt, out, cluster).replace(dtype="float32"))
+    from engine.cli._app import main
+    from engine.cli.embed import embed_command  # noqa: F401  registers the command
+
+    res = CliRunner().invoke(main, ["embed", "--input", str(images), "--checkpoint", str(other), "--out", str(out)])
+    assert res.exit_code == 1 and "Traceback" not in res.output and "use another --out" in res.output
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk/file.txt").write_text("x")
+    with pytest.raises(ValueError, match="not a shard directory"):
+        run_embed(_cfg(images, ckpt, tmp_path / "junk", cluster))
+
+
+def read_fp(path: Path) -> str:
+    from model.checkpoint import load_checkpoint
+
+    return load_checkpoint(path).fingerprint
+
+
+def test_manifest_is_json(clean: Path) -> None:
+    data = json.loads((clean / "manifest.json").read_text())
+    assert data["kind"] == "facesearch.shards" and data["totals"]["rows"] == 107 and data["complete"] is True
