@@ -153,3 +153,29 @@ def test_config_validation() -> None:
         IndexConfig.from_dict({"kind": "flat", "nprobes": 3})
     with pytest.raises(ValueError, match="nlist"):
         IndexConfig(nlist=0)
+
+
+def test_cli_synth_features_build_info_remove_add(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    import engine.cli.index  # noqa: F401  -- registers the commands until engine/cli/__init__ imports it
+    from engine.cli import main
+
+    run = CliRunner().invoke
+    common = ["--dim", "32", "--identities", "10", "--shard-rows", "70"]
+    r = run(main, ["synth", "features", "--out", str(tmp_path / "g"), "--rows", "200", *common])
+    assert r.exit_code == 0, r.output
+    r = run(main, ["synth", "features", "--out", str(tmp_path / "p"), "--probes-per-identity", "2", *common])
+    assert r.exit_code == 0 and "20 rows" in r.output, r.output
+    r = run(main, ["index", "build", "--shards", str(tmp_path / "g"), "--out", str(tmp_path / "i"), "--kind", "hnsw"])
+    assert r.exit_code == 0 and "hnsw index of 200 x 32" in r.output and "recall@10" in r.output, r.output
+    r = run(main, ["index", "remove", "--index", str(tmp_path / "i"), "--id", "0", "--id", "1"])
+    assert r.exit_code == 0 and "removed 2 of 2" in r.output, r.output
+    r = run(main, ["index", "add", "--index", str(tmp_path / "i"), "--shards", str(tmp_path / "p")])
+    assert r.exit_code == 0 and "added 20 rows" in r.output, r.output
+    r = run(main, ["index", "info", "--index", str(tmp_path / "i"), "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["nb"] == 218, r.output
+    r = run(main, ["index", "build", "--shards", str(tmp_path / "g"), "--out", str(tmp_path / "i")])
+    assert r.exit_code == 1 and "not empty" in r.output and "Traceback" not in r.output
+    r = run(main, ["index", "info", "--index", str(tmp_path)])
+    assert r.exit_code == 1 and "index_info.json not found" in r.output

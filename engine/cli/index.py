@@ -1,0 +1,125 @@
+"""``facesearch index ...`` (build / add / remove / info) and ``facesearch synth features``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+from engine.cli._app import main, user_errors
+from engine.cli.synth import synth
+from indexer.index import KINDS, IndexConfig, IndexInfo, add_shards, build_index, load_index, remove_ids
+from indexer.synth_features import SynthFeaturesConfig, write_synth_features
+
+_DIR = click.Path(file_okay=False, path_type=Path)
+_EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+def _summary(info: IndexInfo, where: Path) -> str:
+    recall = ", ".join(f"{k} {v:.4f}" for k, v in info.recall.items() if k.startswith("recall@"))
+    return (f"{info.kind} index of {info.nb} x {info.d} in {where}: built in {info.build_seconds:.1f} s, "
+            f"peak RSS {info.peak_rss_bytes / 2**30:.2f} GiB" + (f", {recall}" if recall else ""))  # fmt: skip
+
+
+@main.group()
+def index() -> None:
+    """FAISS index directories built from embedding shards: index.faiss, attributes.parquet, index_info.json."""
+
+
+@index.command("build")
+@click.option("--shards", "shards_dir", required=True, type=_EXISTING_DIR, help="Shard directory (embed output).")
+@click.option("--out", required=True, type=_DIR, help="New (or empty) index directory.")
+@click.option("--kind", type=click.Choice(KINDS), default="flat", show_default=True, help="Index kind.")
+@click.option("--nlist", default=1024, show_default=True, help="IVF lists (ivf-flat, ivf-pq).")
+@click.option("--nprobe", default=32, show_default=True, help="IVF lists probed per query.")
+@click.option("--m", "m", default=64, show_default=True, help="PQ sub-quantizers (d must be divisible by it).")
+@click.option("--nbits", default=8, show_default=True, help="Bits per PQ code.")
+@click.option("--hnsw-m", default=32, show_default=True, help="HNSW neighbours per node.")
+@click.option("--ef-construction", default=200, show_default=True, help="HNSW beam width while building.")
+@click.option("--ef-search", default=128, show_default=True, help="HNSW beam width while searching.")
+@click.option("--train-size", default=100_000, show_default=True, help="Vectors sampled to train IVF / PQ.")
+@click.option("--block-rows", default=65536, show_default=True, help="Rows streamed at a time (bounds memory).")
+@click.option("--recall-sample", default=1000, show_default=True, help="Queries for recall@1/@10 (flat: <= 100).")
+@click.option("--seed", default=0, show_default=True, help="Sampling seed.")
+@user_errors
+def build(shards_dir: Path, out: Path, kind: str, nlist: int, nprobe: int, m: int, nbits: int, hnsw_m: int,
+          ef_construction: int, ef_search: int, train_size: int, block_rows: int, recall_sample: int,
+          seed: int) -> None:  # fmt: skip
+    """Stream a shard directory into a new index directory and measure its recall against exact search."""
+    cfg = IndexConfig(kind=kind, nlist=nlist, nprobe=nprobe, m=m, nbits=nbits, hnsw_m=hnsw_m,
+                      ef_construction=ef_construction, ef_search=ef_search, train_size=train_size,
+                      block_rows=block_rows, recall_sample=recall_sample, seed=seed)  # fmt: skip
+    click.echo(_summary(build_index(shards_dir, out, cfg), out))
+
+
+@index.command("add")
+@click.option("--index", "index_dir", required=True, type=_EXISTING_DIR, help="Existing index directory.")
+@click.option("--shards", "shards_dir", required=True, type=_EXISTING_DIR, help="Shards of the same model.")
+@user_errors
+def add(index_dir: Path, shards_dir: Path) -> None:
+    """Append new shards (same model fingerprint and d); ids already in the index are skipped."""
+    info = add_shards(index_dir, shards_dir)
+    event = info.history[-1]
+    click.echo(f"added {event['added']} rows ({event['skipped_present']} already present); nb = {info.nb}")
+
+
+@index.command("remove")
+@click.option("--index", "index_dir", required=True, type=_EXISTING_DIR, help="Existing index directory.")
+@click.option("--id", "ids", multiple=True, type=int, help="An id to delete (repeatable).")
+@click.option("--ids-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Text file of ids to delete, one per line.")  # fmt: skip
+@user_errors
+def remove(index_dir: Path, ids: tuple[int, ...], ids_file: Path | None) -> None:
+    """Delete ids from the index, its id mapping and its attribute table."""
+    wanted = list(ids)
+    if ids_file is not None:
+        try:
+            wanted += [int(tok) for tok in ids_file.read_text().split()]
+        except ValueError as e:
+            raise click.BadParameter(f"{ids_file}: {e}", param_hint="--ids-file") from None
+    if not wanted:
+        raise click.UsageError("give --id and/or --ids-file")
+    info = remove_ids(index_dir, np.asarray(wanted, dtype=np.int64))
+    click.echo(f"removed {info.history[-1]['removed']} of {len(set(wanted))} ids; nb = {info.nb}")
+
+
+@index.command("info")
+@click.option("--index", "index_dir", required=True, type=_EXISTING_DIR, help="Index directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print index_info.json as is.")
+@user_errors
+def info(index_dir: Path, as_json: bool) -> None:
+    """Check an index directory loads consistently and print its summary."""
+    loaded = load_index(index_dir)
+    if as_json:
+        click.echo(json.dumps(loaded.info.to_dict(), indent=2))
+        return
+    click.echo(_summary(loaded.info, index_dir))
+    click.echo(f"  fingerprint {loaded.info.fingerprint}; history: "
+               + ", ".join(f"{e['op']} {e['time']}" for e in loaded.info.history))  # fmt: skip
+
+
+@synth.command("features")
+@click.option("--out", required=True, type=_DIR, help="New (or empty) shard directory.")
+@click.option("--rows", default=1_000_000, show_default=True, help="Gallery rows.")
+@click.option("--dim", default=1024, show_default=True, help="Embedding dimension d.")
+@click.option("--identities", default=10_000, show_default=True, help="Identities (rows are split evenly).")
+@click.option("--spread", default=0.8, show_default=True, help="Within-identity noise: row = c + spread*g/sqrt(d).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Stored embedding dtype.")  # fmt: skip
+@click.option("--shard-rows", default=100_000, show_default=True, help="Rows per Parquet shard.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the identity space (centres, attributes).")
+@click.option("--probes-per-identity", default=0, show_default=True,
+              help="Write probes instead: N new rows per identity (same seed/dim: mates in the gallery).")  # fmt: skip
+@click.option("--probe-identities", type=int, default=None, help="Probe only the first N identities [default: all].")
+@user_errors
+def features(out: Path, rows: int, dim: int, identities: int, spread: float, dtype: str, shard_rows: int, seed: int,
+             probes_per_identity: int, probe_identities: int | None) -> None:  # fmt: skip
+    """Identity-clustered synthetic embeddings + attribute probabilities, in the shard format, at million scale."""
+    cfg = SynthFeaturesConfig(out=out, rows=rows, dim=dim, identities=identities, spread=spread, dtype=dtype,
+                              shard_rows=shard_rows, seed=seed, probes_per_identity=probes_per_identity,
+                              probe_identities=probe_identities)  # fmt: skip
+    s = write_synth_features(cfg)
+    click.echo(f"wrote {s.rows} rows in {s.shards} shards to {s.out} in {s.seconds:.1f} s "
+               f"({s.rows_per_second:.0f} rows/s); fingerprint {s.fingerprint}")  # fmt: skip
