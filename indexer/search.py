@@ -175,8 +175,8 @@ def _torch_blocks(
     with torch.inference_mode():
         for ids_np, xb_np in blocks:
             for s in range(0, len(ids_np), tile_rows):
-                ids = torch.from_numpy(np.ascontiguousarray(ids_np[s : s + tile_rows], dtype=np.int64)).to(dev)
-                xb32 = torch.from_numpy(np.ascontiguousarray(xb_np[s : s + tile_rows])).to(dev).float()
+                ids = torch.tensor(ids_np[s : s + tile_rows], dtype=torch.int64, device=dev)
+                xb32 = torch.tensor(xb_np[s : s + tile_rows], device=dev).float()  # a copy: blocks may be read-only
                 if screen == "none":
                     Dt, It = _topk_full_rows(xq32 @ xb32.T, ids, k)
                 else:
