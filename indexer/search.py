@@ -19,8 +19,9 @@ When fewer than k items exist, results are padded with score ``-inf`` and id ``-
 # ruff: noqa: E741  -- FAISS vocabulary: D (scores) and I (ids), as STYLE.md asks
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -158,6 +159,24 @@ def _topk_full_rows_cand(S: torch.Tensor, cand_ids: torch.Tensor, k: int) -> tup
     return merge_topk(S.cpu().numpy(), cand_ids.cpu().numpy(), k)
 
 
+@contextlib.contextmanager
+def _strict_matmul() -> Iterator[None]:
+    """float32 products in full float32 (no TF32 / bf16 internal passes) and reduced-precision products reduced in
+    float32 (no split-K partial sums rounded to bf16/fp16 on CUDA), so the exact path is exact and the screen's error
+    bound holds; the previous global settings are restored on exit."""
+    cuda = torch.backends.cuda.matmul
+    saved = (torch.get_float32_matmul_precision(), cuda.allow_tf32, cuda.allow_bf16_reduced_precision_reduction,
+             cuda.allow_fp16_reduced_precision_reduction)  # fmt: skip
+    torch.set_float32_matmul_precision("highest")
+    cuda.allow_tf32 = cuda.allow_bf16_reduced_precision_reduction = cuda.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        cuda.allow_tf32, cuda.allow_bf16_reduced_precision_reduction = saved[1], saved[2]
+        cuda.allow_fp16_reduced_precision_reduction = saved[3]
+
+
 def _torch_blocks(
     xq: np.ndarray,
     blocks: Iterable[tuple[np.ndarray, np.ndarray]],
@@ -172,7 +191,7 @@ def _torch_blocks(
     D = np.full((xq.shape[0], k), -np.inf, dtype=np.float32)
     I = np.full((xq.shape[0], k), -1, dtype=np.int64)
     fallbacks = 0
-    with torch.inference_mode():
+    with torch.inference_mode(), _strict_matmul():
         for ids_np, xb_np in blocks:
             for s in range(0, len(ids_np), tile_rows):
                 ids = torch.tensor(ids_np[s : s + tile_rows], dtype=torch.int64, device=dev)
