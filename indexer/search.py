@@ -111,8 +111,9 @@ def _screen_error(xq32: torch.Tensor, xqs: torch.Tensor, xb32: torch.Tensor, xbs
     rounding of the product's output (handled by the caller).
 
     With x~ = x + dx and y~ = y + dy: |x~.y~ - x.y| = |dx.y + x~.dy| <= |dx| |y| + |x~| |dy| (Cauchy-Schwarz, using the
-    measured rounding-error norms), plus the float32 accumulation of d products: gamma_d |x~| |y~|,
-    gamma_d = d u32 / (1 - d u32). Returns (m,) float32."""
+    measured rounding-error norms), plus the float32 accumulation of d products in the screen, gamma_d |x~| |y~|, and
+    in the exact product a left-out item would get, gamma_d |x| |y| (gamma_d = d u32 / (1 - d u32)), so a left-out
+    item's *computed* float32 score is bounded, not only its real one. Returns (m,) float32."""
     d = xq32.shape[1]
     u32 = 2.0**-24
     gamma = d * u32 / (1 - d * u32)
@@ -121,7 +122,8 @@ def _screen_error(xq32: torch.Tensor, xqs: torch.Tensor, xb32: torch.Tensor, xbs
     nb_max = torch.linalg.vector_norm(xb32, dim=1).max()
     db_max = torch.linalg.vector_norm(xbs.float() - xb32, dim=1).max()
     nbs_max = torch.linalg.vector_norm(xbs.float(), dim=1).max()
-    return dq * nb_max + nq_s * db_max + gamma * nq_s * nbs_max
+    nq32 = torch.linalg.vector_norm(xq32, dim=1)
+    return dq * nb_max + nq_s * db_max + gamma * (nq_s * nbs_max + nq32 * nb_max)
 
 
 def _screened_tile(
