@@ -231,7 +231,7 @@ def _client(cfg: EmbedConfig) -> Iterator[Any]:
         workers = {i: {"cls": Nanny, "options": {"nthreads": cfg.threads_per_worker,
                                                  "env": {"CUDA_VISIBLE_DEVICES": str(i % gpus)}}}
                    for i in range(n)}  # fmt: skip
-        scheduler = {"cls": Scheduler, "options": {"dashboard_address": None}}
+        scheduler = {"cls": Scheduler, "options": {"dashboard": False, "dashboard_address": None}}
         cluster: Any = SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR)
     else:
         n = cfg.workers or max(1, (os.cpu_count() or 1) // cfg.threads_per_worker)
