@@ -245,11 +245,11 @@ def _start_cluster(cfg: EmbedConfig) -> Any:
         workers = {i: {"cls": Nanny, "options": {"nthreads": cfg.threads_per_worker,
                                                  "env": {"CUDA_VISIBLE_DEVICES": str(i % gpus)}}}
                    for i in range(n)}  # fmt: skip
-        scheduler = {"cls": Scheduler, "options": {"dashboard": False, "dashboard_address": None}}
+        scheduler = {"cls": Scheduler, "options": {"dashboard": False, "dashboard_address": ":0"}}
         return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR)
     n = cfg.workers or max(1, (os.cpu_count() or 1) // cfg.threads_per_worker)
     return LocalCluster(n_workers=n, threads_per_worker=cfg.threads_per_worker, processes=True,
-                        dashboard_address=None, silence_logs=logging.ERROR)  # fmt: skip
+                        dashboard_address=":0", silence_logs=logging.ERROR)  # fmt: skip
 
 
 def _compute(cfg: EmbedConfig, items: Sequence[InputItem], ranges: Sequence[range], todo: list[int],
