@@ -51,7 +51,6 @@ def images(tmp_path_factory: pytest.TempPathFactory, orl_dir: Path, synth_data: 
     (root / "zz_bad/empty.jpg").write_bytes(b"")
     (root / "zz_bad/text.jpg").write_text("<html>404</html>")
     (root / "zz_bad/trunc.pgm").write_bytes((orl_dir / "s9/1.pgm").read_bytes()[:300])
-    os.environ["FACESEARCH_YUNET"] = str(yunet_path)  # the CLI subprocesses find the detector through it
     return root
 
 
@@ -111,9 +110,10 @@ def _cli(images: Path, ckpt: Path, out: Path) -> list[str]:
             "--workers", "2", "--threads-per-worker", "1"]  # fmt: skip
 
 
-def test_sigkill_and_resume(tmp_path: Path, clean: Path, images: Path, ckpt: Path) -> None:
+def test_sigkill_and_resume(tmp_path: Path, clean: Path, images: Path, ckpt: Path, yunet_path: Path) -> None:
     out = tmp_path / "shards"
-    proc = subprocess.Popen(_cli(images, ckpt, out), cwd=REPO, start_new_session=True,
+    env = {**os.environ, "FACESEARCH_YUNET": str(yunet_path)}
+    proc = subprocess.Popen(_cli(images, ckpt, out), cwd=REPO, start_new_session=True, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 120
     try:
@@ -126,12 +126,12 @@ def test_sigkill_and_resume(tmp_path: Path, clean: Path, images: Path, ckpt: Pat
         proc.wait()
     killed = read_manifest(out)
     assert not killed.complete and 2 <= len(killed.shards) < 11, "the kill should land mid-run"
-    run = subprocess.run(_cli(images, ckpt, out), cwd=REPO, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(_cli(images, ckpt, out), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "rows         107" in run.stdout and "already done" in run.stdout
     resumed = _tables(out)
     assert len(resumed) == 11 and all(a.equals(b) for a, b in zip(resumed, _tables(clean), strict=True))
-    again = subprocess.run(_cli(images, ckpt, out), cwd=REPO, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(_cli(images, ckpt, out), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "already complete" in again.stdout
 
 
