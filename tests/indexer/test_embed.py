@@ -9,28 +9,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from indexer.embed import EmbedConfig, InputItem, build_detector, embed_partition, plan_inputs, plan_shards
 from model.align import align_face
-from model.checkpoint import save_checkpoint
-from model.config import preset
 from model.images import read_image
 from model.inference import Embedder
-from model.network import FaceNet
-
-
-def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A randomly initialised Fast model (width 0.125, 56x48 input, d = 32) saved as a weights checkpoint."""
-    torch.manual_seed(seed)
-    cfg = preset("fast", width=0.125, input_size=(56, 48), num_identities=8, embedding_dim=32, attribute_hidden=16)
-    save_checkpoint(path, cfg, FaceNet(cfg).state_dict())
-    return path
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "weights.safetensors")
 
 
 def test_plan_shards() -> None:

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +26,6 @@ from indexer.shards import read_all, read_manifest, write_manifest
 from model.inference import Embedder
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(Path(__file__).parent))
-from test_embed import tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +50,6 @@ def images(tmp_path_factory: pytest.TempPathFactory, orl_dir: Path, synth_data: 
     (root / "zz_bad/text.jpg").write_text("<html>404</html>")
     (root / "zz_bad/trunc.pgm").write_bytes((orl_dir / "s9/1.pgm").read_bytes()[:300])
     return root
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "weights.safetensors")
 
 
 def _cfg(images: Path, ckpt: Path, out: Path, scheduler: str | None = None) -> EmbedConfig:
@@ -135,7 +128,9 @@ def test_sigkill_and_resume(tmp_path: Path, clean: Path, images: Path, ckpt: Pat
     assert again.returncode == 0 and "already complete" in again.stdout
 
 
-def test_adopt_repair_and_refuse(tmp_path: Path, clean: Path, images: Path, ckpt: Path, cluster: str) -> None:
+def test_adopt_repair_and_refuse(
+    tmp_path: Path, clean: Path, images: Path, ckpt: Path, cluster: str, make_checkpoint: Callable[..., Path]
+) -> None:
     out = tmp_path / "shards"
     shutil.copytree(clean, out)
     man = read_manifest(out)
@@ -148,7 +143,7 @@ def test_adopt_repair_and_refuse(tmp_path: Path, clean: Path, images: Path, ckpt
     assert all(a.equals(b) for a, b in zip(_tables(out), _tables(clean), strict=True))
     assert read_manifest(out).shards == read_manifest(clean).shards  # same checksums as the clean run
     assert run_embed(_cfg(images, ckpt, out, cluster)).already_complete
-    other = tiny_checkpoint(tmp_path / "other.safetensors", seed=1)
+    other = make_checkpoint(tmp_path / "other.safetensors", seed=1)
     with pytest.raises(ValueError, match=f"{man.fingerprint[:16]}.*{read_fp(other)[:16]}"):
         run_embed(_cfg(images, other, out, cluster))
     with pytest.raises(ValueError, match="another config"):
