@@ -117,11 +117,12 @@ def _screen_error(xq32: torch.Tensor, xqs: torch.Tensor, xb32: torch.Tensor, xbs
     d = xq32.shape[1]
     u32 = 2.0**-24
     gamma = d * u32 / (1 - d * u32)
-    dq = torch.linalg.vector_norm(xqs.float() - xq32, dim=1)
-    nq_s = torch.linalg.vector_norm(xqs.float(), dim=1)
+    xq_up, xb_up = xqs.float(), xbs.float()
+    dq = torch.linalg.vector_norm(xq_up - xq32, dim=1)
+    nq_s = torch.linalg.vector_norm(xq_up, dim=1)
     nb_max = torch.linalg.vector_norm(xb32, dim=1).max()
-    db_max = torch.linalg.vector_norm(xbs.float() - xb32, dim=1).max()
-    nbs_max = torch.linalg.vector_norm(xbs.float(), dim=1).max()
+    db_max = torch.linalg.vector_norm(xb_up - xb32, dim=1).max()
+    nbs_max = torch.linalg.vector_norm(xb_up, dim=1).max()
     nq32 = torch.linalg.vector_norm(xq32, dim=1)
     return dq * nb_max + nq_s * db_max + gamma * (nq_s * nbs_max + nq32 * nb_max)
 
@@ -141,8 +142,10 @@ def _screened_tile(
     xqs, xbs = xq32.to(dt), xb32.to(dt)
     low = (xqs @ xbs.T).float()
     vals, pos = torch.topk(low, kk, dim=1)
-    cand = xb32[pos]  # (m, kk, d)
-    exact = torch.bmm(cand, xq32.unsqueeze(2)).squeeze(2)  # (m, kk) float32 re-scores
+    # float32 re-scores of the candidates, (m, kk); gathered by query chunks so memory stays ~ tile size
+    step = max(1, xb32.shape[0] // kk)
+    exact = torch.cat([torch.bmm(xb32[pos[i : i + step]], xq32[i : i + step].unsqueeze(2)).squeeze(2)
+                       for i in range(0, len(pos), step)])  # fmt: skip
     D, I = _topk_full_rows_cand(exact, ids[pos], k)
     u_out = _UNIT_ROUNDOFF[screen]
     thresh = vals[:, -1]  # every left-out item has a low-precision score <= thresh
@@ -239,7 +242,7 @@ def search_exact(
     device: str = "cpu",
     tile_rows: int = 16384,
     screen: str = "none",
-    margin: int = 64,
+    margin: int = 16,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k inner-product search of ``xq`` against a stream of database blocks.
 
