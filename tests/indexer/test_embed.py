@@ -111,3 +111,16 @@ def test_embed_partition_landmarks_and_sidecars(tmp_path: Path, ckpt: Path, synt
     assert [r["status"] for r in lonely] == ["no_landmarks"]
     assert embed_partition([], embedder, None, side).num_rows == 0
     assert isinstance(side_items[0], InputItem)
+
+
+def test_embed_partition_rows_do_not_depend_on_decode_threads(tmp_path: Path, ckpt: Path, synth_data: Path) -> None:
+    casia = synth_data / "casia"
+    one = EmbedConfig(input=casia / "landmarks.csv", root=casia, format="list", checkpoint=ckpt, out=tmp_path / "o",
+                      batch_size=16, dtype="float32", threads_per_worker=1)  # fmt: skip
+    items = plan_inputs(one)[:50]
+    embedder = Embedder(ckpt, "cpu", precision="fp32")
+    timings: dict[str, float] = {}
+    a = embed_partition(items, embedder, None, one)
+    b = embed_partition(items, embedder, None, one.replace(threads_per_worker=4), timings)
+    assert a.equals(b), "decode threads must not change a shard's rows"
+    assert {"read", "decode", "align", "infer"} <= set(timings) and all(v >= 0 for v in timings.values())
