@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from indexer import shards
 from indexer.search import search_exact
-from model.fileio import atomic_write_text, fsync_dir
+from model.fileio import atomic_write_text, atomic_write_with
 
 KINDS = ("flat", "ivf-flat", "ivf-pq", "hnsw")
 INDEX_FILE, ATTR_FILE, INFO_FILE = "index.faiss", "attributes.parquet", "index_info.json"
@@ -258,15 +258,7 @@ def _attr_columns(manifest: shards.Manifest) -> list[str]:
 
 
 def _write_index(index: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        faiss.write_index(index, str(tmp))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    atomic_write_with(path, lambda tmp: faiss.write_index(index, str(tmp)))
 
 
 def _write_table(table: pa.Table, path: Path) -> None:

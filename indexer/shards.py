@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from model.fileio import atomic_write_text, fsync_dir
+from model.fileio import atomic_write_text, atomic_write_with
 from model.images import REASONS
 
 log = logging.getLogger(__name__)
@@ -173,15 +172,10 @@ def write_shard(path: Path, table: pa.Table, id_range: tuple[int, int] | None = 
     ``id_range`` (the planned [lo, hi)) defaults to [min id, max id + 1) of the table ([0, 0) when empty)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: an orphaned worker may race a resume
-    try:
-        pq.write_table(table, tmp, row_group_size=_ROW_GROUP, compression="zstd")
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    # Per-process temporary: an orphaned worker of a killed job may still be writing while the resumed job runs.
+    atomic_write_with(
+        path, lambda tmp: pq.write_table(table, tmp, row_group_size=_ROW_GROUP, compression="zstd"), per_process=True
+    )
     if id_range is None:
         ids = table.column("id")
         id_range = (0, 0) if len(ids) == 0 else (int(pc.min(ids).as_py()), int(pc.max(ids).as_py()) + 1)

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from model.config import ModelConfig
-from model.fileio import fsync_dir
+from model.fileio import atomic_write_with
 
 log = logging.getLogger(__name__)
 
@@ -161,16 +161,7 @@ def restore_rng_state(state: Mapping[str, Tensor]) -> None:
 
 def atomic_write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     """Write a safetensors file via ``<path>.tmp`` + fsync + ``os.replace`` (+ directory fsync)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    atomic_write_with(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))
 
 
 def save_checkpoint(

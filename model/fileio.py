@@ -4,6 +4,7 @@ so a job killed at any moment leaves either the previous file or the new one, ne
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -43,4 +44,21 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "fsync_dir"]
+def atomic_write_with(path: Path, write: Callable[[Path], None], per_process: bool = False) -> None:
+    """Atomically create ``path`` with a library's own file writer: ``write(tmp)`` writes the temporary file, which
+    is then fsynced, renamed over ``path`` and the rename persisted.  ``per_process`` puts the process id in the
+    temporary's name, for files that a leftover worker of a killed job might be writing at the same moment."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp" if per_process else f"{path.name}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_with", "fsync_dir"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from model.fileio import atomic_write_bytes, atomic_write_text
+from model.fileio import atomic_write_bytes, atomic_write_text, atomic_write_with
 
 
 def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path: Path) -> None:
@@ -24,3 +24,18 @@ def test_failed_write_keeps_the_previous_file(tmp_path: Path) -> None:
         atomic_write_bytes(target, "not bytes")  # type: ignore[arg-type]
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
+
+
+def test_atomic_write_with_a_library_writer(tmp_path: Path) -> None:
+    target = tmp_path / "t.bin"
+    atomic_write_with(target, lambda tmp: tmp.write_bytes(b"first"), per_process=True)
+    assert target.read_bytes() == b"first"
+
+    def broken(tmp: Path) -> None:
+        tmp.write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_with(target, broken)
+    assert target.read_bytes() == b"first", "a writer that fails leaves the previous file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.bin"], "and no temporary behind"
