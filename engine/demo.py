@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from model.attributes import AttributeTrainConfig, LabelConfig, embed_dataset, label_identities
+from model.attributes import AttributeTrainConfig, LabelConfig, label_identities
 from model.checkpoint import package_version
 from model.datasets import FaceDataset, Sample, read_attribute_labels, read_casia, read_list, split_holdout
 from model.fileio import atomic_write_text
-from model.inference import Embedder
+from model.inference import Embedder, embed_dataset
 from model.synth import SynthConfig, generate_faces
 from model.train import TrainResult, train
 from model.train_config import TrainConfig, rescale_stage

@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from model.checkpoint import package_version
 from model.config import ATTRIBUTES, INPUT_SIZE, from_mapping
-from model.datasets import FaceDataset, SkipReport, collate_faces, write_attribute_labels
+from model.datasets import FaceDataset, write_attribute_labels
 from model.fileio import atomic_write_text
-from model.inference import Embedder
+from model.inference import Embedder, embed_dataset
 from model.train import TrainResult, train
 from model.train_config import StageConfig, TrainConfig
 from model.trainer_data import DATA_FORMATS, read_samples
@@ -123,26 +122,6 @@ class LabelConfig:
         return from_mapping(cls, data)
 
 
-def embed_dataset(
-    embedder: Embedder, dataset: FaceDataset, batch_size: int = 128, num_workers: int = 0
-) -> tuple[np.ndarray, np.ndarray, SkipReport]:
-    """One pass over ``dataset``: embeddings (N, D) float32 (L2-normalised) and attribute probabilities (N, M)
-    float32 in ``embedder``'s attribute order.  Rows of files that could not be read or aligned are NaN and are
-    listed in the returned report."""
-    emb = np.full((len(dataset), embedder.embedding_dim), np.nan, dtype=np.float32)
-    probs = np.full((len(dataset), len(embedder.attributes)), np.nan, dtype=np.float32)
-    skips = SkipReport(total=len(dataset))
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_faces
-    )
-    for batch in loader:
-        skips.add(batch.failures)
-        if len(batch.indices):
-            idx = batch.indices.numpy()
-            emb[idx], probs[idx] = embedder.embed_crops(batch.images.numpy())
-    return emb, probs, skips
-
-
 def majority_vote(identities: Sequence[str], probs: np.ndarray, threshold: float = 0.5) -> dict[str, np.ndarray]:
     """Per identity, each attribute is 1 when more of its images are predicted positive (p > ``threshold``) than
     negative; a tie goes to the mean probability.  ``probs``: (N, M) float32, NaN rows (unreadable images) are
@@ -217,7 +196,6 @@ __all__ = [
     "AttributeTrainConfig",
     "LabelConfig",
     "LabelResult",
-    "embed_dataset",
     "label_identities",
     "majority_vote",
     "train_attribute_classifier",

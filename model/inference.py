@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from model.checkpoint import load_checkpoint, model_fingerprint
 from model.config import ModelConfig
+from model.datasets import FaceDataset, SkipReport, collate_faces
 from model.device import autocast, autocast_dtype, resolve_device
 from model.network import FaceNet, to_input
 
@@ -115,4 +116,24 @@ class Embedder:
         return {name: probabilities[:, i] for i, name in enumerate(self.attributes)}
 
 
-__all__ = ["Embedder", "load_model"]
+def embed_dataset(
+    embedder: Embedder, dataset: FaceDataset, batch_size: int = 128, num_workers: int = 0
+) -> tuple[np.ndarray, np.ndarray, SkipReport]:
+    """One pass over ``dataset``: embeddings (N, D) float32 (L2-normalised) and attribute probabilities (N, M)
+    float32 in ``embedder``'s attribute order.  Rows of files that could not be read or aligned are NaN and are
+    listed in the returned report."""
+    emb = np.full((len(dataset), embedder.embedding_dim), np.nan, dtype=np.float32)
+    probs = np.full((len(dataset), len(embedder.attributes)), np.nan, dtype=np.float32)
+    skips = SkipReport(total=len(dataset))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_faces
+    )
+    for batch in loader:
+        skips.add(batch.failures)
+        if len(batch.indices):
+            idx = batch.indices.numpy()
+            emb[idx], probs[idx] = embedder.embed_crops(batch.images.numpy())
+    return emb, probs, skips
+
+
+__all__ = ["Embedder", "embed_dataset", "load_model"]
