@@ -1,0 +1,288 @@
+"""Tables and plots for MegaFace-style result files (``kind: facesearch.megaface_result``).
+
+Mirrors the figures of Wang et al. (ICMR 2017): rank-1 identification with 1M distractors (Table 2), TAR at
+FAR = 1e-6 (Table 3), CMC curves (Fig. 6) and ROC curves (Fig. 7), plus MegaFace's rank-1 vs number of distractors.
+Curves are drawn as post-steps: between two stored points the conservative (lower) reading holds, which is also the
+right reading of the devkit's compressed curves.  Pure library: no printing, every file written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from model.fileio import atomic_write_text, atomic_write_with
+
+log = logging.getLogger(__name__)
+
+KIND = "facesearch.megaface_result"
+FORMAT_VERSIONS = (1,)
+REPORT_FARS = (1e-6, 1e-5, 1e-4, 1e-3)
+FORMATS = ("markdown", "text")
+_REQUIRED = (
+    "kind", "format_version", "label", "size", "cleaned", "filter", "counts", "counts.N", "counts.n_distractors",
+    "counts.rank1_hits", "rank1", "cmc", "cmc.ranks", "cmc.rates", "roc", "roc.far", "roc.tar", "tar_at_far",
+    "filter_stats",
+)  # fmt: skip
+_FILTER_STATS = ("mates_excluded_fraction", "distractors_removed_fraction", "speedup")
+_DASH = "—"
+_FIGSIZE = (7.0, 5.0)
+_DPI = 120
+
+
+def _get(r: dict[str, Any], dotted: str) -> Any:
+    """``r["a"]["b"]`` for ``"a.b"``; KeyError when any step is absent or not an object."""
+    value: Any = r
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise KeyError(dotted)
+        value = value[key]
+    return value
+
+
+def validate_result(r: Any, source: str = "<result>") -> dict[str, Any]:
+    """Check that ``r`` is a MegaFace result with every key this module reads; returns it unchanged.
+
+    Raises ValueError naming ``source`` (a file name) and the bad or missing key."""
+    if not isinstance(r, dict):
+        raise ValueError(f"{source}: a result must be a JSON object, got {type(r).__name__}")
+    if r.get("kind") != KIND:
+        raise ValueError(f"{source}: key 'kind' is {r.get('kind')!r}, expected {KIND!r}")
+    for key in _REQUIRED + tuple(f"filter_stats.{k}" for k in _FILTER_STATS if r.get("filter_stats") is not None):
+        try:
+            _get(r, key)
+        except KeyError:
+            raise ValueError(f"{source}: missing key {key!r}") from None
+    if r["format_version"] not in FORMAT_VERSIONS:
+        raise ValueError(f"{source}: format_version {r['format_version']!r} is not one of {FORMAT_VERSIONS}")
+    for curve, (xs, ys) in (("cmc", ("ranks", "rates")), ("roc", ("far", "tar"))):
+        if len(r[curve][xs]) != len(r[curve][ys]) or not r[curve][xs]:
+            raise ValueError(f"{source}: {curve}.{xs} and {curve}.{ys} must be non-empty and of equal length")
+    if not isinstance(r["tar_at_far"], list) or any("far" not in e or "tar" not in e for e in r["tar_at_far"]):
+        raise ValueError(f"{source}: key 'tar_at_far' must be a list of objects with 'far' and 'tar'")
+    return r
+
+
+def load_results(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """Read and validate result JSON files, in the order given."""
+    results = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read a result file: {e}") from e
+        results.append(validate_result(data, str(path)))
+    return results
+
+
+def result_label(r: dict[str, Any]) -> str:
+    """The legend/row name: ``label``, `` @R`` when noise-cleaned, `` [<filter description>]`` when filtered."""
+    text = str(r["label"]) + (" @R" if r["cleaned"] else "")
+    if r["filter"]:
+        desc = r["filter"].get("description") or "+".join(r["filter"].get("attributes", [])) or "filtered"
+        text += f" [{desc}]"
+    return text
+
+
+def tar_at(r: dict[str, Any], far: float) -> float | None:
+    """TAR at the reported ``far`` (``tar_at_far`` entry), or None when absent or null (too few negatives)."""
+    for entry in r["tar_at_far"]:
+        if entry["tar"] is not None and np.isclose(entry["far"], far, rtol=1e-6, atol=0.0):
+            return float(entry["tar"])
+    return None
+
+
+def _pct(x: float | None, digits: int = 2) -> str:
+    return _DASH if x is None else f"{100.0 * x:.{digits}f} %"
+
+
+def _render(headers: Sequence[str], rows: Sequence[Sequence[str]], fmt: str, left: int = 1) -> str:
+    """A markdown or fixed-width text table; the first ``left`` columns are left-aligned, the others right-aligned."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown table format {fmt!r}; valid: {', '.join(FORMATS)}")
+    if fmt == "markdown":
+        esc = [[c.replace("|", "\\|") for c in row] for row in (headers, *rows)]
+        rule = [":---" if i < left else "---:" for i in range(len(headers))]
+        return "\n".join("| " + " | ".join(row) + " |" for row in (esc[0], rule, *esc[1:]))
+    widths = [max(len(row[i]) for row in (headers, *rows)) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+
+    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *(line(row) for row in rows)])
+
+
+def summary_table(results: Sequence[dict[str, Any]], fmt: str = "markdown") -> str:
+    """One row per result: label, distractors, rank-1 with its exact count, TAR at each of ``REPORT_FARS``; and,
+    when any result is filtered, the fraction of mates the filter excluded, of distractors it removed, its speed-up."""
+    filtered = any(r["filter_stats"] is not None for r in results)
+    headers = ["Method", "Distractors", "Rank-1", *(f"TAR@{f:.0e}".replace("e-0", "e-") for f in REPORT_FARS)]
+    if filtered:
+        headers += ["Mates excluded", "Distractors removed", "Speed-up"]
+    rows = []
+    for r in results:
+        c = r["counts"]
+        rank1 = f"{_pct(r['rank1'])} ({c['rank1_hits']:,} / {c['N']:,})"
+        row = [result_label(r), f"{c['n_distractors']:,}", rank1, *(_pct(tar_at(r, f)) for f in REPORT_FARS)]
+        if filtered:
+            fs = r["filter_stats"] or {}
+            row += [_pct(fs.get("mates_excluded_fraction"), 1), _pct(fs.get("distractors_removed_fraction"), 1)]
+            row += [f"{fs['speedup']:.2f}×" if fs else _DASH]
+        rows.append(row)
+    return _render(headers, rows, fmt)
+
+
+def _by_label_and_size(results: Sequence[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
+    """``{label: {size: result}}`` in first-appearance order; two results for one label and size are ambiguous."""
+    table: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in results:
+        cells = table.setdefault(result_label(r), {})
+        if int(r["size"]) in cells:
+            raise ValueError(f"two results for {result_label(r)!r} at size {r['size']:,}: pass one per label and size")
+        cells[int(r["size"])] = r
+    return table
+
+
+def size_table(results: Sequence[dict[str, Any]], fmt: str = "markdown") -> str:
+    """MegaFace's "identification rate vs #distractors" table (rows = methods, columns = distractor list sizes,
+    cells = rank-1), followed by the same layout for TAR at FAR = 1e-6."""
+    table = _by_label_and_size(results)
+    sizes = sorted({int(r["size"]) for r in results})
+    headers = ["Method", *(f"{s:,}" for s in sizes)]
+    blocks = []
+    for title, value in (
+        ("Rank-1 identification rate vs number of distractors", lambda r: r["rank1"]),
+        ("TAR at FAR = 1e-6 vs number of distractors", lambda r: tar_at(r, 1e-6)),
+    ):
+        rows = [
+            [label, *(_pct(value(cells[s])) if s in cells else _DASH for s in sizes)] for label, cells in table.items()
+        ]
+        heading = f"**{title}**" if fmt == "markdown" else title
+        blocks.append(f"{heading}\n\n{_render(headers, rows, fmt)}")
+    return "\n\n".join(blocks)
+
+
+def _thin(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop the interior points of runs of equal ``y``: the drawn curve is unchanged, and an exact 1M-rank CMC
+    shrinks to its distinct rates."""
+    if len(y) < 3:
+        return x, y
+    keep = np.ones(len(y), dtype=bool)
+    keep[1:-1] = (y[1:-1] != y[:-2]) | (y[1:-1] != y[2:])
+    return x[keep], y[keep]
+
+
+def _legend(r: dict[str, Any]) -> str:
+    return f"{result_label(r)} ({r['counts']['n_distractors']:,} distractors)"
+
+
+def _new_axes(results: Sequence[dict[str, Any]], title: str | None, xlabel: str, ylabel: str) -> tuple[Figure, Any]:
+    if not results:
+        raise ValueError("no results to plot")
+    # Figure without pyplot: headless (Agg canvas on save), no global figure registry to leak or close.
+    fig = Figure(figsize=_FIGSIZE, layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="major", alpha=0.5)
+    ax.grid(True, which="minor", alpha=0.15)
+    if title:
+        ax.set_title(title)
+    return fig, ax
+
+
+def _save(fig: Figure, out: Path) -> Path:
+    """Save ``fig`` as a PNG at ``out`` atomically (temporary in the same folder, then ``os.replace``)."""
+    out = Path(out)
+    atomic_write_with(out, lambda tmp: fig.savefig(tmp, format="png", dpi=_DPI))
+    log.info("wrote %s", out)
+    return out
+
+
+def plot_cmc(results: Sequence[dict[str, Any]], out: Path, title: str | None = None) -> Path:
+    """CMC curves (Fig. 6): identification rate (%) vs rank = 0-based rank + 1, log x, one line per result."""
+    fig, ax = _new_axes(results, title, "Rank", "Identification rate (%)")
+    for r in results:
+        x, y = _thin(np.asarray(r["cmc"]["ranks"], dtype=np.float64) + 1, np.asarray(r["cmc"]["rates"], np.float64))
+        ax.plot(x, 100.0 * y, drawstyle="steps-post", label=_legend(r))
+    ax.set_xlim(1, max(r["counts"]["n_distractors"] + 1 for r in results))
+    ax.set_ylim(0, 100)
+    ax.legend(loc="lower right", fontsize="small")
+    return _save(fig, out)
+
+
+def plot_roc(results: Sequence[dict[str, Any]], out: Path, title: str | None = None) -> Path:
+    """ROC curves (Fig. 7): TAR (%) vs FAR on a log axis (FAR = 0 points skipped), dotted marker at FAR = 1e-6."""
+    fig, ax = _new_axes(results, title, "False accept rate", "True accept rate (%)")
+    for r in results:
+        far = np.asarray(r["roc"]["far"], dtype=np.float64)
+        tar = np.asarray(r["roc"]["tar"], dtype=np.float64)
+        x, y = _thin(far[far > 0], tar[far > 0])
+        ax.plot(x, 100.0 * y, drawstyle="steps-post", label=_legend(r))
+    ax.axvline(1e-6, linestyle=":", color="0.3", label="FAR = 1e-6")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="lower right", fontsize="small")
+    return _save(fig, out)
+
+
+def plot_rank1_vs_size(results: Sequence[dict[str, Any]], out: Path, title: str | None = None) -> Path:
+    """MegaFace's rank-1 identification rate (%) vs number of distractors (log x), one line per method."""
+    fig, ax = _new_axes(results, title, "Number of distractors", "Rank-1 identification rate (%)")
+    for label, cells in _by_label_and_size(results).items():
+        sizes = sorted(cells)
+        ax.plot(sizes, [100.0 * cells[s]["rank1"] for s in sizes], marker="o", label=label)
+    ax.set_ylim(0, 100)
+    ax.legend(loc="lower left", fontsize="small")
+    return _save(fig, out)
+
+
+def write_report(results: Sequence[dict[str, Any]], out_dir: Path, stem: str = "megaface") -> dict[str, Path]:
+    """Write ``<stem>_summary.md`` (both tables, linking the plots), ``<stem>_cmc.png``, ``<stem>_roc.png`` and,
+    when more than one distractor size is present, ``<stem>_rank1_vs_size.png``.  Returns the paths by kind
+    (``summary``, ``cmc``, ``roc``, ``rank1_vs_size``)."""
+    if not results:
+        raise ValueError("no results to report")
+    for i, r in enumerate(results):
+        validate_result(r, f"<result {i}>")
+    out_dir = Path(out_dir)
+    paths = {
+        "cmc": plot_cmc(results, out_dir / f"{stem}_cmc.png", "CMC"),
+        "roc": plot_roc(results, out_dir / f"{stem}_roc.png", "ROC"),
+    }
+    if len({r["size"] for r in results}) > 1:
+        paths["rank1_vs_size"] = plot_rank1_vs_size(results, out_dir / f"{stem}_rank1_vs_size.png", "Rank-1 vs size")
+    figures = "\n".join(f"![{kind}]({p.name})" for kind, p in paths.items())
+    text = (
+        f"# MegaFace results\n\n## Summary\n\n{summary_table(results)}\n\n"
+        f"Rank-1 counts are over N ordered (gallery, probe) mate pairs; TAR uses the exact threshold at each FAR.\n\n"
+        f"## By number of distractors\n\n{size_table(results)}\n\n## Figures\n\n{figures}\n"
+    )
+    paths["summary"] = out_dir / f"{stem}_summary.md"
+    atomic_write_text(paths["summary"], text)
+    return paths
+
+
+__all__ = [
+    "FORMATS",
+    "KIND",
+    "REPORT_FARS",
+    "load_results",
+    "plot_cmc",
+    "plot_rank1_vs_size",
+    "plot_roc",
+    "result_label",
+    "size_table",
+    "summary_table",
+    "tar_at",
+    "validate_result",
+    "write_report",
+]
