@@ -165,7 +165,7 @@ def _topk_full_rows_cand(S: torch.Tensor, cand_ids: torch.Tensor, k: int) -> tup
 
 
 @contextlib.contextmanager
-def _strict_matmul() -> Iterator[None]:
+def strict_matmul() -> Iterator[None]:
     """float32 products in full float32 (no TF32 / bf16 internal passes) and reduced-precision products reduced in
     float32 (no split-K partial sums rounded to bf16/fp16 on CUDA), so the exact path is exact and the screen's error
     bound holds; the previous global settings are restored on exit."""
@@ -196,7 +196,7 @@ def _torch_blocks(
     D = np.full((xq.shape[0], k), -np.inf, dtype=np.float32)
     I = np.full((xq.shape[0], k), -1, dtype=np.int64)
     fallbacks = 0
-    with torch.inference_mode(), _strict_matmul():
+    with torch.inference_mode(), strict_matmul():
         for ids_np, xb_np in blocks:
             for s in range(0, len(ids_np), tile_rows):
                 ids = torch.tensor(ids_np[s : s + tile_rows], dtype=torch.int64, device=dev)

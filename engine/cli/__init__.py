@@ -9,6 +9,7 @@ from __future__ import annotations
 # Importing the command modules registers their commands on ``main``.
 from engine.cli import attributes as _attributes  # noqa: F401
 from engine.cli import bench as _bench  # noqa: F401
+from engine.cli import bench_megaface as _bench_megaface  # noqa: F401
 from engine.cli import bench_more as _bench_more  # noqa: F401
 from engine.cli import demo as _demo  # noqa: F401
 from engine.cli import embed as _embed  # noqa: F401

@@ -4,8 +4,6 @@ The group lives here; each benchmark's command is registered on it by its own mo
 
 from __future__ import annotations
 
-import click
-
 from engine.cli._app import main
 
 

@@ -1,0 +1,408 @@
+"""Exact MegaFace Challenge 1 counting (protocol §2–3, §6): the CMC and the ROC / TAR@FAR of a probe set against a
+stream of distractor blocks, without ever materialising the probe x distractor score matrix.
+
+**Scores.** Every feature is L2-normalised once in float64 (a zero vector stays zero: its scores are 0, never NaN).
+The *canonical* score of two features is ``np.sum(a * b)`` over their float64 normalised rows — one fixed routine, so
+identical vectors always score identically (exact ties stay ties) and the order is the order of the true inner
+products up to ~1e-16.  The bulk of the work is a float32 matrix product used **only as a screen**: with the proven
+bound ``eps`` on ``|float32 score - canonical score|`` (:func:`screen_error`), a distractor is counted above a mate
+without re-scoring only when its screened score beats the mate's by more than ``eps``; anything closer is re-scored
+canonically.  The counts are therefore those of the canonical scores, exactly, including ties.
+
+**CMC.** For every ordered same-identity pair (g, p): r(g,p) = #{d : s(p,d) > s(p,g)} (ties go to the mate by
+default; with ``tie_rule="distractor"`` they count against it).  Per block, each probe's row of screened scores is
+compared with its own lowest mate score; the few distractors above it are bucketed against the probe's sorted mate
+scores (one ``searchsorted`` over all probes at once) into a histogram whose suffix sums are the rank counts.
+
+**ROC.** Positives: unordered same-identity probe pairs.  Negatives: probe x distractor pairs.  For a target FAR f:
+m = floor(f * N_neg), tau = the (m+1)-th largest negative, TAR = #{pos > tau} / N_pos.  Only the top ``keep`` =
+floor(f_max * N_neg) + 1 negatives (plus an ``2 eps`` margin) are kept while streaming, with a running threshold;
+``tau`` is resolved canonically (re-fetching the few distractors near it) only when a positive lies within ``eps``.
+
+**Filter (§6).** With attribute codes, probe p is compared only with distractors of the same code, and a mate whose
+code differs is a miss (rank = infinity) and a positive the filter rejects; N and N_neg keep their unfiltered values,
+so filtered rates are directly comparable (a filtered-out comparison is a rejection, never a false accept).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import torch
+
+from indexer.search import strict_matmul
+
+U32 = 2.0**-24  # float32 unit roundoff
+NAMED_FARS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3)
+TIE_RULES = ("mate", "distractor")
+
+
+def canonical_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` L2-normalised in float64 by one fixed routine (zero rows stay zero)."""
+    x64 = np.array(x, dtype=np.float64, copy=True, ndmin=2)
+    norm = np.sqrt(np.sum(x64 * x64, axis=1))
+    x64 /= np.where(norm > 0, norm, 1.0)[:, None]
+    return x64
+
+
+def canonical_scores(q64: np.ndarray, x64: np.ndarray) -> np.ndarray:
+    """Canonical scores of one normalised float64 query (d,) against normalised float64 rows (n, d)."""
+    return np.sum(q64[None, :] * x64, axis=1)
+
+
+def screen_error(d: int) -> float:
+    """A proven bound on |float32 screened score - canonical score| at dimension ``d``.
+
+    Probe rows are rounded to float32 (relative error u); distractor rows are normalised in float32 (norm relative
+    error <= d u / 2 + 2u, the division u); the float32 product of length d adds at most gamma_d * sum|a_i b_i| in any
+    summation order, and sum|a_i b_i| <= 1 for unit vectors; the canonical float64 score is within d * 2^-52."""
+    rel = 1.0 + (d + 4) * U32
+    return 1.02 * ((1.5 * d + 6) * U32) * rel + d * 2.0**-52 + 2.0**-30
+
+
+def check_finite(x: np.ndarray, what: str) -> None:
+    """Reject NaN / inf features, naming the first bad row."""
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{what}: {int(bad.sum())} feature row(s) contain NaN/inf (first: row {int(np.argmax(bad))})")
+
+
+def floor_m(far: float, n_neg: int) -> int:
+    """m = floor(far * N_neg), computed exactly (1e-6 * 3.53e9 is 3530, not 3529.999…)."""
+    return int(Fraction(repr(float(far))) * n_neg)
+
+
+def far_grid(n_neg: int, far_max: float) -> list[float]:
+    """FAR values at which the ROC is evaluated: 0, 1, 2, 5 x 10^e from 1/N_neg up to ``far_max``, the named FARs,
+    and 1."""
+    grid = {0.0, 1.0, *(f for f in NAMED_FARS if f <= far_max)}
+    lo = int(np.floor(np.log10(max(1.0 / max(n_neg, 1), 1e-12))))
+    for e in range(lo, 1):
+        grid |= {float(f"{k}e{e}") for k in (1, 2, 5) if float(f"{k}e{e}") <= far_max}
+    return sorted(f for f in grid if f == 0.0 or f == 1.0 or f * n_neg >= 1 or f in NAMED_FARS)
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    """The probes: raw features ``xq`` (nq, d), identity labels, and optional attribute filter codes."""
+
+    xq: np.ndarray
+    identity: Sequence[str]
+    codes: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.xq.ndim != 2 or len(self.xq) != len(self.identity) or len(self.xq) == 0:
+            raise ValueError(f"probes: need (nq, d) features and nq identities, got {self.xq.shape} and "
+                             f"{len(self.identity)}")  # fmt: skip
+        check_finite(self.xq, "probes")
+
+
+@dataclass
+class _Mates:
+    """Each probe's mates sorted by canonical score: rows ``off[p]:off[p+1]`` of ``g`` / ``s`` / ``ok``."""
+
+    off: np.ndarray
+    g: np.ndarray
+    s: np.ndarray
+    ok: np.ndarray  # False when the attribute filter excludes the mate (a miss)
+
+
+def _build_mates(p64: np.ndarray, identity: Sequence[str], codes: np.ndarray | None) -> _Mates:
+    labels = np.asarray(identity, dtype=object)
+    groups: dict[Any, list[int]] = {}
+    for i, c in enumerate(labels):
+        groups.setdefault(c, []).append(i)
+    nq = len(labels)
+    per: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int64), np.zeros(0))] * nq
+    for members in groups.values():
+        idx = np.asarray(members, np.int64)
+        for p in idx:
+            g = idx[idx != p]
+            s = canonical_scores(p64[p], p64[g])
+            order = np.argsort(s, kind="stable")
+            per[p] = (g[order], s[order])
+    counts = np.array([len(g) for g, _ in per], np.int64)
+    off = np.concatenate([[0], np.cumsum(counts)])
+    g = np.concatenate([g for g, _ in per]) if off[-1] else np.zeros(0, np.int64)
+    s = np.concatenate([s for _, s in per]) if off[-1] else np.zeros(0)
+    owner = np.repeat(np.arange(nq), counts)
+    ok = np.ones(len(g), bool) if codes is None else codes[owner] == codes[g]
+    return _Mates(off, g, s, ok)
+
+
+@dataclass
+class _Negatives:
+    """The streamed top negatives: screened value, probe row, global distractor index."""
+
+    v: list[np.ndarray] = field(default_factory=list)
+    r: list[np.ndarray] = field(default_factory=list)
+    c: list[np.ndarray] = field(default_factory=list)
+    size: int = 0
+
+    def add(self, v: np.ndarray, r: np.ndarray, c: np.ndarray) -> None:
+        self.v.append(v)
+        self.r.append(r)
+        self.c.append(c)
+        self.size += len(v)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not self.v:
+            return np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        v, r, c = np.concatenate(self.v), np.concatenate(self.r), np.concatenate(self.c)
+        self.v, self.r, self.c = [v], [r], [c]
+        return v, r, c
+
+
+class Evaluation:
+    """Streams distractor blocks (:meth:`add`) and produces exact counts (:meth:`finish`).
+
+    ``n_distractors``: the total that will be streamed (fixes N_neg and the number of negatives to keep);
+    ``far_max``: the largest FAR the ROC needs (negatives are kept up to it; everything when they fit ``keep_cap``).
+    """
+
+    def __init__(
+        self,
+        probes: ProbeSet,
+        n_distractors: int,
+        far_max: float = 1e-3,
+        keep_cap: int = 1 << 25,
+        tile_rows: int = 8192,
+        device: str = "cpu",
+    ) -> None:
+        self.probes, self.nb, self.tile_rows = probes, int(n_distractors), tile_rows
+        self.dev = torch.device(device)
+        self.d = probes.xq.shape[1]
+        self.eps = screen_error(self.d)
+        self.p64 = canonical_normalize(probes.xq)
+        self.p32 = torch.from_numpy(self.p64.astype(np.float32)).to(self.dev)
+        self.codes = None if probes.codes is None else np.asarray(probes.codes, np.int64)
+        self.mates = _build_mates(self.p64, probes.identity, self.codes)
+        nq = len(self.p64)
+        self.n_neg = nq * self.nb
+        self.keep_all = self.n_neg <= keep_cap
+        self.far_max = 1.0 if self.keep_all else far_max
+        self.keep = self.n_neg if self.keep_all else floor_m(far_max, self.n_neg) + 1
+        # Per probe: the lowest screened value that can matter for its CMC (its lowest counted mate minus eps).
+        lo = np.full(nq, np.inf)
+        for p in range(nq):
+            a, b = self.mates.off[p], self.mates.off[p + 1]
+            live = self.mates.s[a:b][self.mates.ok[a:b]]
+            if len(live):
+                lo[p] = live.min() - 2 * self.eps
+        self.lo_np = lo.astype(np.float32)
+        self.lo = torch.from_numpy(self.lo_np).to(self.dev)
+        # Bucket boundaries (probe p's sorted mate scores +- eps, shifted by 4p) for one global searchsorted.
+        owner = np.repeat(np.arange(nq), np.diff(self.mates.off))
+        base = 4.0 * owner + 2.0
+        self.key_hi, self.key_lo = base + self.mates.s + self.eps, base + self.mates.s - self.eps
+        self.hist = np.zeros(len(self.mates.s) + nq, np.int64)  # slot off[p] + p + q: above exactly q mates
+        self.extra = np.zeros(len(self.mates.s), np.int64)  # band distractors re-scored above the mate
+        self.ties = np.zeros(len(self.mates.s), np.int64)
+        self.neg = _Negatives()
+        self.thr = -np.inf  # negatives below this screened value can never matter
+        self.seen = 0
+        self.compared = 0
+        self.timings = {"gemm_s": 0.0, "select_s": 0.0, "cmc_s": 0.0, "roc_s": 0.0, "prepare_s": 0.0}
+
+    # -- streaming ---------------------------------------------------------------------------------------------------
+    def add(self, xb: np.ndarray, codes: np.ndarray | None = None) -> None:
+        """Add the next block of raw distractor features (n, d) float16/float32 (and their filter codes)."""
+        if xb.ndim != 2 or xb.shape[1] != self.d:
+            raise ValueError(f"distractor block: expected (n, {self.d}) features, got {xb.shape}")
+        if (codes is None) != (self.codes is None):
+            raise ValueError("distractor block: filter codes are required exactly when the probes have them")
+        for s in range(0, len(xb), self.tile_rows):
+            sub = codes[s : s + self.tile_rows] if codes is not None else None
+            self._tile(np.asarray(xb[s : s + self.tile_rows]), sub)
+        if self.seen > self.nb:
+            raise ValueError(f"more distractors streamed ({self.seen}) than announced ({self.nb})")
+
+    def _tile(self, x: np.ndarray, codes: np.ndarray | None) -> None:
+        t0 = time.perf_counter()
+        x32 = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.dev)
+        if not bool(torch.isfinite(x32).all()):
+            bad = int((~torch.isfinite(x32).all(dim=1)).nonzero()[0, 0])
+            raise ValueError(f"distractors: feature row {self.seen + bad} contains NaN/inf")
+        norm = x32.norm(dim=1, keepdim=True)
+        d32 = x32 / torch.where(norm > 0, norm, torch.ones_like(norm))
+        self.timings["prepare_s"] += time.perf_counter() - t0
+        if codes is None:
+            self._group(slice(None), None, x, d32)
+        else:
+            codes = np.asarray(codes, np.int64)
+            assert self.codes is not None
+            for code in np.unique(self.codes):
+                cols = np.flatnonzero(codes == code)
+                rows = np.flatnonzero(self.codes == code)
+                if len(cols):
+                    self._group(rows, cols, x, d32[torch.from_numpy(cols).to(self.dev)])
+        self.seen += len(x)
+
+    def _group(self, rows: Any, cols: np.ndarray | None, x: np.ndarray, d32: torch.Tensor) -> None:
+        """Probes ``rows`` against tile columns ``cols`` (None = all) whose normalised float32 rows are ``d32``."""
+        t0 = time.perf_counter()
+        rows_idx = np.arange(len(self.p64))[rows]
+        with torch.inference_mode(), strict_matmul():
+            S = self.p32[torch.from_numpy(rows_idx).to(self.dev)] @ d32.T if cols is not None else self.p32 @ d32.T
+        self.compared += S.numel()
+        t1 = time.perf_counter()
+        self.timings["gemm_s"] += t1 - t0
+        lo = self.lo[torch.from_numpy(rows_idx).to(self.dev)] if cols is not None else self.lo
+        if not self.keep_all and self.thr == -np.inf and S.numel() > self.keep:
+            # A valid lower bound for the global keep-th largest: this tile's own keep-th largest.
+            kth = torch.kthvalue(S.reshape(-1).float().cpu(), S.numel() - self.keep + 1).values.item()
+            self.thr = float(np.float32(kth - 2 * self.eps))
+        t_row = torch.minimum(lo, torch.tensor(self.thr, dtype=torch.float32, device=self.dev).clamp_min(-3.0))
+        nz = (S >= t_row[:, None]).nonzero()
+        v = S[nz[:, 0], nz[:, 1]].cpu().numpy()
+        r_loc, c_loc = nz[:, 0].cpu().numpy(), nz[:, 1].cpu().numpy()
+        t2 = time.perf_counter()
+        self.timings["select_s"] += t2 - t1
+        r = rows_idx[r_loc]
+        c = (cols[c_loc] if cols is not None else c_loc).astype(np.int64)
+        cmc = v >= self.lo_np[r]
+        if cmc.any():
+            self._count_cmc(v[cmc], r[cmc], c[cmc], x)
+        t3 = time.perf_counter()
+        self.timings["cmc_s"] += t3 - t2
+        roc = v >= self.thr
+        if roc.any():
+            self.neg.add(v[roc], r[roc].astype(np.int32), c[roc] + self.seen)
+            if self.neg.size > 2 * self.keep + min(self.keep, 1 << 20) and not self.keep_all:
+                self._prune()
+        self.timings["roc_s"] += time.perf_counter() - t3
+
+    def _count_cmc(self, v: np.ndarray, r: np.ndarray, c: np.ndarray, x: np.ndarray) -> None:
+        key = 4.0 * r + 2.0 + v.astype(np.float64)
+        first = self.mates.off[r]
+        q_hi = np.searchsorted(self.key_hi, key, side="left") - first
+        q_lo = np.searchsorted(self.key_lo, key, side="left") - first
+        np.add.at(self.hist, first + r + q_hi, 1)
+        band = np.flatnonzero(q_lo > q_hi)
+        if not len(band):
+            return
+        rb, cb = r[band], c[band]
+        x64 = canonical_normalize(x[cb])
+        exact = np.sum(self.p64[rb] * x64, axis=1)
+        n_mates = q_lo[band] - q_hi[band]
+        j = np.repeat(first[band] + q_hi[band], n_mates) + _ranges(n_mates)
+        e = np.repeat(exact, n_mates)
+        np.add.at(self.extra, j, e > self.mates.s[j])
+        np.add.at(self.ties, j, e == self.mates.s[j])
+
+    def _prune(self) -> None:
+        v, r, c = self.neg.arrays()
+        kth = np.partition(v, len(v) - self.keep)[len(v) - self.keep]
+        self.thr = max(self.thr, float(np.float32(kth - 2 * self.eps)))
+        keep = v >= self.thr
+        self.neg = _Negatives()
+        self.neg.add(v[keep], r[keep], c[keep])
+
+    # -- results -----------------------------------------------------------------------------------------------------
+    def finish(self, fetch: Callable[[np.ndarray], np.ndarray], tie_rule: str = "mate") -> dict[str, Any]:
+        """Exact counts.  ``fetch(indices)`` returns the raw features of distractors by global stream index (used only
+        to resolve a TAR threshold that lies within ``eps`` of a positive)."""
+        if tie_rule not in TIE_RULES:
+            raise ValueError(f"tie_rule must be one of {list(TIE_RULES)}, got {tie_rule!r}")
+        if self.seen != self.nb:
+            raise ValueError(f"{self.seen} distractors were streamed but {self.nb} were announced")
+        t0 = time.perf_counter()
+        out = self._cmc(tie_rule)
+        out["roc"] = self._roc(fetch)
+        self.timings["finish_s"] = time.perf_counter() - t0
+        out["timings"] = dict(self.timings)
+        out["eps"] = self.eps
+        return out
+
+    def _cmc(self, tie_rule: str) -> dict[str, Any]:
+        m = self.mates
+        nq = len(self.p64)
+        above = np.zeros(len(m.s), np.int64)
+        for p in range(nq):
+            a, b = m.off[p], m.off[p + 1]
+            h = self.hist[a + p : b + p + 1]
+            above[a:b] = np.cumsum(h[::-1])[::-1][1:]  # above mate j = candidates above more than j mates
+        above += self.extra
+        rank = above + (self.ties if tie_rule == "distractor" else 0)
+        live = rank[m.ok]
+        hist = np.bincount(live, minlength=self.nb + 1)
+        uniq = np.flatnonzero(hist)
+        return {
+            "N": len(m.s),
+            "excluded": int((~m.ok).sum()),
+            "rank_values": uniq.tolist(),
+            "rank_counts": hist[uniq].tolist(),
+            "hits": np.cumsum(hist),
+            "ties_total": int(self.ties[m.ok].sum()),
+            "pairs_with_ties": int((self.ties[m.ok] > 0).sum()),
+            "compared": int(self.compared),
+        }
+
+    def _roc(self, fetch: Callable[[np.ndarray], np.ndarray]) -> dict[str, Any]:
+        m = self.mates
+        owner = np.repeat(np.arange(len(self.p64)), np.diff(m.off))
+        upper = owner < m.g  # unordered pairs i < j
+        pos = np.sort(m.s[upper & m.ok])
+        n_pos = int(upper.sum())
+        v, r, c = self.neg.arrays()
+        order = np.argsort(-v, kind="stable")
+        v, r, c = v[order], r[order], c[order]
+        eps = self.eps
+        rows = []
+        pending: list[tuple[dict[str, Any], int, int, int]] = []
+        for far in far_grid(self.n_neg, self.far_max):
+            mm = floor_m(far, self.n_neg)
+            row: dict[str, Any] = {"far": far, "m": mm}
+            if mm >= self.n_neg:  # no (m+1)-th negative: everything is accepted
+                row.update(threshold=None, threshold_exact=True, tar_count=len(pos), false_accepts=self.n_neg)
+            elif mm >= len(v):
+                continue  # beyond the kept negatives (far > far_max)
+            else:
+                t32 = float(v[mm])
+                a = int(np.searchsorted(-v, -(t32 + 2 * eps), side="left"))  # certainly above tau
+                b = int(np.searchsorted(-v, -(t32 - 2 * eps), side="right"))  # band is [a, b)
+                sure = int(len(pos) - np.searchsorted(pos, t32 + eps, side="right"))
+                unsure = int(np.searchsorted(pos, t32 + eps, side="right") - np.searchsorted(pos, t32 - eps, "right"))
+                row.update(threshold=t32, threshold_exact=False, tar_count=sure, false_accepts=None)
+                if unsure:
+                    pending.append((row, mm, a, b))
+            rows.append(row)
+        if pending:
+            idx = np.unique(np.concatenate([c[a:b] for _, _, a, b in pending]))
+            x64 = canonical_normalize(fetch(idx))
+            for row, mm, a, b in pending:
+                where = np.searchsorted(idx, c[a:b])
+                exact = np.sort(np.sum(self.p64[r[a:b]] * x64[where], axis=1))[::-1]
+                tau = float(exact[mm - a])
+                row.update(threshold=tau, threshold_exact=True,
+                           tar_count=int(len(pos) - np.searchsorted(pos, tau, side="right")),
+                           false_accepts=a + int((exact > tau).sum()))  # fmt: skip
+        for row in rows:
+            row["tar"] = row["tar_count"] / n_pos if n_pos else None
+        return {"N_pos": n_pos, "N_neg": self.n_neg, "kept_negatives": len(v), "far_max": self.far_max, "points": rows}
+
+
+def _ranges(n: np.ndarray) -> np.ndarray:
+    """Concatenated aranges: [0..n0-1, 0..n1-1, ...]."""
+    total = int(n.sum())
+    starts = np.repeat(np.cumsum(n) - n, n)
+    return np.arange(total) - starts
+
+
+__all__ = [
+    "NAMED_FARS",
+    "TIE_RULES",
+    "Evaluation",
+    "ProbeSet",
+    "canonical_normalize",
+    "canonical_scores",
+    "check_finite",
+    "far_grid",
+    "floor_m",
+    "screen_error",
+]

@@ -1,0 +1,237 @@
+"""Where MegaFace features come from: probe sets and distractor streams, from our shard directories or from devkit
+``.bin`` feature trees, matched to the devkit template lists by stem (protocol §1), cleaned with the noise lists
+(§5), with attribute filter codes (§6).
+
+A distractor set is a *selection* of rows streamed in blocks (:class:`DistractorSource`): memory is bounded by the
+block size whatever the list size, and ``take`` re-reads a few rows by stream position (to resolve a TAR threshold
+exactly).  When a user has no list for a size, :func:`draw_selection` samples one with a recorded seed, independently
+per (size, set) — never a prefix of a larger list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from benchmarks import devkit
+from benchmarks.megaface import canonical_normalize
+from indexer import shards
+
+_BLOCK = 65536
+
+
+@dataclass(frozen=True)
+class AttributeFilter:
+    """Distractors must agree with the probe on every attribute: (probability > threshold) equal on both sides."""
+
+    attributes: tuple[str, ...]
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not self.attributes:
+            raise ValueError("an attribute filter needs at least one attribute")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"filter threshold must be in (0, 1), got {self.threshold}")
+
+    @property
+    def description(self) -> str:
+        return " & ".join(self.attributes) + " agree"
+
+    def codes(self, probs: dict[str, np.ndarray], what: str) -> np.ndarray:
+        missing = [a for a in self.attributes if a not in probs]
+        if missing:
+            raise ValueError(f"{what}: no predicted attribute(s) {missing} (have {sorted(probs)})")
+        n = len(probs[self.attributes[0]])
+        code = np.zeros(n, np.int64)
+        for i, a in enumerate(self.attributes):
+            p = np.asarray(probs[a], np.float64)
+            if np.isnan(p).any():
+                raise ValueError(f"{what}: attribute {a} is missing for {int(np.isnan(p).sum())} row(s)")
+            code |= (p > self.threshold).astype(np.int64) << i
+        return code
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"attributes": list(self.attributes), "threshold": self.threshold, "description": self.description}
+
+
+@dataclass(frozen=True)
+class Probes:
+    """Probe features in list order: ``keys`` (stem keys), ``identity``, raw ``xq`` (nq, d), attribute probabilities."""
+
+    keys: tuple[str, ...]
+    identity: tuple[str, ...]
+    xq: np.ndarray
+    attributes: dict[str, np.ndarray] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def cleaned(self, noise_entries: Sequence[str]) -> tuple[Probes, int]:
+        """Noisy probes replaced by their identity's normalised mean clean feature (protocol §5)."""
+        noisy = devkit.noisy_mask(list(self.keys), noise_entries)
+        xq = canonical_normalize(self.xq).astype(np.float32)
+        ident = np.asarray(self.identity, dtype=object)
+        for c in np.unique(ident[noisy]):
+            members = ident == c
+            clean = members & ~noisy
+            if not clean.any():
+                raise ValueError(f"cleaning: every probe of identity {c!r} is on the noise list")
+            mean = canonical_normalize(xq[clean].mean(axis=0, keepdims=True))[0]
+            xq[members & noisy] = mean.astype(np.float32)
+        return Probes(self.keys, self.identity, xq, self.attributes, self.provenance), int(noisy.sum())
+
+
+def _match(keys: Sequence[str], wanted: Sequence[str], what: str) -> np.ndarray:
+    """Positions in ``keys`` of each ``wanted`` stem key; missing ones are one error naming a few."""
+    index = {k: i for i, k in enumerate(keys)}
+    pos = np.array([index.get(devkit.stem_key(w), -1) for w in wanted], np.int64)
+    if (pos < 0).any():
+        miss = [w for w, p in zip(wanted, pos, strict=True) if p < 0]
+        raise ValueError(f"{what}: {len(miss)} of {len(wanted)} list entries have no feature (first: {miss[:5]})")
+    return pos
+
+
+def _shard_attributes(meta: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
+    return {a: meta.column(a).to_numpy(zero_copy_only=False).astype(np.float32) for a in names}
+
+
+def probes_from_shards(directory: Path, probe_list: Path | None = None) -> Probes:
+    """Probes from a shard directory; with a devkit probe list, its order and identities (matched by stem)."""
+    manifest = shards.read_manifest(directory)
+    block = shards.read_all(directory, columns=["path", "identity", *manifest.attributes])
+    keys = [devkit.stem_key(p) for p in block.meta.column("path").to_pylist()]
+    attrs = _shard_attributes(block.meta, manifest.attributes)
+    prov = {"source": "shards", "directory": str(directory), "fingerprint": manifest.fingerprint}
+    if probe_list is None:
+        ident = block.meta.column("identity").to_pylist()
+        if any(i is None for i in ident):
+            raise ValueError(f"{directory}: probe rows need an identity (or give the devkit probe list)")
+        return Probes(tuple(keys), tuple(ident), block.xb, attrs, prov)
+    plist = devkit.read_probe_list(probe_list)
+    pos = _match(keys, plist.paths, f"{directory} vs probe list {probe_list}")
+    attrs = {a: v[pos] for a, v in attrs.items()}
+    prov["probe_list"] = str(probe_list)
+    return Probes(tuple(keys[i] for i in pos), plist.ids, block.xb[pos], attrs, prov)
+
+
+def probes_from_devkit(root: Path, probe_list: Path, file_ending: str) -> Probes:
+    """Probes from a devkit feature tree ``<root>/<list path><file_ending>``."""
+    plist = devkit.read_probe_list(probe_list)
+    xq = devkit.read_feature_tree(root, plist.paths, file_ending)
+    prov = {"source": "devkit", "root": str(root), "probe_list": str(probe_list), "file_ending": file_ending}
+    return Probes(tuple(devkit.stem_key(p) for p in plist.paths), plist.ids, xq, {}, prov)
+
+
+class DistractorSource:
+    """A selection of distractor rows streamed in blocks: ``(xb, attribute probabilities)``."""
+
+    n: int
+    attributes: tuple[str, ...] = ()
+    provenance: dict[str, Any]
+
+    def blocks(self) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        raise NotImplementedError
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """Raw features of the rows at stream positions ``idx`` (sorted, unique)."""
+        raise NotImplementedError
+
+
+class ShardDistractors(DistractorSource):
+    """The rows ``ids`` (sorted) of a shard directory."""
+
+    def __init__(self, directory: Path, ids: np.ndarray, attributes: Sequence[str] = ()) -> None:
+        self.directory, self.ids, self.n = Path(directory), np.sort(np.asarray(ids, np.int64)), len(ids)
+        self.attributes = tuple(attributes)
+        manifest = shards.read_manifest(self.directory)
+        self.provenance = {"source": "shards", "directory": str(directory), "fingerprint": manifest.fingerprint,
+                           "selection_sha256": hashlib.sha256(self.ids.tobytes()).hexdigest()}  # fmt: skip
+
+    def _stream(self, wanted: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, Any]]:
+        for block in shards.iter_shards(self.directory, _BLOCK, columns=list(self.attributes)):
+            pos = np.searchsorted(wanted, block.ids)
+            hit = (pos < len(wanted)) & (wanted[np.minimum(pos, len(wanted) - 1)] == block.ids)
+            if hit.any():
+                sel = np.flatnonzero(hit)
+                yield block.ids[sel], block.xb[sel], block.meta.take(sel)
+
+    def blocks(self) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        seen = 0
+        for _, xb, meta in self._stream(self.ids):
+            seen += len(xb)
+            yield xb, _shard_attributes(meta, self.attributes)
+        if seen != self.n:
+            raise ValueError(f"{self.directory}: {self.n - seen} selected distractor rows are missing or failed")
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        wanted = self.ids[idx]
+        got: dict[int, np.ndarray] = {}
+        for ids, xb, _ in self._stream(wanted):
+            got.update(zip(ids.tolist(), xb, strict=True))
+        return np.stack([got[i] for i in wanted.tolist()])
+
+
+class DevkitDistractors(DistractorSource):
+    """Distractor features from a devkit ``.bin`` tree, in list order."""
+
+    def __init__(self, root: Path, rel_paths: Sequence[str], file_ending: str) -> None:
+        self.root, self.paths, self.file_ending, self.n = Path(root), list(rel_paths), file_ending, len(rel_paths)
+        self.provenance = {"source": "devkit", "root": str(root), "file_ending": file_ending}
+
+    def blocks(self) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        for s in range(0, self.n, _BLOCK // 4):
+            yield devkit.read_feature_tree(self.root, self.paths[s : s + _BLOCK // 4], self.file_ending), {}
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        return devkit.read_feature_tree(self.root, [self.paths[i] for i in idx], self.file_ending)
+
+
+def shard_paths(directory: Path) -> tuple[np.ndarray, list[str]]:
+    """(ids, relative paths) of the ok rows of a shard directory, reading only those columns (not the embeddings)."""
+    manifest = shards.read_manifest(directory)
+    ids, keys = [], []
+    for entry in manifest.shards:
+        t = pq.read_table(directory / entry.file, columns=["id", "path", "status"])
+        ok = np.asarray(t.column("status").to_pylist()) == "ok" if len(t) else np.zeros(0, bool)
+        ids.append(t.column("id").to_numpy()[ok])
+        keys += [p for p, o in zip(t.column("path").to_pylist(), ok, strict=True) if o]
+    return (np.concatenate(ids) if ids else np.zeros(0, np.int64)), keys
+
+
+def select_listed(ids: np.ndarray, keys: Sequence[str], rel_paths: Sequence[str], what: str) -> np.ndarray:
+    """Row ids of the list entries ``rel_paths`` (matched by stem key)."""
+    return ids[_match(keys, rel_paths, what)]
+
+
+def draw_selection(n_rows: int, size: int, seed: int, set_number: int) -> np.ndarray:
+    """``size`` of ``n_rows`` row positions, drawn without replacement from a seed fixed by (seed, size, set)."""
+    if size > n_rows:
+        raise ValueError(f"cannot draw {size:,} distractors from {n_rows:,} available rows")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, size, set_number, 0x3E6A]))
+    return np.sort(rng.choice(n_rows, size=size, replace=False))
+
+
+def selection_record(rel_paths: Sequence[str]) -> dict[str, Any]:
+    """A compact, checkable record of a distractor list: count and SHA-256 of its JSON."""
+    blob = json.dumps(list(rel_paths)).encode()
+    return {"count": len(rel_paths), "sha256": hashlib.sha256(blob).hexdigest()}
+
+
+__all__ = [
+    "AttributeFilter",
+    "DevkitDistractors",
+    "DistractorSource",
+    "Probes",
+    "ShardDistractors",
+    "draw_selection",
+    "probes_from_devkit",
+    "probes_from_shards",
+    "select_listed",
+    "selection_record",
+    "shard_paths",
+]

@@ -1,0 +1,358 @@
+"""``facesearch bench megaface``: the MegaFace Challenge 1 run — every distractor size against its own list, the
+unfiltered / cleaned / attribute-filtered variants, our exact result JSON, the devkit-compatible JSON, and the report.
+
+Result file (``kind = facesearch.megaface_result``): exact integer counts (N, N_pos, N_neg, rank-1 hits, ties,
+the rank histogram = the exact CMC at every rank), the CMC exactly up to rank 10^4 plus the devkit-compressed tail,
+the ROC at a grid of FARs with exact TAR counts and thresholds, TAR at FAR 1e-6 … 1e-3, timings per stage and the
+provenance of the features.  The devkit file ``cmc_<probe>_<distractor>_<alg>_<size>_<set>.json`` holds the
+compressed curves (protocol §4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks import devkit, report
+from benchmarks.megaface import NAMED_FARS, Evaluation, ProbeSet
+from benchmarks.megaface_data import (
+    AttributeFilter,
+    DevkitDistractors,
+    DistractorSource,
+    Probes,
+    ShardDistractors,
+    draw_selection,
+    probes_from_devkit,
+    probes_from_shards,
+    select_listed,
+    selection_record,
+    shard_paths,
+)
+from indexer.embed import EmbedConfig
+from indexer.pipeline import run_embed
+from model.checkpoint import package_version
+from model.device import resolve_device
+from model.fileio import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+KIND = "facesearch.megaface_result"
+DEFAULT_SIZES: tuple[int, ...] = (10, 100, 1000, 10_000, 100_000, 1_000_000)
+EXACT_CMC_RANKS = 10_000
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One MegaFace run.  Probes: a shard directory (``probes``) or a devkit tree (``probe_root`` + ``probe_list``);
+    distractors: a shard directory (``distractors``) or a devkit tree (``distractor_root``, lists required).
+    ``distractor_lists``: a folder of ``megaface_features_list.json_<size>_<set>``; sizes without a list are drawn
+    from the shard rows with ``seed`` (recorded, and the drawn list is written beside the results).  ``sizes`` empty:
+    every size with a list, plus every standard size (10 … 10^6) the distractor rows can fill."""
+
+    out: Path
+    probes: Path | None = None
+    probe_root: Path | None = None
+    probe_list: Path | None = None
+    distractors: Path | None = None
+    distractor_root: Path | None = None
+    distractor_lists: Path | None = None
+    file_ending: str = "_facesearch.bin"
+    sizes: tuple[int, ...] = ()
+    set_number: int = 1
+    seed: int = 0
+    algorithm: str | None = None
+    tie_rule: str = "mate"
+    cleaned: bool = False
+    probe_noise: Path | None = None
+    distractor_noise: Path | None = None
+    filter: AttributeFilter | None = None
+    far_max: float = 1e-3
+    device: str = "auto"
+    probe_name: str = "facescrub"
+    distractor_name: str = "megaface"
+
+    def __post_init__(self) -> None:
+        if (self.probes is None) == (self.probe_root is None):
+            raise ValueError("give the probes as exactly one of a shard directory or a devkit feature root")
+        if self.probe_root is not None and self.probe_list is None:
+            raise ValueError("a devkit probe feature root needs the probe list (facescrub_features_list.json)")
+        if (self.distractors is None) == (self.distractor_root is None):
+            raise ValueError("give the distractors as exactly one of a shard directory or a devkit feature root")
+        if self.distractor_root is not None and self.distractor_lists is None:
+            raise ValueError("a devkit distractor feature root needs --distractor-lists (the devkit template lists)")
+        if self.cleaned and (self.probe_noise is None or self.distractor_noise is None):
+            raise ValueError("the cleaned variant needs both noise lists (facescrub_noises.txt, megaface_noises.txt)")
+        if self.sizes and min(self.sizes) < 1:
+            raise ValueError(f"distractor sizes must be >= 1, got {list(self.sizes)}")
+        if not 0 < self.far_max <= 1:
+            raise ValueError(f"far_max must be in (0, 1], got {self.far_max}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+        d["filter"] = None if self.filter is None else self.filter.to_dict()
+        return d
+
+
+def _load_probes(cfg: BenchConfig) -> Probes:
+    if cfg.probes is not None:
+        return probes_from_shards(cfg.probes, cfg.probe_list)
+    assert cfg.probe_root is not None and cfg.probe_list is not None
+    return probes_from_devkit(cfg.probe_root, cfg.probe_list, cfg.file_ending)
+
+
+def _algorithm(cfg: BenchConfig, probes: Probes) -> str:
+    if cfg.algorithm:
+        return cfg.algorithm
+    if cfg.probe_root is not None:
+        return devkit.algorithm_name(cfg.file_ending)
+    return "facesearch"
+
+
+class _Universe:
+    """The distractor rows a selection is drawn from, and how to turn a selection into a stream."""
+
+    def __init__(self, cfg: BenchConfig, noise: tuple[str, ...]) -> None:
+        self.cfg, self.noise = cfg, noise
+        self.lists = devkit.find_distractor_lists(cfg.distractor_lists) if cfg.distractor_lists else {}
+        if cfg.distractors is not None:
+            self.ids, self.paths = shard_paths(cfg.distractors)
+            self.keys = [devkit.stem_key(p) for p in self.paths]
+
+    def sizes(self) -> list[int]:
+        if self.cfg.sizes:
+            return sorted(self.cfg.sizes)
+        listed = {size for size, set_number in self.lists if set_number == self.cfg.set_number}
+        drawable = {s for s in DEFAULT_SIZES if self.cfg.distractors is not None and s <= len(self.ids)}
+        if not listed | drawable:
+            raise ValueError("no distractor size to run: no list for this set and too few distractor rows to draw 10")
+        return sorted(listed | drawable)
+
+    def source(self, size: int, attributes: tuple[str, ...]) -> tuple[DistractorSource, dict[str, Any]]:
+        cfg = self.cfg
+        listed = self.lists.get((size, cfg.set_number))
+        if listed is not None:
+            paths = list(devkit.read_distractor_list(listed))
+            record = {"source": str(listed), **selection_record(paths)}
+        elif cfg.distractors is not None:
+            pos = draw_selection(len(self.ids), size, cfg.seed, cfg.set_number)
+            paths = [self.paths[i] for i in pos]
+            record = {"source": "drawn", "seed": cfg.seed, **selection_record(paths)}
+            drawn = cfg.out / "lists" / f"megaface_features_list.json_{size}_{cfg.set_number}"
+            drawn.parent.mkdir(parents=True, exist_ok=True)
+            devkit.write_distractor_list(drawn, paths)
+            record["written"] = str(drawn)
+        else:
+            raise ValueError(f"no distractor list for size {size} set {cfg.set_number} in {cfg.distractor_lists}")
+        if self.noise:
+            noisy = devkit.noisy_mask(paths, self.noise)
+            record["noisy_removed"] = int(noisy.sum())
+            paths = [p for p, bad in zip(paths, noisy, strict=True) if not bad]
+        if cfg.distractors is not None:
+            ids = select_listed(self.ids, self.keys, paths, f"distractors {cfg.distractors} vs list of {size}")
+            return ShardDistractors(cfg.distractors, ids, attributes), record
+        assert cfg.distractor_root is not None
+        return DevkitDistractors(cfg.distractor_root, paths, cfg.file_ending), record
+
+
+def _evaluate(
+    probes: Probes, src: DistractorSource, cfg: BenchConfig, device: str, flt: AttributeFilter | None
+) -> tuple[dict[str, Any], float]:
+    t0 = time.perf_counter()
+    codes = None if flt is None else flt.codes(probes.attributes, "probes")
+    ev = Evaluation(ProbeSet(probes.xq, probes.identity, codes), src.n, far_max=cfg.far_max, device=device)
+    read = 0.0
+    t_read = time.perf_counter()
+    for xb, attrs in src.blocks():
+        read += time.perf_counter() - t_read
+        ev.add(xb, None if flt is None else flt.codes(attrs, "distractors"))
+        t_read = time.perf_counter()
+    out = ev.finish(src.take, tie_rule=cfg.tie_rule)
+    out["timings"]["read_s"] = read
+    seconds = time.perf_counter() - t0
+    out["timings"]["total_s"] = seconds
+    return out, seconds
+
+
+def _cmc_points(hits: np.ndarray, n: int) -> dict[str, Any]:
+    """Exact CMC up to rank EXACT_CMC_RANKS - 1, then the devkit-compressed tail (always ending at rank |D|)."""
+    rates = hits / max(n, 1)
+    head = min(len(hits), EXACT_CMC_RANKS)
+    ranks = list(range(head))
+    if len(hits) > head:
+        tail_x, _ = devkit.compress_curve(list(range(head, len(hits))), rates[head:].tolist())
+        ranks += [int(x) for x in tail_x]
+    idx = np.asarray(ranks, np.int64)
+    return {"ranks": ranks, "hits": hits[idx].tolist(), "rates": rates[idx].tolist(), "exact_upto": head - 1}
+
+
+def _result(
+    cfg: BenchConfig, alg: str, probes: Probes, src: DistractorSource, record: dict[str, Any], out: dict[str, Any],
+    size: int, flt: AttributeFilter | None,
+) -> dict[str, Any]:  # fmt: skip
+    n, roc = out["N"], out["roc"]
+    points = roc["points"]
+    tar_at = []
+    for far in NAMED_FARS:
+        row = next((p for p in points if p["far"] == far), None)
+        tar_at.append({"far": far, **({"tar": None} if row is None else row)})
+    label = alg
+    return {
+        "kind": KIND,
+        "format_version": 1,
+        "label": label,
+        "algorithm": alg,
+        "probe_set": cfg.probe_name,
+        "distractor_set": cfg.distractor_name,
+        "size": size,
+        "set": cfg.set_number,
+        "cleaned": cfg.cleaned,
+        "filter": None if flt is None else flt.to_dict(),
+        "tie_rule": cfg.tie_rule,
+        "distractor_list": record,
+        "counts": {
+            "n_probes": len(probes.keys),
+            "n_identities": len(set(probes.identity)),
+            "n_distractors": src.n,
+            "N": n,
+            "N_pos": roc["N_pos"],
+            "N_neg": roc["N_neg"],
+            "rank1_hits": int(out["hits"][0]),
+            "mates_excluded": out["excluded"],
+            "compared": out["compared"],
+        },
+        "rank1": float(out["hits"][0] / n) if n else None,
+        "cmc": _cmc_points(np.asarray(out["hits"]), n),
+        "rank_histogram": {"rank": out["rank_values"], "count": out["rank_counts"]},
+        "ties": {
+            "tied_distractor_comparisons": out["ties_total"],
+            "pairs_with_ties": out["pairs_with_ties"],
+            "rule": f"ties go to the {cfg.tie_rule}",
+        },
+        "roc": {
+            k: [p.get(k) for p in points]
+            for k in ("far", "tar", "tar_count", "threshold", "threshold_exact", "false_accepts", "m")
+        },
+        "roc_far_max": roc["far_max"],
+        "tar_at_far": tar_at,
+        "filter_stats": None,
+        "screen_eps": out["eps"],
+        "timings": out["timings"],
+        "provenance": {
+            "probes": probes.provenance,
+            "distractors": src.provenance,
+            "config": cfg.to_dict(),
+            "versions": {"facesearch": package_version(), "torch": torch.__version__, "numpy": np.__version__},
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    }
+
+
+def _write(cfg: BenchConfig, result: dict[str, Any]) -> Path:
+    variant = ("_cleaned" if result["cleaned"] else "") + ("_filtered" if result["filter"] else "")
+    name = f"result_{result['algorithm']}_{result['size']}_{result['set']}{variant}.json"
+    path = cfg.out / name
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+    if not result["filter"]:
+        folder = cfg.out / ("devkit_cleaned" if result["cleaned"] else "devkit")
+        folder.mkdir(parents=True, exist_ok=True)
+        fname = devkit.devkit_result_name(cfg.probe_name, cfg.distractor_name, result["algorithm"], result["size"],
+                                          cfg.set_number)  # fmt: skip
+        n = max(result["counts"]["N"], 1)
+        hits = np.zeros(result["size"] + 1, np.int64)
+        hits[np.asarray(result["rank_histogram"]["rank"], np.int64)] = result["rank_histogram"]["count"]
+        rates = (np.cumsum(hits) / n).tolist()
+        roc = result["roc"]
+        far = [f for f, t in zip(roc["far"], roc["tar"], strict=True) if t is not None]
+        tar = [t for t in roc["tar"] if t is not None]
+        devkit.write_devkit_json(folder / fname, list(range(len(rates))), rates, far, tar)
+    return path
+
+
+def run_megaface(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Run every size (and the filtered variant when configured); write results, devkit files and the report."""
+    say = progress or (lambda msg: log.info(msg))
+    device = str(resolve_device(cfg.device))
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    probes = _load_probes(cfg)
+    noise: tuple[str, ...] = ()
+    if cfg.cleaned:
+        assert cfg.probe_noise is not None and cfg.distractor_noise is not None
+        probes, n_noisy = probes.cleaned(devkit.read_noise_list(cfg.probe_noise))
+        probes.provenance["noisy_probes_replaced"] = n_noisy
+        noise = devkit.read_noise_list(cfg.distractor_noise)
+    alg = _algorithm(cfg, probes)
+    universe = _Universe(cfg, noise)
+    attrs = () if cfg.filter is None else cfg.filter.attributes
+    n_ids = len(set(probes.identity))
+    say(f"{len(probes.keys):,} probes of {n_ids} identities loaded in {time.perf_counter() - t0:.1f} s")
+    results = []
+    for size in universe.sizes():
+        src, record = universe.source(size, attrs)
+        out, secs = _evaluate(probes, src, cfg, device, None)
+        res = _result(cfg, alg, probes, src, record, out, size, None)
+        results.append(res)
+        _write(cfg, res)
+        say(f"size {size:>9,}: rank-1 {res['rank1']:.4f}  TAR@1e-6 {_fmt(res['tar_at_far'][0]['tar'])}  ({secs:.1f} s)")
+        if cfg.filter is not None:
+            fout, fsecs = _evaluate(probes, src, cfg, device, cfg.filter)
+            fres = _result(cfg, alg, probes, src, record, fout, size, cfg.filter)
+            nq_nb = len(probes.keys) * src.n
+            fres["filter_stats"] = {
+                "mates_excluded": fout["excluded"],
+                "mates_excluded_fraction": fout["excluded"] / max(fout["N"], 1),
+                "distractors_removed_fraction": 1.0 - fout["compared"] / max(nq_nb, 1),
+                "speedup": secs / fsecs if fsecs > 0 else None,
+                "unfiltered_seconds": secs,
+                "filtered_seconds": fsecs,
+            }
+            results.append(fres)
+            _write(cfg, fres)
+            say(f"size {size:>9,} [{cfg.filter.description}]: rank-1 {fres['rank1']:.4f}  "
+                f"mates excluded {fres['filter_stats']['mates_excluded_fraction']:.3f}  ({fsecs:.1f} s)")  # fmt: skip
+    report.write_report(results, cfg.out)
+    return results
+
+
+def embed_inputs(
+    out: Path, checkpoint: Path, probe_list: Path, probe_images: Path, probe_landmarks: Path | None,
+    distractor_lists: Path, distractor_images: Path, distractor_landmarks: Path | None, device: str = "auto",
+    progress: Callable[[str], None] | None = None,
+) -> tuple[Path, Path]:  # fmt: skip
+    """Embed the probe list and the union of the distractor lists through the indexer (resumable; a finished run
+    is reused) into ``out/features/{probes,distractors}``; returns the two shard directories."""
+    say = progress or (lambda msg: log.info(msg))
+    feat = out / "features"
+    lists = devkit.find_distractor_lists(distractor_lists)
+    if not lists:
+        raise ValueError(f"no megaface_features_list.json_<size>_<set> files in {distractor_lists}")
+    union = list(dict.fromkeys(p for f in lists.values() for p in devkit.read_distractor_list(f)))
+    feat.mkdir(parents=True, exist_ok=True)
+    union_list = feat / "distractor_inputs.json"
+    devkit.write_distractor_list(union_list, union)
+    jobs = (("probes", probe_list, probe_images, probe_landmarks), ("distractors", union_list, distractor_images,
+            distractor_landmarks))  # fmt: skip
+    for name, listed, root, landmarks in jobs:
+        cfg = EmbedConfig(input=listed, format="devkit", root=root, landmarks=landmarks, checkpoint=checkpoint,
+                          out=feat / name, device=device)  # fmt: skip
+        res = run_embed(cfg)
+        failed = res.rows - res.ok_rows
+        say(f"{name}: {res.ok_rows:,} of {res.rows:,} images embedded ({failed} failed) in {res.seconds:.1f} s")
+    return feat / "probes", feat / "distractors"
+
+
+def _fmt(v: float | None) -> str:
+    return "—" if v is None else f"{v:.4f}"
+
+
+__all__ = ["DEFAULT_SIZES", "KIND", "BenchConfig", "embed_inputs", "run_megaface"]

@@ -1,0 +1,131 @@
+"""The exact MegaFace counting against a brute-force reference: every score materialised, plain sorting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks.megaface import Evaluation, ProbeSet, floor_m
+
+
+def evaluate(xq, ids, xb, codes_q=None, codes_b=None, tile_rows=37, keep_cap=1 << 25, far_max=1e-3, tie_rule="mate"):
+    ev = Evaluation(ProbeSet(xq, ids, codes_q), len(xb), far_max=far_max, keep_cap=keep_cap, tile_rows=tile_rows)
+    for s in range(0, len(xb), 50):  # blocks of 50 rows, tiles of tile_rows: boundaries everywhere
+        ev.add(xb[s : s + 50], None if codes_b is None else codes_b[s : s + 50])
+    return ev.finish(lambda idx: xb[idx], tie_rule=tie_rule)
+
+
+def check(out, ref, nb):
+    """The evaluation's counts equal the reference's."""
+    hist, excluded, ties, tar = ref
+    got = np.zeros(nb + 1, np.int64)
+    got[out["rank_values"]] = out["rank_counts"]
+    assert got.tolist() == hist.tolist()
+    assert out["excluded"] == excluded
+    assert out["ties_total"] == ties
+    assert out["hits"][-1] == out["N"] - excluded
+    for row in out["roc"]["points"]:
+        assert row["tar_count"] == tar[row["far"]], row
+
+
+def random_set(rng, nq_ids=6, per=5, nb=300, d=16):
+    ids = np.repeat([f"id{i}" for i in range(nq_ids)], per)
+    centres = rng.normal(size=(nq_ids, d))
+    xq = (np.repeat(centres, per, 0) + 0.9 * rng.normal(size=(nq_ids * per, d))).astype(np.float32)
+    xb = rng.normal(size=(nb, d)).astype(np.float32)
+    return xq, ids, xb
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_features_equal_brute_force(seed, brute_force):
+    rng = np.random.default_rng(seed)
+    xq, ids, xb = random_set(rng)
+    out = evaluate(xq, ids, xb)
+    check(out, brute_force(xq, ids, xb), len(xb))
+    assert out["N"] == 6 * 5 * 4
+
+
+def test_tied_and_zero_vectors_equal_brute_force(brute_force):
+    rng = np.random.default_rng(3)
+    xq, ids, xb = random_set(rng, nb=200)
+    xq[3] = 0  # a zero probe: every distractor ties with its mates' score 0 ... and mates score 0 against it
+    xb[:40] = xq[rng.integers(0, len(xq), 40)]  # distractors identical to probes: exact ties with mates
+    xb[40:50] = 0  # zero distractors
+    xb[50:60] = xb[60:70]  # duplicated distractors
+    xq[7] = xq[8]  # two identical probes of the same identity
+    for rule in ("mate", "distractor"):
+        out = evaluate(xq, ids, xb, tie_rule=rule)
+        ref = brute_force(xq, ids, xb, tie_rule=rule)
+        check(out, ref, len(xb))
+        assert out["ties_total"] > 0
+
+
+def test_quantised_features_with_many_ties(brute_force):
+    rng = np.random.default_rng(4)
+    xq = rng.integers(-1, 2, size=(24, 8)).astype(np.float32)
+    ids = np.repeat(["a", "b", "c", "d"], 6)
+    xb = rng.integers(-1, 2, size=(400, 8)).astype(np.float32)
+    check(evaluate(xq, ids, xb), brute_force(xq, ids, xb), len(xb))
+
+
+def test_streamed_top_negatives_with_pruning(brute_force):
+    """Keep only the negatives FAR <= far_max needs (pruned while streaming): the TAR counts stay exact."""
+    rng = np.random.default_rng(5)
+    xq, ids, xb = random_set(rng, nq_ids=10, per=4, nb=3000, d=12)
+    out = evaluate(xq, ids, xb, keep_cap=100, far_max=0.05, tile_rows=256)
+    ref = brute_force(xq, ids, xb)
+    check(out, ref, len(xb))
+    assert out["roc"]["kept_negatives"] < 40 * 3000 // 2
+    assert max(r["far"] for r in out["roc"]["points"] if r["far"] < 1) <= 0.05
+
+
+def test_attribute_filter_equal_brute_force(brute_force):
+    rng = np.random.default_rng(6)
+    xq, ids, xb = random_set(rng, nb=250)
+    codes_q = rng.integers(0, 3, len(xq))
+    codes_b = rng.integers(0, 3, len(xb))
+    out = evaluate(xq, ids, xb, codes_q, codes_b)
+    check(out, brute_force(xq, ids, xb, codes_q, codes_b), len(xb))
+    assert out["excluded"] > 0
+    assert out["compared"] < len(xq) * len(xb)
+
+
+def test_curve_invariants_and_counts():
+    rng = np.random.default_rng(7)
+    xq, ids, xb = random_set(rng)
+    out = evaluate(xq, ids, xb)
+    hits = np.asarray(out["hits"])
+    assert (np.diff(hits) >= 0).all() and hits[-1] == out["N"]
+    tars = [r["tar_count"] for r in out["roc"]["points"]]
+    assert tars == sorted(tars)
+    assert out["roc"]["N_pos"] * 2 == out["N"]
+
+
+def test_floor_m_is_exact():
+    assert floor_m(1e-6, 3_530_000_000) == 3530
+    assert floor_m(1e-3, 3_530_000) == 3530
+    assert floor_m(0.1, 30) == 3
+
+
+def test_bad_input_is_named():
+    xq = np.ones((4, 3), np.float32)
+    xq[2, 1] = np.nan
+    with pytest.raises(ValueError, match=r"probes.*NaN"):
+        ProbeSet(xq, ["a"] * 4)
+    ev = Evaluation(ProbeSet(np.ones((4, 3), np.float32), ["a"] * 4), 5)
+    with pytest.raises(ValueError, match=r"expected \(n, 3\)"):
+        ev.add(np.ones((5, 4), np.float32))
+    with pytest.raises(ValueError, match="announced"):
+        ev.finish(lambda i: np.zeros((len(i), 3)))
+
+
+def test_near_ties_below_float32_resolution_are_resolved_exactly(brute_force):
+    """Distractors within ~1e-7 of a mate (closer than the float32 screen can tell apart) are re-scored canonically;
+    the TAR threshold near positives is resolved from re-fetched distractors."""
+    rng = np.random.default_rng(8)
+    xq, ids, xb = random_set(rng, nb=300, d=32)
+    src = rng.integers(0, len(xq), 150)
+    xb[:150] = xq[src] * (1 + rng.normal(scale=2e-7, size=(150, 32))).astype(np.float32)
+    out = evaluate(xq, ids, xb, keep_cap=500, far_max=0.2, tile_rows=64)
+    check(out, brute_force(xq, ids, xb), len(xb))
+    assert any(r["threshold_exact"] and r["threshold"] is not None for r in out["roc"]["points"])

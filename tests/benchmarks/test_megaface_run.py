@@ -1,0 +1,230 @@
+"""The MegaFace run end to end on real shard directories and devkit .bin trees: counts equal the brute-force
+reference for every size's own list, both feature sources agree, cleaned and filtered variants, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from benchmarks import devkit
+from benchmarks.megaface import Evaluation, ProbeSet
+from benchmarks.megaface_data import AttributeFilter
+from benchmarks.megaface_run import BenchConfig, run_megaface
+from engine.cli import main
+from indexer import shards
+from indexer.synth_features import SynthFeaturesConfig, write_synth_features
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Probes (12 identities x 6) and 700 distractors of other identities, as shard directories."""
+    root = tmp_path_factory.mktemp("mf")
+    write_synth_features(SynthFeaturesConfig(out=root / "probes", rows=72, dim=32, identities=12, spread=1.2, seed=3))
+    write_synth_features(
+        SynthFeaturesConfig(out=root / "dis", rows=700, dim=32, identities=350, shard_rows=256, seed=4)
+    )
+    return root
+
+
+def _rows(directory: Path) -> tuple[np.ndarray, list[str], list[str], dict[str, np.ndarray]]:
+    m = shards.read_manifest(directory)
+    b = shards.read_all(directory, columns=["path", "identity", *m.attributes])
+    attrs = {a: b.meta.column(a).to_numpy() for a in m.attributes}
+    paths = [devkit.stem_key(p) for p in b.meta.column("path").to_pylist()]
+    return b.xb, paths, b.meta.column("identity").to_pylist(), attrs
+
+
+def _check_against_reference(result, xq, ids, xb, brute_force, codes_q=None, codes_b=None):
+    hist, excluded, ties, tar = brute_force(xq, ids, xb, codes_q, codes_b)
+    got = np.zeros(len(xb) + 1, np.int64)
+    got[result["rank_histogram"]["rank"]] = result["rank_histogram"]["count"]
+    assert got.tolist() == hist.tolist()
+    assert result["counts"]["rank1_hits"] == hist[0]
+    assert result["counts"]["mates_excluded"] == excluded
+    assert result["ties"]["tied_distractor_comparisons"] == ties
+    for far, count in zip(result["roc"]["far"], result["roc"]["tar_count"], strict=True):
+        assert count == tar[far]
+
+
+def test_shard_run_equals_reference_for_each_drawn_list(features, tmp_path, brute_force):
+    out = tmp_path / "res"
+    flt = AttributeFilter(("Male",))
+    results = run_megaface(
+        BenchConfig(
+            out=out, probes=features / "probes", distractors=features / "dis", sizes=(10, 100, 500), filter=flt, seed=9
+        )
+    )
+    assert [(r["size"], bool(r["filter"])) for r in results] == [(s, f) for s in (10, 100, 500) for f in (0, 1)]
+    xq, _, ids, pattrs = _rows(features / "probes")
+    xall, paths, _, dattrs = _rows(features / "dis")
+    where = {p: i for i, p in enumerate(paths)}
+    lists = {}
+    for r in results:
+        listed = devkit.read_distractor_list(out / "lists" / f"megaface_features_list.json_{r['size']}_1")
+        lists[r["size"]] = listed
+        rows = np.array([where[devkit.stem_key(p)] for p in listed])
+        assert len(rows) == r["size"] == r["counts"]["n_distractors"]
+        cq = cb = None
+        if r["filter"]:
+            cq, cb = (pattrs["Male"] > 0.5).astype(int), (dattrs["Male"][rows] > 0.5).astype(int)
+            assert r["filter_stats"]["distractors_removed_fraction"] > 0
+        _check_against_reference(r, xq, ids, xall[rows], brute_force, cq, cb)
+        assert r["counts"]["N"] == 72 * 5 and r["counts"]["N_pos"] == 72 * 5 // 2
+        assert (out / "devkit" / f"cmc_facescrub_megaface_facesearch_{r['size']}_1.json").is_file()
+    assert set(lists[100]) != set(lists[500][:100])  # independent samples, not prefixes
+    dk = devkit.read_devkit_json(out / "devkit" / "cmc_facescrub_megaface_facesearch_500_1.json")
+    assert dk["cmc"][0][0] == 0 and dk["cmc"][0][-1] == 500 and dk["cmc"][1][-1] == pytest.approx(1.0)
+    assert dk["cmc"][1][0] == pytest.approx(results[4]["rank1"])
+    for name in ("megaface_summary.md", "megaface_cmc.png", "megaface_roc.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_devkit_trees_give_the_same_counts_as_shards(features, tmp_path):
+    runner = CliRunner()
+    for name in ("probes", "dis"):
+        res = runner.invoke(
+            main,
+            [
+                "bench",
+                "export-bins",
+                "--shards",
+                str(features / name),
+                "--out",
+                str(tmp_path / name),
+                "--file-ending",
+                "_alg.bin",
+            ],
+        )
+        assert res.exit_code == 0, res.output
+    b = shards.read_all(features / "probes", columns=["path", "identity"])
+    raw = b.meta.column("path").to_pylist()
+    devkit.write_probe_list(tmp_path / "facescrub_features_list.json", raw, b.meta.column("identity").to_pylist())
+    shard_out = tmp_path / "a"
+    run_megaface(BenchConfig(out=shard_out, probes=features / "probes", distractors=features / "dis", sizes=(50, 200)))
+    lists = shard_out / "lists"
+    res = runner.invoke(
+        main,
+        [
+            "bench",
+            "megaface",
+            "--out",
+            str(tmp_path / "b"),
+            "--probe-root",
+            str(tmp_path / "probes"),
+            "--probe-list",
+            str(tmp_path / "facescrub_features_list.json"),
+            "--distractor-root",
+            str(tmp_path / "dis"),
+            "--distractor-lists",
+            str(lists),
+            "--file-ending",
+            "_alg.bin",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "TAR@1e-6" in res.output and "report:" in res.output
+    for size in (50, 200):
+        a = json.loads((shard_out / f"result_facesearch_{size}_1.json").read_text())
+        b = json.loads((tmp_path / "b" / f"result_alg_{size}_1.json").read_text())
+        assert a["rank_histogram"] == b["rank_histogram"] and a["roc"]["tar_count"] == b["roc"]["tar_count"]
+    # A malformed feature file is named.
+    bad = tmp_path / "dis" / (devkit.read_distractor_list(lists / "megaface_features_list.json_50_1")[7] + "_alg.bin")
+    bad.write_bytes(bad.read_bytes()[:20])
+    res = runner.invoke(
+        main,
+        [
+            "bench",
+            "megaface",
+            "--out",
+            str(tmp_path / "c"),
+            "--probe-root",
+            str(tmp_path / "probes"),
+            "--probe-list",
+            str(tmp_path / "facescrub_features_list.json"),
+            "--distractor-root",
+            str(tmp_path / "dis"),
+            "--distractor-lists",
+            str(lists),
+            "--file-ending",
+            "_alg.bin",
+        ],
+    )
+    assert res.exit_code != 0 and bad.name in res.output and "Traceback" not in res.output
+
+
+def test_cleaned_variant_replaces_noisy_probes_and_drops_noisy_distractors(features, tmp_path):
+    _, ppaths, _, _ = _rows(features / "probes")
+    _, dpaths, _, _ = _rows(features / "dis")
+    (tmp_path / "fs_noise.txt").write_text(f"# comment\n{ppaths[1]}.png\n{ppaths[7]}\n")
+    (tmp_path / "mf_noise.txt").write_text("# comment\n" + "\n".join(p + ".jpg" for p in dpaths[:300]) + "\n")
+    base = BenchConfig(out=tmp_path / "plain", probes=features / "probes", distractors=features / "dis", sizes=(400,))
+    cleaned = BenchConfig(
+        out=tmp_path / "clean",
+        probes=features / "probes",
+        distractors=features / "dis",
+        sizes=(400,),
+        cleaned=True,
+        probe_noise=tmp_path / "fs_noise.txt",
+        distractor_noise=tmp_path / "mf_noise.txt",
+    )
+    (plain,) = run_megaface(base)
+    (clean,) = run_megaface(cleaned)
+    assert clean["cleaned"] and clean["provenance"]["probes"]["noisy_probes_replaced"] == 2
+    removed = clean["distractor_list"]["noisy_removed"]
+    assert removed > 0 and clean["counts"]["n_distractors"] == 400 - removed
+    assert clean["counts"]["N"] == plain["counts"]["N"]
+    assert (tmp_path / "clean" / "devkit_cleaned").is_dir()
+
+
+def test_official_probe_list_counts(shared_dir):
+    plist = devkit.read_probe_list(shared_dir / "data/megaface/templatelists/facescrub_features_list.json")
+    rng = np.random.default_rng(0)
+    xq = rng.normal(size=(len(plist.paths), 8)).astype(np.float32)
+    ev = Evaluation(ProbeSet(xq, plist.ids), 20)
+    ev.add(rng.normal(size=(20, 8)).astype(np.float32))
+    out = ev.finish(lambda i: np.zeros((len(i), 8)))
+    assert (len(plist.paths), out["N"], out["roc"]["N_pos"], out["roc"]["N_neg"]) == (3530, 153_634, 76_817, 70_600)
+
+
+def test_bad_configurations_are_one_line_errors(features, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(main, ["bench", "megaface", "--out", str(tmp_path), "--distractors", str(features / "dis")])
+    assert res.exit_code != 0 and "probes" in res.output
+    res = runner.invoke(
+        main,
+        [
+            "bench",
+            "megaface",
+            "--out",
+            str(tmp_path),
+            "--probes",
+            str(features / "probes"),
+            "--distractors",
+            str(features / "dis"),
+            "--sizes",
+            "5000",
+        ],
+    )
+    assert res.exit_code != 0 and "cannot draw 5,000" in res.output
+    res = runner.invoke(
+        main,
+        [
+            "bench",
+            "megaface",
+            "--out",
+            str(tmp_path),
+            "--probes",
+            str(features / "probes"),
+            "--distractors",
+            str(features / "dis"),
+            "--sizes",
+            "10",
+            "--filter",
+            "Beard",
+        ],
+    )
+    assert res.exit_code != 0 and "Beard" in res.output and "Traceback" not in res.output
