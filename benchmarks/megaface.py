@@ -27,6 +27,7 @@ so filtered rates are directly comparable (a filtered-out comparison is a reject
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -207,6 +208,7 @@ class Evaluation:
         self.thr = -np.inf  # negatives below this screened value can never matter
         self.seen = 0
         self.compared = 0
+        self.rescored = 0  # kept negatives re-scored canonically to resolve TAR thresholds
         self.timings = {"gemm_s": 0.0, "select_s": 0.0, "cmc_s": 0.0, "roc_s": 0.0, "prepare_s": 0.0}
 
     # -- streaming ---------------------------------------------------------------------------------------------------
@@ -224,12 +226,20 @@ class Evaluation:
 
     def _tile(self, x: np.ndarray, codes: np.ndarray | None) -> None:
         t0 = time.perf_counter()
-        x32 = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.dev)
-        if not bool(torch.isfinite(x32).all()):
-            bad = int((~torch.isfinite(x32).all(dim=1)).nonzero()[0, 0])
-            raise ValueError(f"distractors: feature row {self.seen + bad} contains NaN/inf")
+        with warnings.catch_warnings():  # read-only Arrow buffers: never written, .float() copies
+            warnings.simplefilter("ignore", UserWarning)
+            x32 = torch.from_numpy(np.ascontiguousarray(x)).to(self.dev).float()
         norm = x32.norm(dim=1, keepdim=True)
-        d32 = x32 / torch.where(norm > 0, norm, torch.ones_like(norm))
+        if bool((~torch.isfinite(norm) | (norm < 1e-18)).any()):
+            # NaN/inf somewhere (an error), or zero / extreme rows whose float32 norm is 0 or overflows: normalise
+            # this tile in float64 (a NaN/inf anywhere in a row makes its norm NaN/inf, so finite norms need no check)
+            bad = ~np.isfinite(x).all(axis=1)
+            if bad.any():
+                raise ValueError(f"distractors: {int(bad.sum())} feature row(s) contain NaN/inf (first: distractor "
+                                 f"{self.seen + int(np.argmax(bad))} of the stream)")  # fmt: skip
+            d32 = torch.from_numpy(canonical_normalize(x).astype(np.float32)).to(self.dev)
+        else:
+            d32 = x32 / norm
         self.timings["prepare_s"] += time.perf_counter() - t0
         if codes is None:
             self._group(slice(None), None, x, d32)
@@ -258,9 +268,7 @@ class Evaluation:
             kth = torch.kthvalue(S.reshape(-1).float().cpu(), S.numel() - self.keep + 1).values.item()
             self.thr = float(np.float32(kth - 2 * self.eps))
         t_row = torch.minimum(lo, torch.tensor(self.thr, dtype=torch.float32, device=self.dev).clamp_min(-3.0))
-        nz = (S >= t_row[:, None]).nonzero()
-        v = S[nz[:, 0], nz[:, 1]].cpu().numpy()
-        r_loc, c_loc = nz[:, 0].cpu().numpy(), nz[:, 1].cpu().numpy()
+        v, r_loc, c_loc = _select(S, t_row)
         t2 = time.perf_counter()
         self.timings["select_s"] += t2 - t1
         r = rows_idx[r_loc]
@@ -302,6 +310,19 @@ class Evaluation:
         keep = v >= self.thr
         self.neg = _Negatives()
         self.neg.add(v[keep], r[keep], c[keep])
+
+    def _rescore_bands(
+        self, fetch: Callable[[np.ndarray], np.ndarray], r: np.ndarray, c: np.ndarray, bands: list[tuple[int, int]]
+    ) -> np.ndarray:
+        """Canonical scores at the kept-negative positions inside ``bands`` (NaN elsewhere); each distractor is
+        fetched once, in its stored precision."""
+        pos = np.unique(np.concatenate([np.arange(a, b) for a, b in bands]))
+        idx = np.unique(c[pos])
+        xb = fetch(idx)
+        exact = np.full(len(c), np.nan)
+        exact[pos] = _rescore_chunks(self.p64, r[pos], xb, np.searchsorted(idx, c[pos]))
+        self.rescored = len(pos)
+        return exact
 
     # -- results -----------------------------------------------------------------------------------------------------
     def finish(self, fetch: Callable[[np.ndarray], np.ndarray], tie_rule: str = "mate") -> dict[str, Any]:
@@ -373,18 +394,37 @@ class Evaluation:
                     pending.append((row, mm, a, b))
             rows.append(row)
         if pending:
-            idx = np.unique(np.concatenate([c[a:b] for _, _, a, b in pending]))
-            x64 = canonical_normalize(fetch(idx))
+            exact_at = self._rescore_bands(fetch, r, c, [(a, b) for _, _, a, b in pending])
             for row, mm, a, b in pending:
-                where = np.searchsorted(idx, c[a:b])
-                exact = np.sort(np.sum(self.p64[r[a:b]] * x64[where], axis=1))[::-1]
+                exact = np.sort(exact_at[a:b])[::-1]
                 tau = float(exact[mm - a])
                 row.update(threshold=tau, threshold_exact=True,
                            tar_count=int(len(pos) - np.searchsorted(pos, tau, side="right")),
                            false_accepts=a + int((exact > tau).sum()))  # fmt: skip
         for row in rows:
             row["tar"] = row["tar_count"] / n_pos if n_pos else None
-        return {"N_pos": n_pos, "N_neg": self.n_neg, "kept_negatives": len(v), "far_max": self.far_max, "points": rows}
+        return {"N_pos": n_pos, "N_neg": self.n_neg, "kept_negatives": len(v), "rescored_negatives": self.rescored,
+                "far_max": self.far_max, "points": rows}  # fmt: skip
+
+
+def _rescore_chunks(p64: np.ndarray, r: np.ndarray, xb: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """Canonical scores of probe rows ``r`` against raw distractor rows ``xb[where]``, in chunks (bounded memory)."""
+    out = np.empty(len(r))
+    for s in range(0, len(r), 8192):
+        x64 = canonical_normalize(xb[where[s : s + 8192]])
+        out[s : s + 8192] = np.sum(p64[r[s : s + 8192]] * x64, axis=1)
+    return out
+
+
+def _select(S: torch.Tensor, t_row: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Values, rows and columns of the entries of ``S`` at or above their row's threshold.  On the CPU numpy's
+    compare + flatnonzero is ~4x faster than torch's nonzero (measured: 35 vs 140 ms on 3530 x 8192)."""
+    if S.device.type == "cpu":
+        s = S.numpy()
+        flat = np.flatnonzero(s >= t_row.numpy()[:, None])
+        return s.ravel()[flat], flat // s.shape[1], flat % s.shape[1]
+    nz = (S >= t_row[:, None]).nonzero()
+    return S[nz[:, 0], nz[:, 1]].cpu().numpy(), nz[:, 0].cpu().numpy(), nz[:, 1].cpu().numpy()
 
 
 def _ranges(n: np.ndarray) -> np.ndarray:

@@ -149,31 +149,32 @@ class ShardDistractors(DistractorSource):
         self.directory, self.ids, self.n = Path(directory), np.sort(np.asarray(ids, np.int64)), len(ids)
         self.attributes = tuple(attributes)
         manifest = shards.read_manifest(self.directory)
+        self.stored_dtype = manifest.dtype
         self.provenance = {"source": "shards", "directory": str(directory), "fingerprint": manifest.fingerprint,
                            "selection_sha256": hashlib.sha256(self.ids.tobytes()).hexdigest()}  # fmt: skip
 
-    def _stream(self, wanted: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, Any]]:
-        for block in shards.iter_shards(self.directory, _BLOCK, columns=list(self.attributes)):
+    def blocks(self) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        # Stream in the stored dtype (float16 stays float16: the evaluator converts it on all cores).
+        dtype = np.float16 if self.stored_dtype == "float16" else np.float32
+        wanted, seen = self.ids, 0
+        for block in shards.iter_shards(self.directory, _BLOCK, columns=list(self.attributes), dtype=dtype):
             pos = np.searchsorted(wanted, block.ids)
             hit = (pos < len(wanted)) & (wanted[np.minimum(pos, len(wanted) - 1)] == block.ids)
-            if hit.any():
+            if hit.all():  # the whole block is selected (e.g. the 1M list): no copy
+                xb, meta = block.xb, block.meta
+            elif hit.any():
                 sel = np.flatnonzero(hit)
-                yield block.ids[sel], block.xb[sel], block.meta.take(sel)
-
-    def blocks(self) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-        seen = 0
-        for _, xb, meta in self._stream(self.ids):
+                xb, meta = block.xb[sel], block.meta.take(sel)
+            else:
+                continue
             seen += len(xb)
             yield xb, _shard_attributes(meta, self.attributes)
         if seen != self.n:
             raise ValueError(f"{self.directory}: {self.n - seen} selected distractor rows are missing or failed")
 
     def take(self, idx: np.ndarray) -> np.ndarray:
-        wanted = self.ids[idx]
-        got: dict[int, np.ndarray] = {}
-        for ids, xb, _ in self._stream(wanted):
-            got.update(zip(ids.tolist(), xb, strict=True))
-        return np.stack([got[i] for i in wanted.tolist()])
+        dtype = np.float16 if self.stored_dtype == "float16" else np.float32
+        return shards.take_rows(self.directory, self.ids[idx], dtype=dtype)
 
 
 class DevkitDistractors(DistractorSource):

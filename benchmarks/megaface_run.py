@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import queue
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -45,6 +47,7 @@ from model.device import resolve_device
 from model.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 KIND = "facesearch.megaface_result"
 DEFAULT_SIZES: tuple[int, ...] = (10, 100, 1000, 10_000, 100_000, 1_000_000)
@@ -172,7 +175,7 @@ def _evaluate(
     ev = Evaluation(ProbeSet(probes.xq, probes.identity, codes), src.n, far_max=cfg.far_max, device=device)
     read = 0.0
     t_read = time.perf_counter()
-    for xb, attrs in src.blocks():
+    for xb, attrs in prefetch(src.blocks()):
         read += time.perf_counter() - t_read
         ev.add(xb, None if flt is None else flt.codes(attrs, "distractors"))
         t_read = time.perf_counter()
@@ -181,6 +184,39 @@ def _evaluate(
     seconds = time.perf_counter() - t0
     out["timings"]["total_s"] = seconds
     return out, seconds
+
+
+def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """Produce ``items`` on a background thread, ``depth`` ahead: decoding the next shard block (single-threaded,
+    GIL released) overlaps the scoring of this one, filling the core the single-threaded stages leave idle."""
+    q: queue.Queue[Any] = queue.Queue(depth)
+    done = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # re-raised in the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=work, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def _cmc_points(hits: np.ndarray, n: int) -> dict[str, Any]:

@@ -49,7 +49,7 @@ def gemm_flops(device: str, dtype: torch.dtype, m: int, k: int, n: int) -> float
     a = torch.randn(m, k, device=device).to(dtype)
     b = torch.randn(k, n, device=device).to(dtype)
     best = float("inf")
-    for _ in range(4):
+    for _ in range(8):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()

@@ -42,6 +42,9 @@ STATUSES: tuple[str, ...] = ("ok", *REASONS)
 BASE_COLUMNS: tuple[str, ...] = ("id", "path", "identity", "embedding")
 TAIL_COLUMNS: tuple[str, ...] = ("det_score", "landmarks", "status", "error")
 _ROW_GROUP = 16384
+# Dictionary-encode the string columns only: float16 embeddings have <= 65,536 distinct values, so Parquet would keep
+# them dictionary-encoded, which reads 3.3x slower than plain (measured: 1.25 vs 0.38 s per 50k x 1024 rows).
+_DICT = ["path", "identity", "status", "error"]
 _ARROW_DTYPE = {"float16": pa.float16(), "float32": pa.float32()}
 
 
@@ -174,7 +177,9 @@ def write_shard(path: Path, table: pa.Table, id_range: tuple[int, int] | None = 
     path.parent.mkdir(parents=True, exist_ok=True)
     # Per-process temporary: an orphaned worker of a killed job may still be writing while the resumed job runs.
     atomic_write_with(
-        path, lambda tmp: pq.write_table(table, tmp, row_group_size=_ROW_GROUP, compression="zstd"), per_process=True
+        path,
+        lambda tmp: pq.write_table(table, tmp, row_group_size=_ROW_GROUP, compression="zstd", use_dictionary=_DICT),
+        per_process=True,
     )
     if id_range is None:
         ids = table.column("id")
@@ -364,7 +369,9 @@ def iter_shards(
             reader = pq.ParquetFile(path)
             for batch in reader.iter_batches(batch_size=block_rows, columns=read_cols):
                 if only_ok:
-                    batch = batch.filter(pc.equal(batch.column("status"), "ok"))
+                    ok = pc.equal(batch.column("status"), "ok")
+                    if not pc.all(ok).as_py():  # filtering copies every column: only when a row failed
+                        batch = batch.filter(ok)
                 while batch.num_rows:
                     take = batch.slice(0, block_rows - size)
                     pending.append(take)
@@ -377,6 +384,37 @@ def iter_shards(
             raise ValueError(f"cannot read shard {path} (ids {entry.id_lo}..{entry.id_hi - 1}): {e}") from e
     if size:
         yield _to_block(pending, meta_cols, manifest.d, dtype)
+
+
+def take_rows(directory: Path, ids: Sequence[int] | np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """The embeddings of the rows with these ``ids`` (any order, repeats allowed), reading only the shards and the
+    row groups that hold them; an id that is absent or failed is a ``KeyError`` naming it."""
+    directory, want = Path(directory), np.asarray(ids, np.int64)
+    manifest = read_manifest(directory)
+    got_ids, got_rows = [np.zeros(0, np.int64)], [np.zeros((0, manifest.d), dtype)]
+    for entry in manifest.shards:
+        mine = np.unique(want[(want >= entry.id_lo) & (want < entry.id_hi)])
+        if not len(mine):
+            continue
+        reader = pq.ParquetFile(directory / entry.file)
+        pos = np.flatnonzero(np.isin(reader.read(columns=["id"]).column("id").to_numpy(), mine))
+        starts = np.cumsum([0] + [reader.metadata.row_group(g).num_rows for g in range(reader.num_row_groups)])
+        groups = np.unique(np.searchsorted(starts, pos, side="right") - 1).tolist()
+        table = reader.read_row_groups(groups, columns=["id", "embedding", "status"])
+        table_ids = table.column("id").to_numpy()
+        ok = pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False)
+        sel = np.flatnonzero(np.isin(table_ids, mine) & ok)
+        got_ids.append(table_ids[sel])
+        got_rows.append(embeddings_to_numpy(table.column("embedding"), manifest.d)[sel].astype(dtype, copy=False))
+    have, rows = np.concatenate(got_ids), np.concatenate(got_rows)
+    if not len(have):
+        have, rows = np.array([-1], np.int64), np.zeros((1, manifest.d), dtype)  # a sentinel no id matches
+    order = np.argsort(have)
+    at = order[np.minimum(np.searchsorted(have, want, sorter=order), len(have) - 1)]
+    missing = want[have[at] != want]
+    if len(missing):
+        raise KeyError(f"{directory}: no ok row with id(s) {missing[:5].tolist()}{' …' if len(missing) > 5 else ''}")
+    return rows[at]
 
 
 def read_all(
@@ -411,6 +449,7 @@ __all__ = [
     "schema",
     "shard_name",
     "table_from_arrays",
+    "take_rows",
     "verify_shard",
     "write_manifest",
     "write_shard",

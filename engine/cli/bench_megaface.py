@@ -14,6 +14,8 @@ from engine.cli._app import DEVICE_OPTION, user_errors
 from engine.cli.bench import bench
 from indexer import shards
 
+# The noise lists of the cleaned ("@R") variant, when the repository sits beside the project's shared folder.
+NOISE_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "megaface" / "noises"
 _DIR = click.Path(path_type=Path, file_okay=False)
 _FILE = click.Path(path_type=Path, dir_okay=False, exists=True)
 
@@ -51,8 +53,8 @@ def _sizes(value: str | None) -> tuple[int, ...]:
 @click.option("--tie-rule", type=click.Choice(["mate", "distractor"]), default="mate", show_default=True,
               help="Who wins a tie between a distractor and the mate (ties are always counted).")  # fmt: skip
 @click.option("--cleaned", is_flag=True, help="The cleaned (@R) variant: needs --probe-noise and --distractor-noise.")
-@click.option("--probe-noise", type=_FILE, help="facescrub_noises.txt")
-@click.option("--distractor-noise", type=_FILE, help="megaface_noises.txt")
+@click.option("--probe-noise", type=_FILE, help="facescrub_noises.txt [default: ../shared/data/megaface/noises/].")
+@click.option("--distractor-noise", type=_FILE, help="megaface_noises.txt [default: ../shared/data/megaface/noises/].")
 @click.option("--filter", "filter_attrs", help="Attribute-filtered variant too: comma-separated attributes that must "
               "agree between probe and distractor, e.g. Male or Male,Big_Nose.")  # fmt: skip
 @click.option("--filter-threshold", type=float, default=0.5, show_default=True, help="Attribute decision threshold.")
@@ -73,6 +75,10 @@ def megaface_command(sizes: str | None, filter_attrs: str | None, filter_thresho
             Path(str(opts["out"])), checkpoint, Path(str(opts["probe_list"])), probe_images, probe_landmarks,
             Path(str(opts["distractor_lists"])), distractor_images, distractor_landmarks, str(opts["device"]),
             progress=lambda msg: click.echo(f"[embed] {msg}"))  # fmt: skip
+    if opts["cleaned"]:
+        for key, name in (("probe_noise", "facescrub_noises.txt"), ("distractor_noise", "megaface_noises.txt")):
+            if opts[key] is None and (NOISE_DIR / name).is_file():
+                opts[key] = NOISE_DIR / name
     flt = None
     if filter_attrs:
         flt = AttributeFilter(tuple(a.strip() for a in filter_attrs.split(",") if a.strip()), filter_threshold)

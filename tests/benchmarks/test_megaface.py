@@ -129,3 +129,16 @@ def test_near_ties_below_float32_resolution_are_resolved_exactly(brute_force):
     out = evaluate(xq, ids, xb, keep_cap=500, far_max=0.2, tile_rows=64)
     check(out, brute_force(xq, ids, xb), len(xb))
     assert any(r["threshold_exact"] and r["threshold"] is not None for r in out["roc"]["points"])
+
+
+def test_extreme_magnitudes_and_nan_distractors(brute_force):
+    """Rows whose float32 norm would overflow or underflow are normalised in float64, not zeroed; NaN is named."""
+    rng = np.random.default_rng(9)
+    xq, ids, xb = random_set(rng, nb=120)
+    xb[5] *= np.float32(1e30)
+    xb[9] *= np.float32(1e-25)
+    xq[2] *= np.float32(1e-25)
+    check(evaluate(xq, ids, xb), brute_force(xq, ids, xb), len(xb))
+    xb[77, 3] = np.nan
+    with pytest.raises(ValueError, match=r"distractors: 1 feature row\(s\) contain NaN/inf \(first: distractor 77 "):
+        evaluate(xq, ids, xb)

@@ -228,3 +228,12 @@ def test_bad_configurations_are_one_line_errors(features, tmp_path):
         ],
     )
     assert res.exit_code != 0 and "Beard" in res.output and "Traceback" not in res.output
+
+
+def test_cleaned_cli_defaults_to_the_shared_noise_lists(features, tmp_path, shared_dir):
+    args = ["bench", "megaface", "--out", str(tmp_path), "--probes", str(features / "probes"), "--distractors",
+            str(features / "dis"), "--sizes", "10", "--cleaned"]  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "result_facesearch_10_1_cleaned.json").read_text())
+    assert result["cleaned"] and result["provenance"]["config"]["probe_noise"].endswith("facescrub_noises.txt")
