@@ -391,7 +391,8 @@ def take_rows(directory: Path, ids: Sequence[int] | np.ndarray, dtype: type = np
     row groups that hold them; an id that is absent or failed is a ``KeyError`` naming it."""
     directory, want = Path(directory), np.asarray(ids, np.int64)
     manifest = read_manifest(directory)
-    got_ids, got_rows = [np.zeros(0, np.int64)], [np.zeros((0, manifest.d), dtype)]
+    got_ids: list[np.ndarray] = [np.zeros(0, np.int64)]
+    got_rows: list[np.ndarray] = [np.zeros((0, manifest.d), dtype)]
     for entry in manifest.shards:
         mine = np.unique(want[(want >= entry.id_lo) & (want < entry.id_hi)])
         if not len(mine):
