@@ -192,6 +192,34 @@ class DevkitDistractors(DistractorSource):
         return devkit.read_feature_tree(self.root, [self.paths[i] for i in idx], self.file_ending)
 
 
+class CachedDistractors(DistractorSource):
+    """Keeps the streamed blocks (in their stored precision) while they fit ``limit_bytes``, so :meth:`take` is an
+    in-memory gather instead of a second read of the source (2 GB at 1M x 1024 float16); beyond the limit it asks
+    the source."""
+
+    def __init__(self, source: DistractorSource, limit_bytes: int = 3 << 30) -> None:
+        self.source, self.limit = source, limit_bytes
+        self.n, self.attributes, self.provenance = source.n, source.attributes, source.provenance
+        self.parts: list[np.ndarray] | None = []
+
+    def blocks(self) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        self.parts, size = [], 0
+        for xb, attrs in self.source.blocks():
+            size += xb.nbytes
+            if self.parts is not None and size <= self.limit:
+                self.parts.append(xb)
+            else:
+                self.parts = None
+            yield xb, attrs
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        if not self.parts:
+            return self.source.take(idx)
+        starts = np.cumsum([0] + [len(p) for p in self.parts])
+        part = np.searchsorted(starts, idx, side="right") - 1
+        return np.stack([self.parts[k][i - starts[k]] for k, i in zip(part.tolist(), idx.tolist(), strict=True)])
+
+
 def shard_paths(directory: Path) -> tuple[np.ndarray, list[str]]:
     """(ids, relative paths) of the ok rows of a shard directory, reading only those columns (not the embeddings)."""
     manifest = shards.read_manifest(directory)
@@ -225,6 +253,7 @@ def selection_record(rel_paths: Sequence[str]) -> dict[str, Any]:
 
 __all__ = [
     "AttributeFilter",
+    "CachedDistractors",
     "DevkitDistractors",
     "DistractorSource",
     "Probes",

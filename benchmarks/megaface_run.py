@@ -29,6 +29,7 @@ from benchmarks import devkit, report
 from benchmarks.megaface import NAMED_FARS, Evaluation, ProbeSet
 from benchmarks.megaface_data import (
     AttributeFilter,
+    CachedDistractors,
     DevkitDistractors,
     DistractorSource,
     Probes,
@@ -173,6 +174,7 @@ def _evaluate(
     t0 = time.perf_counter()
     codes = None if flt is None else flt.codes(probes.attributes, "probes")
     ev = Evaluation(ProbeSet(probes.xq, probes.identity, codes), src.n, far_max=cfg.far_max, device=device)
+    src = CachedDistractors(src)
     read = 0.0
     t_read = time.perf_counter()
     for xb, attrs in prefetch(src.blocks()):

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from benchmarks import devkit
 from benchmarks.megaface import Evaluation, ProbeSet
-from benchmarks.megaface_data import AttributeFilter
+from benchmarks.megaface_data import AttributeFilter, shard_paths
 from benchmarks.megaface_run import BenchConfig, run_megaface
 from engine.cli import main
 from indexer import shards
@@ -237,3 +237,15 @@ def test_cleaned_cli_defaults_to_the_shared_noise_lists(features, tmp_path, shar
     assert res.exit_code == 0, res.output
     result = json.loads((tmp_path / "result_facesearch_10_1_cleaned.json").read_text())
     assert result["cleaned"] and result["provenance"]["config"]["probe_noise"].endswith("facescrub_noises.txt")
+
+
+def test_cached_distractors_take_equals_the_source(features):
+    from benchmarks.megaface_data import CachedDistractors, ShardDistractors
+
+    ids, _ = shard_paths(features / "dis")
+    for limit in (1 << 30, 1000):  # everything cached / nothing cached (falls back to reading the shards)
+        src = CachedDistractors(ShardDistractors(features / "dis", ids[::3]), limit_bytes=limit)
+        streamed = np.concatenate([xb for xb, _ in src.blocks()])
+        idx = np.array([0, 5, 100, len(streamed) - 1])
+        assert np.array_equal(src.take(idx), streamed[idx])
+        assert (src.parts is not None) == (limit > 1000)
