@@ -128,9 +128,16 @@ class _Universe:
     def __init__(self, cfg: BenchConfig, noise: tuple[str, ...]) -> None:
         self.cfg, self.noise = cfg, noise
         self.lists = devkit.find_distractor_lists(cfg.distractor_lists) if cfg.distractor_lists else {}
+        self._keys: list[str] | None = None
         if cfg.distractors is not None:
             self.ids, self.paths = shard_paths(cfg.distractors)
-            self.keys = [devkit.stem_key(p) for p in self.paths]
+
+    @property
+    def keys(self) -> list[str]:
+        """Stem keys of the shard rows (computed once, only when a list has to be matched)."""
+        if self._keys is None:
+            self._keys = [devkit.stem_key(p) for p in self.paths]
+        return self._keys
 
     def sizes(self) -> list[int]:
         if self.cfg.sizes:
@@ -141,26 +148,30 @@ class _Universe:
             raise ValueError("no distractor size to run: no list for this set and too few distractor rows to draw 10")
         return sorted(listed | drawable)
 
+    def _drop_noisy(self, paths: list[str], record: dict[str, Any]) -> np.ndarray:
+        keep = ~devkit.noisy_mask(paths, self.noise) if self.noise else np.ones(len(paths), bool)
+        if self.noise:
+            record["noisy_removed"] = int((~keep).sum())
+        return keep
+
     def source(self, size: int, attributes: tuple[str, ...]) -> tuple[DistractorSource, dict[str, Any]]:
         cfg = self.cfg
         listed = self.lists.get((size, cfg.set_number))
-        if listed is not None:
-            paths = list(devkit.read_distractor_list(listed))
-            record = {"source": str(listed), **selection_record(paths)}
-        elif cfg.distractors is not None:
+        if listed is None and cfg.distractors is None:
+            raise ValueError(f"no distractor list for size {size} set {cfg.set_number} in {cfg.distractor_lists}")
+        if listed is None:  # drawn from the shard rows: positions are known, nothing to match
+            assert cfg.distractors is not None
             pos = draw_selection(len(self.ids), size, cfg.seed, cfg.set_number)
             paths = [self.paths[i] for i in pos]
-            record = {"source": "drawn", "seed": cfg.seed, **selection_record(paths)}
             drawn = cfg.out / "lists" / f"megaface_features_list.json_{size}_{cfg.set_number}"
             drawn.parent.mkdir(parents=True, exist_ok=True)
             devkit.write_distractor_list(drawn, paths)
-            record["written"] = str(drawn)
-        else:
-            raise ValueError(f"no distractor list for size {size} set {cfg.set_number} in {cfg.distractor_lists}")
-        if self.noise:
-            noisy = devkit.noisy_mask(paths, self.noise)
-            record["noisy_removed"] = int(noisy.sum())
-            paths = [p for p, bad in zip(paths, noisy, strict=True) if not bad]
+            record = {"source": "drawn", "seed": cfg.seed, "written": str(drawn), **selection_record(paths)}
+            ids = self.ids[pos[self._drop_noisy(paths, record)]]
+            return ShardDistractors(cfg.distractors, ids, attributes), record
+        paths = list(devkit.read_distractor_list(listed))
+        record = {"source": str(listed), **selection_record(paths)}
+        paths = [p for p, k in zip(paths, self._drop_noisy(paths, record), strict=True) if k]
         if cfg.distractors is not None:
             ids = select_listed(self.ids, self.keys, paths, f"distractors {cfg.distractors} vs list of {size}")
             return ShardDistractors(cfg.distractors, ids, attributes), record
