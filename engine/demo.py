@@ -57,7 +57,7 @@ class DemoConfig:
     #: The attribute traits are small: at 112x96 the labels' mean balanced accuracy is 0.73 vs 0.61 at 56x48
     #: (600 steps, measured), for ~165 s more on 2 cores.  Identity learning does well at 56x48.
     attribute_input_size: tuple[int, int] = (112, 96)
-    attribute_iterations: int = 600
+    attribute_iterations: int = 400
     stage1_iterations: int = 800
     stage2_iterations: int = 300
     lr: float = 0.05

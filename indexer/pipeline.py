@@ -239,6 +239,10 @@ def _client(cfg: EmbedConfig) -> Iterator[Any]:
 def _start_cluster(cfg: EmbedConfig) -> Any:
     from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
 
+    # Importing distributed sets its loggers to INFO (a page of scheduler chatter per cluster, in this process):
+    # follow the application's level instead, at least WARNING unless it asked for DEBUG.
+    root = logging.getLogger().getEffectiveLevel()
+    logging.getLogger("distributed").setLevel(root if root <= logging.DEBUG else max(root, logging.WARNING))
     gpus = _gpu_count(cfg)
     if gpus:
         n = cfg.workers or gpus
