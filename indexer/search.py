@@ -97,6 +97,24 @@ def _faiss_block(xq: np.ndarray, ids: np.ndarray, xb: np.ndarray, k: int, device
 _GPU_RES: list[Any] = []
 
 
+_MIN_DIM = 64  # products with fewer queries or database rows are padded to this many (see _scores)
+
+
+def _pad_rows(x: torch.Tensor) -> torch.Tensor:
+    if 0 < x.shape[0] < _MIN_DIM:
+        return torch.cat([x, torch.zeros(_MIN_DIM - x.shape[0], x.shape[1], dtype=x.dtype, device=x.device)])
+    return x
+
+
+def _scores(xq32: torch.Tensor, xb32: torch.Tensor) -> torch.Tensor:
+    """``xq32 @ xb32.T``, the one product every exact score comes from.  CPU BLAS kernels round a product with only
+    a few rows or columns differently (measured: 0.99999988 vs 0.99999994 for copies of the query in a 3-column
+    tile), so exact copies in a short tile at a block boundary, or re-scored for one query, would not tie with
+    their twins elsewhere; short operands are zero-padded to the shape of the common path."""
+    m, n = xq32.shape[0], xb32.shape[0]
+    return (_pad_rows(xq32) @ _pad_rows(xb32).T)[:m, :n]
+
+
 def _gpu_resources() -> Any:
     """One ``faiss.StandardGpuResources`` per process (allocating it per block would be slow)."""
     import faiss
@@ -137,15 +155,15 @@ def _screened_tile(
     n = xb32.shape[0]
     kk = min(k + margin, n)
     if kk >= n:
-        return (*_topk_full_rows(xq32 @ xb32.T, ids, k), 0)
+        return (*_topk_full_rows(_scores(xq32, xb32), ids, k), 0)
     dt = _TORCH_DTYPE[screen]
     xqs, xbs = xq32.to(dt), xb32.to(dt)
     low = (xqs @ xbs.T).float()
     vals, pos = torch.topk(low, kk, dim=1)
-    # float32 re-scores of the candidates, (m, kk); gathered by query chunks so memory stays ~ tile size
-    step = max(1, xb32.shape[0] // kk)
-    exact = torch.cat([torch.bmm(xb32[pos[i : i + step]], xq32[i : i + step].unsqueeze(2)).squeeze(2)
-                       for i in range(0, len(pos), step)])  # fmt: skip
+    # float32 re-scores of the candidates, (m, kk), by the same matrix product as the unscreened path (a batched
+    # matrix-vector product rounds differently on some CPUs, and exact copies must tie whichever path scored them)
+    union, inverse = torch.unique(pos, return_inverse=True)
+    exact = torch.gather(_scores(xq32, xb32[union]), 1, inverse)
     D, I = _topk_full_rows_cand(exact, ids[pos], k)
     u_out = _UNIT_ROUNDOFF[screen]
     thresh = vals[:, -1]  # every left-out item has a low-precision score <= thresh
@@ -154,7 +172,7 @@ def _screened_tile(
     fail = np.flatnonzero(~(bound.cpu().numpy() < bar))
     if len(fail):
         f = torch.as_tensor(fail, device=xq32.device)
-        Df, If = _topk_full_rows(xq32[f] @ xb32.T, ids, k)
+        Df, If = _topk_full_rows(_scores(xq32[f], xb32), ids, k)
         D[fail], I[fail] = Df, If
     return D, I, len(fail)
 
@@ -202,7 +220,7 @@ def _torch_blocks(
                 ids = torch.tensor(ids_np[s : s + tile_rows], dtype=torch.int64, device=dev)
                 xb32 = torch.tensor(xb_np[s : s + tile_rows], device=dev).float()  # a copy: blocks may be read-only
                 if screen == "none":
-                    Dt, It = _topk_full_rows(xq32 @ xb32.T, ids, k)
+                    Dt, It = _topk_full_rows(_scores(xq32, xb32), ids, k)
                 else:
                     Dt, It, nf = _screened_tile(xq32, ids, xb32, k, screen, margin, D[:, k - 1])
                     fallbacks += nf

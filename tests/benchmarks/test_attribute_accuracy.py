@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from benchmarks.attribute_accuracy import (
@@ -20,22 +19,7 @@ from benchmarks.attribute_accuracy import (
     predict_celeba,
 )
 from engine.cli import main
-from model.checkpoint import save_checkpoint
-from model.config import ATTRIBUTES, preset
-from model.network import FaceNet
-
-
-def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A randomly initialised Fast model (width 0.125, 56x48 input, d = 32), as in tests/indexer/conftest.py."""
-    torch.manual_seed(seed)
-    cfg = preset("fast", width=0.125, input_size=(56, 48), num_identities=8, embedding_dim=32, attribute_hidden=16)
-    save_checkpoint(path, cfg, FaceNet(cfg).state_dict())
-    return path
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "weights.safetensors")
+from model.config import ATTRIBUTES
 
 
 def test_evaluate_attributes_handmade() -> None:

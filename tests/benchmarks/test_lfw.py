@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from benchmarks.lfw import (
@@ -29,20 +28,9 @@ from benchmarks.lfw import (
 )
 from engine.cli import main
 from indexer.shards import Manifest, shard_name, table_from_arrays, write_manifest, write_shard
-from model.checkpoint import save_checkpoint
-from model.config import preset
 from model.images import read_image
-from model.network import FaceNet
 
 GOOD = "2\t2\nA 1 2\nB 1 3\nA 1 B 2\nB 3 C 1\n\nC 1 2\nA 2 3\nC 2 A 3\nA 1 C 1\n"
-
-
-def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A randomly initialised Fast model (width 0.125, 56x48 input, d = 32), as in tests/indexer/conftest.py."""
-    torch.manual_seed(seed)
-    cfg = preset("fast", width=0.125, input_size=(56, 48), num_identities=8, embedding_dim=32, attribute_hidden=16)
-    save_checkpoint(path, cfg, FaceNet(cfg).state_dict())
-    return path
 
 
 def brute_force(scores: np.ndarray, same: np.ndarray, fold: np.ndarray) -> tuple[list[float], list[float]]:
@@ -194,8 +182,7 @@ def test_write_orl_pairs(orl_pairs: Path) -> None:
     assert read_image(pair_image_path(root, "orl_s1", 1)).shape == (152, 132, 3)  # 112x92 + 20 px on each side
 
 
-def test_bench_lfw_end_to_end(orl_pairs: Path, yunet_path: Path, tmp_path: Path) -> None:
-    ckpt = tiny_checkpoint(tmp_path / "w.safetensors")
+def test_bench_lfw_end_to_end(orl_pairs: Path, yunet_path: Path, tmp_path: Path, ckpt: Path) -> None:
     out = tmp_path / "result.json"
     args = ["bench", "lfw", "--pairs", str(orl_pairs), "--images", str(orl_pairs.parent / "lfw"),
             "--checkpoint", str(ckpt), "--device", "cpu", "--out", str(out)]  # fmt: skip

@@ -191,43 +191,16 @@ def test_official_probe_list_counts(shared_dir):
 
 
 def test_bad_configurations_are_one_line_errors(features, tmp_path):
-    runner = CliRunner()
-    res = runner.invoke(main, ["bench", "megaface", "--out", str(tmp_path), "--distractors", str(features / "dis")])
-    assert res.exit_code != 0 and "probes" in res.output
-    res = runner.invoke(
-        main,
-        [
-            "bench",
-            "megaface",
-            "--out",
-            str(tmp_path),
-            "--probes",
-            str(features / "probes"),
-            "--distractors",
-            str(features / "dis"),
-            "--sizes",
-            "5000",
-        ],
-    )
-    assert res.exit_code != 0 and "cannot draw 5,000" in res.output
-    res = runner.invoke(
-        main,
-        [
-            "bench",
-            "megaface",
-            "--out",
-            str(tmp_path),
-            "--probes",
-            str(features / "probes"),
-            "--distractors",
-            str(features / "dis"),
-            "--sizes",
-            "10",
-            "--filter",
-            "Beard",
-        ],
-    )
-    assert res.exit_code != 0 and "Beard" in res.output and "Traceback" not in res.output
+    def run(*extra: str) -> str:
+        res = CliRunner().invoke(main, ["bench", "megaface", "--out", str(tmp_path), *extra])
+        assert res.exit_code != 0 and "Traceback" not in res.output
+        return res.output
+
+    both = ["--probes", str(features / "probes"), "--distractors", str(features / "dis")]
+    assert "probes" in run("--distractors", str(features / "dis"))
+    assert "cannot draw 5,000" in run(*both, "--sizes", "5000")
+    assert "Beard" in run(*both, "--sizes", "10", "--filter", "Beard")
+    assert "expected comma-separated integers" in run(*both, "--sizes", "ten")
 
 
 def test_cleaned_cli_defaults_to_the_shared_noise_lists(features, tmp_path, shared_dir):
