@@ -370,6 +370,8 @@ class Evaluation:
         upper = owner < m.g  # unordered pairs i < j
         pos = np.sort(m.s[upper & m.ok])
         n_pos = int(upper.sum())
+        if not self.keep_all and self.neg.size > self.keep:
+            self._prune()  # sort only what can matter
         v, r, c = self.neg.arrays()
         order = np.argsort(-v, kind="stable")
         v, r, c = v[order], r[order], c[order]
