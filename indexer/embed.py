@@ -119,7 +119,8 @@ class InputItem:
     landmarks: np.ndarray | None = None
 
 
-def _walk_images(root: Path) -> list[Path]:
+def walk_images(root: Path) -> list[Path]:
+    """Image files under ``root`` (by suffix), hidden folders skipped, in sorted relative-path order."""
     if not root.is_dir():
         raise FileNotFoundError(f"input image folder {root} does not exist or is not a directory")
     found = []
@@ -155,7 +156,7 @@ def plan_inputs(cfg: EmbedConfig) -> list[InputItem]:
     root = cfg.image_root
     rows: list[tuple[Path, str | None, np.ndarray | None]]
     if cfg.format == "images":
-        files = _walk_images(cfg.input)
+        files = walk_images(cfg.input)
         rows = [(p, p.parent.name if p.parent != cfg.input else None, None) for p in files]
     elif cfg.format == "list":
         if not cfg.input.is_file():

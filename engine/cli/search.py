@@ -1,0 +1,130 @@
+"""``facesearch search``: who is this?  Rank-k identification against an index (see :mod:`engine.search`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.cli._app import DEVICE_OPTION, main, user_errors
+from engine.search import QueryResult, SearchEngine, threshold_from_result
+from indexer import shards
+from indexer.embed import walk_images
+from model.fileio import atomic_write_text, atomic_write_with
+
+
+def _read_embeddings(path: Path) -> tuple[np.ndarray, list[str]]:
+    """Query embeddings from a .npy (n, d), a Parquet file with an ``embedding`` column, or a shard directory."""
+    if path.is_dir():
+        block = shards.read_all(path, columns=["path"])
+        return block.xb, [str(p) for p in block.meta.column("path").to_pylist()]
+    if path.suffix == ".npy":
+        x = np.load(path, allow_pickle=False)
+        if x.ndim != 2:
+            raise ValueError(f"{path}: expected an (n, d) array of embeddings, got shape {x.shape}")
+        return x.astype(np.float32), [f"{path.name}[{i}]" for i in range(len(x))]
+    if path.suffix == ".parquet":
+        table = pq.read_table(path)
+        if "embedding" not in table.column_names:
+            raise ValueError(f"{path}: no 'embedding' column (have {table.column_names})")
+        x = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
+        names = table.column("path").to_pylist() if "path" in table.column_names else range(len(x))
+        return x, [str(n) for n in names]
+    raise ValueError(f"{path}: embeddings must be .npy, .parquet or a shard directory")
+
+
+def _images(path: Path) -> list[Path]:
+    files = [path] if path.is_file() else walk_images(path)
+    if not files:
+        raise ValueError(f"{path}: no image files in this folder")
+    return files
+
+
+def _table(names: list[str], results: list[QueryResult], attrs: tuple[str, ...]) -> str:
+    lines = []
+    for name, res in zip(names, results, strict=True):
+        head = f"query {name}: {res.strategy} search, {res.seconds * 1e3:.1f} ms"
+        head += f", {res.passing:,} pass the filter" if res.strategy not in ("none",) else ""
+        head += "" if res.exact else " (approximate index)"
+        if res.accepted is not None:
+            head += ", ACCEPTED" if res.accepted else ", no match above the threshold"
+        lines += [head, f"  {'rank':>4}  {'score':>7}  {'id':>9}  {'identity':<20}  {'attributes':<34}  path"]
+        for r, h in enumerate(res.hits, 1):
+            top = ", ".join(f"{a}={h.attributes[a]:.2f}" for a in attrs[:3])
+            lines.append(f"  {r:>4}  {h.score:7.4f}  {h.id:>9}  {str(h.identity)[:20]:<20}  {top:<34}  {h.path}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _rows(names: list[str], results: list[QueryResult]) -> pa.Table:
+    cols: dict[str, list[Any]] = {"query": [], "rank": [], "id": [], "path": [], "identity": [], "score": []}
+    for name, res in zip(names, results, strict=True):
+        for r, h in enumerate(res.hits, 1):
+            for key, value in (("query", name), ("rank", r), ("id", h.id), ("path", h.path),
+                               ("identity", h.identity), ("score", h.score)):  # fmt: skip
+                cols[key].append(value)
+            for a, v in h.attributes.items():
+                cols.setdefault(a, []).append(v)
+    return pa.table(cols)
+
+
+@main.command("search")
+@click.option("--index", "index_dir", type=click.Path(path_type=Path, file_okay=False, exists=True), required=True)
+@click.option("--probes", type=click.Path(path_type=Path, exists=True), help="A probe image or a folder of them.")
+@click.option("--embeddings", type=click.Path(path_type=Path, exists=True),
+              help="Query embeddings: .npy (n, d), .parquet with an 'embedding' column, or shards.")  # fmt: skip
+@click.option("--ids", help="Query by gallery ids, e.g. 5,77.")
+@click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="The model that built the index (needed for --probes; another model is refused).")  # fmt: skip
+@click.option("--detector-pad", type=int, default=0, show_default=True,
+              help="Black border added around probe images before detection (tightly cropped faces).")  # fmt: skip
+@click.option("-k", "k", type=int, default=10, show_default=True, help="Hits (or identities) per query.")
+@click.option("--filter", "expr", help='Attribute filter, e.g. "Male > 0.5 and Big_Nose", "not Chubby".')
+@click.option("--group-by", type=click.Choice(["identity"]), help="Aggregate hits per identity.")
+@click.option("--agg", type=click.Choice(["max", "mean"]), default="max", show_default=True)
+@click.option("--threshold", type=float, help="Open-set threshold on the score.")
+@click.option("--threshold-from", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Take the threshold from a bench megaface result file at --far.")  # fmt: skip
+@click.option("--far", type=float, default=1e-6, show_default=True, help="FAR for --threshold-from.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), help="Write all hits to a .parquet/.json.")
+@DEVICE_OPTION
+@user_errors
+def search_command(index_dir: Path, probes: Path | None, embeddings: Path | None, ids: str | None,
+                   checkpoint: Path | None, detector_pad: int, k: int, expr: str | None, group_by: str | None, agg: str,
+                   threshold: float | None, threshold_from: Path | None, far: float, as_json: bool, out: Path | None,
+                   device: str) -> None:  # fmt: skip
+    """Rank-k identification of probe faces (images, embeddings or gallery ids) against an index."""
+    if sum(x is not None for x in (probes, embeddings, ids)) != 1:
+        raise click.UsageError("give exactly one of --probes, --embeddings, --ids")
+    if threshold_from is not None:
+        threshold = threshold_from_result(threshold_from, far)
+    engine = SearchEngine.open(index_dir, checkpoint=checkpoint, device=device)
+    if probes is not None:
+        xq, names = engine.embed_images(_images(probes), pad=detector_pad)
+    elif embeddings is not None:
+        xq, names = _read_embeddings(embeddings)
+    else:
+        assert ids is not None
+        try:
+            wanted = [int(v) for v in ids.split(",")]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated integer ids, got {ids!r}") from None
+        engine.rows(wanted)
+        xq, names = engine.vectors(wanted), [f"id {i}" for i in wanted]
+    results = engine.search(xq, k=k, filter=expr, group_by=group_by, agg=agg, threshold=threshold)
+    docs = [{"query": n, **r.to_dict()} for n, r in zip(names, results, strict=True)]
+    if out is not None:
+        if out.suffix == ".parquet":
+            table = _rows(names, results)
+            atomic_write_with(out, lambda tmp: pq.write_table(table, tmp))
+        else:
+            atomic_write_text(out, json.dumps(docs, indent=1) + "\n")
+    click.echo(json.dumps(docs, indent=1) if as_json else _table(names, results, engine.attribute_names))
+    if out is not None:
+        click.echo(f"results: {out}")

@@ -1,0 +1,111 @@
+"""The search engine against brute force on a real flat index: exact filtered top-k at every selectivity, each
+strategy, identity grouping, thresholds, queries by id, and the model-fingerprint check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.search import SearchEngine, threshold_from_result
+from indexer import shards
+from indexer.index import IndexConfig, build_index
+from indexer.synth_features import SynthFeaturesConfig, write_synth_features
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("gal")
+    write_synth_features(SynthFeaturesConfig(out=root / "s", rows=3000, dim=32, identities=150, dtype="float32"))
+    build_index(root / "s", root / "i", IndexConfig(kind="flat", recall_sample=0))
+    return root / "s", root / "i"
+
+
+def _brute(gallery: tuple[Path, Path], xq: np.ndarray, k: int, keep: np.ndarray | None = None):
+    b = shards.read_all(gallery[0])
+    xb, ids = b.xb, b.ids
+    if keep is not None:
+        xb, ids = xb[keep], ids[keep]
+    S = xq @ xb.T
+    out = []
+    for q in range(len(xq)):
+        order = np.lexsort((ids, -S[q]))[:k]
+        out.append((S[q][order], ids[order]))
+    return out
+
+
+def _check(results, ref, k):
+    for res, (s, i) in zip(results, ref, strict=True):
+        got = np.array([h.score for h in res.hits])
+        assert len(res.hits) == min(k, len(i))
+        np.testing.assert_allclose(got, s[: len(got)], atol=1e-5)
+        assert [h.id for h in res.hits] == i[: len(got)].tolist()
+
+
+@pytest.mark.parametrize(
+    "expr, strategy",
+    [("id < 3", "subset"), ("id < 30", "subset"), ("id >= 2700", "selector"), ("Male", "selector"),
+     ("id < 1500 or Big_Nose", "postfilter"), ("id != 7", "postfilter")],
+)  # fmt: skip
+def test_filtered_top_k_is_exact_at_every_selectivity(gallery, expr, strategy):
+    eng = SearchEngine.open(gallery[1])
+    rng = np.random.default_rng(0)
+    xq = eng.vectors(rng.choice(3000, 5, replace=False)) + 0.05 * rng.normal(size=(5, 32)).astype(np.float32)
+    res = eng.search(xq, k=10, filter=expr)
+    mask = eng.parse(expr).mask(eng.columns)
+    assert {r.strategy for r in res} == {strategy} and res[0].passing == int(mask.sum()) and res[0].exact
+    _check(res, _brute(gallery, xq, 10, mask), 10)
+
+
+def test_unfiltered_and_by_id(gallery):
+    eng = SearchEngine.open(gallery[1])
+    xq = eng.vectors([5, 77, 2999])
+    res = eng.search(xq, k=7)
+    _check(res, _brute(gallery, xq, 7), 7)
+    assert [r.hits[0].id for r in res] == [5, 77, 2999] and res[0].strategy == "none"
+    with pytest.raises(KeyError, match="123456"):
+        eng.rows([123456])
+
+
+def test_group_by_identity_equals_brute_force(gallery):
+    eng = SearchEngine.open(gallery[1])
+    b = shards.read_all(gallery[0], columns=["identity"])
+    ident = np.asarray(b.meta.column("identity").to_pylist())
+    xq = eng.vectors([10, 1000])
+    res = eng.search(xq, k=5, group_by="identity")
+    for q, r in enumerate(res):
+        s = b.xb @ xq[q]
+        best = {}
+        for i in np.argsort(-s):
+            best.setdefault(ident[i], s[i])
+        top = sorted(best.items(), key=lambda t: -t[1])[:5]
+        assert [h.identity for h in r.hits] == [t[0] for t in top]
+        np.testing.assert_allclose([h.score for h in r.hits], [t[1] for t in top], atol=1e-5)
+    mean = eng.search(xq, k=5, group_by="identity", agg="mean")
+    assert all(h.count >= 1 for h in mean[0].hits)
+
+
+def test_threshold_and_open_set(gallery, tmp_path):
+    eng = SearchEngine.open(gallery[1])
+    xq = eng.vectors([3])
+    (res,) = eng.search(xq, k=10, threshold=0.999)
+    assert res.accepted and all(h.score >= 0.999 for h in res.hits)
+    (res,) = eng.search(-xq, k=10, threshold=0.99)
+    assert res.accepted is False and res.hits == ()
+    result = {"kind": "facesearch.megaface_result", "roc": {"far": [1e-6, 1e-3], "threshold": [0.61, 0.42]}}
+    (tmp_path / "r.json").write_text(json.dumps(result))
+    assert threshold_from_result(tmp_path / "r.json", 1e-3) == 0.42
+    with pytest.raises(ValueError, match=r"no threshold at FAR 0\.01"):
+        threshold_from_result(tmp_path / "r.json", 1e-2)
+
+
+def test_bad_input_is_named(gallery, make_checkpoint, tmp_path):
+    eng = SearchEngine.open(gallery[1])
+    with pytest.raises(ValueError, match="d=8 but the index holds d=32"):
+        eng.search(np.ones((1, 8), np.float32))
+    with pytest.raises(ValueError, match="Beard"):
+        eng.search(eng.vectors([1]), filter="Beard > 0.5")
+    with pytest.raises(ValueError, match="not comparable"):
+        SearchEngine.open(gallery[1], checkpoint=make_checkpoint(tmp_path / "w.safetensors"), device="cpu")
