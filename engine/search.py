@@ -283,4 +283,21 @@ class SearchEngine:
         return hits[:k]
 
 
-__all__ = ["AGGREGATES", "Hit", "QueryResult", "SearchEngine", "threshold_from_result"]
+def format_results(names: Sequence[str], results: Sequence[QueryResult], attrs: Sequence[str] = ()) -> str:
+    """The readable table of ranked hits per query (what `facesearch search` prints)."""
+    lines = []
+    for name, res in zip(names, results, strict=True):
+        head = f"query {name}: {res.strategy} search, {res.seconds * 1e3:.1f} ms"
+        head += f", {res.passing:,} pass the filter" if res.strategy not in ("none",) else ""
+        head += "" if res.exact else " (approximate index)"
+        if res.accepted is not None:
+            head += ", ACCEPTED" if res.accepted else ", no match above the threshold"
+        lines += [head, f"  {'rank':>4}  {'score':>7}  {'id':>9}  {'identity':<20}  {'attributes':<34}  path"]
+        for r, h in enumerate(res.hits, 1):
+            top = ", ".join(f"{a}={h.attributes[a]:.2f}" for a in attrs[:3])
+            lines.append(f"  {r:>4}  {h.score:7.4f}  {h.id:>9}  {str(h.identity)[:20]:<20}  {top:<34}  {h.path}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+__all__ = ["AGGREGATES", "Hit", "QueryResult", "SearchEngine", "format_results", "threshold_from_result"]

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.cli._app import DEVICE_OPTION, main, user_errors
-from engine.search import QueryResult, SearchEngine, threshold_from_result
+from engine.search import QueryResult, SearchEngine, format_results, threshold_from_result
 from indexer import shards
 from indexer.embed import walk_images
 from model.fileio import atomic_write_text, atomic_write_with
@@ -43,22 +43,6 @@ def _images(path: Path) -> list[Path]:
     if not files:
         raise ValueError(f"{path}: no image files in this folder")
     return files
-
-
-def _table(names: list[str], results: list[QueryResult], attrs: tuple[str, ...]) -> str:
-    lines = []
-    for name, res in zip(names, results, strict=True):
-        head = f"query {name}: {res.strategy} search, {res.seconds * 1e3:.1f} ms"
-        head += f", {res.passing:,} pass the filter" if res.strategy not in ("none",) else ""
-        head += "" if res.exact else " (approximate index)"
-        if res.accepted is not None:
-            head += ", ACCEPTED" if res.accepted else ", no match above the threshold"
-        lines += [head, f"  {'rank':>4}  {'score':>7}  {'id':>9}  {'identity':<20}  {'attributes':<34}  path"]
-        for r, h in enumerate(res.hits, 1):
-            top = ", ".join(f"{a}={h.attributes[a]:.2f}" for a in attrs[:3])
-            lines.append(f"  {r:>4}  {h.score:7.4f}  {h.id:>9}  {str(h.identity)[:20]:<20}  {top:<34}  {h.path}")
-        lines.append("")
-    return "\n".join(lines)
 
 
 def _rows(names: list[str], results: list[QueryResult]) -> pa.Table:
@@ -125,6 +109,6 @@ def search_command(index_dir: Path, probes: Path | None, embeddings: Path | None
             atomic_write_with(out, lambda tmp: pq.write_table(table, tmp))
         else:
             atomic_write_text(out, json.dumps(docs, indent=1) + "\n")
-    click.echo(json.dumps(docs, indent=1) if as_json else _table(names, results, engine.attribute_names))
+    click.echo(json.dumps(docs, indent=1) if as_json else format_results(names, results, engine.attribute_names))
     if out is not None:
         click.echo(f"results: {out}")

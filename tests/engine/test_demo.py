@@ -40,5 +40,8 @@ def test_demo_end_to_end_through_the_cli(tmp_path: Path) -> None:
     assert all(0 <= r["rank1"] <= 1 and r["N"] == 4 * 3 * 2 for r in mf)
     assert (out / "megaface" / "megaface_cmc.png").is_file() and "TAR@1e-6" in (out / "report.md").read_text()
     assert (out / "index" / "index.faiss").is_file()
+    search = report["search"]
+    assert search["queries"] == 4 and search["enrolled"] == 8 and search["gallery"] == 40 + 8
+    assert "Identification with an attribute filter" in (out / "report.md").read_text() and "rank" in search["table"]
     assert set(report["label_balanced_accuracy"]) == set(report["model_attribute_balanced_accuracy"])
     assert report["losses"] and all(np.isfinite(loss) for _, loss in report["losses"])
