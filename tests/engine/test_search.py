@@ -7,8 +7,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 
+from engine.cli import main
 from engine.search import SearchEngine, threshold_from_result
 from indexer import shards
 from indexer.index import IndexConfig, build_index
@@ -109,3 +112,23 @@ def test_bad_input_is_named(gallery, make_checkpoint, tmp_path):
         eng.search(eng.vectors([1]), filter="Beard > 0.5")
     with pytest.raises(ValueError, match="not comparable"):
         SearchEngine.open(gallery[1], checkpoint=make_checkpoint(tmp_path / "w.safetensors"), device="cpu")
+
+
+def test_search_cli(gallery, tmp_path):
+    runner = CliRunner()
+    base = ["search", "--index", str(gallery[1])]
+    res = runner.invoke(main, [*base, "--ids", "5,77", "-k", "3", "--filter", "Male"])
+    assert res.exit_code == 0, res.output
+    assert "query id 5: selector search" in res.output and "rank" in res.output
+    eng = SearchEngine.open(gallery[1])
+    np.save(tmp_path / "q.npy", eng.vectors([9, 10]))
+    out = tmp_path / "hits.parquet"
+    res = runner.invoke(main, [*base, "--embeddings", str(tmp_path / "q.npy"), "--group-by", "identity", "--json",
+                               "--out", str(out)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    docs = json.loads(res.output[: res.output.rindex("]") + 1])
+    assert len(docs) == 2 and docs[0]["hits"][0]["id"] == 9 and pq.read_table(out).num_rows == 20
+    res = runner.invoke(main, [*base, "--ids", "5", "--filter", "Male >"])
+    assert res.exit_code != 0 and "expected a value" in res.output and "Traceback" not in res.output
+    res = runner.invoke(main, [*base, "--ids", "5", "--embeddings", str(tmp_path / "q.npy")])
+    assert res.exit_code != 0 and "exactly one of" in res.output
