@@ -106,25 +106,14 @@ def test_devkit_trees_give_the_same_counts_as_shards(features, tmp_path):
     shard_out = tmp_path / "a"
     run_megaface(BenchConfig(out=shard_out, probes=features / "probes", distractors=features / "dis", sizes=(50, 200)))
     lists = shard_out / "lists"
-    res = runner.invoke(
-        main,
-        [
-            "bench",
-            "megaface",
-            "--out",
-            str(tmp_path / "b"),
-            "--probe-root",
-            str(tmp_path / "probes"),
-            "--probe-list",
-            str(tmp_path / "facescrub_features_list.json"),
-            "--distractor-root",
-            str(tmp_path / "dis"),
-            "--distractor-lists",
-            str(lists),
-            "--file-ending",
-            "_alg.bin",
-        ],
-    )
+
+    def devkit_run(out: Path):
+        args = ["bench", "megaface", "--out", str(out), "--probe-root", str(tmp_path / "probes"), "--probe-list",
+                str(tmp_path / "facescrub_features_list.json"), "--distractor-root", str(tmp_path / "dis"),
+                "--distractor-lists", str(lists), "--file-ending", "_alg.bin"]  # fmt: skip
+        return runner.invoke(main, args)
+
+    res = devkit_run(tmp_path / "b")
     assert res.exit_code == 0, res.output
     assert "TAR@1e-6" in res.output and "report:" in res.output
     for size in (50, 200):
@@ -134,25 +123,7 @@ def test_devkit_trees_give_the_same_counts_as_shards(features, tmp_path):
     # A malformed feature file is named.
     bad = tmp_path / "dis" / (devkit.read_distractor_list(lists / "megaface_features_list.json_50_1")[7] + "_alg.bin")
     bad.write_bytes(bad.read_bytes()[:20])
-    res = runner.invoke(
-        main,
-        [
-            "bench",
-            "megaface",
-            "--out",
-            str(tmp_path / "c"),
-            "--probe-root",
-            str(tmp_path / "probes"),
-            "--probe-list",
-            str(tmp_path / "facescrub_features_list.json"),
-            "--distractor-root",
-            str(tmp_path / "dis"),
-            "--distractor-lists",
-            str(lists),
-            "--file-ending",
-            "_alg.bin",
-        ],
-    )
+    res = devkit_run(tmp_path / "c")
     assert res.exit_code != 0 and bad.name in res.output and "Traceback" not in res.output
 
 
