@@ -244,7 +244,7 @@ def _search_demo(cfg: DemoConfig, probes_dir: Path, index_dir: Path, weights: Pa
         "rank1_correct": int(correct),
         "strategy": results[0].strategy,
         "passing": results[0].passing,
-        "table": format_results(names[:2], results[:2], engine.attribute_names),
+        "table": format_results(names[:2], results[:2], engine.attribute_names, engine.parse(cfg.search_filter).names),
     }
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,8 +283,13 @@ class SearchEngine:
         return hits[:k]
 
 
-def format_results(names: Sequence[str], results: Sequence[QueryResult], attrs: Sequence[str] = ()) -> str:
-    """The readable table of ranked hits per query (what `facesearch search` prints)."""
+def format_results(
+    names: Sequence[str], results: Sequence[QueryResult], attrs: Sequence[str] = (), first: Iterable[str] = ()
+) -> str:
+    """The readable table of ranked hits per query (what `facesearch search` prints): three attribute
+    probabilities per hit, those named in ``first`` (e.g. the filter's) before the others."""
+    wanted = set(first)
+    shown = ([a for a in attrs if a in wanted] + [a for a in attrs if a not in wanted])[:3]
     lines = []
     for name, res in zip(names, results, strict=True):
         head = f"query {name}: {res.strategy} search, {res.seconds * 1e3:.1f} ms"
@@ -292,10 +297,11 @@ def format_results(names: Sequence[str], results: Sequence[QueryResult], attrs: 
         head += "" if res.exact else " (approximate index)"
         if res.accepted is not None:
             head += ", ACCEPTED" if res.accepted else ", no match above the threshold"
-        lines += [head, f"  {'rank':>4}  {'score':>7}  {'id':>9}  {'identity':<20}  {'attributes':<34}  path"]
+        lines += [head, f"  {'rank':>4}  {'score':>7}  {'id':>13}  {'identity':<20}  {'attributes':<46}  path"]
         for r, h in enumerate(res.hits, 1):
-            top = ", ".join(f"{a}={h.attributes[a]:.2f}" for a in attrs[:3])
-            lines.append(f"  {r:>4}  {h.score:7.4f}  {h.id:>9}  {str(h.identity)[:20]:<20}  {top:<34}  {h.path}")
+            top = ", ".join(f"{a}={h.attributes[a]:.2f}" for a in shown)
+            ident = "-" if h.identity is None else str(h.identity)[:20]
+            lines.append(f"  {r:>4}  {h.score:7.4f}  {h.id:>13}  {ident:<20}  {top:<46}  {h.path}")
         lines.append("")
     return "\n".join(lines)
 

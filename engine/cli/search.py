@@ -109,6 +109,10 @@ def search_command(index_dir: Path, probes: Path | None, embeddings: Path | None
             atomic_write_with(out, lambda tmp: pq.write_table(table, tmp))
         else:
             atomic_write_text(out, json.dumps(docs, indent=1) + "\n")
-    click.echo(json.dumps(docs, indent=1) if as_json else format_results(names, results, engine.attribute_names))
+    click.echo(
+        json.dumps(docs, indent=1)
+        if as_json
+        else format_results(names, results, engine.attribute_names, engine.parse(expr).names if expr else ())
+    )
     if out is not None:
         click.echo(f"results: {out}")
