@@ -123,10 +123,7 @@ class SearchEngine:
         detector = detector or FaceDetector(pad=pad)
         crops, names = [], []
         for path in paths:
-            try:
-                crops.append(prepare_face(Path(path), detector=detector, size=self.embedder.input_size).crop)
-            except ImageError as e:
-                raise ValueError(f"probe {path}: {e}") from None
+            crops.append(self._crop(Path(path), detector, f"probe {path}"))
             names.append(str(path))
         if not crops:
             return np.zeros((0, self.d), np.float32), names
@@ -159,6 +156,20 @@ class SearchEngine:
             return np.stack([index.reconstruct(int(i)) for i in ids]).astype(np.float32)
         except RuntimeError as e:
             raise ValueError(f"this {self.index_kind} index cannot return stored vectors: {e}") from e
+
+    def _crop(self, source: Path | np.ndarray, detector: FaceDetector, what: str) -> np.ndarray:
+        assert self.embedder is not None
+        try:
+            return prepare_face(source, detector=detector, size=self.embedder.input_size).crop
+        except ImageError as e:
+            raise ValueError(f"{what}: {e}") from None
+
+    def embed_array(self, image: np.ndarray, detector: FaceDetector, what: str = "image") -> np.ndarray:
+        """Detect, align and embed one decoded (H, W, 3) RGB image: (1, d)."""
+        if self.embedder is None:
+            raise ValueError("image queries need the model: open the engine with checkpoint=...")
+        emb, _ = self.embedder.embed_crops(self._crop(image, detector, what)[None])
+        return emb
 
     def _hit(self, row: int, score: float, count: int = 1) -> Hit:
         c = self.columns

@@ -15,6 +15,7 @@ from engine.cli import demo as _demo  # noqa: F401
 from engine.cli import embed as _embed  # noqa: F401
 from engine.cli import index as _index  # noqa: F401
 from engine.cli import search as _search  # noqa: F401
+from engine.cli import serve as _serve  # noqa: F401
 from engine.cli import synth as _synth  # noqa: F401
 from engine.cli import train as _train  # noqa: F401
 from engine.cli._app import main

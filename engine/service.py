@@ -1,0 +1,122 @@
+"""``facesearch serve``: the search engine over HTTP (FastAPI; served by uvicorn, bound to 127.0.0.1 by default).
+
+- ``GET /health``: liveness plus what is loaded (index kind, size, dimension, model fingerprint).
+- ``POST /search/embedding``: JSON ``{"embedding": [...] | [[...], ...], "k": 10, "filter": "Male > 0.5",
+  "group_by": "identity", "agg": "max", "threshold": 0.4}`` -> ``{"results": [...]}`` (one per query row).
+- ``POST /search/image``: a multipart upload ``image`` (+ the same options as form fields) -> detection, alignment
+  and embedding with the index's model, then the search.
+- ``GET /openapi.json`` / ``/docs``: the OpenAPI description.
+
+Every request is limited to ``max_bytes`` (413 beyond), ``k`` to ``max_k``; with a ``token`` every route but
+``/health`` needs ``Authorization: Bearer <token>`` (401).  Bad input — an undecodable image, no face, a bad filter,
+a wrong dimension — is a 4xx with a one-line message, never a 500.  Searches are serialised by a lock (the model and
+FAISS share two cores here; correctness under concurrent requests comes first).
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from typing import Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, UploadFile
+from pydantic import BaseModel, Field
+
+from engine.search import SearchEngine
+from model.align import FaceDetector
+from model.checkpoint import package_version
+from model.images import ImageError, decode_image
+
+MAX_BYTES = 10 << 20
+
+
+class EmbeddingQuery(BaseModel):
+    """A search by embedding(s)."""
+
+    embedding: list[float] | list[list[float]]
+    k: int = Field(10, ge=1)
+    filter: str | None = None
+    group_by: str | None = Field(None, pattern="^identity$")
+    agg: str = Field("max", pattern="^(max|mean)$")
+    threshold: float | None = None
+
+
+def create_app(
+    engine: SearchEngine, token: str | None = None, max_bytes: int = MAX_BYTES, max_k: int = 1000, detector_pad: int = 0
+) -> FastAPI:
+    """The HTTP application around one loaded engine."""
+    app = FastAPI(title="facesearch", version=package_version(),
+                  description="Rank-k face identification with attribute filters.")  # fmt: skip
+    lock = threading.Lock()
+    detector: list[FaceDetector] = []
+
+    def limits(request: Request) -> None:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > max_bytes:
+            raise HTTPException(413, f"request body of {int(size):,} bytes exceeds the limit of {max_bytes:,}")
+
+    def auth(authorization: str | None = Header(None)) -> None:
+        if token is None:
+            return
+        given = (authorization or "").removeprefix("Bearer ").strip()
+        if not given or not secrets.compare_digest(given, token):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    def run(xq: np.ndarray, k: int, flt: str | None, group_by: str | None, agg: str, thr: float | None) -> Any:
+        if k > max_k:
+            raise HTTPException(422, f"k={k} exceeds the limit of {max_k}")
+        try:
+            with lock:
+                results = engine.search(xq, k=k, filter=flt, group_by=group_by, agg=agg, threshold=thr)
+        except (ValueError, KeyError) as e:
+            raise HTTPException(400, str(e).strip("'\"")) from None
+        return {"results": [r.to_dict() for r in results]}
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        info = engine.loaded.info
+        return {"status": "ok", "version": package_version(), "index": {"kind": info.kind, "nb": info.nb,
+                "d": info.d, "fingerprint": info.fingerprint}, "images": engine.embedder is not None}  # fmt: skip
+
+    @app.post("/search/embedding", dependencies=[Depends(limits), Depends(auth)])
+    def search_embedding(q: EmbeddingQuery) -> Any:
+        try:
+            xq = np.atleast_2d(np.asarray(q.embedding, dtype=np.float32))
+        except ValueError:
+            xq = np.zeros((0, 0, 0), np.float32)  # ragged rows
+        if xq.ndim != 2 or not np.isfinite(xq).all():
+            raise HTTPException(422, "embedding must be a finite vector or a list of equal-length vectors")
+        return run(xq, q.k, q.filter, q.group_by, q.agg, q.threshold)
+
+    @app.post("/search/image", dependencies=[Depends(limits), Depends(auth)])
+    def search_image(
+        image: UploadFile = File(...),
+        k: int = Form(10, ge=1),
+        filter: str | None = Form(None),
+        group_by: str | None = Form(None, pattern="^identity$"),
+        agg: str = Form("max", pattern="^(max|mean)$"),
+        threshold: float | None = Form(None),
+    ) -> Any:
+        if engine.embedder is None:
+            raise HTTPException(400, "this service was started without --checkpoint: image queries are disabled")
+        data = image.file.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise HTTPException(413, f"image exceeds the limit of {max_bytes:,} bytes")
+        name = image.filename or "upload"
+        try:
+            rgb = decode_image(data, name)
+            with lock:
+                if not detector:
+                    detector.append(FaceDetector(pad=detector_pad))
+                xq = engine.embed_array(rgb, detector[0], what=name)
+        except ImageError as e:
+            raise HTTPException(400, str(e)) from None
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+        return run(xq, k, filter, group_by, agg, threshold)
+
+    return app
+
+
+__all__ = ["MAX_BYTES", "EmbeddingQuery", "create_app"]

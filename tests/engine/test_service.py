@@ -1,0 +1,102 @@
+"""The HTTP service through FastAPI's test client: results equal the library's, 4xx for every bad input, bearer
+token, size limits, concurrent requests, an image query through the index's model, the OpenAPI description."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from engine.search import SearchEngine
+from engine.service import create_app
+from indexer.embed import EmbedConfig
+from indexer.index import IndexConfig, build_index
+from indexer.pipeline import run_embed
+from indexer.synth_features import SynthFeaturesConfig, write_synth_features
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> SearchEngine:
+    root = tmp_path_factory.mktemp("svc")
+    write_synth_features(SynthFeaturesConfig(out=root / "s", rows=500, dim=16, identities=50, dtype="float32"))
+    build_index(root / "s", root / "i", IndexConfig(kind="flat", recall_sample=0))
+    return SearchEngine.open(root / "i")
+
+
+def test_embedding_search_equals_the_library(engine):
+    client = TestClient(create_app(engine))
+    assert client.get("/health").json()["index"]["nb"] == 500
+    xq = engine.vectors([3, 4])
+    res = client.post("/search/embedding", json={"embedding": xq.tolist(), "k": 5, "filter": "Male"})
+    assert res.status_code == 200, res.text
+    want = engine.search(xq, k=5, filter="Male")
+    got = res.json()["results"]
+    assert [[h["id"] for h in r["hits"]] for r in got] == [[h.id for h in r.hits] for r in want]
+    one = client.post("/search/embedding", json={"embedding": xq[0].tolist(), "group_by": "identity", "k": 3})
+    assert one.status_code == 200 and len(one.json()["results"][0]["hits"]) == 3
+    assert "/search/image" in client.get("/openapi.json").json()["paths"]
+
+
+def test_bad_requests_are_4xx_with_a_message(engine):
+    client = TestClient(create_app(engine, max_bytes=4096, max_k=50))
+    v = engine.vectors([1])[0].tolist()
+    cases = [
+        ({"embedding": v, "filter": "Beard > 1"}, 400, "Beard"),
+        ({"embedding": v[:5]}, 400, "d=5"),
+        ({"embedding": v, "k": 51}, 422, "limit"),
+        ({"embedding": v, "k": 0}, 422, ""),
+        ({"embedding": "x"}, 422, ""),
+        ({"embedding": [v, v[:3]]}, 422, ""),
+    ]
+    for body, status, text in cases:
+        res = client.post("/search/embedding", json=body)
+        assert res.status_code == status and text in res.text, (body, res.status_code, res.text)
+    big = client.post("/search/embedding", json={"embedding": [0.0] * 2000})
+    assert big.status_code == 413
+    img = client.post("/search/image", files={"image": ("x.jpg", b"not an image", "image/jpeg")})
+    assert img.status_code == 400 and "without --checkpoint" in img.text
+
+
+def test_bearer_token(engine):
+    client = TestClient(create_app(engine, token="s3cret"))
+    body = {"embedding": engine.vectors([1])[0].tolist()}
+    assert client.get("/health").status_code == 200
+    assert client.post("/search/embedding", json=body).status_code == 401
+    assert client.post("/search/embedding", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert client.post("/search/embedding", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_concurrent_requests_give_the_same_answers(engine):
+    client = TestClient(create_app(engine))
+    xq = engine.vectors(list(range(16)))
+
+    def ask(i: int) -> list[int]:
+        res = client.post("/search/embedding", json={"embedding": xq[i].tolist(), "k": 4, "filter": "id >= 100"})
+        assert res.status_code == 200
+        return [h["id"] for h in res.json()["results"][0]["hits"]]
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(ask, range(16)))
+    assert got == [[h.id for h in r.hits] for r in engine.search(xq, k=4, filter="id >= 100")]
+
+
+def test_image_query_through_the_index_model(orl_dir, yunet_path, ckpt, tmp_path):
+    cfg = EmbedConfig(input=orl_dir / "s1", checkpoint=ckpt, out=tmp_path / "s", detector_pad=20, workers=1)
+    run_embed(cfg)
+    build_index(tmp_path / "s", tmp_path / "i", IndexConfig(kind="flat", recall_sample=0))
+    client = TestClient(create_app(SearchEngine.open(tmp_path / "i", checkpoint=ckpt, device="cpu"), detector_pad=20))
+    ok, png = cv2.imencode(".png", cv2.imread(str(orl_dir / "s1" / "3.pgm")))
+    assert ok
+    res = client.post("/search/image", files={"image": ("3.png", png.tobytes(), "image/png")}, data={"k": "3"})
+    assert res.status_code == 200, res.text
+    top = res.json()["results"][0]["hits"][0]
+    assert top["path"].endswith("3.pgm") and top["score"] > 0.999
+    bad = client.post("/search/image", files={"image": ("t.jpg", b"hello, not a jpeg", "image/jpeg")})
+    assert bad.status_code == 400 and "t.jpg" in bad.text
+    blank = np.zeros((112, 92, 3), np.uint8)
+    ok, png = cv2.imencode(".png", blank)
+    noface = client.post("/search/image", files={"image": ("blank.png", png.tobytes(), "image/png")})
+    assert noface.status_code == 422 and "no face" in noface.text.lower()
