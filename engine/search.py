@@ -18,6 +18,7 @@ reports its strategy and its time.
 # ruff: noqa: E741  -- FAISS vocabulary: D (scores) and I (ids), as STYLE.md asks
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -50,6 +51,7 @@ class Hit:
     score: float
     attributes: dict[str, float] = field(default_factory=dict)
     count: int = 1  # gallery items of this identity among the retrieved hits (grouped results)
+    rank_score: float | None = None  # soft mode: the combined score the hits are ranked by
 
 
 @dataclass(frozen=True)
@@ -114,10 +116,10 @@ class SearchEngine:
 
     def embed_images(
         self, paths: Sequence[Path], detector: FaceDetector | None = None, pad: int = 0
-    ) -> tuple[np.ndarray, list[str]]:
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Detect (YuNet, on the image padded by ``pad`` black pixels: tightly cropped faces need it), align and
-        embed probe images in one batch: (embeddings, paths).  A file that cannot be read or holds no face is a
-        ``ValueError`` naming it and the reason."""
+        embed probe images in one batch: (embeddings, attribute probabilities in the gallery's order, paths).  A
+        file that cannot be read or holds no face is a ``ValueError`` naming it and the reason."""
         if self.embedder is None:
             raise ValueError("image queries need the model: open the engine with checkpoint=...")
         detector = detector or FaceDetector(pad=pad)
@@ -126,9 +128,10 @@ class SearchEngine:
             crops.append(self._crop(Path(path), detector, f"probe {path}"))
             names.append(str(path))
         if not crops:
-            return np.zeros((0, self.d), np.float32), names
-        emb, _ = self.embedder.embed_crops(np.stack(crops))
-        return emb, names
+            return np.zeros((0, self.d), np.float32), np.zeros((0, len(self.attribute_names)), np.float32), names
+        emb, probs = self.embedder.embed_crops(np.stack(crops))
+        order = [list(self.embedder.attributes).index(a) for a in self.attribute_names]
+        return emb, probs[:, order], names
 
     @property
     def fingerprint(self) -> str:
@@ -243,10 +246,26 @@ class SearchEngine:
         group_by: str | None = None,
         agg: str = "max",
         threshold: float | None = None,
+        soft_weight: float = 0.0,
+        probe_attributes: np.ndarray | None = None,
     ) -> list[QueryResult]:
         """Rank-k answers for every row of ``xq`` (nq, d): items, or identities with ``group_by="identity"`` (``agg``
         max: the identity's best item; mean: the mean score of its items among the retrieved hits).  ``threshold``
-        drops hits below it and sets ``accepted`` (the open-set decision)."""
+        drops hits below it and sets ``accepted`` (the open-set decision).
+
+        Soft mode (``soft_weight`` w > 0, with ``probe_attributes`` (nq, attributes) in the gallery's attribute
+        order): instead of a hard filter, the top 10 k candidates are re-ranked by (1 - w) * score + w * agreement,
+        agreement = 1 - mean |probe probability - gallery probability| over the attributes both have; ``Hit.score``
+        stays the identity score and ``Hit.rank_score`` is the combined one."""
+        if not 0.0 <= soft_weight <= 1.0:
+            raise ValueError(f"soft_weight must be in [0, 1], got {soft_weight}")
+        if soft_weight > 0 and group_by is not None:
+            raise ValueError("soft re-ranking ranks gallery items; it cannot be combined with group_by yet")
+        if soft_weight > 0 and (
+            probe_attributes is None or np.shape(probe_attributes)[-1] != len(self.attribute_names)
+        ):
+            raise ValueError(f"soft re-ranking needs the probes' attribute probabilities ({len(self.attribute_names)} "
+                             f"per probe: {', '.join(self.attribute_names)}); use image or id queries")  # fmt: skip
         xq = np.ascontiguousarray(np.atleast_2d(xq), dtype=np.float32)
         if xq.shape[1] != self.d:
             raise ValueError(f"queries have d={xq.shape[1]} but the index holds d={self.d}")
@@ -258,7 +277,7 @@ class SearchEngine:
             raise ValueError(f"agg must be one of {list(AGGREGATES)}, got {agg!r}")
         flt = self.parse(filter) if isinstance(filter, str) else filter
         t0 = time.perf_counter()
-        depth = k if group_by is None else min(len(self.columns["id"]), 10 * k)
+        depth = k if group_by is None and soft_weight == 0 else min(len(self.columns["id"]), 10 * k)
         while True:
             D, I, strategy, passing = self.retrieve(xq, depth, flt)
             if group_by is None or depth >= min(passing, len(self.columns["id"])):
@@ -270,13 +289,33 @@ class SearchEngine:
         results = []
         for q in range(len(xq)):
             pairs = [(float(s), self._row_of[int(i)]) for s, i in zip(D[q], I[q], strict=True) if i >= 0]
+            rank: dict[int, float] = {}
+            if soft_weight > 0:
+                assert probe_attributes is not None
+                rank = self._soft(pairs, np.atleast_2d(probe_attributes)[q], soft_weight)
+                pairs.sort(key=lambda t: (-rank[t[1]], int(self.columns["id"][t[1]])))
             hits = self._group(pairs, k, agg) if group_by else [self._hit(r, s) for s, r in pairs[:k]]
+            if rank:
+                hits = [dataclasses.replace(h, rank_score=rank[self._row_of[h.id]]) for h in hits]
             accepted = None
             if threshold is not None:
                 accepted = bool(hits) and hits[0].score >= threshold
                 hits = [h for h in hits if h.score >= threshold]
             results.append(QueryResult(tuple(hits), strategy, seconds, self.exact, passing, accepted))
         return results
+
+    def _soft(self, pairs: list[tuple[float, int]], probe: np.ndarray, w: float) -> dict[int, float]:
+        """Combined score per gallery row: (1 - w) * identity score + w * attribute agreement."""
+        if not pairs:
+            return {}
+        rows = np.array([r for _, r in pairs], np.int64)
+        gallery = np.stack([self.columns[a][rows] for a in self.attribute_names], axis=1)
+        out = {}
+        for j, (s, r) in enumerate(pairs):
+            diff = np.abs(gallery[j] - probe)
+            agree = 1.0 - float(np.nanmean(diff)) if np.isfinite(diff).any() else 0.5
+            out[r] = (1 - w) * s + w * agree
+        return out
 
     def _identities(self, ids: np.ndarray) -> int:
         return len({self.columns["identity"][self._row_of[int(i)]] for i in ids if i >= 0})

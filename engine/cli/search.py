@@ -71,6 +71,8 @@ def _rows(names: list[str], results: list[QueryResult]) -> pa.Table:
 @click.option("--filter", "expr", help='Attribute filter, e.g. "Male > 0.5 and Big_Nose", "not Chubby".')
 @click.option("--group-by", type=click.Choice(["identity"]), help="Aggregate hits per identity.")
 @click.option("--agg", type=click.Choice(["max", "mean"]), default="max", show_default=True)
+@click.option("--soft-weight", type=float, default=0.0, show_default=True,
+              help="Soft mode: rank by (1-w)*score + w*attribute agreement (image or id queries).")  # fmt: skip
 @click.option("--threshold", type=float, help="Open-set threshold on the score.")
 @click.option("--threshold-from", type=click.Path(path_type=Path, dir_okay=False, exists=True),
               help="Take the threshold from a bench megaface result file at --far.")  # fmt: skip
@@ -81,16 +83,17 @@ def _rows(names: list[str], results: list[QueryResult]) -> pa.Table:
 @user_errors
 def search_command(index_dir: Path, probes: Path | None, embeddings: Path | None, ids: str | None,
                    checkpoint: Path | None, detector_pad: int, k: int, expr: str | None, group_by: str | None, agg: str,
-                   threshold: float | None, threshold_from: Path | None, far: float, as_json: bool, out: Path | None,
-                   device: str) -> None:  # fmt: skip
+                   soft_weight: float, threshold: float | None, threshold_from: Path | None, far: float,
+                   as_json: bool, out: Path | None, device: str) -> None:  # fmt: skip
     """Rank-k identification of probe faces (images, embeddings or gallery ids) against an index."""
     if sum(x is not None for x in (probes, embeddings, ids)) != 1:
         raise click.UsageError("give exactly one of --probes, --embeddings, --ids")
     if threshold_from is not None:
         threshold = threshold_from_result(threshold_from, far)
     engine = SearchEngine.open(index_dir, checkpoint=checkpoint, device=device)
+    probe_attrs = None
     if probes is not None:
-        xq, names = engine.embed_images(_images(probes), pad=detector_pad)
+        xq, probe_attrs, names = engine.embed_images(_images(probes), pad=detector_pad)
     elif embeddings is not None:
         xq, names = _read_embeddings(embeddings)
     else:
@@ -99,9 +102,11 @@ def search_command(index_dir: Path, probes: Path | None, embeddings: Path | None
             wanted = [int(v) for v in ids.split(",")]
         except ValueError:
             raise click.BadParameter(f"expected comma-separated integer ids, got {ids!r}") from None
-        engine.rows(wanted)
+        rows = engine.rows(wanted)
         xq, names = engine.vectors(wanted), [f"id {i}" for i in wanted]
-    results = engine.search(xq, k=k, filter=expr, group_by=group_by, agg=agg, threshold=threshold)
+        probe_attrs = np.stack([engine.columns[a][rows] for a in engine.attribute_names], axis=1)
+    results = engine.search(xq, k=k, filter=expr, group_by=group_by, agg=agg, threshold=threshold,
+                            soft_weight=soft_weight, probe_attributes=probe_attrs)  # fmt: skip
     docs = [{"query": n, **r.to_dict()} for n, r in zip(names, results, strict=True)]
     if out is not None:
         if out.suffix == ".parquet":

@@ -132,3 +132,27 @@ def test_search_cli(gallery, tmp_path):
     assert res.exit_code != 0 and "expected a value" in res.output and "Traceback" not in res.output
     res = runner.invoke(main, [*base, "--ids", "5", "--embeddings", str(tmp_path / "q.npy")])
     assert res.exit_code != 0 and "exactly one of" in res.output
+
+
+def test_soft_mode_reranks_by_attribute_agreement(gallery):
+    eng = SearchEngine.open(gallery[1])
+    xq = eng.vectors([42])
+    names = eng.attribute_names
+    probe = np.stack([eng.columns[a][eng.rows([42])] for a in names], axis=1)
+    plain = eng.search(xq, k=10)[0]
+    (soft,) = eng.search(xq, k=10, soft_weight=0.5, probe_attributes=probe)
+    # the reference: the top 100 by score, re-ranked by the combined score
+    cand = eng.search(xq, k=100)[0].hits
+    combined = []
+    for h in cand:
+        agree = 1 - np.mean([abs(h.attributes[a] - probe[0, j]) for j, a in enumerate(names)])
+        combined.append((-(0.5 * h.score + 0.5 * agree), h.id))
+    assert [h.id for h in soft.hits] == [i for _, i in sorted(combined)[:10]]
+    assert all(h.rank_score is not None for h in soft.hits) and soft.hits[0].id == 42
+    assert [h.id for h in plain.hits] != [h.id for h in soft.hits]
+    with pytest.raises(ValueError, match="attribute probabilities"):
+        eng.search(xq, k=3, soft_weight=0.5)
+    with pytest.raises(ValueError, match="group_by"):
+        eng.search(xq, k=3, soft_weight=0.5, probe_attributes=probe, group_by="identity")
+    res = CliRunner().invoke(main, ["search", "--index", str(gallery[1]), "--ids", "42", "--soft-weight", "0.5"])
+    assert res.exit_code == 0, res.output
