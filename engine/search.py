@@ -155,6 +155,9 @@ class SearchEngine:
     def vectors(self, ids: Sequence[int]) -> np.ndarray:
         """Stored vectors of gallery ids (queries "by id")."""
         index = self.loaded.index
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None and ivf.direct_map.type == 0:  # DirectMap::NoMap
+            ivf.make_direct_map()  # IVF lists need an id -> slot map to return stored vectors (nb x 8 bytes)
         try:
             return np.stack([index.reconstruct(int(i)) for i in ids]).astype(np.float32)
         except RuntimeError as e:
@@ -196,10 +199,25 @@ class SearchEngine:
     def _selector(self, xq: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ids = self.columns["id"][mask]
         sel = faiss.IDSelectorBatch(ids)  # kept alive here: params.sel does not own it
-        params = faiss.SearchParameters()
+        params = self._params()
         params.sel = sel
         D, I = self.loaded.index.search(np.ascontiguousarray(xq, np.float32), min(k, len(ids)), params=params)
         return D, I.astype(np.int64)
+
+    def _params(self) -> Any:
+        """Search parameters of the index's type, carrying its configured nprobe / efSearch."""
+        index = self.loaded.index
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None:
+            params = faiss.SearchParametersIVF()
+            params.nprobe = ivf.nprobe
+            return params
+        inner = index.index if isinstance(index, faiss.IndexIDMap2) else index
+        if isinstance(inner, faiss.IndexHNSW):
+            params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # missing from the stubs
+            params.efSearch = inner.hnsw.efSearch
+            return params
+        return faiss.SearchParameters()
 
     def _postfilter(self, xq: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         nb, p = len(mask), max(mask.mean(), 1e-9)

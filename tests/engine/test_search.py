@@ -156,3 +156,16 @@ def test_soft_mode_reranks_by_attribute_agreement(gallery):
         eng.search(xq, k=3, soft_weight=0.5, probe_attributes=probe, group_by="identity")
     res = CliRunner().invoke(main, ["search", "--index", str(gallery[1]), "--ids", "42", "--soft-weight", "0.5"])
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("kind", ["ivf-flat", "hnsw"])
+def test_approximate_index_says_so_and_respects_the_filter(gallery, tmp_path, kind):
+    cfg = IndexConfig(kind=kind, nlist=16, nprobe=4, hnsw_m=8, ef_construction=40, ef_search=32, recall_sample=0)
+    build_index(gallery[0], tmp_path / kind, cfg)
+    eng = SearchEngine.open(tmp_path / kind)
+    xq = eng.vectors([11, 12])
+    for expr in ("id < 30", "Male", "id != 7"):
+        mask = eng.parse(expr).mask(eng.columns)
+        passing = set(eng.columns["id"][mask].tolist())
+        for res in eng.search(xq, k=5, filter=expr):
+            assert not res.exact and res.hits and all(h.id in passing for h in res.hits)
