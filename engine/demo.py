@@ -222,15 +222,15 @@ def _search_demo(cfg: DemoConfig, probes_dir: Path, index_dir: Path, weights: Pa
     ident = np.asarray(block.meta.column("identity").to_pylist(), dtype=object)
     first = np.unique(ident, return_index=True)[1]
     enrol = np.setdiff1d(np.arange(len(ident)), first)
-    table = pq.read_table(probes_dir / shards.read_manifest(probes_dir).shards[0].file)
-    if len(shards.read_manifest(probes_dir).shards) != 1 or table.num_rows != len(ident):
+    manifest = shards.read_manifest(probes_dir)
+    table = pq.read_table(probes_dir / manifest.shards[0].file)
+    if len(manifest.shards) != 1 or table.num_rows != len(ident):
         raise ValueError(f"{probes_dir}: the demo expects its probes in one complete shard")
     ids = table.column("id").to_numpy() + ENROL_ID_OFFSET
     table = table.set_column(0, "id", pa.array(ids, pa.int64())).take(pa.array(enrol))
     enrolled = cfg.out / "features" / "enrolled"
     entry = shards.write_shard(enrolled / shards.shard_name(0), table)
-    manifest = shards.read_manifest(probes_dir).replace(shards=(entry,), planned_shards=1, complete=True)
-    shards.write_manifest(enrolled, manifest)
+    shards.write_manifest(enrolled, manifest.replace(shards=(entry,), planned_shards=1, complete=True))
     add_shards(index_dir, enrolled)
     engine = SearchEngine.open(index_dir, checkpoint=weights, device=cfg.device)
     names = [str(p) for p in np.asarray(block.meta.column("path").to_pylist())[first]]

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from benchmarks import devkit
 from benchmarks.megaface import Evaluation, ProbeSet
-from benchmarks.megaface_data import AttributeFilter, shard_paths
+from benchmarks.megaface_data import AttributeFilter, CachedDistractors, ShardDistractors, shard_paths
 from benchmarks.megaface_run import BenchConfig, run_megaface
 from engine.cli import main
 from indexer import shards
@@ -184,8 +184,6 @@ def test_cleaned_cli_defaults_to_the_shared_noise_lists(features, tmp_path, shar
 
 
 def test_cached_distractors_take_equals_the_source(features):
-    from benchmarks.megaface_data import CachedDistractors, ShardDistractors
-
     ids, _ = shard_paths(features / "dis")
     for limit in (1 << 30, 1000):  # everything cached / nothing cached (falls back to reading the shards)
         src = CachedDistractors(ShardDistractors(features / "dis", ids[::3]), limit_bytes=limit)
