@@ -2,23 +2,28 @@
 optionally aggregated per identity, with open-set thresholds.
 
 ``SearchEngine.open(index_dir)`` loads an index directory (``facesearch index build``); ``search(xq, k, ...)``
-answers a batch of queries (L2-normalised embeddings) at once.  With a filter the strategy follows its selectivity p
-(the fraction of the gallery that passes):
+answers a batch of queries (L2-normalised embeddings) at once.
 
-- ``subset`` (p <= 2 %): gather the passing vectors and search them exactly (tiled product + top-k);
-- ``selector`` (2 % < p <= 50 %): FAISS searches with an ``IDSelectorBatch`` of the passing ids (pre-filtering);
-- ``postfilter`` (p > 50 %): over-fetch ~k/p hits, keep those that pass, and re-fetch with a doubled depth until k
-  pass or the whole gallery was seen.
+A flat (exact) index is searched by tiled torch products over its stored vectors, used in place (a zero-copy view of
+the FAISS storage; on CUDA a device copy), screened in bf16 where the hardware runs it natively and re-scored in
+float32 with a proven bound (:class:`indexer.search.ResidentGallery`): exact answers at the speed of the low-precision
+product.  With a filter the strategy follows its selectivity p (the fraction of the gallery that passes):
 
-On an exact (``flat``) index every strategy returns exactly the top-k of the passing items (ties by smaller id in
-``subset``; FAISS order otherwise); on IVF / PQ / HNSW indexes the results are approximate and say so.  Each result
-reports its strategy and its time.
+- ``subset`` (flat, p <= 10 %): gather the passing vectors and search only them;
+- ``masked`` (flat, p > 10 %): one pass over the gallery with the failing items' scores set to -inf (pre-filtering
+  inside the product: never re-fetches, whatever the selectivity);
+- ``selector`` (IVF / PQ / HNSW, p <= 50 %): FAISS searches with an ``IDSelectorBatch`` of the passing ids;
+- ``postfilter`` (IVF / PQ / HNSW, p > 50 %): over-fetch ~k/p hits, keep those that pass, and re-fetch the queries
+  still short with a doubled depth until k pass or the whole gallery was seen.
+
+On a flat index every strategy returns exactly the top-k of the passing items, ties by the smaller id; on IVF / PQ /
+HNSW indexes the results are approximate and say so.  Each result reports its strategy and its time; ``strategy=``
+forces one (``selector`` and ``postfilter`` work on every kind).
 """
 
 # ruff: noqa: E741  -- FAISS vocabulary: D (scores) and I (ids), as STYLE.md asks
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -32,13 +37,15 @@ import numpy as np
 
 from engine.filters import Filter, parse_filter
 from indexer.index import LoadedIndex, load_index
-from indexer.search import search_exact
+from indexer.search import ResidentGallery
 from model.align import FaceDetector, prepare_face
+from model.device import cpu_has_bf16_units, resolve_device
 from model.images import ImageError
 from model.inference import Embedder
 
-SUBSET_MAX, SELECTOR_MAX = 0.02, 0.5
+SUBSET_MAX, SELECTOR_MAX = 0.10, 0.5  # flat: gather below SUBSET_MAX; FAISS kinds: selector up to SELECTOR_MAX
 AGGREGATES = ("max", "mean")
+STRATEGIES = ("auto", "subset", "masked", "selector", "postfilter")
 
 
 @dataclass(frozen=True)
@@ -86,7 +93,9 @@ def threshold_from_result(path: Path, far: float) -> float:
 class SearchEngine:
     """A loaded index plus its metadata columns (for filters and hits)."""
 
-    def __init__(self, loaded: LoadedIndex, embedder: Embedder | None = None) -> None:
+    def __init__(
+        self, loaded: LoadedIndex, embedder: Embedder | None = None, device: str = "auto", screen: str = "auto"
+    ) -> None:
         self.loaded, self.embedder = loaded, embedder
         self.index_kind = loaded.info.kind
         self.exact = self.index_kind == "flat"
@@ -99,11 +108,37 @@ class SearchEngine:
             **{a: attrs.column(a).to_numpy(zero_copy_only=False).astype(np.float32) for a in self.attribute_names},
         }
         self._row_of = {int(i): r for r, i in enumerate(loaded.ids.tolist())}
+        self._sorted_ids = np.sort(loaded.ids)
+        self.gallery: ResidentGallery | None = None
+        self._xb: np.ndarray | None = None  # flat: the stored vectors in attribute-table row order (a view if possible)
+        if self.exact:
+            self._open_flat(device, screen)
+
+    def _open_flat(self, device: str, screen: str) -> None:
+        """The resident exact path: the IndexFlat's storage viewed in place, in the attribute table's row order."""
+        index = self.loaded.index
+        flat = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap2) else index)
+        if not isinstance(flat, faiss.IndexFlat):
+            return
+        n, d = flat.ntotal, flat.d
+        xb = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d) if n else np.zeros((0, d), np.float32)
+        stored_ids = faiss.vector_to_array(index.id_map) if isinstance(index, faiss.IndexIDMap2) else np.arange(n)
+        if not np.array_equal(stored_ids, self.columns["id"]):  # rows out of step with the table: one reordered copy
+            xb = xb[self.rows(stored_ids.tolist()).argsort()]
+        dev = resolve_device(device)
+        if screen == "auto":  # bf16 only where it runs natively; elsewhere it is emulated and slower than float32
+            screen = "bf16" if dev.type == "cuda" or cpu_has_bf16_units() else "none"
+        self._xb = xb
+        self.gallery = ResidentGallery(self.columns["id"], xb, device=str(dev), screen=screen)
 
     @classmethod
-    def open(cls, index_dir: Path, checkpoint: Path | None = None, device: str = "auto") -> SearchEngine:
+    def open(
+        cls, index_dir: Path, checkpoint: Path | None = None, device: str = "auto", screen: str = "auto"
+    ) -> SearchEngine:
         """Load ``index_dir``; with ``checkpoint`` (needed for image queries) its model must be the one that built
-        the index: another fingerprint is refused, since its embeddings would not be comparable."""
+        the index: another fingerprint is refused, since its embeddings would not be comparable.  ``device`` runs
+        the model and a flat index's products; ``screen`` (auto | bf16 | fp16 | none) is the flat path's
+        low-precision screen (exact either way; auto = bf16 where the hardware runs it natively)."""
         loaded = load_index(Path(index_dir))
         embedder = None
         if checkpoint is not None:
@@ -112,7 +147,7 @@ class SearchEngine:
                 raise ValueError(f"checkpoint {checkpoint} is model {embedder.fingerprint[:16]}… but the index "
                                  f"{index_dir} was built with model {loaded.info.fingerprint[:16]}…: their embeddings "
                                  "are not comparable; use the checkpoint that embedded the gallery")  # fmt: skip
-        return cls(loaded, embedder)
+        return cls(loaded, embedder, device=device, screen=screen)
 
     def embed_images(
         self, paths: Sequence[Path], detector: FaceDetector | None = None, pad: int = 0
@@ -154,6 +189,8 @@ class SearchEngine:
 
     def vectors(self, ids: Sequence[int]) -> np.ndarray:
         """Stored vectors of gallery ids (queries "by id")."""
+        if self._xb is not None:
+            return np.array(self._xb[self.rows(ids)], dtype=np.float32)
         index = self.loaded.index
         ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None and ivf.direct_map.type == 0:  # DirectMap::NoMap
@@ -177,27 +214,31 @@ class SearchEngine:
         emb, _ = self.embedder.embed_crops(self._crop(image, detector, what)[None])
         return emb
 
-    def _hit(self, row: int, score: float, count: int = 1) -> Hit:
+    def _hit(self, row: int, score: float, count: int = 1, rank_score: float | None = None) -> Hit:
         c = self.columns
         attrs = {a: float(c[a][row]) for a in self.attribute_names}
-        return Hit(int(c["id"][row]), str(c["path"][row]), c["identity"][row], float(score), attrs, count)
+        return Hit(int(c["id"][row]), str(c["path"][row]), c["identity"][row], float(score), attrs, count, rank_score)
 
     # -- retrieval ----------------------------------------------------------------------------------------------------
     def _search_all(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.gallery is not None:
+            return self.gallery.search(xq, k)
         return self.loaded.search(xq, min(k, self.loaded.index.ntotal))
 
     def _subset(self, xq: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        pos = np.flatnonzero(mask)
-        if not len(pos):
-            return np.full((len(xq), 0), -np.inf, np.float32), np.full((len(xq), 0), -1, np.int64)
-        flat = self.loaded.index.index if isinstance(self.loaded.index, faiss.IndexIDMap2) else None
-        if flat is None or not isinstance(flat, faiss.IndexFlat):
-            return self._selector(xq, k, mask)
-        xb = flat.reconstruct_batch(pos)
-        return search_exact(xq, [(self.columns["id"][pos], xb)], min(k, len(pos)), backend="torch")
+        if self.gallery is None:
+            raise ValueError(f"the subset strategy needs a flat index; this one is {self.index_kind}")
+        return self.gallery.search(xq, k, rows=np.flatnonzero(mask))
+
+    def _masked(self, xq: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.gallery is None:
+            raise ValueError(f"the masked strategy needs a flat index; this one is {self.index_kind}")
+        return self.gallery.search(xq, k, keep=mask)
 
     def _selector(self, xq: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ids = self.columns["id"][mask]
+        if not len(ids):
+            return np.full((len(xq), k), -np.inf, np.float32), np.full((len(xq), k), -1, np.int64)
         sel = faiss.IDSelectorBatch(ids)  # kept alive here: params.sel does not own it
         params = self._params()
         params.sel = sel
@@ -219,40 +260,51 @@ class SearchEngine:
             return params
         return faiss.SearchParameters()
 
+    def _passes(self, I: np.ndarray, passing_ids: np.ndarray) -> np.ndarray:
+        """Which returned ids (-1 = none) are among ``passing_ids`` (sorted)."""
+        pos = np.searchsorted(passing_ids, I).clip(0, max(len(passing_ids) - 1, 0))
+        return (I >= 0) & (passing_ids[pos] == I) if len(passing_ids) else np.zeros(I.shape, bool)
+
     def _postfilter(self, xq: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Over-fetch from the FAISS index and keep the passing hits; only the queries still short of k are fetched
+        again, each time twice as deep."""
         nb, p = len(mask), max(mask.mean(), 1e-9)
-        passing_ids = self.columns["id"][mask]
+        passing_ids = np.sort(self.columns["id"][mask])
+        want = min(k, len(passing_ids))
+        out_D = np.full((len(xq), k), -np.inf, np.float32)
+        out_I = np.full((len(xq), k), -1, np.int64)
+        todo = np.arange(len(xq))
         depth = min(nb, math.ceil(1.5 * k / p) + 16)
-        want = min(k, int(mask.sum()))
-        while True:
-            D, I = self._search_all(xq, depth)
-            ok = np.isin(I, passing_ids)
-            if depth >= nb or (ok.sum(axis=1) >= want).all():
-                break
-            depth = min(nb, depth * 2)
-        out_D = np.full((len(xq), want), -np.inf, np.float32)
-        out_I = np.full((len(xq), want), -1, np.int64)
-        for q in range(len(xq)):
-            keep = np.flatnonzero(ok[q])[:want]
-            out_D[q, : len(keep)], out_I[q, : len(keep)] = D[q, keep], I[q, keep]
+        while len(todo):
+            D, I = self.loaded.search(xq[todo], depth)
+            ok = self._passes(I, passing_ids)
+            done = (ok.sum(axis=1) >= want) | (depth >= nb)
+            for j in np.flatnonzero(done):
+                keep = np.flatnonzero(ok[j])[:want]
+                out_D[todo[j], : len(keep)], out_I[todo[j], : len(keep)] = D[j, keep], I[j, keep]
+            todo, depth = todo[~done], min(nb, depth * 2)
         return out_D, out_I
 
-    def retrieve(self, xq: np.ndarray, k: int, flt: Filter | None = None) -> tuple[np.ndarray, np.ndarray, str, int]:
-        """(D, I, strategy, passing) of the top-k (passing) items for every query."""
+    def retrieve(
+        self, xq: np.ndarray, k: int, flt: Filter | None = None, strategy: str = "auto"
+    ) -> tuple[np.ndarray, np.ndarray, str, int]:
+        """(D, I, strategy, passing) of the top-k (passing) items for every query; D, I are (nq, k), padded with
+        -inf / -1 where fewer than k items pass."""
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
         if flt is None:
             D, I = self._search_all(xq, k)
             return D, I, "none", len(self.columns["id"])
         mask = flt.mask(self.columns)
         p = float(mask.mean()) if len(mask) else 0.0
-        if p <= SUBSET_MAX:
-            D, I = self._subset(xq, k, mask)
-            strategy = "subset"
-        elif p <= SELECTOR_MAX:
-            D, I = self._selector(xq, k, mask)
-            strategy = "selector"
-        else:
-            D, I = self._postfilter(xq, k, mask)
-            strategy = "postfilter"
+        if strategy == "auto":
+            if self.gallery is not None:
+                strategy = "subset" if p <= SUBSET_MAX else "masked"
+            else:
+                strategy = "selector" if p <= SELECTOR_MAX else "postfilter"
+        run = {"subset": self._subset, "masked": self._masked, "selector": self._selector,
+               "postfilter": self._postfilter}[strategy]  # fmt: skip
+        D, I = run(xq, k, mask)
         return D, I, strategy, int(mask.sum())
 
     # -- the public query ---------------------------------------------------------------------------------------------
@@ -266,19 +318,21 @@ class SearchEngine:
         threshold: float | None = None,
         soft_weight: float = 0.0,
         probe_attributes: np.ndarray | None = None,
+        strategy: str = "auto",
     ) -> list[QueryResult]:
         """Rank-k answers for every row of ``xq`` (nq, d): items, or identities with ``group_by="identity"`` (``agg``
         max: the identity's best item; mean: the mean score of its items among the retrieved hits).  ``threshold``
-        drops hits below it and sets ``accepted`` (the open-set decision).
+        drops hits below it and sets ``accepted`` (the open-set decision).  ``strategy`` forces a filter strategy
+        (see the module doc; ``auto`` picks by selectivity).
 
         Soft mode (``soft_weight`` w > 0, with ``probe_attributes`` (nq, attributes) in the gallery's attribute
         order): instead of a hard filter, the top 10 k candidates are re-ranked by (1 - w) * score + w * agreement,
         agreement = 1 - mean |probe probability - gallery probability| over the attributes both have; ``Hit.score``
-        stays the identity score and ``Hit.rank_score`` is the combined one."""
+        stays the identity score and ``Hit.rank_score`` is the combined one.  Grouped, an identity is represented by
+        its best item by the combined score and ranked by the max (or mean) combined score of its retrieved items;
+        ``Hit.score`` is then the max (or mean) identity score of those items."""
         if not 0.0 <= soft_weight <= 1.0:
             raise ValueError(f"soft_weight must be in [0, 1], got {soft_weight}")
-        if soft_weight > 0 and group_by is not None:
-            raise ValueError("soft re-ranking ranks gallery items; it cannot be combined with group_by yet")
         if soft_weight > 0 and (
             probe_attributes is None or np.shape(probe_attributes)[-1] != len(self.attribute_names)
         ):
@@ -295,32 +349,48 @@ class SearchEngine:
             raise ValueError(f"agg must be one of {list(AGGREGATES)}, got {agg!r}")
         flt = self.parse(filter) if isinstance(filter, str) else filter
         t0 = time.perf_counter()
-        depth = k if group_by is None and soft_weight == 0 else min(len(self.columns["id"]), 10 * k)
-        while True:
-            D, I, strategy, passing = self.retrieve(xq, depth, flt)
-            if group_by is None or depth >= min(passing, len(self.columns["id"])):
-                break
-            if all(self._identities(row) >= k for row in I):
-                break
-            depth = min(len(self.columns["id"]), depth * 4)
+        if group_by is None and soft_weight == 0:
+            D, I, strategy, passing = self.retrieve(xq, k, flt, strategy)
+        else:
+            D, I, strategy, passing = self._retrieve_deep(xq, k, flt, strategy, grouped=group_by is not None)
         seconds = (time.perf_counter() - t0) / len(xq)
         results = []
         for q in range(len(xq)):
             pairs = [(float(s), self._row_of[int(i)]) for s, i in zip(D[q], I[q], strict=True) if i >= 0]
-            rank: dict[int, float] = {}
+            rank: dict[int, float] | None = None
             if soft_weight > 0:
                 assert probe_attributes is not None
                 rank = self._soft(pairs, np.atleast_2d(probe_attributes)[q], soft_weight)
-                pairs.sort(key=lambda t: (-rank[t[1]], int(self.columns["id"][t[1]])))
-            hits = self._group(pairs, k, agg) if group_by else [self._hit(r, s) for s, r in pairs[:k]]
-            if rank:
-                hits = [dataclasses.replace(h, rank_score=rank[self._row_of[h.id]]) for h in hits]
+                pairs.sort(key=lambda t: (-rank[t[1]], int(self.columns["id"][t[1]])))  # type: ignore[index]
+            if group_by:
+                hits = self._group(pairs, k, agg, rank)
+            else:
+                hits = [self._hit(r, s, rank_score=None if rank is None else rank[r]) for s, r in pairs[:k]]
             accepted = None
             if threshold is not None:
-                accepted = bool(hits) and hits[0].score >= threshold
+                accepted = bool(hits) and max(h.score for h in hits) >= threshold
                 hits = [h for h in hits if h.score >= threshold]
             results.append(QueryResult(tuple(hits), strategy, seconds, self.exact, passing, accepted))
         return results
+
+    def _retrieve_deep(
+        self, xq: np.ndarray, k: int, flt: Filter | None, strategy: str, grouped: bool
+    ) -> tuple[np.ndarray, np.ndarray, str, int]:
+        """Candidates for re-ranking or grouping: the top 10 k items; grouped, the queries whose candidates hold
+        fewer than k identities are searched again 4x deeper (only those) until they do or nothing is left."""
+        nb = len(self.columns["id"])
+        depth = min(nb, 10 * k)
+        D, I, used, passing = self.retrieve(xq, depth, flt, strategy)
+        short = np.array([grouped and self._identities(row) < k for row in I], dtype=bool)
+        while short.any() and depth < min(passing, nb):
+            depth = min(nb, depth * 4)
+            todo = np.flatnonzero(short)
+            D2, I2, _, _ = self.retrieve(xq[todo], depth, flt, used)
+            D = np.pad(D, ((0, 0), (0, depth - D.shape[1])), constant_values=-np.inf)
+            I = np.pad(I, ((0, 0), (0, depth - I.shape[1])), constant_values=-1)
+            D[todo], I[todo] = D2, I2
+            short[todo] = [self._identities(row) < k for row in I2]
+        return D, I, used, passing
 
     def _soft(self, pairs: list[tuple[float, int]], probe: np.ndarray, w: float) -> dict[int, float]:
         """Combined score per gallery row: (1 - w) * identity score + w * attribute agreement."""
@@ -335,19 +405,28 @@ class SearchEngine:
             out[r] = (1 - w) * s + w * agree
         return out
 
-    def _identities(self, ids: np.ndarray) -> int:
-        return len({self.columns["identity"][self._row_of[int(i)]] for i in ids if i >= 0})
+    def _identity_key(self, row: int) -> Any:
+        """What groups items: the identity, or the item itself when it has none."""
+        ident = self.columns["identity"][row]
+        return ("<no identity>", row) if ident is None else ident
 
-    def _group(self, pairs: list[tuple[float, int]], k: int, agg: str) -> list[Hit]:
+    def _identities(self, ids: np.ndarray) -> int:
+        return len({self._identity_key(self._row_of[int(i)]) for i in ids if i >= 0})
+
+    def _group(
+        self, pairs: list[tuple[float, int]], k: int, agg: str, rank: dict[int, float] | None = None
+    ) -> list[Hit]:
+        """Top-k identities of ranked (score, row) pairs: the first item of each identity represents it."""
         groups: dict[Any, list[tuple[float, int]]] = {}
-        for s, r in pairs:  # pairs are ranked: the first of each identity is its best item
-            groups.setdefault(self.columns["identity"][r], []).append((s, r))
+        for s, r in pairs:
+            groups.setdefault(self._identity_key(r), []).append((s, r))
+        pick = max if agg == "max" else (lambda v: float(np.mean(v)))
         hits = []
         for members in groups.values():
-            best_s, best_r = members[0]
-            score = best_s if agg == "max" else float(np.mean([s for s, _ in members]))
-            hits.append(self._hit(best_r, score, len(members)))
-        hits.sort(key=lambda h: (-h.score, h.id))
+            score = pick([s for s, _ in members])
+            rank_score = None if rank is None else pick([rank[r] for _, r in members])
+            hits.append(self._hit(members[0][1], score, len(members), rank_score))
+        hits.sort(key=lambda h: (-(h.score if h.rank_score is None else h.rank_score), h.id))
         return hits[:k]
 
 
@@ -374,4 +453,4 @@ def format_results(
     return "\n".join(lines)
 
 
-__all__ = ["AGGREGATES", "Hit", "QueryResult", "SearchEngine", "format_results", "threshold_from_result"]
+__all__ = ["AGGREGATES", "STRATEGIES", "Hit", "QueryResult", "SearchEngine", "format_results", "threshold_from_result"]

@@ -35,6 +35,14 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+SCREEN_OPTION = click.option(
+    "--screen",
+    type=click.Choice(["auto", "bf16", "fp16", "none"]),
+    default="auto",
+    show_default=True,
+    help="Flat index: low-precision screen of the exact search, re-scored in float32 (results stay exact; auto = "
+    "bf16 where the hardware runs it natively).",
+)
 DEVICE_OPTION = click.option(
     "--device",
     default="auto",

@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.cli._app import DEVICE_OPTION, main, user_errors
-from engine.search import QueryResult, SearchEngine, format_results, threshold_from_result
+from engine.cli._app import DEVICE_OPTION, SCREEN_OPTION, main, user_errors
+from engine.search import STRATEGIES, QueryResult, SearchEngine, format_results, threshold_from_result
 from indexer import shards
 from indexer.embed import walk_images
 from model.fileio import atomic_write_text, atomic_write_with
@@ -77,6 +77,14 @@ def _rows(names: list[str], results: list[QueryResult]) -> pa.Table:
 @click.option("--threshold-from", type=click.Path(path_type=Path, dir_okay=False, exists=True),
               help="Take the threshold from a bench megaface result file at --far.")  # fmt: skip
 @click.option("--far", type=float, default=1e-6, show_default=True, help="FAR for --threshold-from.")
+@click.option(
+    "--strategy",
+    type=click.Choice(STRATEGIES),
+    default="auto",
+    show_default=True,
+    help="Filter strategy (auto: by selectivity; subset / masked need a flat index).",
+)
+@SCREEN_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), help="Write all hits to a .parquet/.json.")
 @DEVICE_OPTION
@@ -84,13 +92,13 @@ def _rows(names: list[str], results: list[QueryResult]) -> pa.Table:
 def search_command(index_dir: Path, probes: Path | None, embeddings: Path | None, ids: str | None,
                    checkpoint: Path | None, detector_pad: int, k: int, expr: str | None, group_by: str | None, agg: str,
                    soft_weight: float, threshold: float | None, threshold_from: Path | None, far: float,
-                   as_json: bool, out: Path | None, device: str) -> None:  # fmt: skip
+                   strategy: str, screen: str, as_json: bool, out: Path | None, device: str) -> None:  # fmt: skip
     """Rank-k identification of probe faces (images, embeddings or gallery ids) against an index."""
     if sum(x is not None for x in (probes, embeddings, ids)) != 1:
         raise click.UsageError("give exactly one of --probes, --embeddings, --ids")
     if threshold_from is not None:
         threshold = threshold_from_result(threshold_from, far)
-    engine = SearchEngine.open(index_dir, checkpoint=checkpoint, device=device)
+    engine = SearchEngine.open(index_dir, checkpoint=checkpoint, device=device, screen=screen)
     probe_attrs = None
     if probes is not None:
         xq, probe_attrs, names = engine.embed_images(_images(probes), pad=detector_pad)
@@ -106,7 +114,7 @@ def search_command(index_dir: Path, probes: Path | None, embeddings: Path | None
         xq, names = engine.vectors(wanted), [f"id {i}" for i in wanted]
         probe_attrs = np.stack([engine.columns[a][rows] for a in engine.attribute_names], axis=1)
     results = engine.search(xq, k=k, filter=expr, group_by=group_by, agg=agg, threshold=threshold,
-                            soft_weight=soft_weight, probe_attributes=probe_attrs)  # fmt: skip
+                            soft_weight=soft_weight, probe_attributes=probe_attrs, strategy=strategy)  # fmt: skip
     docs = [{"query": n, **r.to_dict()} for n, r in zip(names, results, strict=True)]
     if out is not None:
         if out.suffix == ".parquet":

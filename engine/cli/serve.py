@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from engine.cli._app import DEVICE_OPTION, main, user_errors
+from engine.cli._app import DEVICE_OPTION, SCREEN_OPTION, main, user_errors
 from engine.search import SearchEngine
 from engine.service import MAX_BYTES, create_app
 
@@ -23,14 +23,15 @@ from engine.service import MAX_BYTES, create_app
 @click.option("--max-bytes", type=int, default=MAX_BYTES, show_default=True, help="Request size limit.")
 @click.option("--max-k", type=int, default=1000, show_default=True, help="Largest k a request may ask for.")
 @click.option("--detector-pad", type=int, default=0, show_default=True, help="Black border before detection.")
+@SCREEN_OPTION
 @DEVICE_OPTION
 @user_errors
 def serve_command(index_dir: Path, checkpoint: Path | None, host: str, port: int, token_env: str, max_bytes: int,
-                  max_k: int, detector_pad: int, device: str) -> None:  # fmt: skip
+                  max_k: int, detector_pad: int, screen: str, device: str) -> None:  # fmt: skip
     """Serve rank-k identification over HTTP: /health, POST /search/embedding, POST /search/image, /docs."""
     import uvicorn
 
-    engine = SearchEngine.open(index_dir, checkpoint=checkpoint, device=device)
+    engine = SearchEngine.open(index_dir, checkpoint=checkpoint, device=device, screen=screen)
     token = os.environ.get(token_env) or None
     app = create_app(engine, token=token, max_bytes=max_bytes, max_k=max_k, detector_pad=detector_pad)
     auth = f"bearer token from ${token_env}" if token else "no authentication"

@@ -49,17 +49,42 @@ def _check(results, ref, k):
 
 @pytest.mark.parametrize(
     "expr, strategy",
-    [("id < 3", "subset"), ("id < 30", "subset"), ("id >= 2700", "selector"), ("Male", "selector"),
-     ("id < 1500 or Big_Nose", "postfilter"), ("id != 7", "postfilter")],
+    [("id < 3", "subset"), ("id < 30", "subset"), ("id >= 2700", "subset"), ("Male", "masked"),
+     ("id < 1500 or Big_Nose", "masked"), ("id != 7", "masked"), ("id < 0", "subset")],
 )  # fmt: skip
 def test_filtered_top_k_is_exact_at_every_selectivity(gallery, expr, strategy):
+    """0 %, 0.1 %, 1 %, 10 %, ~45 %, ~70 % and 99.97 % passing: the automatic strategy and every forced one (the FAISS
+    selector and post-filter run on the flat index too) give exactly the brute-force top-k of the passing items."""
     eng = SearchEngine.open(gallery[1])
     rng = np.random.default_rng(0)
     xq = eng.vectors(rng.choice(3000, 5, replace=False)) + 0.05 * rng.normal(size=(5, 32)).astype(np.float32)
-    res = eng.search(xq, k=10, filter=expr)
     mask = eng.parse(expr).mask(eng.columns)
+    ref = _brute(gallery, xq, 10, mask)
+    res = eng.search(xq, k=10, filter=expr)
     assert {r.strategy for r in res} == {strategy} and res[0].passing == int(mask.sum()) and res[0].exact
-    _check(res, _brute(gallery, xq, 10, mask), 10)
+    _check(res, ref, 10)
+    for forced in ("subset", "masked", "selector", "postfilter"):
+        res = eng.search(xq, k=10, filter=expr, strategy=forced)
+        assert {r.strategy for r in res} == {forced}
+        _check(res, ref, 10)
+
+
+def test_screens_agree_and_postfilter_refetches_only_short_queries(gallery, monkeypatch):
+    """bf16-screened, fp16-screened and plain float32 resident searches return the same answer; a post-filter batch
+    fetches again only the queries whose over-fetch held too few passing hits."""
+    engines = [SearchEngine.open(gallery[1], screen=s) for s in ("none", "bf16", "fp16")]
+    xq = engines[0].vectors(list(range(0, 3000, 150)))
+    answers = [[[h.id for h in r.hits] for r in e.search(xq, k=10, filter="Big_Nose")] for e in engines]
+    assert answers[0] == answers[1] == answers[2]
+    eng = engines[0]
+    calls = []
+    real = eng.loaded.search
+    monkeypatch.setattr(eng.loaded, "search", lambda x, k: calls.append((len(x), k)) or real(x, k))
+    # ~43 % pass: most queries find 10 passing hits among the first ~50, a few must be fetched again (alone)
+    flt = "Male"
+    res = eng.search(xq, k=10, filter=flt, strategy="postfilter")
+    _check(res, _brute(gallery, xq, 10, eng.parse(flt).mask(eng.columns)), 10)
+    assert calls[0][0] == 20 and len(calls) > 1 and all(n < 20 for n, _ in calls[1:])
 
 
 def test_unfiltered_and_by_id(gallery):
@@ -119,7 +144,7 @@ def test_search_cli(gallery, tmp_path):
     base = ["search", "--index", str(gallery[1])]
     res = runner.invoke(main, [*base, "--ids", "5,77", "-k", "3", "--filter", "Male"])
     assert res.exit_code == 0, res.output
-    assert "query id 5: selector search" in res.output and "rank" in res.output
+    assert "query id 5: masked search" in res.output and "rank" in res.output
     eng = SearchEngine.open(gallery[1])
     np.save(tmp_path / "q.npy", eng.vectors([9, 10]))
     out = tmp_path / "hits.parquet"
@@ -152,8 +177,23 @@ def test_soft_mode_reranks_by_attribute_agreement(gallery):
     assert [h.id for h in plain.hits] != [h.id for h in soft.hits]
     with pytest.raises(ValueError, match="attribute probabilities"):
         eng.search(xq, k=3, soft_weight=0.5)
-    with pytest.raises(ValueError, match="group_by"):
-        eng.search(xq, k=3, soft_weight=0.5, probe_attributes=probe, group_by="identity")
+    # grouped: identities ranked by their best combined score among the same candidates (top 10 k = 50 items)
+    for agg, pick in (("max", max), ("mean", np.mean)):
+        (grouped,) = eng.search(xq, k=5, soft_weight=0.5, probe_attributes=probe, group_by="identity", agg=agg)
+        cand = eng.search(xq, k=50)[0].hits
+        by_ident: dict[str, list] = {}
+        for h in cand:
+            agree = 1 - np.mean([abs(h.attributes[a] - probe[0, j]) for j, a in enumerate(names)])
+            by_ident.setdefault(h.identity, []).append((0.5 * h.score + 0.5 * agree, h.score, h.id))
+        ref = []
+        for members in by_ident.values():
+            members.sort(key=lambda t: (-t[0], t[2]))
+            ref.append((-pick([m[0] for m in members]), members[0][2], pick([m[1] for m in members])))
+        ref.sort()
+        assert [h.id for h in grouped.hits] == [i for _, i, _ in ref[:5]]
+        np.testing.assert_allclose([h.rank_score for h in grouped.hits], [-r for r, _, _ in ref[:5]], rtol=1e-6)
+        np.testing.assert_allclose([h.score for h in grouped.hits], [s for _, _, s in ref[:5]], rtol=1e-6)
+        assert len({h.identity for h in grouped.hits}) == 5
     res = CliRunner().invoke(main, ["search", "--index", str(gallery[1]), "--ids", "42", "--soft-weight", "0.5"])
     assert res.exit_code == 0, res.output
 

@@ -3,6 +3,7 @@ token, size limits, concurrent requests, an image query through the index's mode
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -11,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from engine.search import SearchEngine
-from engine.service import create_app
+from engine.service import SearchBatcher, _Pending, create_app
 from indexer.embed import EmbedConfig
 from indexer.index import IndexConfig, build_index
 from indexer.pipeline import run_embed
@@ -81,6 +82,51 @@ def test_concurrent_requests_give_the_same_answers(engine):
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(ask, range(16)))
     assert got == [[h.id for h in r.hits] for r in engine.search(xq, k=4, filter="id >= 100")]
+
+
+def test_batcher_merges_waiting_requests_with_equal_options(engine, monkeypatch):
+    """While one search runs, requests queue up; the next engine call answers all of those with the same options
+    at once (each gets its own rows back), the others run in their own batch; one bad request in a merged batch
+    fails alone."""
+    gate, entered, calls = threading.Event(), threading.Event(), []
+    real = engine.search
+
+    def slow_search(xq, **kw):
+        calls.append((len(xq), kw["filter"]))
+        if len(calls) == 1:
+            entered.set()
+            gate.wait(10)
+        return real(xq, **kw)
+
+    monkeypatch.setattr(engine, "search", slow_search)
+    batcher = SearchBatcher(engine)
+    xq = engine.vectors(list(range(12)))
+    with ThreadPoolExecutor(12) as pool:
+        first = pool.submit(batcher.search, xq[:1], 3)
+        assert entered.wait(10)
+        same = [pool.submit(batcher.search, xq[i], 3) for i in range(1, 9)]
+        other = [pool.submit(batcher.search, xq[i], 3, "Male") for i in range(9, 11)]
+        bad = pool.submit(batcher.search, xq[11], 3, "Nosuch > 1")
+        while batcher._queue.qsize() < 11:  # wait until every request is queued
+            threading.Event().wait(0.01)
+        gate.set()
+        answers = [first.result(), *(f.result() for f in same), *(f.result() for f in other)]
+        with pytest.raises(ValueError, match="Nosuch"):
+            bad.result()
+    assert calls[0] == (1, None) and calls[1] == (8, None) and calls[2] == (2, "Male")  # merged
+    assert calls[3:] == [(1, "Nosuch > 1")]
+    for i, got in enumerate(answers):
+        flt = "Male" if i in (9, 10) else None
+        assert [h.id for h in got[0].hits] == [h.id for h in real(xq[i], k=3, filter=flt)[0].hits]
+    assert batcher.requests == 12 and batcher.batches == 4
+    good, wrong = (
+        _Pending(xq[:2], (3, None, None, "max", None)),
+        _Pending(np.zeros((1, 5), np.float32), (3, None, None, "max", None)),
+    )
+    batcher._run([good, wrong])  # a merged batch that cannot even be stacked
+    assert [h.id for h in good.future.result()[1].hits] == [h.id for h in real(xq[1], k=3)[0].hits]
+    with pytest.raises(ValueError, match="d=5"):
+        wrong.future.result()
 
 
 def test_image_query_through_the_index_model(orl_dir, yunet_path, ckpt, tmp_path):

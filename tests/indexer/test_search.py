@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indexer.search import merge_topk, search_exact
+from indexer.search import ResidentGallery, merge_topk, search_exact
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -98,6 +98,71 @@ def test_ties_broken_by_smaller_id_across_blocks(backend: str, screen: str) -> N
         expect = np.sort(ids[q * 50 : (q + 1) * 50])[:10]
         np.testing.assert_array_equal(I[q], expect)
         assert np.all(D[q] == D[q, 0])
+
+
+def _masked_brute(xq, xb, ids, k, keep):
+    Dr, Ir = _brute(xq, xb[keep], ids[keep], k)
+    pad = k - Dr.shape[1]
+    return np.pad(Dr, ((0, 0), (0, pad)), constant_values=-np.inf), np.pad(Ir, ((0, 0), (0, pad)), constant_values=-1)
+
+
+@pytest.mark.parametrize("screen", ["none", "bf16", "fp16"])
+@pytest.mark.parametrize("nq", [1, 2, 37])  # one query takes the matrix-vector screen
+def test_resident_gallery_equals_brute_force_with_rows_and_masks(screen: str, nq: int) -> None:
+    rng = np.random.default_rng(5)
+    nb, d, k = 3000, 64, 10
+    xb = _unit(rng, nb, d)
+    ids = rng.permutation(10 * nb)[:nb].astype(np.int64)
+    xq = _unit(rng, nq, d)
+    gal = ResidentGallery(ids, xb, screen=screen, tile_rows=700, margin=4)
+    assert gal.nbytes == (0 if screen == "none" else nb * d * 2)
+    D, I = gal.search(xq, k)
+    Dr, Ir = _brute(xq, xb, ids, k)
+    np.testing.assert_array_equal(I, Ir)
+    np.testing.assert_allclose(D, Dr, atol=1e-5)
+    for p in (0.001, 0.01, 0.3, 0.9):
+        keep = rng.random(nb) < p
+        keep[:2] = True  # never empty
+        Dr, Ir = _masked_brute(xq, xb, ids, k, keep)
+        for D, I in (gal.search(xq, k, keep=keep), gal.search(xq, k, rows=np.flatnonzero(keep))):
+            np.testing.assert_array_equal(I, Ir)
+            np.testing.assert_allclose(D, Dr, atol=1e-5)
+    # a tile where nothing passes, one where only a few pass, and an answer shorter than k
+    keep = np.zeros(nb, bool)
+    keep[[5, 1500, 2999]] = True
+    D, I = gal.search(xq, k, keep=keep)
+    assert (I[:, 3:] == -1).all() and np.isneginf(D[:, 3:]).all()
+    assert set(I[0, :3].tolist()) == set(ids[[5, 1500, 2999]].tolist())
+    D, I = gal.search(xq, k, keep=np.zeros(nb, bool))
+    assert (I == -1).all() and np.isneginf(D).all()
+
+
+@pytest.mark.parametrize("screen", ["none", "bf16"])
+def test_resident_gallery_ties_and_near_duplicates(screen: str) -> None:
+    """Exact copies tie and the smaller ids win, with or without a mask; near-duplicates (within the bf16 screen's
+    error) make the screen fall back, and the answer stays the float32 one."""
+    rng = np.random.default_rng(6)
+    base = _unit(rng, 4, 32)
+    xb = np.repeat(base, 50, axis=0)
+    ids = rng.permutation(200).astype(np.int64)
+    gal = ResidentGallery(ids, xb, screen=screen, tile_rows=30, margin=2)
+    keep = ids % 3 != 0
+    for q in range(2):
+        mates = ids[q * 50 : (q + 1) * 50]
+        D, I = gal.search(base[q : q + 1], 10)
+        np.testing.assert_array_equal(I[0], np.sort(mates)[:10])
+        D, I = gal.search(base[q : q + 1], 10, keep=keep)
+        np.testing.assert_array_equal(I[0], np.sort(mates[mates % 3 != 0])[:10])
+    centres = _unit(rng, 5, 128)
+    xb = centres[rng.integers(0, 5, 2000)] + 1e-3 * rng.standard_normal((2000, 128)).astype(np.float32)
+    xb /= np.linalg.norm(xb, axis=1, keepdims=True)
+    ids = np.arange(2000, dtype=np.int64)
+    xq = xb[:20] + 1e-3 * rng.standard_normal((20, 128)).astype(np.float32)
+    xq /= np.linalg.norm(xq, axis=1, keepdims=True)
+    Df, If = search_exact(xq, [(ids, xb)], 5, backend="torch")
+    Dt, It = ResidentGallery(ids, xb, screen=screen, tile_rows=512, margin=4).search(xq, 5)
+    np.testing.assert_array_equal(It, If)
+    np.testing.assert_array_equal(Dt, Df)
 
 
 def test_merge_topk_orders_by_score_then_id() -> None:
