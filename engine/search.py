@@ -169,6 +169,12 @@ class SearchEngine:
         return emb, probs[:, order], names
 
     @property
+    def flat_vectors(self) -> np.ndarray | None:
+        """A flat index's stored vectors in the attribute table's row order (a view of the FAISS storage when the
+        orders agree); None for other kinds."""
+        return self._xb
+
+    @property
     def fingerprint(self) -> str:
         return self.loaded.info.fingerprint
 

@@ -4,6 +4,7 @@ strategy, identity grouping, thresholds, queries by id, and the model-fingerprin
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from click.testing import CliRunner
 from engine.cli import main
 from engine.search import SearchEngine, threshold_from_result
 from indexer import shards
-from indexer.index import IndexConfig, build_index
+from indexer.index import IndexConfig, LoadedIndex, build_index, load_index, remove_ids
 from indexer.synth_features import SynthFeaturesConfig, write_synth_features
 
 
@@ -85,6 +86,26 @@ def test_screens_agree_and_postfilter_refetches_only_short_queries(gallery, monk
     res = eng.search(xq, k=10, filter=flt, strategy="postfilter")
     _check(res, _brute(gallery, xq, 10, eng.parse(flt).mask(eng.columns)), 10)
     assert calls[0][0] == 20 and len(calls) > 1 and all(n < 20 for n, _ in calls[1:])
+
+
+def test_flat_storage_used_in_place_in_table_order(gallery, tmp_path):
+    """The resident path views the FAISS storage without copying; when the attribute table's rows are not in
+    storage order (or rows were removed) answers and stored vectors still belong to the right ids."""
+    eng = SearchEngine.open(gallery[1])
+    assert eng.flat_vectors is not None and not eng.flat_vectors.flags["OWNDATA"]  # a view, not a copy
+    xq = eng.vectors([5, 77, 2999])
+    base = load_index(gallery[1])
+    perm = np.random.default_rng(3).permutation(base.attributes.num_rows)
+    shuffled = SearchEngine(LoadedIndex(base.index, base.ids[perm], base.info, base.attributes.take(perm)))
+    np.testing.assert_array_equal(shuffled.vectors([5, 77, 2999]), xq)
+    for flt in (None, "id < 30", "Male"):
+        a, b = eng.search(xq, k=8, filter=flt), shuffled.search(xq, k=8, filter=flt)
+        assert [[(h.id, h.path) for h in r.hits] for r in a] == [[(h.id, h.path) for h in r.hits] for r in b]
+    shutil.copytree(gallery[1], tmp_path / "i")
+    remove_ids(tmp_path / "i", np.arange(0, 3000, 7))
+    smaller = SearchEngine.open(tmp_path / "i")
+    keep = np.arange(3000) % 7 != 0
+    _check(smaller.search(xq, k=10), _brute(gallery, xq, 10, keep), 10)
 
 
 def test_unfiltered_and_by_id(gallery):

@@ -199,3 +199,21 @@ def test_torch_cuda_matches_cpu_reference(screen: str) -> None:
     Dr, Ir = _brute(xq, xb.astype(np.float32), ids, k)
     # cuBLAS float32 sums in another order than float64: scores within ~d * 2^-24; ids equal except near-ties.
     assert_same_up_to_ties(D, I, Dr, Ir, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_resident_gallery_on_cuda_matches_cpu() -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    rng = np.random.default_rng(7)
+    xb, xq = _unit(rng, 50000, 256), _unit(rng, 64, 256)
+    ids = np.arange(50000, dtype=np.int64)
+    keep = rng.random(50000) < 0.3
+    cpu = ResidentGallery(ids, xb, screen="none", tile_rows=8192)
+    gpu = ResidentGallery(ids, xb, device="cuda", screen="bf16", tile_rows=8192)
+    for kw in ({}, {"keep": keep}, {"rows": np.flatnonzero(keep)}):
+        for n in (1, 64):
+            Dc, Ic = cpu.search(xq[:n], 10, **kw)
+            Dg, Ig = gpu.search(xq[:n], 10, **kw)
+            assert_same_up_to_ties(Dg, Ig, Dc, Ic, atol=1e-5)
