@@ -153,6 +153,7 @@ def test_resident_gallery_ties_and_near_duplicates(screen: str) -> None:
         np.testing.assert_array_equal(I[0], np.sort(mates)[:10])
         D, I = gal.search(base[q : q + 1], 10, keep=keep)
         np.testing.assert_array_equal(I[0], np.sort(mates[mates % 3 != 0])[:10])
+        assert np.all(D[0] == D[0, 0])  # exact copies: one score
     centres = _unit(rng, 5, 128)
     xb = centres[rng.integers(0, 5, 2000)] + 1e-3 * rng.standard_normal((2000, 128)).astype(np.float32)
     xb /= np.linalg.norm(xb, axis=1, keepdims=True)
