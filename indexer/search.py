@@ -159,12 +159,13 @@ def _masked(S: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
 
 
 def _low_product(xqs: torch.Tensor, xbs: torch.Tensor) -> torch.Tensor:
-    """The screen's product in float32, (m, n).  One query on the CPU goes through a matrix-vector product: torch's
-    bf16 GEMM kernel reads a single row's database at half the rate (measured 5.8 vs 9.6 GB/s); both accumulate in
-    float32 and round once to the low precision (checked against float64: within the bound below)."""
+    """The screen's product in its own precision, (m, n): top-k runs on it as is, with no float32 pass over it.
+    One query on the CPU goes through a matrix-vector product: torch's bf16 GEMM kernel reads a single row's
+    database at half the rate (measured 5.8 vs 9.6 GB/s); both accumulate in float32 and round once to the low
+    precision (checked against float64: within the bound of :func:`_screened_tile`)."""
     if xqs.shape[0] == 1 and xqs.device.type == "cpu":
-        return torch.mv(xbs, xqs[0]).float()[None]
-    return (xqs @ xbs.T).float()
+        return torch.mv(xbs, xqs[0])[None]
+    return xqs @ xbs.T
 
 
 def _screened_tile(
@@ -178,40 +179,54 @@ def _screened_tile(
     xbs: torch.Tensor | None = None,
     norms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     keep: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Top-k of one tile via a low-precision screen + exact re-scoring; queries that fail the proof run exactly.
 
     floor: (m,) float32, the running global k-th score (a left-out item below it cannot enter the result anyway).
     xbs / norms: the tile in the screen's precision and its :func:`_tile_norms`, when kept resident (computed here
-    otherwise).  keep: (n,) bool, only these items may be returned (the others score -inf).
+    otherwise).  keep: (n,) bool, only these items may be returned (the others score -inf).  rows: the positions of
+    the tile's n items in ``xb32``, which is then a larger matrix read only at the re-scored candidates (a gathered
+    subset needs no float32 copy); ids, xbs and keep are per item of the tile either way.
     Returns D (m, k) float32, I (m, k) int64, and the number of queries that fell back to the exact product."""
-    n = xb32.shape[0]
+    n = xb32.shape[0] if rows is None else len(rows)
+
+    def tile32(idx: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 rows of the tile's items ``idx`` (all when None)."""
+        if rows is None:
+            return xb32 if idx is None else xb32[idx]
+        return xb32[rows if idx is None else rows[idx]]
+
     kk = min(k + margin, n)
     if kk >= n:
-        return (*_topk_full_rows(_masked(_scores(xq32, xb32), keep), ids, k), 0)
+        return (*_topk_full_rows(_masked(_scores(xq32, tile32()), keep), ids, k), 0)
     dt = _TORCH_DTYPE[screen]
     xqs = xq32.to(dt)
     if xbs is None:
-        xbs = xb32.to(dt)
+        xbs = tile32().to(dt)
     low = _masked(_low_product(xqs, xbs), keep)
     vals, pos = torch.topk(low, kk, dim=1)
+    vals = vals.float()
     # float32 re-scores of the candidates, (m, kk), by the same matrix product as the unscreened path (a batched
-    # matrix-vector product rounds differently on some CPUs, and exact copies must tie whichever path scored them)
-    union, inverse = torch.unique(pos, return_inverse=True)
-    exact = torch.gather(_scores(xq32, xb32[union]), 1, inverse)
+    # matrix-vector product rounds differently on some CPUs, and exact copies must tie whichever path scored them);
+    # queries go in groups of _MIN_DIM so each group's candidate union stays small
+    exact = torch.empty(pos.shape, dtype=torch.float32, device=pos.device)
+    for g in range(0, len(pos), _MIN_DIM):
+        union, inverse = torch.unique(pos[g : g + _MIN_DIM], return_inverse=True)
+        exact[g : g + _MIN_DIM] = torch.gather(_scores(xq32[g : g + _MIN_DIM], tile32(union)), 1, inverse)
     if keep is not None:
         exact.masked_fill_(~keep[pos], -np.inf)
     D, I = _topk_full_rows_cand(exact, ids[pos], k)
     u_out = _UNIT_ROUNDOFF[screen]
     thresh = vals[:, -1]  # every left-out item has a low-precision score <= thresh
-    err = _screen_error(xq32, xqs, norms if norms is not None else _tile_norms(xb32, xbs))
+    err = _screen_error(xq32, xqs, norms if norms is not None else _tile_norms(tile32(), xbs))
     bound = (thresh + thresh.abs() * (u_out / (1 - u_out)) + err).cpu().numpy()
     bar = np.maximum(D[:, k - 1], floor)
     # thresh = -inf: fewer than kk items pass, so every passing item is a candidate and nothing was left out
     fail = np.flatnonzero(~((bound < bar) | np.isneginf(thresh.cpu().numpy())))
     if len(fail):
         f = torch.as_tensor(fail, device=xq32.device)
-        Df, If = _topk_full_rows(_masked(_scores(xq32[f], xb32), keep), ids, k)
+        Df, If = _topk_full_rows(_masked(_scores(xq32[f], tile32()), keep), ids, k)
         D[fail], I[fail] = Df, If
     return D, I, len(fail)
 
@@ -319,10 +334,14 @@ class ResidentGallery:
             raise ValueError("pass rows or keep, not both")
         dev = self.device
         ids, xb32, xbs = self.ids, self.xb32, self.xbs
-        if rows is not None:
+        r = None
+        if rows is not None:  # gather the subset: only its low-precision rows when screened (float32 read in place)
             r = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=dev)
-            ids, xb32 = ids[r], xb32[r]
-            xbs = None if xbs is None else xbs[r]
+            ids = ids[r]
+            if xbs is None:
+                xb32 = xb32[r]
+            else:
+                xbs = xbs[r]
         keep_t = None if keep is None else torch.as_tensor(np.asarray(keep, dtype=bool), device=dev)
         nq = len(xq)
         D = np.full((nq, k), -np.inf, dtype=np.float32)
@@ -339,9 +358,13 @@ class ResidentGallery:
                     continue
                 if xbs is None:
                     Dt, It = _topk_full_rows(_masked(_scores(xq32, xb32[s:e]), kt), ids[s:e], k)
-                else:
+                elif r is None:
                     Dt, It, nf = _screened_tile(xq32, ids[s:e], xb32[s:e], k, self.screen, self.margin, D[:, k - 1],
                                                 xbs=xbs[s:e], norms=self.norms, keep=kt)  # fmt: skip
+                else:
+                    Dt, It, nf = _screened_tile(xq32, ids[s:e], xb32, k, self.screen, self.margin, D[:, k - 1],
+                                                xbs=xbs[s:e], norms=self.norms, rows=r[s:e])  # fmt: skip
+                if xbs is not None:
                     fallbacks += nf
                 D, I = merge_topk(np.concatenate([D, Dt], 1), np.concatenate([I, It], 1), k)
         if fallbacks:

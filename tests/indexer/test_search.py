@@ -107,7 +107,7 @@ def _masked_brute(xq, xb, ids, k, keep):
 
 
 @pytest.mark.parametrize("screen", ["none", "bf16", "fp16"])
-@pytest.mark.parametrize("nq", [1, 2, 37])  # one query takes the matrix-vector screen
+@pytest.mark.parametrize("nq", [1, 2, 70])  # one query: the matrix-vector screen; 70: two re-scoring groups
 def test_resident_gallery_equals_brute_force_with_rows_and_masks(screen: str, nq: int) -> None:
     rng = np.random.default_rng(5)
     nb, d, k = 3000, 64, 10
