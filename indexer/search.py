@@ -106,13 +106,15 @@ def _pad_rows(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _scores(xq32: torch.Tensor, xb32: torch.Tensor) -> torch.Tensor:
+def _scores(xq32: torch.Tensor, xb32: torch.Tensor, pad_queries: bool = True) -> torch.Tensor:
     """``xq32 @ xb32.T``, the one product every exact score comes from.  CPU BLAS kernels round a product with only
     a few rows or columns differently (measured: 0.99999988 vs 0.99999994 for copies of the query in a 3-column
     tile), so exact copies in a short tile at a block boundary, or re-scored for one query, would not tie with
-    their twins elsewhere; short operands are zero-padded to the shape of the common path."""
+    their twins elsewhere; short operands are zero-padded to the shape of the common path.  ``pad_queries=False``
+    keeps a short query block as it is, for callers whose every product in a search has the same queries (then
+    one kernel scores them all: a single query costs a matrix-vector product, not a 64-row one)."""
     m, n = xq32.shape[0], xb32.shape[0]
-    return (_pad_rows(xq32) @ _pad_rows(xb32).T)[:m, :n]
+    return ((_pad_rows(xq32) if pad_queries else xq32) @ _pad_rows(xb32).T)[:m, :n]
 
 
 def _gpu_resources() -> Any:
@@ -154,8 +156,11 @@ def _screen_error(
 
 
 def _masked(S: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """Scores of items outside ``keep`` (a (n,) bool mask over the columns) set to -inf, in place."""
-    return S if keep is None else S.masked_fill_(~keep, -np.inf)
+    """Scores of items outside ``keep`` (a (n,) bool mask over the columns) set to -inf, in place: a broadcast add
+    of 0 / -inf (exact for finite scores; 10x faster than a broadcast masked fill on the CPU)."""
+    if keep is None:
+        return S
+    return S.add_(torch.zeros(keep.shape, dtype=S.dtype, device=S.device).masked_fill_(~keep, -np.inf))
 
 
 def _low_product(xqs: torch.Tensor, xbs: torch.Tensor) -> torch.Tensor:
@@ -339,9 +344,9 @@ class ResidentGallery:
             r = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=dev)
             ids = ids[r]
             if xbs is None:
-                xb32 = xb32[r]
+                xb32 = torch.index_select(xb32, 0, r)  # 1.7x faster than xb32[r] here
             else:
-                xbs = xbs[r]
+                xbs = torch.index_select(xbs, 0, r)
         keep_t = None if keep is None else torch.as_tensor(np.asarray(keep, dtype=bool), device=dev)
         nq = len(xq)
         D = np.full((nq, k), -np.inf, dtype=np.float32)
@@ -356,8 +361,8 @@ class ResidentGallery:
                 kt = None if keep_t is None else keep_t[s:e]
                 if kt is not None and not bool(kt.any()):
                     continue
-                if xbs is None:
-                    Dt, It = _topk_full_rows(_masked(_scores(xq32, xb32[s:e]), kt), ids[s:e], k)
+                if xbs is None:  # every tile has all the queries: unpadded (see _scores)
+                    Dt, It = _topk_full_rows(_masked(_scores(xq32, xb32[s:e], pad_queries=False), kt), ids[s:e], k)
                 elif r is None:
                     Dt, It, nf = _screened_tile(xq32, ids[s:e], xb32[s:e], k, self.screen, self.margin, D[:, k - 1],
                                                 xbs=xbs[s:e], norms=self.norms, keep=kt)  # fmt: skip
