@@ -235,6 +235,26 @@ def _bench_http(args: argparse.Namespace, index_dir: Path) -> list[dict[str, Any
     return rows
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The tables of a ``latency.json``: per kind and filter, then HTTP."""
+    m = result["machine"]
+    lines = [f"{m['cores']} cores, torch {m['torch']}; copy bandwidth {m['bandwidth_gbs']:.1f} GB/s, GEMM fp32 "
+             f"{m['gemm_fp32_tflops']:.2f} / bf16 {m['gemm_bf16_tflops']:.2f} TFLOP/s.", "",
+             "| index | filter | passing | strategy | one query p50 ms | p99 ms | batch queries/s |",
+             "|---|---|---:|---|---:|---:|---:|"]  # fmt: skip
+    for r in result["rows"]:
+        lines.append(f"| {r['kind']} | {r['filter']} | {r['passing']:,} | {r['strategy']} | {r['p50_ms']:.1f} | "
+                     f"{r['p99_ms']:.1f} | {r['batch_qps']:.0f} |")  # fmt: skip
+    if result.get("http"):
+        head = "| HTTP filter | clients | requests/s | p50 ms | p90 ms | p99 ms | requests per batch | errors |"
+        lines += ["", head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for h in result["http"]:
+            cells = [h["filter"], h["concurrency"], f"{h['rps']:.1f}", *(f"{h[c]:.0f}" for c in ("p50_ms", "p90_ms",
+                     "p99_ms")), f"{h['requests_per_batch']:.1f}", h["errors"]]  # fmt: skip
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shards", type=Path, help="gallery shard directory; default: a synthetic one under --work")
@@ -269,8 +289,11 @@ def main() -> None:
     http = _bench_http(args, _ensure_index(shards_dir, args.work, "flat")) if args.http else []
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     out = args.work / "latency.json"
-    out.write_text(json.dumps({"machine": machine, "rows": rows, "http": http, "peak_rss_gib": peak}, indent=1))
-    print(f"wrote {out}")
+    result = {"machine": machine, "rows": rows, "http": http, "peak_rss_gib": peak}
+    out.write_text(json.dumps(result, indent=1))
+    (args.work / "latency.md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"wrote {out} and latency.md")
 
 
 if __name__ == "__main__":
