@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -37,7 +38,7 @@ from model.datasets import FaceDataset, Sample, read_attribute_labels, read_casi
 from model.fileio import atomic_write_text
 from model.inference import Embedder, embed_dataset
 from model.synth import SynthConfig, generate_faces
-from model.train import TrainResult, train
+from model.train import CHECKPOINT, TrainResult, train
 from model.train_config import TrainConfig, rescale_stage
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,13 @@ def _train_configs(cfg: DemoConfig, data: Path) -> tuple[AttributeTrainConfig, T
     return attr, base.replace(stages=stages, val_every=max(1, n // 4), checkpoint_every=max(1, n // 4))
 
 
+def _resumed(cfg: TrainConfig) -> TrainConfig:
+    """A training stage of an earlier run in the same directory continues from its checkpoint (a finished one just
+    re-exports its weights), so ``make run`` twice never trains twice; another config is refused by the resume
+    check, naming the fields that differ."""
+    return dataclasses.replace(cfg, resume=True) if (cfg.out / CHECKPOINT).is_file() else cfg
+
+
 def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every stage and write ``report.json`` / ``report.md`` in ``cfg.out``; returns the report."""
     say = progress or (lambda msg: log.info("%s", msg))
@@ -139,7 +147,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> 
     attr_cfg, train_cfg = _train_configs(cfg, data)
     say(f"training the attribute classifier ({attr_cfg.iterations} steps, MOON loss)")
     with timer.stage("attribute_classifier"):
-        attr_run = train(attr_cfg.train_config())
+        attr_run = train(_resumed(attr_cfg.train_config()))
     assert attr_run.weights is not None, "a complete run exports weights"
     say("labelling the CASIA-style identities by majority vote")
     with timer.stage("label"):
@@ -147,7 +155,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> 
                                                 device=cfg.device))  # fmt: skip
     say(f"training the multi-task {cfg.arch} model ({train_cfg.total_steps} steps, two stages)")
     with timer.stage("train"):
-        model_run = train(train_cfg)
+        model_run = train(_resumed(train_cfg))
     assert model_run.weights is not None, "a complete run exports weights"
     say("embedding the probes and distractors with Dask")
     with timer.stage("embed"):
@@ -159,6 +167,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> 
         )  # fmt: skip
     say("building a flat index of the distractors")
     with timer.stage("index"):
+        shutil.rmtree(cfg.out / "index", ignore_errors=True)  # derived from the shards in a second: rebuilt each run
         info = build_index(distractors_dir, cfg.out / "index", IndexConfig(kind="flat", recall_sample=100))
     say("MegaFace benchmark at every distractor list size")
     with timer.stage("megaface"):

@@ -26,11 +26,13 @@ def test_balanced_accuracy_matches_definition() -> None:
 
 def test_demo_end_to_end_through_the_cli(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    result = CliRunner().invoke(
-        main,
-        ["demo", "--out", str(out), "--identities", "12", "--stage1-iterations", "30", "--stage2-iterations", "10",
-         "--attribute-iterations", "10", "--device", "cpu", "--small"],
-    )  # fmt: skip
+    args = ["demo", "--out", str(out), "--identities", "12", "--stage1-iterations", "30", "--stage2-iterations", "10",
+            "--attribute-iterations", "10", "--device", "cpu", "--small"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    first = json.loads((out / "report.json").read_text())
+    # `make run` twice: the second run continues from the finished checkpoints (no training again) and succeeds
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert "report:" in result.output and (out / "report.md").is_file()
@@ -44,4 +46,7 @@ def test_demo_end_to_end_through_the_cli(tmp_path: Path) -> None:
     assert search["queries"] == 4 and search["enrolled"] == 8 and search["gallery"] == 40 + 8
     assert "Identification with an attribute filter" in (out / "report.md").read_text() and "rank" in search["table"]
     assert set(report["label_balanced_accuracy"]) == set(report["model_attribute_balanced_accuracy"])
+    assert report["model"]["fingerprint"] == first["model"]["fingerprint"] and report["losses"] == first["losses"]
+    counts = [[(r["rank1_hits"], r["N"], r["tar_at_far"]) for r in x["megaface"]["results"]] for x in (report, first)]
+    assert counts[0] == counts[1]  # the same model: the same benchmark counts (timings aside)
     assert report["losses"] and all(np.isfinite(loss) for _, loss in report["losses"])
