@@ -109,7 +109,8 @@ class SearchEngine:
             **{a: attrs.column(a).to_numpy(zero_copy_only=False).astype(np.float32) for a in self.attribute_names},
         }
         self._row_of = {int(i): r for r, i in enumerate(loaded.ids.tolist())}
-        self._sorted_ids = np.sort(loaded.ids)
+        ids = loaded.ids
+        self._id_span = (int(ids.min()), int(ids.max()) + 1) if len(ids) else (0, 0)  # for bitmap selectors
         self.gallery: ResidentGallery | None = None
         self._xb: np.ndarray | None = None  # flat: the stored vectors in attribute-table row order (a view if possible)
         if self.exact:
@@ -255,8 +256,8 @@ class SearchEngine:
     def _id_selector(self, ids: np.ndarray) -> tuple[Any, np.ndarray | None]:
         """A FAISS selector of ``ids``: a bitmap indexed by id when the ids are small enough (bit tests; building a
         hash set of 500k ids took ~100 ms per query), else ``IDSelectorBatch``; with the array the selector reads."""
-        top = int(self.columns["id"].max()) + 1 if len(self.columns["id"]) else 0
-        if 0 <= int(self.columns["id"].min(initial=0)) and top <= _BITMAP_MAX_IDS:
+        low, top = self._id_span
+        if low >= 0 and top <= _BITMAP_MAX_IDS:
             bits = np.zeros(top, bool)
             bits[ids] = True
             packed = np.packbits(bits, bitorder="little")  # FAISS: bit (i & 7) of byte i >> 3

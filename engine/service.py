@@ -100,24 +100,27 @@ class SearchBatcher:
 
     def _run(self, batch: list[_Pending]) -> None:
         k, flt, group_by, agg, thr = batch[0].options
-        self.batches += 1
-        self.requests += len(batch)
         try:
             xq = batch[0].xq if len(batch) == 1 else np.concatenate([b.xq for b in batch])
             results = self.engine.search(xq, k=k, filter=flt, group_by=group_by, agg=agg, threshold=thr)
         except Exception as e:
-            if len(batch) == 1:
-                batch[0].future.set_exception(e)
-            else:  # one request's bad input must not fail the others: answer them one by one
-                self.batches -= 1
-                self.requests -= len(batch)
+            if len(batch) > 1:  # one request's bad input must not fail the others: answer them one by one
                 for item in batch:
                     self._run([item])
+                return
+            self._count(batch)
+            batch[0].future.set_exception(e)
             return
+        self._count(batch)
         start = 0
         for item in batch:
             item.future.set_result(results[start : start + len(item.xq)])
             start += len(item.xq)
+
+    def _count(self, batch: list[_Pending]) -> None:
+        """One answered engine call (a merged batch that had to be split counts as its parts)."""
+        self.batches += 1
+        self.requests += len(batch)
 
 
 def create_app(
