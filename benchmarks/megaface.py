@@ -3,11 +3,14 @@ stream of distractor blocks, without ever materialising the probe x distractor s
 
 **Scores.** Every feature is L2-normalised once in float64 (a zero vector stays zero: its scores are 0, never NaN).
 The *canonical* score of two features is ``np.sum(a * b)`` over their float64 normalised rows — one fixed routine, so
-identical vectors always score identically (exact ties stay ties) and the order is the order of the true inner
-products up to ~1e-16.  The bulk of the work is a float32 matrix product used **only as a screen**: with the proven
-bound ``eps`` on ``|float32 score - canonical score|`` (:func:`screen_error`), a distractor is counted above a mate
-without re-scoring only when its screened score beats the mate's by more than ``eps``; anything closer is re-scored
-canonically.  The counts are therefore those of the canonical scores, exactly, including ties.
+identical vectors always score identically (exact ties stay ties) and the order is the order of the true cosines
+up to :func:`canonical_error` (~2e-13 at d = 1024).  Two scores that close are compared in **exact rational arithmetic**
+on the stored features (float16 / float32 / float64 values are exact binary fractions; :class:`ExactRows`), so a
+mathematical tie between different vectors is a tie, never split by float64 rounding.  The bulk of the work is a
+float32 matrix product used **only as a screen**: with the proven bound ``eps`` on ``|float32 score - canonical score|``
+(:func:`screen_error`), a distractor is counted above a mate without re-scoring only when its screened score beats the
+mate's by more than ``eps``; anything closer is re-scored canonically (and exactly where that is not enough).  The
+counts are therefore those of the true cosines of the stored features, exactly, including ties.
 
 **CMC.** For every ordered same-identity pair (g, p): r(g,p) = #{d : s(p,d) > s(p,g)} (ties go to the mate by
 default; with ``tie_rule="distractor"`` they count against it).  Per block, each probe's row of screened scores is
@@ -21,7 +24,11 @@ floor(f_max * N_neg) + 1 negatives (plus an ``2 eps`` margin) are kept while str
 
 **Filter (§6).** With attribute codes, probe p is compared only with distractors of the same code, and a mate whose
 code differs is a miss (rank = infinity) and a positive the filter rejects; N and N_neg keep their unfiltered values,
-so filtered rates are directly comparable (a filtered-out comparison is a rejection, never a false accept).
+so filtered rates are directly comparable (a filtered-out comparison is a rejection, never a false accept: at FAR = 1
+the false accepts are the comparisons made, not N_neg).
+
+**Supported FARs.** A FAR below 1 / N_neg has m = 0, the same threshold as FAR = 0: such ROC rows say
+``supported: false`` and reports mark them instead of printing them as measured.
 """
 
 from __future__ import annotations
@@ -54,6 +61,56 @@ def canonical_normalize(x: np.ndarray) -> np.ndarray:
 def canonical_scores(q64: np.ndarray, x64: np.ndarray) -> np.ndarray:
     """Canonical scores of one normalised float64 query (d,) against normalised float64 rows (n, d)."""
     return np.sum(q64[None, :] * x64, axis=1)
+
+
+def canonical_error(d: int) -> float:
+    """A bound on |canonical score - true cosine| at dimension ``d`` (float64 normalisation and a length-d sum, unit
+    roundoff 2^-53, with a wide margin); two canonical scores closer than twice this are compared exactly."""
+    return (4.0 * d + 32.0) * 2.0**-53
+
+
+class ExactRows:
+    """Stored feature rows as exact integers, for deciding comparisons the canonical float64 score cannot.
+
+    Every float (float16/32/64) is ``M * 2^e`` with an integer M; row i becomes the integer vector ``X_i = x_i * 2^k_i``
+    (its own power of two).  The exact *order key* of the cosine of rows a and b is
+    ``sign(A) * A^2 / (|X_a|^2 |X_b|^2)`` with ``A = X_a . X_b`` -- a monotone function of the cosine in which every
+    row's scale cancels, so keys of different pairs compare exactly (:class:`fractions.Fraction`).  A zero row has
+    key 0, as its canonical score is 0."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = x
+        self._rows: dict[int, tuple[np.ndarray, int]] = {}
+
+    def row(self, i: int) -> tuple[np.ndarray, int]:
+        """Row ``i`` as (integer vector as an object array, its squared norm)."""
+        got = self._rows.get(i)
+        if got is None:
+            got = self._rows[i] = _integer_row(self.x[i])
+        return got
+
+    @staticmethod
+    def key(a: tuple[np.ndarray, int], b: tuple[np.ndarray, int]) -> Fraction:
+        """The exact order key of cos(a, b) for two rows from :meth:`row` (of the same or different sets)."""
+        den = a[1] * b[1]
+        if den == 0:
+            return Fraction(0)
+        dot = int(np.dot(a[0], b[0]))
+        return Fraction(dot * abs(dot), den)
+
+
+def _integer_row(v: np.ndarray) -> tuple[np.ndarray, int]:
+    v64 = np.asarray(v, dtype=np.float64)
+    if not np.isfinite(v64).all():
+        raise ValueError("exact comparison of a feature row with NaN/inf")
+    mant, exp = np.frexp(v64)
+    m = (mant * 2.0**53).astype(np.int64)  # exact: a float64 mantissa has 53 bits
+    nz = m != 0
+    if not nz.any():
+        return np.zeros(len(v64), dtype=object), 0
+    shift = np.where(nz, exp - exp[nz].min(), 0)
+    out = np.array([int(a) << int(b) for a, b in zip(m.tolist(), shift.tolist(), strict=True)], dtype=object)
+    return out, int(np.dot(out, out))
 
 
 def screen_error(d: int) -> float:
@@ -179,6 +236,9 @@ class Evaluation:
         self.dev = torch.device(device)
         self.d = probes.xq.shape[1]
         self.eps = screen_error(self.d)
+        self.tol = 2 * canonical_error(self.d)  # canonical scores closer than this are compared exactly
+        self.exact_p = ExactRows(probes.xq)
+        self._mate_keys: dict[int, Fraction] = {}
         self.p64 = canonical_normalize(probes.xq)
         self.p32 = torch.from_numpy(self.p64.astype(np.float32)).to(self.dev)
         self.codes = None if probes.codes is None else np.asarray(probes.codes, np.int64)
@@ -198,7 +258,7 @@ class Evaluation:
         self.lo_np = lo.astype(np.float32)
         self.lo = torch.from_numpy(self.lo_np).to(self.dev)
         # Bucket boundaries (probe p's sorted mate scores +- eps, shifted by 4p) for one global searchsorted.
-        owner = np.repeat(np.arange(nq), np.diff(self.mates.off))
+        owner = self.mate_owner = np.repeat(np.arange(nq), np.diff(self.mates.off))
         base = 4.0 * owner + 2.0
         self.key_hi, self.key_lo = base + self.mates.s + self.eps, base + self.mates.s - self.eps
         self.hist = np.zeros(len(self.mates.s) + nq, np.int64)  # slot off[p] + p + q: above exactly q mates
@@ -300,8 +360,27 @@ class Evaluation:
         n_mates = q_lo[band] - q_hi[band]
         j = np.repeat(first[band] + q_hi[band], n_mates) + _ranges(n_mates)
         e = np.repeat(exact, n_mates)
-        np.add.at(self.extra, j, e > self.mates.s[j])
-        np.add.at(self.ties, j, e == self.mates.s[j])
+        above, tie = e > self.mates.s[j], e == self.mates.s[j]
+        close = np.flatnonzero(np.abs(e - self.mates.s[j]) <= self.tol)
+        if len(close):  # closer than canonical rounding can tell: decide on the stored values, exactly
+            which = np.repeat(np.arange(len(band)), n_mates)[close]
+            rows: dict[int, tuple[np.ndarray, int]] = {}
+            for k, w in zip(close.tolist(), which.tolist(), strict=True):
+                xd = rows.get(w)
+                if xd is None:
+                    xd = rows[w] = _integer_row(x[cb[w]])
+                kd, kg = ExactRows.key(self.exact_p.row(int(rb[w])), xd), self._mate_key(int(j[k]))
+                above[k], tie[k] = kd > kg, kd == kg
+        np.add.at(self.extra, j, above)
+        np.add.at(self.ties, j, tie)
+
+    def _mate_key(self, j: int) -> Fraction:
+        """Exact order key of mate slot ``j`` (its probe against the mate)."""
+        got = self._mate_keys.get(j)
+        if got is None:
+            p, g = int(self.mate_owner[j]), int(self.mates.g[j])
+            got = self._mate_keys[j] = ExactRows.key(self.exact_p.row(p), self.exact_p.row(g))
+        return got
 
     def _prune(self) -> None:
         v, r, c = self.neg.arrays()
@@ -313,16 +392,21 @@ class Evaluation:
 
     def _rescore_bands(
         self, fetch: Callable[[np.ndarray], np.ndarray], r: np.ndarray, c: np.ndarray, bands: list[tuple[int, int]]
-    ) -> np.ndarray:
-        """Canonical scores at the kept-negative positions inside ``bands`` (NaN elsewhere); each distractor is
-        fetched once, in its stored precision."""
+    ) -> tuple[np.ndarray, Callable[[int], Fraction]]:
+        """Canonical scores at the kept-negative positions inside ``bands`` (NaN elsewhere), and the exact order key
+        of the negative at a position; each distractor is fetched once, in its stored precision."""
         pos = np.unique(np.concatenate([np.arange(a, b) for a, b in bands]))
         idx = np.unique(c[pos])
         xb = fetch(idx)
         exact = np.full(len(c), np.nan)
         exact[pos] = _rescore_chunks(self.p64, r[pos], xb, np.searchsorted(idx, c[pos]))
         self.rescored = len(pos)
-        return exact
+        fetched = ExactRows(np.asarray(xb))
+
+        def key(i: int) -> Fraction:
+            return ExactRows.key(self.exact_p.row(int(r[i])), fetched.row(int(np.searchsorted(idx, c[i]))))
+
+        return exact, key
 
     # -- results -----------------------------------------------------------------------------------------------------
     def finish(self, fetch: Callable[[np.ndarray], np.ndarray], tie_rule: str = "mate") -> dict[str, Any]:
@@ -368,7 +452,9 @@ class Evaluation:
         m = self.mates
         owner = np.repeat(np.arange(len(self.p64)), np.diff(m.off))
         upper = owner < m.g  # unordered pairs i < j
-        pos = np.sort(m.s[upper & m.ok])
+        pos_j = np.flatnonzero(upper & m.ok)
+        pos_j = pos_j[np.argsort(m.s[pos_j], kind="stable")]  # mate slots of the positives, ascending
+        pos = m.s[pos_j]
         n_pos = int(upper.sum())
         if not self.keep_all and self.neg.size > self.keep:
             self._prune()  # sort only what can matter
@@ -380,9 +466,10 @@ class Evaluation:
         pending: list[tuple[dict[str, Any], int, int, int]] = []
         for far in far_grid(self.n_neg, self.far_max):
             mm = floor_m(far, self.n_neg)
-            row: dict[str, Any] = {"far": far, "m": mm}
-            if mm >= self.n_neg:  # no (m+1)-th negative: everything is accepted
-                row.update(threshold=None, threshold_exact=True, tar_count=len(pos), false_accepts=self.n_neg)
+            row: dict[str, Any] = {"far": far, "m": mm, "supported": far == 0 or mm >= 1}
+            if mm >= self.n_neg or (self.keep_all and mm >= len(v)):
+                # no (m+1)-th compared negative: everything compared is accepted (a filtered-out pair is a rejection)
+                row.update(threshold=None, threshold_exact=True, tar_count=len(pos), false_accepts=int(self.compared))
             elif mm >= len(v):
                 continue  # beyond the kept negatives (far > far_max)
             else:
@@ -396,17 +483,48 @@ class Evaluation:
                     pending.append((row, mm, a, b))
             rows.append(row)
         if pending:
-            exact_at = self._rescore_bands(fetch, r, c, [(a, b) for _, _, a, b in pending])
+            exact_at, neg_key = self._rescore_bands(fetch, r, c, [(a, b) for _, _, a, b in pending])
+
+            def pos_key(i: int) -> Fraction:
+                return self._mate_key(int(pos_j[i]))
+
             for row, mm, a, b in pending:
-                exact = np.sort(exact_at[a:b])[::-1]
-                tau = float(exact[mm - a])
+                band = exact_at[a:b]
+
+                def band_key(i: int, a: int = a) -> Fraction:
+                    return neg_key(a + i)
+
+                t = a + self._kth_exact(band, mm - a, band_key)  # the (m+1)-th largest negative, exactly
+                tau, key_t = float(exact_at[t]), neg_key(t)
                 row.update(threshold=tau, threshold_exact=True,
-                           tar_count=int(len(pos) - np.searchsorted(pos, tau, side="right")),
-                           false_accepts=a + int((exact > tau).sum()))  # fmt: skip
+                           tar_count=self._count_above(pos, tau, key_t, pos_key),
+                           false_accepts=a + self._count_above(band, tau, key_t, band_key))  # fmt: skip
         for row in rows:
             row["tar"] = row["tar_count"] / n_pos if n_pos else None
         return {"N_pos": n_pos, "N_neg": self.n_neg, "kept_negatives": len(v), "rescored_negatives": self.rescored,
                 "far_max": self.far_max, "points": rows}  # fmt: skip
+
+    def _kth_exact(self, values: np.ndarray, t: int, key_of: Callable[[int], Fraction]) -> int:
+        """Index into ``values`` (canonical scores) of the ``t``-th largest (0-based) in the exact order: the canonical
+        order, with runs of scores closer than ``tol`` around position t sorted by their exact keys."""
+        order = np.argsort(-values, kind="stable")
+        cs = values[order]
+        lo = hi = t
+        while lo > 0 and cs[lo - 1] - cs[lo] <= self.tol:
+            lo -= 1
+        while hi + 1 < len(cs) and cs[hi] - cs[hi + 1] <= self.tol:
+            hi += 1
+        if lo == hi:
+            return int(order[t])
+        run = sorted(order[lo : hi + 1].tolist(), key=key_of, reverse=True)
+        return int(run[t - lo])
+
+    def _count_above(self, values: np.ndarray, tau: float, key_t: Fraction, key_of: Callable[[int], Fraction]) -> int:
+        """How many of ``values`` (canonical scores) are above the threshold whose canonical score is ``tau`` and exact
+        key ``key_t``: by their canonical score where it is farther than ``tol``, by the exact key where it is not."""
+        close = np.flatnonzero(np.abs(values - tau) <= self.tol)
+        clear = int((values > tau + self.tol).sum())
+        return clear + sum(1 for i in close.tolist() if key_of(i) > key_t)
 
 
 def _rescore_chunks(p64: np.ndarray, r: np.ndarray, xb: np.ndarray, where: np.ndarray) -> np.ndarray:
@@ -440,7 +558,9 @@ __all__ = [
     "NAMED_FARS",
     "TIE_RULES",
     "Evaluation",
+    "ExactRows",
     "ProbeSet",
+    "canonical_error",
     "canonical_normalize",
     "canonical_scores",
     "check_finite",

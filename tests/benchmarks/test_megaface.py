@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.megaface import Evaluation, ProbeSet, floor_m
+from benchmarks.megaface import Evaluation, ProbeSet, canonical_normalize, floor_m
 
 
 def evaluate(xq, ids, xb, codes_q=None, codes_b=None, tile_rows=37, keep_cap=1 << 25, far_max=1e-3, tie_rule="mate"):
@@ -142,3 +142,68 @@ def test_extreme_magnitudes_and_nan_distractors(brute_force):
     xb[77, 3] = np.nan
     with pytest.raises(ValueError, match=r"distractors: 1 feature row\(s\) contain NaN/inf \(first: distractor 77 "):
         evaluate(xq, ids, xb)
+
+
+def _rounding_split_ties(seed: int, d: int = 64, n_ids: int = 4, per: int = 5, nb: int = 300):
+    """Clustered features on a 1/8 grid; each distractor is a mate of some probe p with coordinates swapped where p's
+    own values are equal, so cos(p, distractor) = cos(p, mate) exactly while float64 rounding splits many of them."""
+    rng = np.random.default_rng(seed)
+    centres = rng.integers(-6, 7, size=(n_ids, d))
+    xq = ((np.repeat(centres, per, 0) + rng.integers(-2, 3, size=(n_ids * per, d))) / 8).astype(np.float32)
+    ids = np.repeat([f"id{i}" for i in range(n_ids)], per)
+    xb = np.empty((nb, d), np.float32)
+    for n in range(nb):
+        p = int(rng.integers(len(xq)))
+        v = xq[rng.choice([g for g in range(len(xq)) if ids[g] == ids[p] and g != p])].copy()
+        for _ in range(3):
+            i = int(rng.integers(d))
+            js = np.flatnonzero((xq[p] == xq[p, i]) & (v != v[i]))
+            if len(js):
+                j = int(rng.choice(js))
+                v[i], v[j] = v[j], v[i]
+        xb[n] = v
+    return xq, ids, xb
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mathematical_ties_are_not_split_by_rounding(seed, brute_force):
+    """cos(p, d) == cos(p, g) exactly for different vectors d, g: a tie (counted, going to the mate), not a rank lost
+    or won by 1e-17 of float64 rounding; the TAR threshold among such ties is exact too."""
+    xq, ids, xb = _rounding_split_ties(seed)
+    q, b = canonical_normalize(xq), canonical_normalize(xb)
+    split = 0  # distractor-mate pairs within 1e-12 whose canonical scores differ
+    for p in range(len(q)):
+        s_b = np.sum(q[p] * b, axis=1)
+        for g in (g for g in range(len(q)) if ids[g] == ids[p] and g != p):
+            s = np.sum(q[p] * q[g])
+            split += int(((np.abs(s_b - s) < 1e-12) & (s_b != s)).sum())
+    assert split > 10, "the case must contain ties that float64 rounding splits"
+    for rule in ("mate", "distractor"):
+        for keep_cap, far_max in ((1 << 25, 1e-3), (300, 0.05)):
+            out = evaluate(xq, ids, xb, keep_cap=keep_cap, far_max=far_max, tie_rule=rule)
+            check(out, brute_force(xq, ids, xb, tie_rule=rule), len(xb))
+            assert out["ties_total"] > 0
+
+
+def test_filtered_roc_never_accepts_more_than_was_compared():
+    """A filtered-out comparison is a rejection: at FAR = 1 the false accepts are the comparisons made, not N_neg."""
+    rng = np.random.default_rng(10)
+    xq, ids, xb = random_set(rng, nb=200)
+    codes_q, codes_b = rng.integers(0, 3, len(xq)), rng.integers(0, 3, len(xb))
+    out = evaluate(xq, ids, xb, codes_q, codes_b)
+    roc = out["roc"]
+    assert out["compared"] < roc["N_neg"]
+    for row in roc["points"]:
+        if row["false_accepts"] is not None:
+            assert row["false_accepts"] <= out["compared"], row
+    last = roc["points"][-1]
+    assert last["far"] == 1.0 and last["false_accepts"] == out["compared"]
+
+
+def test_rows_below_one_over_n_neg_are_marked_unsupported():
+    rng = np.random.default_rng(11)
+    xq, ids, xb = random_set(rng, nb=100)  # N_neg = 3000: 1e-4 and below are not measurable
+    points = evaluate(xq, ids, xb)["roc"]["points"]
+    flags = {r["far"]: r["supported"] for r in points}
+    assert flags[0.0] and flags[1e-3] and flags[1.0]
+    assert not flags[1e-6] and not flags[1e-5] and not flags[1e-4]
