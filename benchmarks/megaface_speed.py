@@ -22,14 +22,15 @@ import torch
 
 from benchmarks.megaface_run import BenchConfig, run_megaface
 from benchmarks.search_speed import gemm_flops
+from indexer.shards import is_shard_directory
 from indexer.synth_features import SynthFeaturesConfig, write_synth_features
 
 
 def _features(work: Path, rows: int, dim: int, probes: int) -> tuple[Path, Path]:
     dis, prb = work / f"distractors_{rows}_{dim}", work / f"probes_{probes}_{dim}"
-    if not (dis / "manifest.json").is_file():
+    if not is_shard_directory(dis):
         write_synth_features(SynthFeaturesConfig(out=dis, rows=rows, dim=dim, identities=max(rows // 100, 10), seed=11))
-    if not (prb / "manifest.json").is_file():
+    if not is_shard_directory(prb):
         write_synth_features(SynthFeaturesConfig(out=prb, rows=probes, dim=dim, identities=80, spread=1.9, seed=12))
     return prb, dis
 

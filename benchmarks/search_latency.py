@@ -274,7 +274,7 @@ def main() -> None:
     shards_dir = args.shards
     if shards_dir is None:
         shards_dir = args.work / f"shards_{args.rows}_{args.dim}"
-        if not (shards_dir / "manifest.json").is_file():
+        if not shards.is_shard_directory(shards_dir):
             write_synth_features(SynthFeaturesConfig(out=shards_dir, rows=args.rows, dim=args.dim,
                                                      identities=max(10, args.rows // 100), seed=5))  # fmt: skip
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),

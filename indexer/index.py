@@ -11,17 +11,18 @@ in ``IndexIDMap2``; ``ivf-flat`` / ``ivf-pq`` store ids natively (``add_with_ids
 would break on removal, because IVF does not renumber its internal ids). ``attributes.parquet`` lists the same id
 set and is what ``LoadedIndex.ids`` reads; ``load_index`` checks both agree in size.
 
-Recall (``recall_at``): queries are ``recall_sample`` rows drawn from the data (deterministic priority sampling by
-hashed id); each query's own id is removed from both result lists, so recall measures the neighbours a user would
-see. recall@1 = fraction of queries whose exact nearest other item is the index's first; recall@10 = mean
-|exact top-10 ∩ index top-10| / 10. Ground truth is :func:`indexer.search.search_exact` over the same shards.
+Recall (:mod:`indexer.recall`): queries are ``recall_sample`` rows drawn from the data (deterministic priority
+sampling by hashed id); each query's own id is removed from both result lists, so recall measures the neighbours a
+user would see. recall@k = mean |{index top-k ids whose exact score >= the exact k-th score}| / k, so ties (equal
+scores, duplicate rows) count whatever order they come in and an exact index measures 1.0; the comparison allows
+the float32 rounding of the searches (``tie_tolerance`` in ``index_info.json``). Ground truth is
+:func:`indexer.search.search_exact` over the same shards.
 """
 
 # ruff: noqa: E741  -- FAISS vocabulary: D (scores) and I (ids)
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import resource
@@ -38,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from indexer import shards
-from indexer.search import search_exact
+from indexer.recall import measure_recall, recall_at
 from model.fileio import atomic_write_text, atomic_write_with
 
 KINDS = ("flat", "ivf-flat", "ivf-pq", "hnsw")
@@ -209,39 +210,6 @@ def _blocks(shards_dir: Path, block_rows: int, columns: list[str] | None = None)
     return shards.iter_shards(shards_dir, block_rows=block_rows, columns=[] if columns is None else columns)
 
 
-def _drop_self(I: np.ndarray, q_ids: np.ndarray, k: int) -> np.ndarray:
-    """Remove each query's own id from its result row and keep the first k. I: (nq, >k) int64 -> (nq, k)."""
-    keep = I != q_ids[:, None]
-    return np.stack([row[m][:k] for row, m in zip(I, keep, strict=True)])
-
-
-def recall_at(I_true: np.ndarray, I_found: np.ndarray, k: int) -> float:
-    """Mean |true top-k ∩ found top-k| / k (k=1: fraction of queries whose first result is right); -1 ids ignored."""
-    hits = [len(set(t[:k][t[:k] >= 0]) & set(f[:k][f[:k] >= 0])) for t, f in zip(I_true, I_found, strict=True)]
-    return float(np.mean(hits) / k) if len(hits) else float("nan")
-
-
-def measure_recall(index: Any, shards_dir: Path, sample: _Sampler, block_rows: int) -> dict[str, Any]:
-    """recall@1 and recall@10 of ``index`` against exact search over the shards, on the sampled queries."""
-    if len(sample.ids) == 0:
-        return {"queries": 0}
-    xq, q_ids = sample.xb, sample.ids
-    k = min(10, int(index.ntotal) - 1)
-    if k < 1:
-        return {"queries": 0}
-    t0 = time.perf_counter()
-    _, I_true = search_exact(xq, ((b.ids, b.xb) for b in _blocks(shards_dir, block_rows)), k + 1, backend="faiss")
-    _, I_found = index.search(xq, k + 1)
-    I_true, I_found = _drop_self(I_true, q_ids, k), _drop_self(I_found, q_ids, k)
-    return {
-        "queries": len(q_ids),
-        "recall@1": recall_at(I_true, I_found, 1),
-        f"recall@{k}": recall_at(I_true, I_found, k),
-        "definition": "query's own id removed from both lists; recall@k = mean |exact top-k ∩ index top-k| / k",
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-
-
 def _train(index: Any, cfg: IndexConfig, shards_dir: Path, d: int) -> None:
     sampler = _Sampler(cfg.train_size, d, cfg.seed + 1)
     for b in _blocks(shards_dir, cfg.block_rows):
@@ -275,8 +243,7 @@ def _write_info(out_dir: Path, info: IndexInfo) -> None:
 
 
 def _source(shards_dir: Path) -> dict[str, Any]:
-    raw = (Path(shards_dir) / shards.MANIFEST).read_bytes()
-    return {"shards_dir": str(Path(shards_dir).resolve()), "manifest_sha256": hashlib.sha256(raw).hexdigest()}
+    return {"shards_dir": str(Path(shards_dir).resolve()), "manifest_sha256": shards.manifest_sha256(shards_dir)}
 
 
 def build_index(shards_dir: Path, out_dir: Path, cfg: IndexConfig) -> IndexInfo:
@@ -306,7 +273,7 @@ def build_index(shards_dir: Path, out_dir: Path, cfg: IndexConfig) -> IndexInfo:
     os.replace(tmp, out_dir / ATTR_FILE)
     _write_index(index, out_dir / INDEX_FILE)
     _apply_search_params(index, dataclasses.asdict(cfg))
-    recall = measure_recall(index, shards_dir, sampler, cfg.block_rows)
+    recall = measure_recall(index, shards_dir, sampler.xb, sampler.ids, cfg.block_rows)
     info = IndexInfo(
         config=dataclasses.asdict(cfg),
         d=manifest.d,

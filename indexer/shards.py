@@ -1,5 +1,9 @@
-"""The embedding shard format: ``part-00000.parquet`` … plus ``manifest.json``; the contract between the embedder,
+"""The embedding shard format: ``part-00000.parquet`` … plus ``_manifest.json``; the contract between the embedder,
 the synthetic-features writer and the index builder.
+
+A shard directory is also a plain Parquet dataset (``pyarrow.parquet.read_table(dir)``, ``pandas.read_parquet(dir)``,
+DuckDB, Spark): every other file in it, the manifest and the temporaries of writes in progress, starts with ``_`` or
+``.``, which those readers skip.  The manifest, its names and their migration: :mod:`indexer.manifest`.
 
 Row schema (see :func:`schema`): ``id`` int64 (stable: the row's position in the planned input list), ``path``
 string (relative to the input root), ``identity`` string (nullable), ``embedding`` fixed_size_list<float16|float32>[d]
@@ -8,36 +12,45 @@ string (relative to the input root), ``identity`` string (nullable), ``embedding
 ``status`` string (``ok`` or a :data:`model.images.REASONS` code) and ``error`` string (nullable).
 
 Readers stream :class:`Block` s with :func:`iter_shards`: shard boundaries are invisible and memory is bounded by
-``block_rows``.  Every file is written atomically (``*.tmp``, fsync, ``os.replace``).
+``block_rows``.  Every file is written atomically (a ``*.tmp`` named to be skipped by readers, fsync,
+``os.replace``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from model.fileio import atomic_write_text, atomic_write_with
+from indexer.manifest import (
+    DTYPES,
+    FORMAT_VERSION,
+    KIND,
+    LEGACY_MANIFEST,
+    MANIFEST,
+    Manifest,
+    ShardEntry,
+    is_shard_directory,
+    manifest_path,
+    manifest_sha256,
+    migrate_manifest,
+    read_manifest,
+    write_manifest,
+)
+from model.fileio import fsync_dir
 from model.images import REASONS
 
 log = logging.getLogger(__name__)
 
 SHARD_PATTERN = "part-{:05d}.parquet"
-MANIFEST = "manifest.json"
-KIND = "facesearch.shards"
-FORMAT_VERSION = 1
-DTYPES: tuple[str, ...] = ("float16", "float32")
 STATUSES: tuple[str, ...] = ("ok", *REASONS)
 BASE_COLUMNS: tuple[str, ...] = ("id", "path", "identity", "embedding")
 TAIL_COLUMNS: tuple[str, ...] = ("det_score", "landmarks", "status", "error")
@@ -56,7 +69,7 @@ def shard_name(i: int) -> str:
 
 
 def _check_dtype(dtype: str) -> pa.DataType:
-    if dtype not in _ARROW_DTYPE:
+    if dtype not in DTYPES:
         raise ValueError(f"embedding dtype must be one of {list(DTYPES)}, got {dtype!r}")
     return _ARROW_DTYPE[dtype]
 
@@ -154,127 +167,50 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-@dataclass(frozen=True)
-class ShardEntry:
-    """One shard in the manifest: file name, row counts, SHA-256 of the file and the half-open id range [lo, hi)."""
+def temporary_name(name: str) -> str:
+    """The temporary a shard ``name`` is written to: hidden (dataset readers skip names starting with ``.``) and
+    per process (an orphaned worker of a killed job may still be writing while the resumed job runs)."""
+    return f".{name}.{os.getpid()}.tmp"
 
-    file: str
-    rows: int
-    ok_rows: int
-    sha256: str
-    id_lo: int
-    id_hi: int
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+def _atomic_write_hidden(path: Path, write: Callable[[Path], None]) -> None:
+    """:func:`model.fileio.atomic_write_with`, but the temporary is :func:`temporary_name` (that one's ``part-….tmp``
+    would be read as a Parquet part by a dataset reader while the write runs)."""
+    tmp = path.with_name(temporary_name(path.name))
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def remove_temporaries(directory: Path) -> int:
+    """Delete the shard temporaries a killed job left in ``directory`` (this naming and the legacy ``part-*.tmp``);
+    returns how many.  Only for a job about to rewrite the directory: a running writer's temporary goes too."""
+    gone = 0
+    for tmp in [*Path(directory).glob(".part-*.tmp"), *Path(directory).glob("part-*.tmp")]:
+        tmp.unlink(missing_ok=True)
+        gone += 1
+    return gone
 
 
 def write_shard(path: Path, table: pa.Table, id_range: tuple[int, int] | None = None) -> ShardEntry:
-    """Write ``table`` to ``path`` atomically (``.tmp`` + fsync + ``os.replace``) and return its manifest entry.
-
-    ``id_range`` (the planned [lo, hi)) defaults to [min id, max id + 1) of the table ([0, 0) when empty)."""
+    """Write ``table`` to ``path`` atomically (hidden ``.tmp`` + fsync + ``os.replace``) and return its manifest
+    entry.  ``id_range`` (the planned [lo, hi)) defaults to [min id, max id + 1) of the table ([0, 0) when empty)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Per-process temporary: an orphaned worker of a killed job may still be writing while the resumed job runs.
-    atomic_write_with(
+    _atomic_write_hidden(
         path,
         lambda tmp: pq.write_table(table, tmp, row_group_size=_ROW_GROUP, compression="zstd", use_dictionary=_DICT),
-        per_process=True,
     )
     if id_range is None:
         ids = table.column("id")
         id_range = (0, 0) if len(ids) == 0 else (int(pc.min(ids).as_py()), int(pc.max(ids).as_py()) + 1)
     ok_rows = int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
     return ShardEntry(path.name, table.num_rows, ok_rows, file_sha256(path), int(id_range[0]), int(id_range[1]))
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """``manifest.json`` of a shard directory.  ``shards`` are sorted by file name; ``planned_shards`` is how many the
-    job will write (``complete`` once all are present).  ``source``: input description (root, list file, format,
-    count); ``config``: the resolved embed config; ``versions``: software versions."""
-
-    fingerprint: str
-    d: int
-    dtype: str
-    attributes: tuple[str, ...]
-    model_config: dict[str, Any] = field(default_factory=dict)
-    source: dict[str, Any] = field(default_factory=dict)
-    config: dict[str, Any] = field(default_factory=dict)
-    versions: dict[str, Any] = field(default_factory=dict)
-    shards: tuple[ShardEntry, ...] = ()
-    planned_shards: int = 0
-    complete: bool = False
-    normalized: bool = True
-    created: str = field(default_factory=_now)
-    updated: str = field(default_factory=_now)
-
-    def __post_init__(self) -> None:
-        _check_dtype(self.dtype)
-        object.__setattr__(self, "attributes", tuple(self.attributes))
-        object.__setattr__(self, "shards", tuple(sorted(self.shards, key=lambda e: e.file)))
-
-    @property
-    def totals(self) -> dict[str, int]:
-        rows = sum(e.rows for e in self.shards)
-        ok = sum(e.ok_rows for e in self.shards)
-        return {"shards": len(self.shards), "rows": rows, "ok_rows": ok, "failed_rows": rows - ok}
-
-    def entry(self, file: str) -> ShardEntry | None:
-        return next((e for e in self.shards if e.file == file), None)
-
-    def with_entry(self, entry: ShardEntry) -> Manifest:
-        """A copy with ``entry`` added (replacing one of the same file)."""
-        others = tuple(e for e in self.shards if e.file != entry.file)
-        return dataclasses.replace(self, shards=(*others, entry))
-
-    def replace(self, **changes: Any) -> Manifest:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = {"kind": KIND, "format_version": FORMAT_VERSION}
-        data.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
-        data.update(attributes=list(self.attributes), shards=[e.to_dict() for e in self.shards], totals=self.totals)
-        return json.loads(json.dumps(data))
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in fields}
-        values["shards"] = tuple(ShardEntry(**e) for e in data.get("shards", ()))
-        return cls(**values)
-
-
-def read_manifest(directory: Path) -> Manifest:
-    """``directory/manifest.json`` -> :class:`Manifest`; a one-line ``ValueError`` naming the file when it is
-    missing, not JSON, of another kind or format version, or malformed."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise ValueError(f"{path} not found: {directory} is not a shard directory (run facesearch embed first)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"corrupt shard manifest {path}: {e}") from e
-    if not isinstance(data, dict) or data.get("kind") != KIND:
-        kind = data.get("kind") if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"{path} is not a shard manifest (kind {kind!r}, expected {KIND!r})")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported shard format version {data.get('format_version')!r} (reads 1)")
-    try:
-        return Manifest.from_dict(data)
-    except (TypeError, ValueError, KeyError) as e:
-        raise ValueError(f"corrupt shard manifest {path}: {e}") from e
-
-
-def write_manifest(directory: Path, manifest: Manifest) -> Manifest:
-    """Write ``manifest`` atomically to ``directory/manifest.json`` with ``updated`` set to now; returns it."""
-    manifest = manifest.replace(updated=_now())
-    atomic_write_text(Path(directory) / MANIFEST, json.dumps(manifest.to_dict(), indent=2) + "\n")
-    return manifest
 
 
 def verify_shard(directory: Path, entry: ShardEntry) -> bool:
@@ -445,7 +381,9 @@ def read_all(
 
 __all__ = [
     "DTYPES",
+    "FORMAT_VERSION",
     "KIND",
+    "LEGACY_MANIFEST",
     "MANIFEST",
     "SHARD_PATTERN",
     "STATUSES",
@@ -454,13 +392,19 @@ __all__ = [
     "ShardEntry",
     "embeddings_to_numpy",
     "file_sha256",
+    "is_shard_directory",
     "iter_shards",
+    "manifest_path",
+    "manifest_sha256",
+    "migrate_manifest",
     "read_all",
     "read_manifest",
+    "remove_temporaries",
     "schema",
     "shard_name",
     "table_from_arrays",
     "take_rows",
+    "temporary_name",
     "verify_shard",
     "write_manifest",
     "write_shard",

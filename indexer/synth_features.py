@@ -176,9 +176,10 @@ def write_synth_features(cfg: SynthFeaturesConfig) -> SynthFeaturesSummary:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     planned = -(-cfg.total_rows // cfg.shard_rows)
-    if (out / shards.MANIFEST).is_file():
+    if shards.is_shard_directory(out):
         old = shards.read_manifest(out)
         if old.complete and old.config == cfg.to_dict():
+            shards.migrate_manifest(out)  # a directory from before ``_manifest.json``: readable by Parquet tools now
             return SynthFeaturesSummary(out, cfg.total_rows, planned, 0.0, cfg.fingerprint)
         raise ValueError(f"{out} already holds a different shard set; choose a new --out")
     if out.exists() and any(out.iterdir()):

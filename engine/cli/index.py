@@ -47,7 +47,8 @@ def index() -> None:
 def build(shards_dir: Path, out: Path, kind: str, nlist: int, nprobe: int, m: int, nbits: int, hnsw_m: int,
           ef_construction: int, ef_search: int, train_size: int, block_rows: int, recall_sample: int,
           seed: int) -> None:  # fmt: skip
-    """Stream a shard directory into a new index directory and measure its recall against exact search."""
+    """Stream a shard directory into a new index directory and measure its recall against exact search (a returned
+    id scoring as high as the exact k-th result counts, so ties and duplicate rows count whatever their order)."""
     cfg = IndexConfig(kind=kind, nlist=nlist, nprobe=nprobe, m=m, nbits=nbits, hnsw_m=hnsw_m,
                       ef_construction=ef_construction, ef_search=ef_search, train_size=train_size,
                       block_rows=block_rows, recall_sample=recall_sample, seed=seed)  # fmt: skip
