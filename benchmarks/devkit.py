@@ -44,7 +44,7 @@ TYPE_FLOAT64 = 6
 _ITEMSIZE = {TYPE_FLOAT32: 4, TYPE_FLOAT64: 8}
 _DTYPE: dict[int, np.dtype[Any]] = {TYPE_FLOAT32: np.dtype("<f4"), TYPE_FLOAT64: np.dtype("<f8")}
 _CHUNK = 8192  # tasks submitted per executor round: bounds the futures held for million-file trees
-_LIST_NAME = re.compile(r"megaface_features_list\.json_([1-9][0-9]*)_([1-9][0-9]*)")
+_LIST_NAME = re.compile(r"(.+?)_features_list\.json_([1-9][0-9]*)_([1-9][0-9]*)")
 TAR_CONVENTIONS = ("step", "interpolate", "nearest")
 
 _T = TypeVar("_T")
@@ -279,15 +279,38 @@ def write_distractor_list(path: Path, paths: Sequence[str]) -> None:
 
 
 def parse_list_name(name: str) -> tuple[int, int] | None:
-    """``'megaface_features_list.json_1000_1'`` -> ``(1000, 1)``; any other name -> None."""
+    """``'megaface_features_list.json_1000_1'`` -> ``(1000, 1)`` (any ``<prefix>_features_list.json_<size>_<set>``);
+    any other name -> None."""
     match = _LIST_NAME.fullmatch(name)
-    return (int(match.group(1)), int(match.group(2))) if match else None
+    return (int(match.group(2)), int(match.group(3))) if match else None
+
+
+def list_set_name(name: str) -> str:
+    """The set name the devkit puts in its result file names, taken from a list's file name as ``run_experiment.py``
+    does (the part before the first ``_``; a trailing ``.json`` dropped): ``facescrub_features_list.json`` ->
+    ``facescrub``, ``megaface_features_list.json_1000_1`` -> ``megaface``."""
+    base = Path(name).name.split("_")[0]
+    base = base[: -len(".json")] if base.endswith(".json") else base
+    if not base:
+        raise ValueError(f"list file name {name!r} gives no set name (expected e.g. 'facescrub_features_list.json')")
+    return base
+
+
+def distractor_list_name(set_name: str, size: int, set_number: int) -> str:
+    """``<set_name>_features_list.json_<size>_<set>``, the devkit's distractor list file name."""
+    return f"{set_name}_features_list.json_{size}_{set_number}"
 
 
 def find_distractor_lists(directory: Path) -> dict[tuple[int, int], Path]:
-    """The distractor lists in ``directory``: ``{(size, set): file}``, sorted by size then set."""
-    found = {key: p for p in Path(directory).iterdir() if p.is_file() and (key := parse_list_name(p.name))}
-    return dict(sorted(found.items()))
+    """The distractor lists in ``directory``: ``{(size, set): file}``, sorted by size then set.  All must belong to
+    one distractor set (one :func:`list_set_name`); lists of two sets in one folder are an error naming both."""
+    files = [p for p in Path(directory).iterdir() if p.is_file() and parse_list_name(p.name)]
+    names = sorted({list_set_name(p.name) for p in files})
+    if len(names) > 1:
+        raise ValueError(f"{directory}: distractor lists of {len(names)} sets ({', '.join(names)}); keep one set of "
+                         f"<name>_features_list.json_<size>_<set> files per folder")  # fmt: skip
+    found = {parse_list_name(p.name): p for p in files}
+    return {key: found[key] for key in sorted(k for k in found if k is not None)}
 
 
 # --- noise lists ------------------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@
 A distractor set is a *selection* of rows streamed in blocks (:class:`DistractorSource`): memory is bounded by the
 block size whatever the list size, and ``take`` re-reads a few rows by stream position (to resolve a TAR threshold
 exactly).  When a user has no list for a size, :func:`draw_selection` samples one with a recorded seed, independently
-per (size, set) — never a prefix of a larger list.
+per (size, set) — never a prefix of a larger list — from the candidate rows :func:`probe_overlap` leaves: no probe
+image and no other image of a probe identity (MegaFace's distractors are other people).
 """
 
 from __future__ import annotations
@@ -220,21 +221,73 @@ class CachedDistractors(DistractorSource):
         return np.stack([self.parts[k][i - starts[k]] for k, i in zip(part.tolist(), idx.tolist(), strict=True)])
 
 
-def shard_paths(directory: Path) -> tuple[np.ndarray, list[str]]:
-    """(ids, relative paths) of the ok rows of a shard directory, reading only those columns (not the embeddings)."""
+def shard_rows(directory: Path) -> tuple[np.ndarray, list[str], list[str | None]]:
+    """(ids, relative paths, identities) of the ok rows of a shard directory, reading only those columns (not the
+    embeddings); an identity is ``None`` where the row has none."""
     manifest = shards.read_manifest(directory)
-    ids, keys = [], []
+    ids, keys, idents = [], [], []
     for entry in manifest.shards:
-        t = pq.read_table(directory / entry.file, columns=["id", "path", "status"])
+        t = pq.read_table(directory / entry.file, columns=["id", "path", "identity", "status"])
         ok = np.asarray(t.column("status").to_pylist()) == "ok" if len(t) else np.zeros(0, bool)
         ids.append(t.column("id").to_numpy()[ok])
         keys += [p for p, o in zip(t.column("path").to_pylist(), ok, strict=True) if o]
-    return (np.concatenate(ids) if ids else np.zeros(0, np.int64)), keys
+        idents += [i for i, o in zip(t.column("identity").to_pylist(), ok, strict=True) if o]
+    return (np.concatenate(ids) if ids else np.zeros(0, np.int64)), keys, idents
+
+
+def shard_paths(directory: Path) -> tuple[np.ndarray, list[str]]:
+    """(ids, relative paths) of the ok rows of a shard directory (see :func:`shard_rows`)."""
+    ids, keys, _ = shard_rows(directory)
+    return ids, keys
+
+
+def list_positions(keys: Sequence[str], rel_paths: Sequence[str], what: str) -> np.ndarray:
+    """Positions in ``keys`` (stem keys) of the list entries ``rel_paths``; a missing entry is an error."""
+    return _match(keys, rel_paths, what)
 
 
 def select_listed(ids: np.ndarray, keys: Sequence[str], rel_paths: Sequence[str], what: str) -> np.ndarray:
     """Row ids of the list entries ``rel_paths`` (matched by stem key)."""
     return ids[_match(keys, rel_paths, what)]
+
+
+def _identity_key(identity: str) -> str:
+    return str(identity).replace(" ", "_")
+
+
+@dataclass(frozen=True)
+class ProbeOverlap:
+    """Which distractor rows break the MegaFace rule that distractors are other people: ``image`` (n,) bool, the row
+    is a probe image (its stem key, the devkit's relative path, equals a probe's); ``identity`` (n,) bool, the row is
+    another image of a probe identity (not counted in ``image``)."""
+
+    image: np.ndarray
+    identity: np.ndarray
+
+    def examples(self, keys: Sequence[str], which: str, k: int = 3) -> list[str]:
+        """Up to ``k`` stem keys of the ``which`` (``image`` / ``identity``) rows."""
+        return [keys[i] for i in np.flatnonzero(getattr(self, which))[:k].tolist()]
+
+
+def probe_overlap(probes: Probes, keys: Sequence[str], identities: Sequence[str | None] | None = None) -> ProbeOverlap:
+    """The rows (stem ``keys``, optional ``identities``) that are probe images or other images of probe identities.
+
+    A row's identity is its ``identities`` entry; where that is absent or ``None``, the parent folder of its path
+    (the convention of ``facesearch embed`` for image folders and of the FaceScrub layout ``Name/Name_123.png``).
+    Identities compare with spaces equal to underscores, as stem keys do."""
+    probe_keys = set(probes.keys)
+    probe_ids = {_identity_key(i) for i in probes.identity}
+    n = len(keys)
+    image = np.fromiter((k in probe_keys for k in keys), dtype=bool, count=n)
+
+    def identity(i: int) -> str | None:
+        if identities is not None and identities[i] is not None:
+            return _identity_key(str(identities[i]))
+        parts = keys[i].split("/")
+        return parts[-2] if len(parts) > 1 else None
+
+    same = np.fromiter((identity(i) in probe_ids for i in range(n)), dtype=bool, count=n)
+    return ProbeOverlap(image, same & ~image)
 
 
 def draw_selection(n_rows: int, size: int, seed: int, set_number: int) -> np.ndarray:
@@ -256,12 +309,16 @@ __all__ = [
     "CachedDistractors",
     "DevkitDistractors",
     "DistractorSource",
+    "ProbeOverlap",
     "Probes",
     "ShardDistractors",
     "draw_selection",
+    "list_positions",
+    "probe_overlap",
     "probes_from_devkit",
     "probes_from_shards",
     "select_listed",
     "selection_record",
     "shard_paths",
+    "shard_rows",
 ]

@@ -4,8 +4,10 @@ unfiltered / cleaned / attribute-filtered variants, our exact result JSON, the d
 Result file (``kind = facesearch.megaface_result``): exact integer counts (N, N_pos, N_neg, rank-1 hits, ties,
 the rank histogram = the exact CMC at every rank), the CMC exactly up to rank 10^4 plus the devkit-compressed tail,
 the ROC at a grid of FARs with exact TAR counts and thresholds, TAR at FAR 1e-6 … 1e-3, timings per stage and the
-provenance of the features.  The devkit file ``cmc_<probe>_<distractor>_<alg>_<size>_<set>.json`` holds the
-compressed curves (protocol §4).
+provenance of the features, the distractor list's record (given file, or drawn: seed, candidates, rows excluded as
+probe images / probe identities) and every warning.  ROC rows carry ``supported`` (FAR 0 or FAR >= 1/N_neg); the
+others are kept but never shown as measured.  The devkit file ``cmc_<probe>_<distractor>_<alg>_<size>_<set>.json``
+holds the compressed curves (protocol §4), its set names taken from the list file names as the devkit takes them.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import dataclasses
 import json
 import logging
 import queue
+import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,20 +30,22 @@ import numpy as np
 import torch
 
 from benchmarks import devkit, report
-from benchmarks.megaface import NAMED_FARS, Evaluation, ProbeSet
+from benchmarks.megaface import NAMED_FARS, Evaluation, ProbeSet, floor_m
 from benchmarks.megaface_data import (
     AttributeFilter,
     CachedDistractors,
     DevkitDistractors,
     DistractorSource,
+    ProbeOverlap,
     Probes,
     ShardDistractors,
     draw_selection,
+    list_positions,
+    probe_overlap,
     probes_from_devkit,
     probes_from_shards,
-    select_listed,
     selection_record,
-    shard_paths,
+    shard_rows,
 )
 from indexer.embed import EmbedConfig
 from indexer.pipeline import run_embed
@@ -53,15 +59,20 @@ T = TypeVar("T")
 KIND = "facesearch.megaface_result"
 DEFAULT_SIZES: tuple[int, ...] = (10, 100, 1000, 10_000, 100_000, 1_000_000)
 EXACT_CMC_RANKS = 10_000
+NA_FAR = report.NA_FAR
+_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     """One MegaFace run.  Probes: a shard directory (``probes``) or a devkit tree (``probe_root`` + ``probe_list``);
     distractors: a shard directory (``distractors``) or a devkit tree (``distractor_root``, lists required).
-    ``distractor_lists``: a folder of ``megaface_features_list.json_<size>_<set>``; sizes without a list are drawn
-    from the shard rows with ``seed`` (recorded, and the drawn list is written beside the results).  ``sizes`` empty:
-    every size with a list, plus every standard size (10 … 10^6) the distractor rows can fill."""
+    ``distractor_lists``: a folder of ``<name>_features_list.json_<size>_<set>``; sizes without a list are drawn
+    from the shard rows with ``seed`` (recorded, and the drawn list is written beside the results), never from a
+    probe image or another image of a probe identity.  ``sizes`` empty: every size with a list, plus every standard
+    size (10 … 10^6) the candidate rows can fill.  ``allow_probe_overlap``: evaluate a given list that holds probe
+    images (refused by default).  ``probe_name`` / ``distractor_name``: the set names in output file names (default:
+    from the list file names as the devkit takes them, else ``facescrub`` / ``megaface``)."""
 
     out: Path
     probes: Path | None = None
@@ -82,8 +93,9 @@ class BenchConfig:
     filter: AttributeFilter | None = None
     far_max: float = 1e-3
     device: str = "auto"
-    probe_name: str = "facescrub"
-    distractor_name: str = "megaface"
+    probe_name: str | None = None
+    distractor_name: str | None = None
+    allow_probe_overlap: bool = False
 
     def __post_init__(self) -> None:
         if (self.probes is None) == (self.probe_root is None):
@@ -100,6 +112,10 @@ class BenchConfig:
             raise ValueError(f"distractor sizes must be >= 1, got {list(self.sizes)}")
         if not 0 < self.far_max <= 1:
             raise ValueError(f"far_max must be in (0, 1], got {self.far_max}")
+        for what, name in (("probe", self.probe_name), ("distractor", self.distractor_name)):
+            if name is not None and not _SET_NAME.fullmatch(name):
+                raise ValueError(f"{what} set name {name!r} must be letters, digits, '.' or '-' (no '_' or '/': "
+                                 f"it is one field of cmc_<probe>_<distractor>_<alg>_<size>_<set>.json)")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
@@ -114,6 +130,29 @@ def _load_probes(cfg: BenchConfig) -> Probes:
     return probes_from_devkit(cfg.probe_root, cfg.probe_list, cfg.file_ending)
 
 
+def _probe_name(cfg: BenchConfig) -> str:
+    """The probe set's name in output file names: the option, else the probe list's set name, else facescrub."""
+    if cfg.probe_name:
+        return cfg.probe_name
+    return devkit.list_set_name(cfg.probe_list.name) if cfg.probe_list is not None else "facescrub"
+
+
+def _check_mates(cfg: BenchConfig, probes: Probes) -> None:
+    """MegaFace ranks every (gallery, probe) pair of one identity: without such a pair there is nothing to rank."""
+    if any(n > 1 for n in Counter(probes.identity).values()):
+        return
+    source = cfg.probe_list or cfg.probes
+    raise ValueError(f"{source}: no probe has a mate: each of the {len(probes.keys):,} probes is the only image of "
+                     f"its identity, so there is no (gallery, probe) pair to rank (N = 0); MegaFace needs identities "
+                     f"with at least 2 probe images")  # fmt: skip
+
+
+def far_supported(row: dict[str, Any], n_neg: int) -> bool:
+    """Whether a ROC row's FAR is measurable with ``n_neg`` negatives: FAR 0, or at least one false accept allowed
+    (floor(far * N_neg) >= 1).  The row's own ``supported`` key, when the evaluator wrote one, wins."""
+    return bool(row.get("supported", row["far"] == 0 or floor_m(row["far"], n_neg) >= 1))
+
+
 def _algorithm(cfg: BenchConfig, probes: Probes) -> str:
     if cfg.algorithm:
         return cfg.algorithm
@@ -123,29 +162,63 @@ def _algorithm(cfg: BenchConfig, probes: Probes) -> str:
 
 
 class _Universe:
-    """The distractor rows a selection is drawn from, and how to turn a selection into a stream."""
+    """The distractor rows a selection is drawn from, and how to turn a selection into a stream.  Drawn lists exclude
+    every probe image and every other image of a probe identity (MegaFace: distractors are other people); a given
+    list that breaks the rule is refused (probe images) or warned about (probe identities)."""
 
-    def __init__(self, cfg: BenchConfig, noise: tuple[str, ...]) -> None:
-        self.cfg, self.noise = cfg, noise
+    def __init__(self, cfg: BenchConfig, probes: Probes, noise: tuple[str, ...], say: Callable[[str], None]) -> None:
+        self.cfg, self.probes, self.noise, self.say = cfg, probes, noise, say
         self.lists = devkit.find_distractor_lists(cfg.distractor_lists) if cfg.distractor_lists else {}
         self._keys: list[str] | None = None
+        self._overlap: ProbeOverlap | None = None
         if cfg.distractors is not None:
-            self.ids, self.paths = shard_paths(cfg.distractors)
+            self.ids, self.paths, self.identities = shard_rows(cfg.distractors)
 
     @property
     def keys(self) -> list[str]:
-        """Stem keys of the shard rows (computed once, only when a list has to be matched)."""
+        """Stem keys of the shard rows (computed once, only when a list has to be matched or drawn)."""
         if self._keys is None:
             self._keys = [devkit.stem_key(p) for p in self.paths]
         return self._keys
 
+    @property
+    def overlap(self) -> ProbeOverlap:
+        """Which shard rows are probe images / other images of probe identities (computed once)."""
+        if self._overlap is None:
+            self._overlap = probe_overlap(self.probes, self.keys, self.identities)
+        return self._overlap
+
+    def draw_record(self) -> dict[str, Any]:
+        """Where drawn lists come from: the rows, the candidates left, and what was excluded."""
+        ov = self.overlap
+        n_img, n_id = int(ov.image.sum()), int(ov.identity.sum())
+        return {"drawn_from": str(self.cfg.distractors), "rows": len(self.ids),
+                "candidates": len(self.ids) - n_img - n_id, "excluded_probe_images": n_img,
+                "excluded_probe_identities": n_id}  # fmt: skip
+
+    def _too_few(self, size: int) -> str:
+        d = self.draw_record()
+        return (f"cannot draw {size:,} distractors for size {size:,}: only {d['candidates']:,} of the {d['rows']:,} "
+                f"rows of {d['drawn_from']} are candidates ({d['excluded_probe_images']:,} excluded as probe images, "
+                f"{d['excluded_probe_identities']:,} as other images of probe identities); give a list for this size "
+                f"or more distractor rows")  # fmt: skip
+
     def sizes(self) -> list[int]:
-        if self.cfg.sizes:
-            return sorted(self.cfg.sizes)
-        listed = {size for size, set_number in self.lists if set_number == self.cfg.set_number}
-        drawable = {s for s in DEFAULT_SIZES if self.cfg.distractors is not None and s <= len(self.ids)}
+        cfg = self.cfg
+        listed = {size for size, set_number in self.lists if set_number == cfg.set_number}
+        if cfg.sizes:  # every size is checked before the first one runs
+            for size in cfg.sizes:
+                if size not in listed and cfg.distractors is None:
+                    raise ValueError(f"no distractor list for size {size} set {cfg.set_number} in "
+                                     f"{cfg.distractor_lists}")  # fmt: skip
+                if size not in listed and size > self.draw_record()["candidates"]:
+                    raise ValueError(self._too_few(size))
+            return sorted(cfg.sizes)
+        n = self.draw_record()["candidates"] if cfg.distractors is not None else 0
+        drawable = {s for s in DEFAULT_SIZES if s <= n}
         if not listed | drawable:
-            raise ValueError("no distractor size to run: no list for this set and too few distractor rows to draw 10")
+            more = f" (too few candidate rows to draw 10: {self._too_few(10)})" if cfg.distractors is not None else ""
+            raise ValueError(f"no distractor size to run: no list for set {cfg.set_number}{more}")
         return sorted(listed | drawable)
 
     def _drop_noisy(self, paths: list[str], record: dict[str, Any]) -> np.ndarray:
@@ -154,29 +227,88 @@ class _Universe:
             record["noisy_removed"] = int((~keep).sum())
         return keep
 
+    def _drawn(self, size: int, attributes: tuple[str, ...]) -> tuple[DistractorSource, dict[str, Any]]:
+        cfg = self.cfg
+        assert cfg.distractors is not None, "drawn lists need a shard directory"
+        ov = self.overlap
+        candidates = np.flatnonzero(~(ov.image | ov.identity))
+        if size > len(candidates):
+            raise ValueError(self._too_few(size))
+        pos = candidates[draw_selection(len(candidates), size, cfg.seed, cfg.set_number)]
+        paths = [self.paths[i] for i in pos]
+        drawn = cfg.out / "lists" / devkit.distractor_list_name(self.name, size, cfg.set_number)
+        drawn.parent.mkdir(parents=True, exist_ok=True)
+        devkit.write_distractor_list(drawn, paths)
+        record = {"source": "drawn", "seed": cfg.seed, "written": str(drawn), **self.draw_record(),
+                  **selection_record(paths), "warnings": []}  # fmt: skip
+        self.say(f"size {size:>9,}: no list given, drew {size:,} distractors with seed {cfg.seed} from "
+                 f"{record['candidates']:,} candidates of the {record['rows']:,} rows of {cfg.distractors} "
+                 f"(excluded {record['excluded_probe_images']:,} probe images and "
+                 f"{record['excluded_probe_identities']:,} other images of probe identities); "
+                 f"written to {drawn}")  # fmt: skip
+        ids = self.ids[pos[self._drop_noisy(paths, record)]]
+        return ShardDistractors(cfg.distractors, ids, attributes), record
+
+    def _check_given(self, listed: Path, paths: list[str], ov: ProbeOverlap, record: dict[str, Any]) -> None:
+        """Record and judge a given list's overlap with the probes: probe images are refused unless allowed (each
+        outscores its own mates: meaningless), other images of probe identities are a warning (the devkit and the
+        official lists tolerate them; the noise lists / ``--cleaned`` are the published remedy)."""
+        keys = [devkit.stem_key(p) for p in paths]
+        n_img, n_id = int(ov.image.sum()), int(ov.identity.sum())
+        record.update(probe_images=n_img, probe_identities=n_id)
+        if n_img:
+            msg = (f"{listed}: {n_img:,} of {len(paths):,} distractors are probe images (same relative path as a "
+                   f"probe, e.g. {ov.examples(keys, 'image')}): each outscores its own mates, so the rank-1 of those "
+                   f"probes is meaningless")  # fmt: skip
+            if not self.cfg.allow_probe_overlap:
+                raise ValueError(f"{msg}; remove them from the list, or pass --allow-probe-overlap to evaluate anyway")
+            record["warnings"].append(f"{msg} (evaluated anyway: --allow-probe-overlap)")
+        if n_id:
+            record["warnings"].append(
+                f"{listed}: {n_id:,} of {len(paths):,} distractors are other images of probe identities (e.g. "
+                f"{ov.examples(keys, 'identity')}): MegaFace distractors must be other people, and each of these "
+                f"counts as a non-mate that can only lower rank-1 and TAR (the official lists hold a few: see the "
+                f"noise lists and --cleaned)"
+            )  # fmt: skip
+
     def source(self, size: int, attributes: tuple[str, ...]) -> tuple[DistractorSource, dict[str, Any]]:
         cfg = self.cfg
         listed = self.lists.get((size, cfg.set_number))
-        if listed is None and cfg.distractors is None:
-            raise ValueError(f"no distractor list for size {size} set {cfg.set_number} in {cfg.distractor_lists}")
-        if listed is None:  # drawn from the shard rows: positions are known, nothing to match
-            assert cfg.distractors is not None
-            pos = draw_selection(len(self.ids), size, cfg.seed, cfg.set_number)
-            paths = [self.paths[i] for i in pos]
-            drawn = cfg.out / "lists" / f"megaface_features_list.json_{size}_{cfg.set_number}"
-            drawn.parent.mkdir(parents=True, exist_ok=True)
-            devkit.write_distractor_list(drawn, paths)
-            record = {"source": "drawn", "seed": cfg.seed, "written": str(drawn), **selection_record(paths)}
-            ids = self.ids[pos[self._drop_noisy(paths, record)]]
-            return ShardDistractors(cfg.distractors, ids, attributes), record
-        paths = list(devkit.read_distractor_list(listed))
-        record = {"source": str(listed), **selection_record(paths)}
-        paths = [p for p, k in zip(paths, self._drop_noisy(paths, record), strict=True) if k]
-        if cfg.distractors is not None:
-            ids = select_listed(self.ids, self.keys, paths, f"distractors {cfg.distractors} vs list of {size}")
-            return ShardDistractors(cfg.distractors, ids, attributes), record
-        assert cfg.distractor_root is not None
-        return DevkitDistractors(cfg.distractor_root, paths, cfg.file_ending), record
+        if listed is None:
+            src, record = self._drawn(size, attributes)
+        else:
+            paths = list(devkit.read_distractor_list(listed))
+            record = {"source": str(listed), "size_in_name": size, **selection_record(paths), "warnings": []}
+            if len(paths) != size:  # the devkit tolerates it and names its output by the size in the list's name
+                record["warnings"].append(
+                    f"{listed}: named for {size:,} distractors but holds {len(paths):,}; labelled {size:,} as the "
+                    f"devkit does (its result file is named by the size in the list's name), evaluated on all "
+                    f"{len(paths):,}"
+                )  # fmt: skip
+            paths = [p for p, k in zip(paths, self._drop_noisy(paths, record), strict=True) if k]
+            what = f"distractors {cfg.distractors} vs list {listed}"
+            if cfg.distractors is not None:
+                pos = list_positions(self.keys, paths, what)
+                ov = self.overlap
+                self._check_given(listed, paths, ProbeOverlap(ov.image[pos], ov.identity[pos]), record)
+                src = ShardDistractors(cfg.distractors, self.ids[pos], attributes)
+            else:
+                assert cfg.distractor_root is not None
+                self._check_given(listed, paths, probe_overlap(self.probes, [devkit.stem_key(p) for p in paths]),
+                                  record)  # fmt: skip
+                src = DevkitDistractors(cfg.distractor_root, paths, cfg.file_ending)
+        for warning in record["warnings"]:
+            self.say(f"WARNING: {warning}")
+        return src, record
+
+    @property
+    def name(self) -> str:
+        """The distractor set's name in output file names: the option, else the lists' set name, else megaface."""
+        if self.cfg.distractor_name:
+            return self.cfg.distractor_name
+        if self.lists:
+            return devkit.list_set_name(next(iter(self.lists.values())).name)
+        return "megaface"
 
 
 def _evaluate(
@@ -246,28 +378,30 @@ def _cmc_points(hits: np.ndarray, n: int) -> dict[str, Any]:
 
 def _result(
     cfg: BenchConfig, alg: str, probes: Probes, src: DistractorSource, record: dict[str, Any], out: dict[str, Any],
-    size: int, flt: AttributeFilter | None,
+    size: int, flt: AttributeFilter | None, names: tuple[str, str],
 ) -> dict[str, Any]:  # fmt: skip
     n, roc = out["N"], out["roc"]
-    points = roc["points"]
+    points = [{**p, "supported": far_supported(p, roc["N_neg"])} for p in roc["points"]]
     tar_at = []
     for far in NAMED_FARS:
         row = next((p for p in points if p["far"] == far), None)
-        tar_at.append({"far": far, **({"tar": None} if row is None else row)})
+        missing = {"tar": None, "supported": far_supported({"far": far}, roc["N_neg"])}
+        tar_at.append({"far": far, **(missing if row is None else row)})
     label = alg
     return {
         "kind": KIND,
         "format_version": 1,
         "label": label,
         "algorithm": alg,
-        "probe_set": cfg.probe_name,
-        "distractor_set": cfg.distractor_name,
+        "probe_set": names[0],
+        "distractor_set": names[1],
         "size": size,
         "set": cfg.set_number,
         "cleaned": cfg.cleaned,
         "filter": None if flt is None else flt.to_dict(),
         "tie_rule": cfg.tie_rule,
         "distractor_list": record,
+        "warnings": list(record.get("warnings", [])),
         "counts": {
             "n_probes": len(probes.keys),
             "n_identities": len(set(probes.identity)),
@@ -289,7 +423,7 @@ def _result(
         },
         "roc": {
             k: [p.get(k) for p in points]
-            for k in ("far", "tar", "tar_count", "threshold", "threshold_exact", "false_accepts", "m")
+            for k in ("far", "tar", "tar_count", "threshold", "threshold_exact", "false_accepts", "m", "supported")
         },
         "roc_far_max": roc["far_max"],
         "tar_at_far": tar_at,
@@ -314,15 +448,18 @@ def _write(cfg: BenchConfig, result: dict[str, Any]) -> Path:
     if not result["filter"]:
         folder = cfg.out / ("devkit_cleaned" if result["cleaned"] else "devkit")
         folder.mkdir(parents=True, exist_ok=True)
-        fname = devkit.devkit_result_name(cfg.probe_name, cfg.distractor_name, result["algorithm"], result["size"],
-                                          cfg.set_number)  # fmt: skip
+        fname = devkit.devkit_result_name(result["probe_set"], result["distractor_set"], result["algorithm"],
+                                          result["size"], cfg.set_number)  # fmt: skip
         n = max(result["counts"]["N"], 1)
-        hits = np.zeros(result["size"] + 1, np.int64)
+        hits = np.zeros(max(result["size"], result["counts"]["n_distractors"]) + 1, np.int64)
         hits[np.asarray(result["rank_histogram"]["rank"], np.int64)] = result["rank_histogram"]["count"]
         rates = (np.cumsum(hits) / n).tolist()
         roc = result["roc"]
-        far = [f for f, t in zip(roc["far"], roc["tar"], strict=True) if t is not None]
-        tar = [t for t in roc["tar"] if t is not None]
+        # Only measured points: a FAR below 1/N_neg (no false accept fits) is not written as if it were one.
+        kept = [
+            (f, t) for f, t, ok in zip(roc["far"], roc["tar"], roc["supported"], strict=True) if ok and t is not None
+        ]
+        far, tar = [f for f, _ in kept], [t for _, t in kept]
         devkit.write_devkit_json(folder / fname, list(range(len(rates))), rates, far, tar)
     return path
 
@@ -334,6 +471,7 @@ def run_megaface(cfg: BenchConfig, progress: Callable[[str], None] | None = None
     cfg.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     probes = _load_probes(cfg)
+    _check_mates(cfg, probes)
     noise: tuple[str, ...] = ()
     if cfg.cleaned:
         assert cfg.probe_noise is not None and cfg.distractor_noise is not None
@@ -341,7 +479,8 @@ def run_megaface(cfg: BenchConfig, progress: Callable[[str], None] | None = None
         probes.provenance["noisy_probes_replaced"] = n_noisy
         noise = devkit.read_noise_list(cfg.distractor_noise)
     alg = _algorithm(cfg, probes)
-    universe = _Universe(cfg, noise)
+    universe = _Universe(cfg, probes, noise, say)
+    names = (_probe_name(cfg), universe.name)
     attrs = () if cfg.filter is None else cfg.filter.attributes
     n_ids = len(set(probes.identity))
     say(f"{len(probes.keys):,} probes of {n_ids} identities loaded in {time.perf_counter() - t0:.1f} s")
@@ -349,13 +488,13 @@ def run_megaface(cfg: BenchConfig, progress: Callable[[str], None] | None = None
     for size in universe.sizes():
         src, record = universe.source(size, attrs)
         out, secs = _evaluate(probes, src, cfg, device, None)
-        res = _result(cfg, alg, probes, src, record, out, size, None)
+        res = _result(cfg, alg, probes, src, record, out, size, None, names)
         results.append(res)
         _write(cfg, res)
-        say(f"size {size:>9,}: rank-1 {res['rank1']:.4f}  TAR@1e-6 {_fmt(res['tar_at_far'][0]['tar'])}  ({secs:.1f} s)")
+        say(f"size {size:>9,}: rank-1 {res['rank1']:.4f}  TAR@1e-6 {_fmt_tar(res['tar_at_far'][0])}  ({secs:.1f} s)")
         if cfg.filter is not None:
             fout, fsecs = _evaluate(probes, src, cfg, device, cfg.filter)
-            fres = _result(cfg, alg, probes, src, record, fout, size, cfg.filter)
+            fres = _result(cfg, alg, probes, src, record, fout, size, cfg.filter, names)
             nq_nb = len(probes.keys) * src.n
             fres["filter_stats"] = {
                 "mates_excluded": fout["excluded"],
@@ -400,8 +539,10 @@ def embed_inputs(
     return feat / "probes", feat / "distractors"
 
 
-def _fmt(v: float | None) -> str:
-    return "—" if v is None else f"{v:.4f}"
+def _fmt_tar(entry: dict[str, Any]) -> str:
+    if not entry.get("supported", True):
+        return NA_FAR
+    return "—" if entry["tar"] is None else f"{entry['tar']:.4f}"
 
 
 __all__ = ["DEFAULT_SIZES", "KIND", "BenchConfig", "embed_inputs", "run_megaface"]

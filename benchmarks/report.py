@@ -3,7 +3,9 @@
 Mirrors the figures of Wang et al. (ICMR 2017): rank-1 identification with 1M distractors (Table 2), TAR at
 FAR = 1e-6 (Table 3), CMC curves (Fig. 6) and ROC curves (Fig. 7), plus MegaFace's rank-1 vs number of distractors.
 Curves are drawn as post-steps: between two stored points the conservative (lower) reading holds, which is also the
-right reading of the devkit's compressed curves.  Pure library: no printing, every file written atomically.
+right reading of the devkit's compressed curves.  A FAR below 1/N_neg (N_neg = probes x distractors) is not
+measurable — not even one false accept fits — so tables print it as ``n/a (<1/N_neg)`` with a footnote and the ROC
+plot leaves it out.  Pure library: no printing, every file written atomically.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,13 @@ _REQUIRED = (
 )  # fmt: skip
 _FILTER_STATS = ("mates_excluded_fraction", "distractors_removed_fraction", "speedup")
 _DASH = "—"
+NA_FAR = "n/a (<1/N_neg)"
+LIST_RULE = (
+    "MegaFace distractors are other people: a drawn list never holds a probe image or another image of a probe "
+    "identity. A given list holding probe images is refused unless --allow-probe-overlap (each would outscore its own "
+    "mates); one holding other images of probe identities is evaluated, as the devkit does, with a warning (the "
+    "official lists hold a few: the noise lists and --cleaned are the published remedy)."
+)
 _FIGSIZE = (7.0, 5.0)
 _DPI = 120
 
@@ -98,6 +108,32 @@ def tar_at(r: dict[str, Any], far: float) -> float | None:
     return None
 
 
+def _far_measurable(far: float, n_neg: int) -> bool:
+    """FAR 0, or floor(far * N_neg) >= 1 computed exactly (1e-6 * 10^6 is 1, not 0.999…)."""
+    return far == 0 or int(Fraction(repr(float(far))) * n_neg) >= 1
+
+
+def _n_neg(r: dict[str, Any]) -> int | None:
+    """N_neg of a harness result, for files written before rows carried ``supported`` (recognised by the harness's
+    ``roc.m`` column); None for anything else, whose FARs are then taken as measured."""
+    n_neg = r["counts"].get("N_neg")
+    return int(n_neg) if isinstance(n_neg, int) and "m" in r["roc"] else None
+
+
+def tar_supported(r: dict[str, Any], far: float) -> bool:
+    """Whether TAR at ``far`` is measurable, i.e. far >= 1/N_neg: the ``tar_at_far`` entry's ``supported`` flag,
+    else (older harness files) computed from ``counts.N_neg``."""
+    for entry in r["tar_at_far"]:
+        if "supported" in entry and np.isclose(entry["far"], far, rtol=1e-6, atol=0.0):
+            return bool(entry["supported"])
+    n_neg = _n_neg(r)
+    return True if n_neg is None else _far_measurable(far, n_neg)
+
+
+def _tar_cell(r: dict[str, Any], far: float) -> str:
+    return _pct(tar_at(r, far)) if tar_supported(r, far) else NA_FAR
+
+
 def _pct(x: float | None, digits: int = 2) -> str:
     return _DASH if x is None else f"{100.0 * x:.{digits}f} %"
 
@@ -131,7 +167,7 @@ def summary_table(results: Sequence[dict[str, Any]], fmt: str = "markdown") -> s
     for r in results:
         c = r["counts"]
         rank1 = f"{_pct(r['rank1'])} ({c['rank1_hits']:,} / {c['N']:,})"
-        row = [result_label(r), f"{c['n_distractors']:,}", rank1, *(_pct(tar_at(r, f)) for f in REPORT_FARS)]
+        row = [result_label(r), f"{c['n_distractors']:,}", rank1, *(_tar_cell(r, f) for f in REPORT_FARS)]
         if filtered:
             fs = r["filter_stats"] or {}
             row += [_pct(fs.get("mates_excluded_fraction"), 1), _pct(fs.get("distractors_removed_fraction"), 1)]
@@ -160,14 +196,59 @@ def size_table(results: Sequence[dict[str, Any]], fmt: str = "markdown") -> str:
     blocks = []
     for title, value in (
         ("Rank-1 identification rate vs number of distractors", lambda r: r["rank1"]),
-        ("TAR at FAR = 1e-6 vs number of distractors", lambda r: tar_at(r, 1e-6)),
+        ("TAR at FAR = 1e-6 vs number of distractors", lambda r: _tar_cell(r, 1e-6)),
     ):
         rows = [
-            [label, *(_pct(value(cells[s])) if s in cells else _DASH for s in sizes)] for label, cells in table.items()
+            [label, *(_cell(value, cells[s]) if s in cells else _DASH for s in sizes)] for label, cells in table.items()
         ]
         heading = f"**{title}**" if fmt == "markdown" else title
         blocks.append(f"{heading}\n\n{_render(headers, rows, fmt)}")
     return "\n\n".join(blocks)
+
+
+def _cell(value: Any, r: dict[str, Any]) -> str:
+    v = value(r)
+    return v if isinstance(v, str) else _pct(v)
+
+
+def footnotes(results: Sequence[dict[str, Any]]) -> str:
+    """The note under a table that prints ``n/a (<1/N_neg)`` (empty when no cell does)."""
+    limits: dict[int, int] = {}
+    for r in results:
+        if any(not tar_supported(r, f) for f in REPORT_FARS) and r["counts"].get("N_neg"):
+            limits[int(r["counts"]["n_distractors"])] = int(r["counts"]["N_neg"])
+    if not limits:
+        return ""
+    where = ", ".join(f"1/N_neg = {1 / n:.1e} with {d:,} distractors" for d, n in sorted(limits.items()))
+    return (f"{NA_FAR}: the FAR is below 1/N_neg (N_neg = probes x distractors impostor pairs: {where}), so not "
+            f"even one false accept fits and the TAR there is not measured (the threshold would be the single highest "
+            f"impostor score). More distractors resolve lower FARs; the ROC plot starts at 1/N_neg.")  # fmt: skip
+
+
+def warnings_of(results: Sequence[dict[str, Any]]) -> list[str]:
+    """Every distinct warning the results carry (given lists that overlap the probes, mislabelled list sizes)."""
+    return list(dict.fromkeys(w for r in results for w in r.get("warnings") or ()))
+
+
+def list_notes(results: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per distractor list used: given (its file) or drawn (seed, candidates, what was excluded)."""
+    lines: dict[str, None] = {}
+    for r in results:
+        rec = r.get("distractor_list") or {}
+        size = f"{int(r['size']):,} (set {r.get('set', 1)})"
+        if rec.get("source") == "drawn":
+            text = f"size {size}: **drawn** (no list given) with seed {rec.get('seed')}"
+            if "candidates" in rec:
+                text += (f" from {rec['candidates']:,} candidates of the {rec['rows']:,} rows of "
+                         f"`{rec['drawn_from']}` (excluded {rec['excluded_probe_images']:,} probe images and "
+                         f"{rec['excluded_probe_identities']:,} other images of probe identities)")  # fmt: skip
+            text += f", written to `{rec['written']}`" if rec.get("written") else ""
+        elif rec.get("source"):
+            text = f"size {size}: given list `{rec['source']}` ({rec.get('count', 0):,} paths)"
+        else:
+            continue
+        lines.setdefault(text + ".", None)
+    return list(lines)
 
 
 def _thin(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -220,14 +301,31 @@ def plot_cmc(results: Sequence[dict[str, Any]], out: Path, title: str | None = N
     return _save(fig, out)
 
 
+def measured_roc(r: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The ROC points a plot may draw: FAR > 0 and measurable (far >= 1/N_neg, the ``roc.supported`` column, else
+    computed for older harness files); (far, tar) float64."""
+    far = np.asarray(r["roc"]["far"], dtype=np.float64)
+    tar = np.asarray([np.nan if t is None else t for t in r["roc"]["tar"]], dtype=np.float64)
+    if "supported" in r["roc"]:
+        ok = np.asarray(r["roc"]["supported"], dtype=bool)
+    else:
+        n_neg = _n_neg(r)
+        ok = np.asarray([n_neg is None or _far_measurable(f, n_neg) for f in far.tolist()], dtype=bool)
+    keep = ok & (far > 0) & np.isfinite(tar)
+    return far[keep], tar[keep]
+
+
 def plot_roc(results: Sequence[dict[str, Any]], out: Path, title: str | None = None) -> Path:
-    """ROC curves (Fig. 7): TAR (%) vs FAR on a log axis (FAR = 0 points skipped), dotted marker at FAR = 1e-6."""
+    """ROC curves (Fig. 7): TAR (%) vs FAR on a log axis, dotted marker at FAR = 1e-6.  Only measured points are
+    drawn (FAR = 0 and FARs below 1/N_neg are left out; the legend then says where the curve starts)."""
     fig, ax = _new_axes(results, title, "False accept rate", "True accept rate (%)")
     for r in results:
-        far = np.asarray(r["roc"]["far"], dtype=np.float64)
-        tar = np.asarray(r["roc"]["tar"], dtype=np.float64)
-        x, y = _thin(far[far > 0], tar[far > 0])
-        ax.plot(x, 100.0 * y, drawstyle="steps-post", label=_legend(r))
+        x, y = measured_roc(r)
+        label = _legend(r)
+        if r["counts"].get("N_neg") and len(x) < int(np.count_nonzero(np.asarray(r["roc"]["far"], np.float64) > 0)):
+            label += f", FAR >= 1/N_neg = {1 / r['counts']['N_neg']:.1e}"
+        x, y = _thin(x, y)
+        ax.plot(x, 100.0 * y, drawstyle="steps-post", label=label)
     ax.axvline(1e-6, linestyle=":", color="0.3", label="FAR = 1e-6")
     ax.set_ylim(0, 100)
     ax.legend(loc="lower right", fontsize="small")
@@ -261,10 +359,18 @@ def write_report(results: Sequence[dict[str, Any]], out_dir: Path, stem: str = "
     if len({r["size"] for r in results}) > 1:
         paths["rank1_vs_size"] = plot_rank1_vs_size(results, out_dir / f"{stem}_rank1_vs_size.png", "Rank-1 vs size")
     figures = "\n".join(f"![{kind}]({p.name})" for kind, p in paths.items())
+    warnings = "".join(f"- **Warning:** {w}\n" for w in warnings_of(results))
+    notes = footnotes(results)
+    lists = "".join(f"- {line}\n" for line in list_notes(results))
     text = (
-        f"# MegaFace results\n\n## Summary\n\n{summary_table(results)}\n\n"
+        "# MegaFace results\n\n"
+        + (f"## Warnings\n\n{warnings}\n" if warnings else "")
+        + f"## Summary\n\n{summary_table(results)}\n\n"
         f"Rank-1 counts are over N ordered (gallery, probe) mate pairs; TAR uses the exact threshold at each FAR.\n\n"
-        f"## By number of distractors\n\n{size_table(results)}\n\n## Figures\n\n{figures}\n"
+        + (f"{notes}\n\n" if notes else "")
+        + f"## By number of distractors\n\n{size_table(results)}\n\n"
+        + (f"## Distractor lists\n\n{lists}\n{LIST_RULE}\n\n" if lists else "")
+        + f"## Figures\n\n{figures}\n"
     )
     paths["summary"] = out_dir / f"{stem}_summary.md"
     atomic_write_text(paths["summary"], text)
@@ -274,8 +380,12 @@ def write_report(results: Sequence[dict[str, Any]], out_dir: Path, stem: str = "
 __all__ = [
     "FORMATS",
     "KIND",
+    "NA_FAR",
     "REPORT_FARS",
+    "footnotes",
+    "list_notes",
     "load_results",
+    "measured_roc",
     "plot_cmc",
     "plot_rank1_vs_size",
     "plot_roc",
@@ -283,6 +393,8 @@ __all__ = [
     "size_table",
     "summary_table",
     "tar_at",
+    "tar_supported",
     "validate_result",
+    "warnings_of",
     "write_report",
 ]

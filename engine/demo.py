@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from benchmarks.megaface_data import AttributeFilter
 from benchmarks.megaface_run import BenchConfig, embed_inputs, run_megaface
-from benchmarks.report import summary_table
+from benchmarks.report import footnotes, summary_table
 from engine.search import SearchEngine, format_results
 from indexer import shards
 from indexer.index import IndexConfig, add_shards, build_index
@@ -193,7 +193,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> 
         "index": {"dir": str(cfg.out / "index"), "kind": info.kind, "rows": info.nb},
         "megaface": {
             "dir": str(cfg.out / "megaface"),
-            "summary": summary_table(bench),
+            "summary": "\n\n".join(t for t in (summary_table(bench), footnotes(bench)) if t),
             "results": [_bench_row(r) for r in bench],
         },
         "search": search,

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -36,7 +38,8 @@ def _sizes(value: str | None) -> tuple[int, ...]:
 @click.option("--probe-list", type=_FILE, help="facescrub_features_list.json: probe order and identities.")
 @click.option("--distractors", type=_DIR, help="Distractor features: a shard directory.")
 @click.option("--distractor-root", type=_DIR, help="Distractor features: a devkit .bin tree (with --distractor-lists).")
-@click.option("--distractor-lists", type=_DIR, help="Folder of megaface_features_list.json_<size>_<set> files.")
+@click.option("--distractor-lists", type=_DIR, help="Folder of <name>_features_list.json_<size>_<set> files (the "
+              "official ones are megaface_features_list.json_<size>_<set>).")  # fmt: skip
 @click.option("--file-ending", default="_facesearch.bin", show_default=True, help="Devkit feature file ending.")
 @click.option(
     "--checkpoint", type=_FILE, help="Embed images first with this model (needs --probe-images, --distractor-images)."
@@ -48,7 +51,14 @@ def _sizes(value: str | None) -> tuple[int, ...]:
 @click.option("--sizes", help="Distractor sizes, e.g. 10,100,1000 (default: every listed size and every standard "
               "size the distractors can fill).")  # fmt: skip
 @click.option("--set", "set_number", type=int, default=1, show_default=True, help="Distractor list set number.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of drawn distractor lists (recorded).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of drawn distractor lists (recorded). A "
+              "drawn list never holds a probe image or another image of a probe identity.")  # fmt: skip
+@click.option("--allow-probe-overlap", is_flag=True, help="Evaluate a given distractor list that holds probe images "
+              "(refused by default: each outscores its own mates); reported as a warning.")  # fmt: skip
+@click.option("--probe-name", help="Probe set name in output file names (default: from the --probe-list file name as "
+              "the devkit takes it, e.g. facescrub; else facescrub).")  # fmt: skip
+@click.option("--distractor-name", help="Distractor set name in output file names (default: from the list file names, "
+              "e.g. megaface; else megaface).")  # fmt: skip
 @click.option("--algorithm", help="Algorithm name in file names and tables (default: from --file-ending / facesearch).")
 @click.option("--tie-rule", type=click.Choice(["mate", "distractor"]), default="mate", show_default=True,
               help="Who wins a tie between a distractor and the mate (ties are always counted).")  # fmt: skip
@@ -85,8 +95,17 @@ def megaface_command(sizes: str | None, filter_attrs: str | None, filter_thresho
     cfg = BenchConfig(sizes=_sizes(sizes), filter=flt, **opts)  # type: ignore[arg-type]
     results = run_megaface(cfg, progress=lambda msg: click.echo(f"[megaface] {msg}"))
     click.echo("")
-    click.echo(report.summary_table(results, fmt="text"))
+    _echo_table(results)
     click.echo(f"\nreport: {cfg.out / 'megaface_summary.md'} (results, devkit JSON and plots in {cfg.out})")
+
+
+def _echo_table(results: Sequence[dict[str, Any]]) -> None:
+    """The summary table, its footnote, and every warning again (after the table, where a reader looks)."""
+    click.echo(report.summary_table(results, fmt="text"))
+    if note := report.footnotes(results):
+        click.echo(f"\n{note}")
+    for warning in report.warnings_of(results):
+        click.echo(f"\nWARNING: {warning}")
 
 
 @bench.command("plot")
@@ -98,7 +117,7 @@ def plot_command(results: tuple[Path, ...], out: Path, stem: str) -> None:
     """Overlay one or several result files: CMC (log rank), ROC (log FAR), rank-1 vs size, summary table."""
     loaded = report.load_results(list(results))
     paths = report.write_report(loaded, out, stem)
-    click.echo(report.summary_table(loaded, fmt="text"))
+    _echo_table(loaded)
     for kind, path in paths.items():
         click.echo(f"{kind}: {path}")
 
