@@ -2,7 +2,10 @@
 optionally aggregated per identity, with open-set thresholds.
 
 ``SearchEngine.open(index_dir)`` loads an index directory (``facesearch index build``); ``search(xq, k, ...)``
-answers a batch of queries (L2-normalised embeddings) at once.
+answers a batch of queries at once.  Queries are L2-normalised first, by the routine the gallery's embeddings went
+through (:func:`indexer.search.normalize_queries`), so every score is a cosine similarity in [-1, 1] whatever the
+scale of the query, and thresholds compare cosines; a query row with NaN or infinite values, or all zeros, is a
+``ValueError`` naming the row.
 
 A flat (exact) index is searched by tiled torch products over its stored vectors, used in place (a zero-copy view of
 the FAISS storage; on CUDA a device copy), screened in bf16 where the hardware runs it natively and re-scored in
@@ -37,7 +40,7 @@ import numpy as np
 
 from engine.filters import Filter, parse_filter
 from indexer.index import LoadedIndex, load_index
-from indexer.search import ResidentGallery
+from indexer.search import ResidentGallery, normalize_queries
 from model.align import FaceDetector, prepare_face
 from model.device import cpu_has_bf16_units, resolve_device
 from model.images import ImageError
@@ -307,12 +310,13 @@ class SearchEngine:
     def retrieve(
         self, xq: np.ndarray, k: int, flt: Filter | None = None, strategy: str = "auto"
     ) -> tuple[np.ndarray, np.ndarray, str, int]:
-        """(D, I, strategy, passing) of the top-k (passing) items for every query; D, I are (nq, k), padded with
-        -inf / -1 where fewer than k items pass."""
+        """(D, I, strategy, passing) of the top-k (passing) items for every query; D, I are always (nq, k), padded
+        with -inf / -1 where fewer than k items pass (or an approximate index returned fewer).  ``xq`` is used as
+        given: :meth:`search` normalises it first."""
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
         if flt is None:
-            D, I = self._search_all(xq, k)
+            D, I = _pad(*self._search_all(xq, k), k)
             return D, I, "none", len(self.columns["id"])
         mask = flt.mask(self.columns)
         p = float(mask.mean()) if len(mask) else 0.0
@@ -323,7 +327,7 @@ class SearchEngine:
                 strategy = "selector" if p <= SELECTOR_MAX else "postfilter"
         run = {"subset": self._subset, "masked": self._masked, "selector": self._selector,
                "postfilter": self._postfilter}[strategy]  # fmt: skip
-        D, I = run(xq, k, mask)
+        D, I = _pad(*run(xq, k, mask), k)
         return D, I, strategy, int(mask.sum())
 
     # -- the public query ---------------------------------------------------------------------------------------------
@@ -338,11 +342,20 @@ class SearchEngine:
         soft_weight: float = 0.0,
         probe_attributes: np.ndarray | None = None,
         strategy: str = "auto",
+        exclude_ids: Sequence[int] | np.ndarray | None = None,
     ) -> list[QueryResult]:
         """Rank-k answers for every row of ``xq`` (nq, d): items, or identities with ``group_by="identity"`` (``agg``
         max: the identity's best item; mean: the mean score of its items among the retrieved hits).  ``threshold``
         drops hits below it and sets ``accepted`` (the open-set decision).  ``strategy`` forces a filter strategy
         (see the module doc; ``auto`` picks by selectivity).
+
+        Queries are L2-normalised first (:func:`indexer.search.normalize_queries`, the gallery's routine), so a
+        scaled query gets the same hits and scores as the unit one: scores and ``threshold`` are cosines.  A row
+        with NaN or infinite values, or all zeros, is a ``ValueError`` naming the row.
+
+        ``exclude_ids`` (nq,) int64: a gallery id to leave out of each query's hits (-1: none), e.g. the query's own
+        id when querying by id; the query still gets k hits.  Grouped, only that item is left out, not its
+        identity: the identity still ranks by its other retrieved items (the query's mates are what one wants).
 
         Soft mode (``soft_weight`` w > 0, with ``probe_attributes`` (nq, attributes) in the gallery's attribute
         order): instead of a hard filter, the top 10 k candidates are re-ranked by (1 - w) * score + w * agreement,
@@ -350,29 +363,16 @@ class SearchEngine:
         stays the identity score and ``Hit.rank_score`` is the combined one.  Grouped, an identity is represented by
         its best item by the combined score and ranked by the max (or mean) combined score of its retrieved items;
         ``Hit.score`` is then the max (or mean) identity score of those items."""
-        if not 0.0 <= soft_weight <= 1.0:
-            raise ValueError(f"soft_weight must be in [0, 1], got {soft_weight}")
-        if soft_weight > 0 and (
-            probe_attributes is None or np.shape(probe_attributes)[-1] != len(self.attribute_names)
-        ):
-            raise ValueError(f"soft re-ranking needs the probes' attribute probabilities ({len(self.attribute_names)} "
-                             f"per probe: {', '.join(self.attribute_names)}); use image or id queries")  # fmt: skip
-        xq = np.ascontiguousarray(np.atleast_2d(xq), dtype=np.float32)
-        if xq.shape[1] != self.d:
-            raise ValueError(f"queries have d={xq.shape[1]} but the index holds d={self.d}")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if group_by not in (None, "identity"):
-            raise ValueError(f"group_by must be 'identity' or None, got {group_by!r}")
-        if agg not in AGGREGATES:
-            raise ValueError(f"agg must be one of {list(AGGREGATES)}, got {agg!r}")
+        xq, exclude = self._check(xq, k, group_by, agg, soft_weight, probe_attributes, exclude_ids)
         flt = self.parse(filter) if isinstance(filter, str) else filter
         t0 = time.perf_counter()
         if group_by is None and soft_weight == 0:
-            D, I, strategy, passing = self.retrieve(xq, k, flt, strategy)
+            extra = 0 if exclude is None else 1  # one more: the excluded item may be among the top k
+            D, I, strategy, passing = self.retrieve(xq, k + extra, flt, strategy)
+            D, I = _drop(D, I, exclude)
         else:
-            D, I, strategy, passing = self._retrieve_deep(xq, k, flt, strategy, grouped=group_by is not None)
-        seconds = (time.perf_counter() - t0) / len(xq)
+            D, I, strategy, passing = self._retrieve_deep(xq, k, flt, strategy, group_by is not None, exclude)
+        seconds = (time.perf_counter() - t0) / max(len(xq), 1)
         results = []
         for q in range(len(xq)):
             pairs = [(float(s), self._row_of[int(i)]) for s, i in zip(D[q], I[q], strict=True) if i >= 0]
@@ -392,21 +392,57 @@ class SearchEngine:
             results.append(QueryResult(tuple(hits), strategy, seconds, self.exact, passing, accepted))
         return results
 
+    def _check(
+        self,
+        xq: np.ndarray,
+        k: int,
+        group_by: str | None,
+        agg: str,
+        soft_weight: float,
+        probe_attributes: np.ndarray | None,
+        exclude_ids: Sequence[int] | np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Validate :meth:`search`'s arguments: the normalised queries (nq, d) float32 and the excluded ids."""
+        if not 0.0 <= soft_weight <= 1.0:
+            raise ValueError(f"soft_weight must be in [0, 1], got {soft_weight}")
+        if soft_weight > 0 and (
+            probe_attributes is None or np.shape(probe_attributes)[-1] != len(self.attribute_names)
+        ):
+            raise ValueError(f"soft re-ranking needs the probes' attribute probabilities ({len(self.attribute_names)} "
+                             f"per probe: {', '.join(self.attribute_names)}); use image or id queries")  # fmt: skip
+        x = np.atleast_2d(np.asarray(xq))
+        if x.ndim != 2 or x.shape[1] != self.d:
+            raise ValueError(f"queries have d={x.shape[-1]} but the index holds d={self.d}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if group_by not in (None, "identity"):
+            raise ValueError(f"group_by must be 'identity' or None, got {group_by!r}")
+        if agg not in AGGREGATES:
+            raise ValueError(f"agg must be one of {list(AGGREGATES)}, got {agg!r}")
+        exclude = None
+        if exclude_ids is not None:
+            exclude = np.asarray(exclude_ids, dtype=np.int64).reshape(-1)
+            if len(exclude) != len(x):
+                raise ValueError(f"exclude_ids needs one id per query ({len(x)}), got {len(exclude)}")
+        return normalize_queries(x), exclude
+
     def _retrieve_deep(
-        self, xq: np.ndarray, k: int, flt: Filter | None, strategy: str, grouped: bool
+        self, xq: np.ndarray, k: int, flt: Filter | None, strategy: str, grouped: bool, exclude: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray, str, int]:
-        """Candidates for re-ranking or grouping: the top 10 k items; grouped, the queries whose candidates hold
-        fewer than k identities are searched again 4x deeper (only those) until they do or nothing is left."""
+        """Candidates for re-ranking or grouping: the top 10 k items (less the excluded ones); grouped, the queries
+        whose candidates hold fewer than k identities are searched again 4x deeper (only those) until they do or
+        every passing item was fetched.  D, I are (nq, depth) whatever each search returned (padded -inf / -1)."""
         nb = len(self.columns["id"])
-        depth = min(nb, 10 * k)
+        depth = max(1, min(nb, 10 * k))
         D, I, used, passing = self.retrieve(xq, depth, flt, strategy)
+        D, I = _drop(D, I, exclude)
         short = np.array([grouped and self._identities(row) < k for row in I], dtype=bool)
         while short.any() and depth < min(passing, nb):
-            depth = min(nb, depth * 4)
+            depth = min(passing, nb, depth * 4)  # deeper than the passing items would only fetch padding
             todo = np.flatnonzero(short)
             D2, I2, _, _ = self.retrieve(xq[todo], depth, flt, used)
-            D = np.pad(D, ((0, 0), (0, depth - D.shape[1])), constant_values=-np.inf)
-            I = np.pad(I, ((0, 0), (0, depth - I.shape[1])), constant_values=-1)
+            D2, I2 = _drop(D2, I2, None if exclude is None else exclude[todo])
+            D, I = _pad(D, I, depth)
             D[todo], I[todo] = D2, I2
             short[todo] = [self._identities(row) < k for row in I2]
         return D, I, used, passing
@@ -447,6 +483,27 @@ class SearchEngine:
             hits.append(self._hit(members[0][1], score, len(members), rank_score))
         hits.sort(key=lambda h: (-(h.score if h.rank_score is None else h.rank_score), h.id))
         return hits[:k]
+
+
+def _pad(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """D, I widened to k columns with -inf / -1: a FAISS search returns fewer columns when asked for more items
+    than it holds or than pass its selector, and callers stack answers of one width."""
+    if D.shape[1] >= k:
+        return D, I
+    width = ((0, 0), (0, k - D.shape[1]))
+    return np.pad(D, width, constant_values=-np.inf), np.pad(I, width, constant_values=-1)
+
+
+def _drop(D: np.ndarray, I: np.ndarray, exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Each row of D, I (nq, c) without the id ``exclude[q]``: later hits move up, the row ends in -inf / -1."""
+    if exclude is None:
+        return D, I
+    gone = (I == exclude[:, None]) & (I >= 0)
+    if not gone.any():
+        return D, I
+    order = np.argsort(gone, axis=1, kind="stable")  # kept hits first, in their order
+    D = np.take_along_axis(np.where(gone, -np.inf, D), order, 1).astype(np.float32)
+    return D, np.take_along_axis(np.where(gone, -1, I), order, 1)
 
 
 def format_results(

@@ -7,9 +7,13 @@
   and embedding with the index's model, then the search.
 - ``GET /openapi.json`` / ``/docs``: the OpenAPI description.
 
+Embeddings are L2-normalised as the gallery's are (:func:`indexer.search.normalize_queries`) before they are
+searched, so scores and ``threshold`` are cosines whatever the scale of the posted vector.
+
 Every request is limited to ``max_bytes`` (413 beyond), ``k`` to ``max_k``; with a ``token`` every route but
 ``/health`` needs ``Authorization: Bearer <token>`` (401).  Bad input — an undecodable image, no face, a bad filter,
-a wrong dimension — is a 4xx with a one-line message, never a 500.
+a wrong dimension, an embedding row with NaN or infinite values or all zeros (422, naming the row) — is a 4xx with a
+one-line message, never a 500.
 
 Concurrent requests are batched: one worker thread runs every search (so the engine is never entered twice at
 once), and when it picks up a request it also takes every request already waiting with the same options (k, filter,
@@ -32,6 +36,7 @@ from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request
 from pydantic import BaseModel, Field
 
 from engine.search import QueryResult, SearchEngine
+from indexer.search import normalize_queries
 from model.align import FaceDetector
 from model.checkpoint import package_version
 from model.images import ImageError, decode_image
@@ -40,7 +45,7 @@ MAX_BYTES = 10 << 20
 
 
 class EmbeddingQuery(BaseModel):
-    """A search by embedding(s)."""
+    """A search by embedding(s): one vector or a list of them, of any scale (each is L2-normalised)."""
 
     embedding: list[float] | list[list[float]]
     k: int = Field(10, ge=1)
@@ -151,6 +156,10 @@ def create_app(
             raise HTTPException(422, f"k={k} exceeds the limit of {max_k}")
         if xq.shape[1] != engine.d:  # checked before batching: a wrong dimension cannot join a batch
             raise HTTPException(400, f"queries have d={xq.shape[1]} but the index holds d={engine.d}")
+        try:  # so are rows that cannot be normalised (NaN, infinity, zeros): the message names the request's row
+            xq = normalize_queries(xq)
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
         try:
             results = batcher.search(xq, k, flt, group_by, agg, thr)
         except (ValueError, KeyError) as e:
@@ -166,12 +175,12 @@ def create_app(
 
     @app.post("/search/embedding", dependencies=[Depends(limits), Depends(auth)])
     def search_embedding(q: EmbeddingQuery) -> Any:
-        try:
-            xq = np.atleast_2d(np.asarray(q.embedding, dtype=np.float32))
+        try:  # float64: values beyond the float32 range are scaled by normalize_queries before rounding
+            xq = np.atleast_2d(np.asarray(q.embedding, dtype=np.float64))
         except ValueError:
-            xq = np.zeros((0, 0, 0), np.float32)  # ragged rows
-        if xq.ndim != 2 or not np.isfinite(xq).all():
-            raise HTTPException(422, "embedding must be a finite vector or a list of equal-length vectors")
+            xq = np.zeros((0, 0, 0), np.float64)  # ragged rows
+        if xq.ndim != 2:
+            raise HTTPException(422, "embedding must be a vector or a list of equal-length vectors")
         return run(xq, q.k, q.filter, q.group_by, q.agg, q.threshold)
 
     @app.post("/search/image", dependencies=[Depends(limits), Depends(auth)])

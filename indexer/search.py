@@ -14,6 +14,10 @@ Ties: among equal scores the smaller id ranks first, deterministically, whatever
 at position k is resolved by looking at every item of the block with that score). Scores are compared as the back-end
 computes them in float32, so two back-ends may order items whose scores differ by one ulp differently.
 When fewer than k items exist, results are padded with score ``-inf`` and id ``-1``.
+
+Queries: :func:`normalize_queries` L2-normalises query rows by the routine the gallery's embeddings went through
+(``torch.nn.functional.normalize(x, dim=1, eps=1e-12)`` in float32, as in :mod:`model.inference`), so scores are
+cosine similarities whatever the scale of a query, and refuses rows it cannot normalise (NaN, infinity, all zeros).
 """
 
 # ruff: noqa: E741  -- FAISS vocabulary: D (scores) and I (ids), as STYLE.md asks
@@ -26,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,55 @@ BACKENDS = ("auto", "faiss", "torch")
 SCREENS = ("none", "bf16", "fp16")
 _UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11}
 _TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def normalize_queries(xq: np.ndarray) -> np.ndarray:
+    """Query rows scaled to unit L2 norm, as the gallery's embeddings are: (nq, d) float32, C-contiguous.
+
+    xq: (nq, d) or (d,) of any real dtype (float64 is scaled before it is rounded to float32, so values beyond the
+    float32 range still give their direction).  Each row is first multiplied by the power of two that brings its
+    largest entry into [0.5, 1) -- exact, so the result is bit for bit what ``F.normalize(x, eps=1e-12)`` (the
+    model's routine) gives for an ordinary row, while a row scaled by 1e-30 or 1e30 neither underflows to a zero
+    norm (where ``eps`` would shrink it instead) nor overflows.  Rows already of unit norm to float32 rounding
+    (|‖x‖ - 1| <= d 2^-24, e.g. stored gallery vectors or the model's embeddings) are returned as they are, so a
+    query by id is its stored vector bit for bit.
+
+    A row with a NaN or infinite entry, or with all entries zero (no direction: every item would score 0), is a
+    ``ValueError`` naming the row (the first few when several are bad)."""
+    x = np.asarray(xq)
+    if x.ndim == 1:
+        x = x[None]
+    if x.ndim != 2:
+        raise ValueError(f"queries must be (nq, d) or (d,), got shape {x.shape}")
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer) or x.dtype == bool):
+        raise ValueError(f"queries must be real numbers, got dtype {x.dtype}")
+    if not np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float64)
+    nq, d = x.shape
+    if nq == 0 or d == 0:
+        return np.zeros((nq, d), np.float32)
+    _refuse_rows(~np.isfinite(x).all(axis=1), "holds NaN or infinite values")
+    peak = np.abs(x).max(axis=1)
+    _refuse_rows(peak == 0, "is all zeros: it has no direction to search by (every item would score 0)")
+    with np.errstate(over="ignore", under="ignore"):  # rows beyond the float32 range are redone from x below
+        x32 = np.array(x, dtype=np.float32, order="C")  # a copy: the caller's array is never written
+    norm = np.linalg.norm(x32.astype(np.float64), axis=1)
+    todo = np.flatnonzero(~(np.abs(norm - 1.0) <= d * 2.0**-24))
+    if len(todo):
+        _, exp = np.frexp(peak[todo])
+        scaled = np.ldexp(x[todo], -exp[:, None].astype(np.int32))  # exact: a power of two
+        unit = F.normalize(torch.from_numpy(np.ascontiguousarray(scaled, dtype=np.float32)), dim=1, eps=1e-12)
+        x32[todo] = unit.numpy()
+    return x32
+
+
+def _refuse_rows(bad: np.ndarray, what: str) -> None:
+    """A ValueError naming the first bad query row (and the next few) when any is bad."""
+    rows = np.flatnonzero(bad)
+    if len(rows):
+        more = ", ".join(map(str, rows[1:6])) + (" …" if len(rows) > 6 else "")
+        also = f" (also row{'s' if len(rows) > 2 else ''} {more})" if len(rows) > 1 else ""
+        raise ValueError(f"query row {rows[0]}{also} {what}")
 
 
 def merge_topk(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -450,4 +504,12 @@ def _check_blocks(blocks: Iterable[tuple[np.ndarray, np.ndarray]], d: int) -> It
             yield np.ascontiguousarray(ids, dtype=np.int64), xb
 
 
-__all__ = ["BACKENDS", "SCREENS", "ResidentGallery", "merge_topk", "resolve_backend", "search_exact"]
+__all__ = [
+    "BACKENDS",
+    "SCREENS",
+    "ResidentGallery",
+    "merge_topk",
+    "normalize_queries",
+    "resolve_backend",
+    "search_exact",
+]

@@ -1,4 +1,7 @@
-"""``facesearch search``: who is this?  Rank-k identification against an index (see :mod:`engine.search`)."""
+"""``facesearch search``: who is this?  Rank-k identification against an index (see :mod:`engine.search`).
+
+Queries are L2-normalised by the library before the search (scores are cosines); a query row with NaN or infinite
+values, or all zeros, is a one-line error naming it.  ``--out`` writes every hit to a file and prints a summary."""
 
 from __future__ import annotations
 
@@ -19,20 +22,27 @@ from model.fileio import atomic_write_text, atomic_write_with
 
 
 def _read_embeddings(path: Path) -> tuple[np.ndarray, list[str]]:
-    """Query embeddings from a .npy (n, d), a Parquet file with an ``embedding`` column, or a shard directory."""
+    """Query embeddings from a .npy (n, d), a Parquet file with an ``embedding`` column, or a shard directory, in
+    their stored precision (the library scales them before rounding to float32; a null Parquet row becomes NaN,
+    which the search refuses by row)."""
     if path.is_dir():
         block = shards.read_all(path, columns=["path"])
         return block.xb, [str(p) for p in block.meta.column("path").to_pylist()]
     if path.suffix == ".npy":
         x = np.load(path, allow_pickle=False)
-        if x.ndim != 2:
-            raise ValueError(f"{path}: expected an (n, d) array of embeddings, got shape {x.shape}")
-        return x.astype(np.float32), [f"{path.name}[{i}]" for i in range(len(x))]
+        if x.ndim != 2 or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise ValueError(f"{path}: expected an (n, d) array of real embeddings, got {x.dtype} {x.shape}")
+        return x, [f"{path.name}[{i}]" for i in range(len(x))]
     if path.suffix == ".parquet":
         table = pq.read_table(path)
         if "embedding" not in table.column_names:
             raise ValueError(f"{path}: no 'embedding' column (have {table.column_names})")
-        x = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
+        rows = table.column("embedding").to_pylist()
+        d = max((len(r) for r in rows if r is not None), default=0)
+        try:
+            x = np.asarray([[np.nan] * d if r is None else r for r in rows], dtype=np.float64).reshape(len(rows), d)
+        except (ValueError, TypeError):
+            raise ValueError(f"{path}: the 'embedding' rows must all hold {d} numbers") from None
         names = table.column("path").to_pylist() if "path" in table.column_names else range(len(x))
         return x, [str(n) for n in names]
     raise ValueError(f"{path}: embeddings must be .npy, .parquet or a shard directory")
@@ -57,12 +67,26 @@ def _rows(names: list[str], results: list[QueryResult]) -> pa.Table:
     return pa.table(cols)
 
 
+def _summary(results: list[QueryResult], out: Path) -> str:
+    """What ``--out`` prints instead of every hit: one line."""
+    hits = sum(len(r.hits) for r in results)
+    strategies = ", ".join(sorted({r.strategy for r in results})) or "none"
+    ms = 1e3 * sum(r.seconds for r in results) / max(len(results), 1)
+    line = f"{len(results)} queries, {hits} hits ({strategies} search, {ms:.1f} ms per query)"
+    if any(r.accepted is not None for r in results):
+        line += f", {sum(bool(r.accepted) for r in results)} accepted at the threshold"
+    return f"{line}; results: {out}"
+
+
 @main.command("search")
 @click.option("--index", "index_dir", type=click.Path(path_type=Path, file_okay=False, exists=True), required=True)
 @click.option("--probes", type=click.Path(path_type=Path, exists=True), help="A probe image or a folder of them.")
 @click.option("--embeddings", type=click.Path(path_type=Path, exists=True),
               help="Query embeddings: .npy (n, d), .parquet with an 'embedding' column, or shards.")  # fmt: skip
-@click.option("--ids", help="Query by gallery ids, e.g. 5,77.")
+@click.option("--ids", help="Query by gallery ids, e.g. 5,77 (each query is the id's stored vector).")
+@click.option("--exclude-self", is_flag=True,
+              help="With --ids: leave each query's own id out of its hits (still k hits; grouped, only that item "
+                   "is left out, its identity still ranks by its other items).")  # fmt: skip
 @click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False, exists=True),
               help="The model that built the index (needed for --probes; another model is refused).")  # fmt: skip
 @click.option("--detector-pad", type=int, default=0, show_default=True,
@@ -73,7 +97,11 @@ def _rows(names: list[str], results: list[QueryResult]) -> pa.Table:
 @click.option("--agg", type=click.Choice(["max", "mean"]), default="max", show_default=True)
 @click.option("--soft-weight", type=float, default=0.0, show_default=True,
               help="Soft mode: rank by (1-w)*score + w*attribute agreement (image or id queries).")  # fmt: skip
-@click.option("--threshold", type=float, help="Open-set threshold on the score.")
+@click.option(
+    "--threshold",
+    type=float,
+    help="Open-set threshold on the score (a cosine: queries are L2-normalised as the gallery is).",
+)
 @click.option("--threshold-from", type=click.Path(path_type=Path, dir_okay=False, exists=True),
               help="Take the threshold from a bench megaface result file at --far.")  # fmt: skip
 @click.option("--far", type=float, default=1e-6, show_default=True, help="FAR for --threshold-from.")
@@ -86,20 +114,29 @@ def _rows(names: list[str], results: list[QueryResult]) -> pa.Table:
 )
 @SCREEN_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
-@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), help="Write all hits to a .parquet/.json.")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write all hits to a .parquet/.json and print only a one-line summary (with --json the JSON is "
+                   "still printed).")  # fmt: skip
 @DEVICE_OPTION
 @user_errors
 def search_command(index_dir: Path, probes: Path | None, embeddings: Path | None, ids: str | None,
-                   checkpoint: Path | None, detector_pad: int, k: int, expr: str | None, group_by: str | None, agg: str,
-                   soft_weight: float, threshold: float | None, threshold_from: Path | None, far: float,
-                   strategy: str, screen: str, as_json: bool, out: Path | None, device: str) -> None:  # fmt: skip
-    """Rank-k identification of probe faces (images, embeddings or gallery ids) against an index."""
+                   exclude_self: bool, checkpoint: Path | None, detector_pad: int, k: int, expr: str | None,
+                   group_by: str | None, agg: str, soft_weight: float, threshold: float | None,
+                   threshold_from: Path | None, far: float, strategy: str, screen: str, as_json: bool,
+                   out: Path | None, device: str) -> None:  # fmt: skip
+    """Rank-k identification of probe faces (images, embeddings or gallery ids) against an index.
+
+    Every query is L2-normalised as the gallery's embeddings are, so scores are cosine similarities and
+    --threshold / --threshold-from compare cosines whatever the scale of the query; a query row with NaN or
+    infinite values, or all zeros, is refused with an error naming it."""
     if sum(x is not None for x in (probes, embeddings, ids)) != 1:
         raise click.UsageError("give exactly one of --probes, --embeddings, --ids")
+    if exclude_self and ids is None:
+        raise click.UsageError("--exclude-self needs --ids (only a query by id has an id of its own in the index)")
     if threshold_from is not None:
         threshold = threshold_from_result(threshold_from, far)
     engine = SearchEngine.open(index_dir, checkpoint=checkpoint, device=device, screen=screen)
-    probe_attrs = None
+    probe_attrs, exclude = None, None
     if probes is not None:
         xq, probe_attrs, names = engine.embed_images(_images(probes), pad=detector_pad)
     elif embeddings is not None:
@@ -113,8 +150,10 @@ def search_command(index_dir: Path, probes: Path | None, embeddings: Path | None
         rows = engine.rows(wanted)
         xq, names = engine.vectors(wanted), [f"id {i}" for i in wanted]
         probe_attrs = np.stack([engine.columns[a][rows] for a in engine.attribute_names], axis=1)
+        exclude = wanted if exclude_self else None
     results = engine.search(xq, k=k, filter=expr, group_by=group_by, agg=agg, threshold=threshold,
-                            soft_weight=soft_weight, probe_attributes=probe_attrs, strategy=strategy)  # fmt: skip
+                            soft_weight=soft_weight, probe_attributes=probe_attrs, strategy=strategy,
+                            exclude_ids=exclude)  # fmt: skip
     docs = [{"query": n, **r.to_dict()} for n, r in zip(names, results, strict=True)]
     if out is not None:
         if out.suffix == ".parquet":
@@ -122,10 +161,9 @@ def search_command(index_dir: Path, probes: Path | None, embeddings: Path | None
             atomic_write_with(out, lambda tmp: pq.write_table(table, tmp))
         else:
             atomic_write_text(out, json.dumps(docs, indent=1) + "\n")
-    click.echo(
-        json.dumps(docs, indent=1)
-        if as_json
-        else format_results(names, results, engine.attribute_names, engine.parse(expr).names if expr else ())
-    )
+    if as_json:
+        click.echo(json.dumps(docs, indent=1))
+    elif out is None:
+        click.echo(format_results(names, results, engine.attribute_names, engine.parse(expr).names if expr else ()))
     if out is not None:
-        click.echo(f"results: {out}")
+        click.echo(_summary(results, out))

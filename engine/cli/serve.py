@@ -28,7 +28,10 @@ from engine.service import MAX_BYTES, create_app
 @user_errors
 def serve_command(index_dir: Path, checkpoint: Path | None, host: str, port: int, token_env: str, max_bytes: int,
                   max_k: int, detector_pad: int, screen: str, device: str) -> None:  # fmt: skip
-    """Serve rank-k identification over HTTP: /health, POST /search/embedding, POST /search/image, /docs."""
+    """Serve rank-k identification over HTTP: /health, POST /search/embedding, POST /search/image, /docs.
+
+    Posted embeddings are L2-normalised as the gallery's are (scores and thresholds are cosines); a row with NaN or
+    infinite values, or all zeros, is answered 422 with a message naming the row."""
     import uvicorn
 
     engine = SearchEngine.open(index_dir, checkpoint=checkpoint, device=device, screen=screen)

@@ -3,6 +3,7 @@ token, size limits, concurrent requests, an image query through the index's mode
 
 from __future__ import annotations
 
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -146,3 +147,33 @@ def test_image_query_through_the_index_model(orl_dir, yunet_path, ckpt, tmp_path
     ok, png = cv2.imencode(".png", blank)
     noface = client.post("/search/image", files={"image": ("blank.png", png.tobytes(), "image/png")})
     assert noface.status_code == 422 and "no face" in noface.text.lower()
+
+
+def test_embeddings_are_normalised_and_bad_rows_named(engine):
+    """A posted embedding of any scale (3x, 1e-30, 1e39: beyond float32, still a direction) gets the unit query's
+    hits and cosine scores, so a threshold means the same; NaN, infinity (JSON allows both as extensions) and all
+    zeros are a 422 naming the request's row, before the request can join a batch."""
+    client = TestClient(create_app(engine))
+    xq = engine.vectors([3, 4])
+    want = engine.search(xq, k=5, threshold=0.2)
+    for scale in (3.0, 1e-30, 1e39):
+        body = {"embedding": (xq.astype(np.float64) * scale).tolist(), "k": 5, "threshold": 0.2}
+        res = client.post("/search/embedding", json=body)
+        assert res.status_code == 200, res.text
+        got = res.json()["results"]
+        assert [[h["id"] for h in r["hits"]] for r in got] == [[h.id for h in r.hits] for r in want]
+        for r, w in zip(got, want, strict=True):
+            assert r["accepted"] is True
+            # float32 rounding of the scaled input before its normalisation: a few ulps of 1
+            np.testing.assert_allclose([h["score"] for h in r["hits"]], [h.score for h in w.hits], atol=1e-6)
+    batches = client.get("/health").json()["searches"]["batches"]
+    for value, text in ((float("nan"), "query row 1 holds NaN"), (float("inf"), "query row 1 holds NaN"),
+                        (0.0, "query row 1 is all zeros")):  # fmt: skip
+        rows = xq.tolist()
+        rows[1] = [value] * len(rows[1]) if value == 0.0 else [*rows[1][:-1], value]
+        raw = json.dumps({"embedding": rows, "k": 3})  # NaN / Infinity tokens: httpx's json= refuses them
+        res = client.post("/search/embedding", content=raw, headers={"Content-Type": "application/json"})
+        assert res.status_code == 422 and text in res.text, res.text
+    one = client.post("/search/embedding", json={"embedding": [0.0] * engine.d})
+    assert one.status_code == 422 and "query row 0 is all zeros" in one.text
+    assert client.get("/health").json()["searches"]["batches"] == batches  # refused before the search thread

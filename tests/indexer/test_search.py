@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
-from indexer.search import ResidentGallery, merge_topk, search_exact
+from indexer.search import ResidentGallery, merge_topk, normalize_queries, search_exact
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -218,3 +220,46 @@ def test_resident_gallery_on_cuda_matches_cpu() -> None:
             Dc, Ic = cpu.search(xq[:n], 10, **kw)
             Dg, Ig = gpu.search(xq[:n], 10, **kw)
             assert_same_up_to_ties(Dg, Ig, Dc, Ic, atol=1e-5)
+
+
+def test_normalize_queries_is_the_models_routine_at_any_scale() -> None:
+    """Ordinary rows come out bit for bit as ``F.normalize(x, eps=1e-12)`` (the model's routine) makes them; rows
+    of unit norm are returned untouched; rows scaled far out of float32's comfortable range (whose squares
+    underflow or overflow, where F.normalize would give ~0 or 0) give the same direction."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((40, 64)).astype(np.float32)
+    ref = F.normalize(torch.from_numpy(x), dim=1, eps=1e-12).numpy()
+    for scale in (1.0, 3.0, 0.01):
+        np.testing.assert_array_equal(normalize_queries(x * np.float32(scale)), F.normalize(
+            torch.from_numpy(x * np.float32(scale)), dim=1, eps=1e-12).numpy())  # fmt: skip
+    unit = _unit(rng, 10, 64)
+    np.testing.assert_array_equal(normalize_queries(unit), unit)
+    assert normalize_queries(unit) is not unit  # a copy, never the caller's array
+    # the scaled input itself is rounded to float32 first (x * 1e-30 is not a power of two): a few ulps of 1
+    for scaled in (x * np.float32(1e-30), x * np.float32(1e30), x.astype(np.float64) * 1e300,
+                   x.astype(np.float64) * 1e-300):  # fmt: skip
+        got = normalize_queries(scaled)
+        assert got.dtype == np.float32 and got.flags["C_CONTIGUOUS"] and got.shape == x.shape
+        np.testing.assert_allclose(got, ref, atol=2e-7)
+    np.testing.assert_array_equal(normalize_queries(np.array([1e-45, 0.0], np.float32)), [[1.0, 0.0]])  # subnormal
+    np.testing.assert_array_equal(normalize_queries(np.array([3, 4])), np.float32([[0.6, 0.8]]))  # integers, one row
+    assert normalize_queries(np.zeros((0, 8), np.float32)).shape == (0, 8)
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [([1.0, np.nan, 0.0], "query row 2 holds NaN or infinite values"),
+     ([np.inf, 1.0, 0.0], "query row 2 holds NaN or infinite values"),
+     ([0.0, -np.inf, 0.0], "query row 2 holds NaN or infinite values"),
+     ([0.0, 0.0, 0.0], "query row 2 is all zeros")],
+)  # fmt: skip
+def test_normalize_queries_refuses_rows_it_cannot_normalise(row: list[float], message: str) -> None:
+    x = np.ones((5, 3), np.float32)
+    x[2] = row
+    with pytest.raises(ValueError, match=message):
+        normalize_queries(x)
+    x[3:] = row
+    with pytest.raises(ValueError, match=message.replace("row 2", r"row 2 \(also rows 3, 4\)")):
+        normalize_queries(x)
+    with pytest.raises(ValueError, match="shape"):
+        normalize_queries(np.ones((2, 2, 2)))
