@@ -8,6 +8,7 @@ provenance of the features, the distractor list's record (given file, or drawn: 
 probe images / probe identities) and every warning.  ROC rows carry ``supported`` (FAR 0 or FAR >= 1/N_neg); the
 others are kept but never shown as measured.  The devkit file ``cmc_<probe>_<distractor>_<alg>_<size>_<set>.json``
 holds the compressed curves (protocol §4), its set names taken from the list file names as the devkit takes them.
+Which distractors each size uses (given or drawn list, the exclusion of probes) is :mod:`benchmarks.megaface_lists`.
 """
 
 from __future__ import annotations
@@ -34,19 +35,12 @@ from benchmarks.megaface import NAMED_FARS, Evaluation, ProbeSet, floor_m
 from benchmarks.megaface_data import (
     AttributeFilter,
     CachedDistractors,
-    DevkitDistractors,
     DistractorSource,
-    ProbeOverlap,
     Probes,
-    ShardDistractors,
-    draw_selection,
-    list_positions,
-    probe_overlap,
     probes_from_devkit,
     probes_from_shards,
-    selection_record,
-    shard_rows,
 )
+from benchmarks.megaface_lists import DEFAULT_SIZES, DistractorLists, ListConfig
 from indexer.embed import EmbedConfig
 from indexer.pipeline import run_embed
 from model.checkpoint import package_version
@@ -57,7 +51,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 KIND = "facesearch.megaface_result"
-DEFAULT_SIZES: tuple[int, ...] = (10, 100, 1000, 10_000, 100_000, 1_000_000)
 EXACT_CMC_RANKS = 10_000
 NA_FAR = report.NA_FAR
 _SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
@@ -161,154 +154,15 @@ def _algorithm(cfg: BenchConfig, probes: Probes) -> str:
     return "facesearch"
 
 
-class _Universe:
-    """The distractor rows a selection is drawn from, and how to turn a selection into a stream.  Drawn lists exclude
-    every probe image and every other image of a probe identity (MegaFace: distractors are other people); a given
-    list that breaks the rule is refused (probe images) or warned about (probe identities)."""
-
-    def __init__(self, cfg: BenchConfig, probes: Probes, noise: tuple[str, ...], say: Callable[[str], None]) -> None:
-        self.cfg, self.probes, self.noise, self.say = cfg, probes, noise, say
-        self.lists = devkit.find_distractor_lists(cfg.distractor_lists) if cfg.distractor_lists else {}
-        self._keys: list[str] | None = None
-        self._overlap: ProbeOverlap | None = None
-        if cfg.distractors is not None:
-            self.ids, self.paths, self.identities = shard_rows(cfg.distractors)
-
-    @property
-    def keys(self) -> list[str]:
-        """Stem keys of the shard rows (computed once, only when a list has to be matched or drawn)."""
-        if self._keys is None:
-            self._keys = [devkit.stem_key(p) for p in self.paths]
-        return self._keys
-
-    @property
-    def overlap(self) -> ProbeOverlap:
-        """Which shard rows are probe images / other images of probe identities (computed once)."""
-        if self._overlap is None:
-            self._overlap = probe_overlap(self.probes, self.keys, self.identities)
-        return self._overlap
-
-    def draw_record(self) -> dict[str, Any]:
-        """Where drawn lists come from: the rows, the candidates left, and what was excluded."""
-        ov = self.overlap
-        n_img, n_id = int(ov.image.sum()), int(ov.identity.sum())
-        return {"drawn_from": str(self.cfg.distractors), "rows": len(self.ids),
-                "candidates": len(self.ids) - n_img - n_id, "excluded_probe_images": n_img,
-                "excluded_probe_identities": n_id}  # fmt: skip
-
-    def _too_few(self, size: int) -> str:
-        d = self.draw_record()
-        return (f"cannot draw {size:,} distractors for size {size:,}: only {d['candidates']:,} of the {d['rows']:,} "
-                f"rows of {d['drawn_from']} are candidates ({d['excluded_probe_images']:,} excluded as probe images, "
-                f"{d['excluded_probe_identities']:,} as other images of probe identities); give a list for this size "
-                f"or more distractor rows")  # fmt: skip
-
-    def sizes(self) -> list[int]:
-        cfg = self.cfg
-        listed = {size for size, set_number in self.lists if set_number == cfg.set_number}
-        if cfg.sizes:  # every size is checked before the first one runs
-            for size in cfg.sizes:
-                if size not in listed and cfg.distractors is None:
-                    raise ValueError(f"no distractor list for size {size} set {cfg.set_number} in "
-                                     f"{cfg.distractor_lists}")  # fmt: skip
-                if size not in listed and size > self.draw_record()["candidates"]:
-                    raise ValueError(self._too_few(size))
-            return sorted(cfg.sizes)
-        n = self.draw_record()["candidates"] if cfg.distractors is not None else 0
-        drawable = {s for s in DEFAULT_SIZES if s <= n}
-        if not listed | drawable:
-            more = f" (too few candidate rows to draw 10: {self._too_few(10)})" if cfg.distractors is not None else ""
-            raise ValueError(f"no distractor size to run: no list for set {cfg.set_number}{more}")
-        return sorted(listed | drawable)
-
-    def _drop_noisy(self, paths: list[str], record: dict[str, Any]) -> np.ndarray:
-        keep = ~devkit.noisy_mask(paths, self.noise) if self.noise else np.ones(len(paths), bool)
-        if self.noise:
-            record["noisy_removed"] = int((~keep).sum())
-        return keep
-
-    def _drawn(self, size: int, attributes: tuple[str, ...]) -> tuple[DistractorSource, dict[str, Any]]:
-        cfg = self.cfg
-        assert cfg.distractors is not None, "drawn lists need a shard directory"
-        ov = self.overlap
-        candidates = np.flatnonzero(~(ov.image | ov.identity))
-        if size > len(candidates):
-            raise ValueError(self._too_few(size))
-        pos = candidates[draw_selection(len(candidates), size, cfg.seed, cfg.set_number)]
-        paths = [self.paths[i] for i in pos]
-        drawn = cfg.out / "lists" / devkit.distractor_list_name(self.name, size, cfg.set_number)
-        drawn.parent.mkdir(parents=True, exist_ok=True)
-        devkit.write_distractor_list(drawn, paths)
-        record = {"source": "drawn", "seed": cfg.seed, "written": str(drawn), **self.draw_record(),
-                  **selection_record(paths), "warnings": []}  # fmt: skip
-        self.say(f"size {size:>9,}: no list given, drew {size:,} distractors with seed {cfg.seed} from "
-                 f"{record['candidates']:,} candidates of the {record['rows']:,} rows of {cfg.distractors} "
-                 f"(excluded {record['excluded_probe_images']:,} probe images and "
-                 f"{record['excluded_probe_identities']:,} other images of probe identities); "
-                 f"written to {drawn}")  # fmt: skip
-        ids = self.ids[pos[self._drop_noisy(paths, record)]]
-        return ShardDistractors(cfg.distractors, ids, attributes), record
-
-    def _check_given(self, listed: Path, paths: list[str], ov: ProbeOverlap, record: dict[str, Any]) -> None:
-        """Record and judge a given list's overlap with the probes: probe images are refused unless allowed (each
-        outscores its own mates: meaningless), other images of probe identities are a warning (the devkit and the
-        official lists tolerate them; the noise lists / ``--cleaned`` are the published remedy)."""
-        keys = [devkit.stem_key(p) for p in paths]
-        n_img, n_id = int(ov.image.sum()), int(ov.identity.sum())
-        record.update(probe_images=n_img, probe_identities=n_id)
-        if n_img:
-            msg = (f"{listed}: {n_img:,} of {len(paths):,} distractors are probe images (same relative path as a "
-                   f"probe, e.g. {ov.examples(keys, 'image')}): each outscores its own mates, so the rank-1 of those "
-                   f"probes is meaningless")  # fmt: skip
-            if not self.cfg.allow_probe_overlap:
-                raise ValueError(f"{msg}; remove them from the list, or pass --allow-probe-overlap to evaluate anyway")
-            record["warnings"].append(f"{msg} (evaluated anyway: --allow-probe-overlap)")
-        if n_id:
-            record["warnings"].append(
-                f"{listed}: {n_id:,} of {len(paths):,} distractors are other images of probe identities (e.g. "
-                f"{ov.examples(keys, 'identity')}): MegaFace distractors must be other people, and each of these "
-                f"counts as a non-mate that can only lower rank-1 and TAR (the official lists hold a few: see the "
-                f"noise lists and --cleaned)"
-            )  # fmt: skip
-
-    def source(self, size: int, attributes: tuple[str, ...]) -> tuple[DistractorSource, dict[str, Any]]:
-        cfg = self.cfg
-        listed = self.lists.get((size, cfg.set_number))
-        if listed is None:
-            src, record = self._drawn(size, attributes)
-        else:
-            paths = list(devkit.read_distractor_list(listed))
-            record = {"source": str(listed), "size_in_name": size, **selection_record(paths), "warnings": []}
-            if len(paths) != size:  # the devkit tolerates it and names its output by the size in the list's name
-                record["warnings"].append(
-                    f"{listed}: named for {size:,} distractors but holds {len(paths):,}; labelled {size:,} as the "
-                    f"devkit does (its result file is named by the size in the list's name), evaluated on all "
-                    f"{len(paths):,}"
-                )  # fmt: skip
-            paths = [p for p, k in zip(paths, self._drop_noisy(paths, record), strict=True) if k]
-            what = f"distractors {cfg.distractors} vs list {listed}"
-            if cfg.distractors is not None:
-                pos = list_positions(self.keys, paths, what)
-                ov = self.overlap
-                self._check_given(listed, paths, ProbeOverlap(ov.image[pos], ov.identity[pos]), record)
-                src = ShardDistractors(cfg.distractors, self.ids[pos], attributes)
-            else:
-                assert cfg.distractor_root is not None
-                self._check_given(listed, paths, probe_overlap(self.probes, [devkit.stem_key(p) for p in paths]),
-                                  record)  # fmt: skip
-                src = DevkitDistractors(cfg.distractor_root, paths, cfg.file_ending)
-        for warning in record["warnings"]:
-            self.say(f"WARNING: {warning}")
-        return src, record
-
-    @property
-    def name(self) -> str:
-        """The distractor set's name in output file names: the option, else the lists' set name, else megaface."""
-        if self.cfg.distractor_name:
-            return self.cfg.distractor_name
-        if self.lists:
-            return devkit.list_set_name(next(iter(self.lists.values())).name)
-        return "megaface"
+def _distractor_lists(
+    cfg: BenchConfig, probes: Probes, noise: tuple[str, ...], say: Callable[[str], None]
+) -> DistractorLists:
+    """The run's distractor selections; drawn lists go to ``<out>/lists``."""
+    lists = ListConfig(out=cfg.out / "lists", distractors=cfg.distractors, distractor_root=cfg.distractor_root,
+                       lists=cfg.distractor_lists, file_ending=cfg.file_ending, sizes=cfg.sizes,
+                       set_number=cfg.set_number, seed=cfg.seed, name=cfg.distractor_name,
+                       allow_probe_overlap=cfg.allow_probe_overlap)  # fmt: skip
+    return DistractorLists(lists, probes, noise, say)
 
 
 def _evaluate(
@@ -479,14 +333,14 @@ def run_megaface(cfg: BenchConfig, progress: Callable[[str], None] | None = None
         probes.provenance["noisy_probes_replaced"] = n_noisy
         noise = devkit.read_noise_list(cfg.distractor_noise)
     alg = _algorithm(cfg, probes)
-    universe = _Universe(cfg, probes, noise, say)
-    names = (_probe_name(cfg), universe.name)
+    lists = _distractor_lists(cfg, probes, noise, say)
+    names = (_probe_name(cfg), lists.name)
     attrs = () if cfg.filter is None else cfg.filter.attributes
     n_ids = len(set(probes.identity))
     say(f"{len(probes.keys):,} probes of {n_ids} identities loaded in {time.perf_counter() - t0:.1f} s")
     results = []
-    for size in universe.sizes():
-        src, record = universe.source(size, attrs)
+    for size in lists.sizes():
+        src, record = lists.source(size, attrs)
         out, secs = _evaluate(probes, src, cfg, device, None)
         res = _result(cfg, alg, probes, src, record, out, size, None, names)
         results.append(res)

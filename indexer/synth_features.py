@@ -7,8 +7,11 @@ from its centre), and its attribute probabilities are ``sigmoid(+-2.5 + N(0, 1))
 Centres and latents depend only on ``(seed, identity index, d)``, so a **probe set** written with the same seed and
 ``dim`` (``probes_per_identity > 0``) holds new samples of the gallery's identities: their mates are in the gallery.
 The fingerprint (``synthetic:<seed>:<hash of the space parameters>``) is shared by both, so an index built from the
-gallery accepts the probes' shards. Generation is vectorised numpy, block by block: memory is bounded by
-``_BLOCK`` rows whatever ``rows`` is.
+gallery accepts the probes' shards. Identity ``i`` is named ``<identity_prefix>_<i:07d>`` (gallery rows at
+``synth/<name>/<k>.jpg``, probes at ``synth/<name>/probe_<k>.jpg``): probes of the gallery's people keep its prefix,
+while a set of *other* people (MegaFace probes beside synthetic distractors of another seed) takes its own, so the two
+never share an identity name. Generation is vectorised numpy, block by block: memory is bounded by ``_BLOCK`` rows
+whatever ``rows`` is.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +34,9 @@ PROBE_ID_OFFSET = 1 << 40  # probe ids never collide with gallery ids (gallery i
 _BLOCK = 16384  # rows generated at a time
 _CHUNK = 1024  # identities per centre chunk (centres are drawn per chunk, so any row range is cheap to generate)
 _LOGIT = 2.5
+_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # one path component
+# Fields added after directories were written: a manifest without one was made with this value.
+_ADDED_FIELDS: dict[str, Any] = {"identity_prefix": "synth"}
 # A plausible 5-point landmark template (112x96 crop): eyes, nose tip, mouth corners.
 _LANDMARKS = np.array([30.3, 51.7, 65.5, 51.5, 48.0, 71.7, 33.5, 92.4, 62.7, 92.2], dtype=np.float32)
 
@@ -37,7 +44,8 @@ _LANDMARKS = np.array([30.3, 51.7, 65.5, 51.5, 48.0, 71.7, 33.5, 92.4, 62.7, 92.
 @dataclass(frozen=True)
 class SynthFeaturesConfig:
     """What to generate. ``probes_per_identity > 0`` writes a probe set (that many rows for each of the first
-    ``probe_identities`` identities, default all) instead of a gallery of ``rows`` rows."""
+    ``probe_identities`` identities, default all) instead of a gallery of ``rows`` rows. ``identity_prefix``: the
+    identity names are ``<identity_prefix>_<index:07d>`` (letters, digits, ``.``, ``-``, ``_``)."""
 
     out: Path
     rows: int = 1_000_000
@@ -49,6 +57,7 @@ class SynthFeaturesConfig:
     seed: int = 0
     probes_per_identity: int = 0
     probe_identities: int | None = None
+    identity_prefix: str = "synth"
 
     def __post_init__(self) -> None:
         for name in ("rows", "dim", "identities", "shard_rows"):
@@ -61,6 +70,9 @@ class SynthFeaturesConfig:
             raise ValueError(f"dtype must be one of {list(shards.DTYPES)}, got {self.dtype!r}")
         if self.probe_identities is not None and not 1 <= self.probe_identities <= self.identities:
             raise ValueError(f"probe_identities must be in 1..{self.identities}, got {self.probe_identities}")
+        if not _PREFIX.fullmatch(self.identity_prefix):
+            raise ValueError(f"identity_prefix must be letters, digits, '.', '-' or '_' (it names a folder), got "
+                             f"{self.identity_prefix!r}")  # fmt: skip
 
     @property
     def is_probes(self) -> bool:
@@ -135,7 +147,7 @@ def _block(cfg: SynthFeaturesConfig, lo: int, hi: int, cache: dict[int, Any]) ->
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     logits = np.where(latent, _LOGIT, -_LOGIT) + rng.standard_normal(latent.shape)
     probs = (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
-    names = [f"synth_{i:07d}" for i in ident.tolist()]
+    names = [f"{cfg.identity_prefix}_{i:07d}" for i in ident.tolist()]
     stem = "probe_" if cfg.is_probes else ""
     paths = [f"synth/{n}/{stem}{k}.jpg" for n, k in zip(names, num.tolist(), strict=True)]
     offset = PROBE_ID_OFFSET if cfg.is_probes else 0
@@ -178,7 +190,7 @@ def write_synth_features(cfg: SynthFeaturesConfig) -> SynthFeaturesSummary:
     planned = -(-cfg.total_rows // cfg.shard_rows)
     if shards.is_shard_directory(out):
         old = shards.read_manifest(out)
-        if old.complete and old.config == cfg.to_dict():
+        if old.complete and {**_ADDED_FIELDS, **old.config} == cfg.to_dict():
             shards.migrate_manifest(out)  # a directory from before ``_manifest.json``: readable by Parquet tools now
             return SynthFeaturesSummary(out, cfg.total_rows, planned, 0.0, cfg.fingerprint)
         raise ValueError(f"{out} already holds a different shard set; choose a new --out")
