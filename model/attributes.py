@@ -11,6 +11,10 @@ the Table 1 attributes (they are properties of the person, not of the picture). 
 3. :func:`majority_vote` turns per-image probabilities into per-identity 0/1 labels.
 4. :func:`label_identities` does 2 + 3 and writes the labels CSV that ``facesearch train --labels`` consumes, with a
    provenance JSON beside it (classifier fingerprint, counts, positive rates, skipped files).
+
+Both detect faces without landmarks through the same detection cache as training (each image once; the classifier's
+run keeps it in its run directory, labelling beside its output), so labelling and training the same images can share
+one cache file.
 """
 
 from __future__ import annotations
@@ -29,12 +33,21 @@ import numpy as np
 
 from model.checkpoint import package_version
 from model.config import ATTRIBUTES, INPUT_SIZE, from_mapping
-from model.datasets import FaceDataset, write_attribute_labels
+from model.datasets import FaceDataset, Failure, Sample, SkipReport, stat_failures, write_attribute_labels
 from model.fileio import atomic_write_text
 from model.inference import Embedder, embed_dataset
 from model.train import TrainResult, train
 from model.train_config import StageConfig, TrainConfig
-from model.trainer_data import DATA_FORMATS, read_samples
+from model.trainer_data import (
+    DATA_FORMATS,
+    DetectionCache,
+    attach_detections,
+    check_readable,
+    detector_factory,
+    detector_identity,
+    known_failures,
+    read_samples,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +71,9 @@ class AttributeTrainConfig:
     precision: str = "auto"
     num_workers: int | None = None
     resume: bool = False
+    detections: Path | None = None
+    min_readable: float = 0.9
+    max_skipped_steps: float = 0.1
 
     def train_config(self) -> TrainConfig:
         """The equivalent :class:`TrainConfig`: attribute loss only, lr ×0.1 at 50 % and 75 % of the run."""
@@ -83,6 +99,9 @@ class AttributeTrainConfig:
             val_every=max(1, n // 4),
             checkpoint_every=max(1, n // 4),
             resume=self.resume,
+            detections=self.detections,
+            min_readable=self.min_readable,
+            max_skipped_steps=self.max_skipped_steps,
         )
 
 
@@ -90,28 +109,41 @@ def train_attribute_classifier(
     cfg: AttributeTrainConfig, progress: Callable[[dict], None] | None = None
 ) -> TrainResult:
     """Train the attribute classifier of §3.2 (see :class:`AttributeTrainConfig`)."""
+    labels = Path(cfg.data) / "list_attr_celeba.txt"
+    if Path(cfg.data).is_dir() and not labels.is_file():  # an identity-only CelebA root trains identities, not this
+        raise FileNotFoundError(f"{labels} does not exist: the attribute classifier learns CelebA's attribute labels")
     return train(cfg.train_config(), progress)
 
 
 @dataclass(frozen=True)
 class LabelConfig:
-    """Label the identities of ``data`` (``data_format`` casia / list / celeba) with ``classifier``'s attributes."""
+    """Label the identities of ``data`` (``data_format`` casia / list / celeba / flat + ``identities``) with
+    ``classifier``'s attributes.  Faces without landmarks are detected (``detect``, YuNet) through the detection cache
+    ``detections`` (default: ``<out stem>.detections.jsonl`` beside ``out``); fewer than ``min_readable`` of the listed
+    files readable is an error."""
 
     classifier: Path
     data: Path
     out: Path
     data_format: str = "casia"
+    identities: Path | None = None
     threshold: float = 0.5
     batch_size: int = 128
     device: str = "auto"
     precision: str = "auto"
     num_workers: int = 0
+    detect: bool = True
+    detections: Path | None = None
+    min_readable: float = 0.9
 
     def __post_init__(self) -> None:
-        for name in ("classifier", "data", "out"):
-            object.__setattr__(self, name, Path(getattr(self, name)))
+        for name in ("classifier", "data", "out", "identities", "detections"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
         if self.data_format not in DATA_FORMATS:
             raise ValueError(f"data_format must be one of {list(DATA_FORMATS)}, got {self.data_format!r}")
+        if not 0 <= self.min_readable <= 1:
+            raise ValueError(f"min_readable must be in [0, 1] (a fraction), got {self.min_readable}")
         if not 0 < self.threshold < 1:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         if self.batch_size < 1 or self.num_workers < 0:
@@ -155,17 +187,36 @@ class LabelResult:
     skipped_summary: str
 
 
+def _dataset(
+    cfg: LabelConfig, samples: Sequence[Sample], size: tuple[int, int], attributes: Sequence[str]
+) -> tuple[FaceDataset, list[Failure]]:
+    """The dataset to label, its faces detected through the cache; also the files known to be unusable."""
+    known = stat_failures(samples)
+    check_readable(known, len(samples), cfg.min_readable, listed=True)
+    factory = detector_factory(samples) if cfg.detect else None
+    dataset = FaceDataset(samples, size=size, attributes=attributes, detector_factory=factory)
+    if factory is not None:
+        path = cfg.detections or cfg.out.with_suffix(".detections.jsonl")
+        stats = attach_detections([dataset], DetectionCache(path, detector_identity()), cfg.num_workers)
+        log.info("faces: %d detected now, %d from %s", stats.new, stats.cached, path)
+        report = SkipReport()
+        report.add([*known, *known_failures(dataset)])
+        check_readable(report.failures.values(), len(samples), cfg.min_readable, listed=False)
+    return dataset, known
+
+
 def label_identities(cfg: LabelConfig) -> LabelResult:
     """Predict attributes on ``cfg.data``, vote per identity, write ``cfg.out`` (labels CSV) and a provenance JSON."""
     t0 = time.perf_counter()
     embedder = Embedder(cfg.classifier, device=cfg.device, precision=cfg.precision, batch_size=cfg.batch_size)
     mcfg = embedder.model_config
-    samples = read_samples(cfg.data, cfg.data_format)
+    samples = read_samples(cfg.data, cfg.data_format, cfg.identities)
     unnamed = sum(s.identity is None for s in samples)
     if unnamed:
         raise ValueError(f"{cfg.data}: {unnamed} images have no identity; labelling needs identity folders or column")
-    dataset = FaceDataset(samples, size=mcfg.input_size, attributes=mcfg.attributes)
+    dataset, known = _dataset(cfg, samples, mcfg.input_size, mcfg.attributes)
     _, probs, skips = embed_dataset(embedder, dataset, cfg.batch_size, cfg.num_workers)
+    skips.add(known)
     votes = majority_vote([str(s.identity) for s in samples], probs, cfg.threshold)
     labels = {k: {a: float(v[j]) for j, a in enumerate(mcfg.attributes)} for k, v in votes.items()}
     cfg.out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,11 +10,13 @@ import csv
 import json
 import logging
 import os
+import stat
 import zlib
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 import cv2
 import numpy as np
@@ -150,13 +152,27 @@ def read_casia(root: Path) -> list[Sample]:
     return samples
 
 
-def _read_celeba_table(
-    path: Path, counted: bool, width: int | None
-) -> tuple[list[str], dict[str, tuple[int, list[str]]]]:
-    """A CelebA text table: optional count line + header line, then ``file v1 ...`` rows -> (header, {file: (line,
-    values)})."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+@dataclass(frozen=True)
+class _Table:
+    """A CelebA text table: ``rows`` {file: (line number, values)} in file order; ``declared`` the count line (the
+    counted lists only) and ``lines`` the number of data lines (a repeated identical row counts once more here)."""
+
+    path: Path
+    header: list[str]
+    rows: dict[str, tuple[int, list[str]]]
+    declared: int | None
+    lines: int
+
+
+def _read_celeba_table(path: Path, counted: bool, width: int | None) -> _Table:
+    """Read an optional count line + header line, then ``file v1 ...`` rows.  A row repeated verbatim is read once
+    (with a warning); the same file with other values is an error naming both lines.  More rows than the count line
+    declares is an error; fewer is accepted here (see :func:`_check_counts`)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a UTF-8 text file (byte {e.start}); expected CelebA's text lists") from None
     header: list[str] = []
     start = 0
     if counted:
@@ -165,6 +181,7 @@ def _read_celeba_table(
         header, start = lines[1].split(), 2
     width = len(header) if width is None else width
     rows: dict[str, tuple[int, list[str]]] = {}
+    repeats: list[tuple[int, int]] = []
     for lineno, line in enumerate(lines[start:], start=start + 1):
         cells = line.split()
         if not cells:
@@ -172,52 +189,128 @@ def _read_celeba_table(
         if len(cells) != width + 1:
             raise ValueError(f"{path}:{lineno}: expected a file name and {width} values, got {len(cells)} cells")
         if cells[0] in rows:
-            raise ValueError(f"{path}:{lineno}: duplicate file {cells[0]}")
+            first, values = rows[cells[0]]
+            if values != cells[1:]:
+                raise ValueError(f"{path}:{lineno}: duplicate file {cells[0]} (first on line {first}) with different "
+                                 f"values")  # fmt: skip
+            repeats.append((lineno, first))
+            continue
         rows[cells[0]] = (lineno, cells[1:])
-    if counted and int(lines[0]) != len(rows):
-        raise ValueError(f"{path}:1: declares {int(lines[0])} rows but has {len(rows)}")
-    return header, rows
+    if repeats:
+        where = ", ".join(f"line {a} = line {b}" for a, b in repeats[:3]) + (", ..." if len(repeats) > 3 else "")
+        log.warning("%s: %d repeated row(s) read once (%s)", path, len(repeats), where)
+    declared = int(lines[0]) if counted else None
+    if declared is not None and declared < len(rows) + len(repeats):
+        raise ValueError(f"{path}:1: declares {declared} rows but has {len(rows) + len(repeats)}")
+    if not rows:
+        raise ValueError(f"{path} has no rows")
+    return _Table(Path(path), header, rows, declared, len(rows) + len(repeats))
 
 
-def read_celeba(root: Path, partition: int | None = None) -> list[Sample]:
-    """The real CelebA layout under ``root`` (aligned images, CelebA's landmark order = ours).
+def _check_counts(attributes: _Table | None, landmarks: _Table | None) -> None:
+    """A counted list with fewer rows than its count line is a partial copy (e.g. the first 1,000 rows of the real
+    list, whose count line still says 202599): read, with a warning.  But the two counted lists of one root describe
+    the same data set, so a partial list whose count disagrees with the other list's is an error (a wrong or damaged
+    file, not a subset)."""
+    tables = [t for t in (attributes, landmarks) if t is not None]
+    for table in tables:
+        assert table.declared is not None, "counted lists have a count line"
+        if table.declared == table.lines:
+            continue
+        other = next((t for t in tables if t is not table and t.declared != table.declared), None)
+        if other is not None:
+            raise ValueError(f"{table.path}:1: declares {table.declared} rows but has {table.lines}, and "
+                             f"{other.path.name} declares {other.declared}: not lists of one data set")  # fmt: skip
+        log.warning("%s declares %d rows but holds %d: reading it as a partial copy", table.path, table.declared,
+                    table.lines)  # fmt: skip
 
-    ``list_attr_celeba.txt`` (required; ±1 -> 1/0), ``list_landmarks_align_celeba.txt`` (optional: without it the
-    faces are detected), ``list_eval_partition.txt`` (required only when ``partition`` in 0 train / 1 val / 2 test
-    is given), ``identity_CelebA.txt`` (optional).  Raises ``ValueError`` naming the file and line.
+
+def _read_partition(path: Path) -> dict[str, int]:
+    """``list_eval_partition.txt`` -> {file: 0 train / 1 val / 2 test}."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: it assigns the images to train/val/test; to use every image "
+                                f"without it, pass --split all (partition=None)")  # fmt: skip
+    table = _read_celeba_table(path, counted=False, width=1)
+    out = {}
+    for file, (lineno, (value,)) in table.rows.items():
+        if value not in ("0", "1", "2"):
+            raise ValueError(f"{path}:{lineno}: the split must be 0, 1 or 2, got {value!r}")
+        out[file] = int(value)
+    return out
+
+
+def _identity_table(path: Path) -> dict[str, tuple[int, str]]:
+    """An identity file (``identity_CelebA.txt``: ``000001.jpg 2880`` per line) -> {file: (line, identity)}."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"identity file {path} does not exist")
+    return {file: (lineno, values[0]) for file, (lineno, values) in _read_celeba_table(path, False, 1).rows.items()}
+
+
+def read_identity_file(path: Path, images: Path) -> list[Sample]:
+    """A flat image folder ``images`` named by an identity file (CelebA's ``identity_CelebA.txt`` format: ``file
+    identity`` per line, whitespace-separated, file names relative to ``images``), in file order, no landmarks.
+
+    Rows for images that are not in the folder are kept (the training readability check counts them); a row repeated
+    verbatim is read once; a bad line raises ``ValueError`` naming the file and line."""
+    images = Path(images)
+    if not images.is_dir():
+        raise FileNotFoundError(f"image folder {images} does not exist or is not a directory")
+    return [Sample(images / file, identity) for file, (_, identity) in _identity_table(path).items()]
+
+
+def read_celeba(root: Path, partition: int | None = None, identities: Path | None = None) -> list[Sample]:
+    """The real CelebA layout under ``root`` (aligned images in ``img_align_celeba/``, CelebA's landmark order = ours).
+
+    ``list_attr_celeba.txt`` (±1 -> 1/0) and ``identity_CelebA.txt`` (or the file ``identities``): at least one;
+    without the attribute list the identity file gives the images (identity training needs nothing else).
+    ``list_landmarks_align_celeba.txt`` (optional: without it the faces are detected); ``list_eval_partition.txt``
+    (needed only when ``partition`` in 0 train / 1 val / 2 test is given).  Counted lists holding fewer rows than
+    their count line are read as partial copies (a warning).  Raises ``ValueError`` naming the file and line.
     """
     root = Path(root)
     if partition not in (None, 0, 1, 2):
         raise ValueError(f"partition must be None, 0 (train), 1 (val) or 2 (test), got {partition!r}")
-    names, attr_rows = _read_celeba_table(root / "list_attr_celeba.txt", counted=True, width=None)
-    landmarks: dict[str, tuple[int, list[str]]] = {}
-    if (root / "list_landmarks_align_celeba.txt").is_file():
-        _, landmarks = _read_celeba_table(root / "list_landmarks_align_celeba.txt", counted=True, width=10)
-    identities: dict[str, tuple[int, list[str]]] = {}
-    if (root / "identity_CelebA.txt").is_file():
-        _, identities = _read_celeba_table(root / "identity_CelebA.txt", counted=False, width=1)
-    parts: dict[str, tuple[int, list[str]]] = {}
-    if partition is not None:
-        _, parts = _read_celeba_table(root / "list_eval_partition.txt", counted=False, width=1)
-    samples = []
-    for file, (lineno, values) in attr_rows.items():
-        if partition is not None and parts.get(file, (0, ["-1"]))[1][0] != str(partition):
-            continue
-        if any(v not in ("1", "-1") for v in values):
-            raise ValueError(
-                f"{root / 'list_attr_celeba.txt'}:{lineno}: attribute values must be 1 or -1, got {values}"
-            )
-        attrs = {n: 1.0 if v == "1" else 0.0 for n, v in zip(names, values, strict=True)}
-        pts = None
-        if file in landmarks:
-            lm_line, lm = landmarks[file]
-            where = f"{root / 'list_landmarks_align_celeba.txt'}:{lm_line}"
-            pts = np.array([_parse_float(v, "landmark", where) for v in lm], dtype=np.float32).reshape(5, 2)
-        ident = identities[file][1][0] if file in identities else None
-        samples.append(Sample(root / "img_align_celeba" / file, ident, pts, attrs))
-    if landmarks and len(landmarks) != len(attr_rows):
-        log.warning("%s: %d landmark rows for %d attribute rows", root, len(landmarks), len(attr_rows))
+    if not root.is_dir():
+        raise FileNotFoundError(f"CelebA root {root} does not exist or is not a directory")
+    attr_path, lm_path = root / "list_attr_celeba.txt", root / "list_landmarks_align_celeba.txt"
+    id_path = root / "identity_CelebA.txt" if identities is None else Path(identities)
+    if not attr_path.is_file() and not id_path.is_file():
+        raise FileNotFoundError(f"{root} is not a CelebA root: it has neither list_attr_celeba.txt (attributes) nor "
+                                f"{id_path.name} (identities)")  # fmt: skip
+    attrs = _read_celeba_table(attr_path, counted=True, width=None) if attr_path.is_file() else None
+    lms = _read_celeba_table(lm_path, counted=True, width=10) if lm_path.is_file() else None
+    _check_counts(attrs, lms)
+    idents = _identity_table(id_path) if identities is not None or id_path.is_file() else {}
+    parts = _read_partition(root / "list_eval_partition.txt") if partition is not None else None
+    files = list(attrs.rows if attrs is not None else idents)
+    if parts is not None:
+        unlisted = sum(f not in parts for f in files)
+        if unlisted:
+            log.warning("%s: %d images are not in list_eval_partition.txt (in no split)", root, unlisted)
+        files = [f for f in files if parts.get(f) == partition]
+    samples = [_celeba_sample(root, file, attrs, lms, idents) for file in files]
+    if lms is not None and len(lms.rows) != len(attrs.rows if attrs is not None else idents):
+        log.warning("%s: %d landmark rows for %d images", root, len(lms.rows), len(attrs.rows if attrs else idents))
     return samples
+
+
+def _celeba_sample(
+    root: Path, file: str, attrs: _Table | None, lms: _Table | None, idents: Mapping[str, tuple[int, str]]
+) -> Sample:
+    values: dict[str, float] | None = None
+    if attrs is not None:
+        lineno, cells = attrs.rows[file]
+        if any(v not in ("1", "-1") for v in cells):
+            raise ValueError(f"{attrs.path}:{lineno}: attribute values must be 1 or -1, got {cells}")
+        values = {n: 1.0 if v == "1" else 0.0 for n, v in zip(attrs.header, cells, strict=True)}
+    pts = None
+    if lms is not None and file in lms.rows:
+        lm_line, lm = lms.rows[file]
+        where = f"{lms.path}:{lm_line}"
+        pts = np.array([_parse_float(v, "landmark", where) for v in lm], dtype=np.float32).reshape(5, 2)
+    ident = idents[file][1] if file in idents else None
+    return Sample(root / "img_align_celeba" / file, ident, pts, values)
 
 
 def read_attribute_labels(path: Path) -> dict[str, dict[str, float]]:
@@ -250,6 +343,37 @@ def write_attribute_labels(path: Path, labels: Mapping[str, Mapping[str, float]]
     atomic_write_text(Path(path), "\n".join(lines) + "\n")
 
 
+#: What face detection found for one file: its (5, 2) float32 landmarks, or ``(reason, message)`` why there are none.
+Detected: TypeAlias = np.ndarray | tuple[str, str]
+
+#: ``ImageError`` reasons meaning the file itself is unusable (the others: a readable image without a usable face).
+FILE_REASONS: frozenset[str] = frozenset(
+    {"missing", "unreadable", "empty", "not_an_image", "unsupported_format", "truncated", "corrupt"}
+)
+
+
+def stat_failures(samples: Sequence[Sample]) -> list[Failure]:
+    """The samples whose file cannot be read, found with one ``stat`` each (no decoding, so cheap for 200k files):
+    ``missing``, ``unreadable`` (not a regular file, no permission) or ``empty``; ``index`` is into ``samples``."""
+    out = []
+    for i, s in enumerate(samples):
+        reason, detail = "", ""
+        try:
+            st = os.stat(s.path)
+        except FileNotFoundError:
+            reason, detail = "missing", "no such file; expected an image file"
+        except OSError as e:
+            reason, detail = "unreadable", f"cannot stat ({e.strerror}); expected a readable image file"
+        else:
+            if not stat.S_ISREG(st.st_mode):
+                reason, detail = "unreadable", "not a regular file; expected an image file"
+            elif st.st_size == 0:
+                reason, detail = "empty", "zero-byte file; expected an image file"
+        if reason:
+            out.append(Failure(i, str(s.path), reason, str(ImageError(s.path, reason, detail))))
+    return out
+
+
 @dataclass(frozen=True)
 class FaceItem:
     """An aligned face: ``image`` (h, w, 3) uint8 RGB; ``identity`` class id or -1; ``attributes`` (M,) float32
@@ -275,7 +399,9 @@ class FaceDataset(Dataset["FaceItem | Failure"]):
     """Aligned face crops from ``samples``; ``__getitem__`` returns a ``FaceItem`` or, for a bad file, a ``Failure``.
 
     Samples with landmarks are aligned directly; the others are detected with a detector built lazily, once per
-    process (DataLoader workers), by ``detector_factory``.  ``identity_index`` maps identity names to class ids
+    process (DataLoader workers), by ``detector_factory`` — unless ``detections`` (keyed by ``str(sample.path)``)
+    already holds what detection found for the file: its (5, 2) float32 landmarks, or ``(reason, message)`` of why it
+    has none (see :class:`model.trainer_data.DetectionCache`).  ``identity_index`` maps identity names to class ids
     (default: sorted names of ``samples``; names not in it get -1).  ``cache=True`` keeps up to ``cache_size``
     results (crops and failures) in a per-process LRU; with ``persistent_workers=True`` it spans epochs.
     """
@@ -289,6 +415,7 @@ class FaceDataset(Dataset["FaceItem | Failure"]):
         detector_factory: Callable[[], FaceDetector] | None = None,
         cache: bool = False,
         cache_size: int = 4096,
+        detections: Mapping[str, Detected] | None = None,
     ) -> None:
         self.samples = list(samples)
         self.size = (int(size[0]), int(size[1]))
@@ -298,6 +425,7 @@ class FaceDataset(Dataset["FaceItem | Failure"]):
         self.identity_index = dict(identity_index)
         self.attributes = tuple(attributes)
         self.detector_factory = detector_factory
+        self.detections: Mapping[str, Detected] = {} if detections is None else detections
         self.cache_size = cache_size if cache else 0
         self._cache: OrderedDict[int, np.ndarray | Failure] = OrderedDict()
         self._detector: FaceDetector | None = None
@@ -321,9 +449,15 @@ class FaceDataset(Dataset["FaceItem | Failure"]):
 
     def _crop(self, index: int) -> np.ndarray | Failure:
         sample = self.samples[index]
+        landmarks = sample.landmarks
+        if landmarks is None:
+            found = self.detections.get(str(sample.path))
+            if isinstance(found, tuple):
+                return Failure(index, str(sample.path), *found)
+            landmarks = found
         try:
-            detector = None if sample.landmarks is not None else self._get_detector()
-            return prepare_face(sample.path, sample.landmarks, detector, self.size).crop
+            detector = None if landmarks is not None else self._get_detector()
+            return prepare_face(sample.path, landmarks, detector, self.size).crop
         except ImageError as exc:
             return Failure(index, str(sample.path), exc.reason, str(exc))
         except (OSError, cv2.error) as exc:  # anything the OS or a decoder throws for one file must not stop an epoch
@@ -382,16 +516,23 @@ class SkipReport:
     def __init__(self, total: int | None = None) -> None:
         self.total = total
         self.failures: dict[str, Failure] = {}
+        self._reasons: Counter[str] = Counter()
 
     def add(self, failures: Iterable[Failure]) -> None:
         for failure in failures:
-            self.failures.setdefault(failure.path, failure)
+            if failure.path not in self.failures:
+                self.failures[failure.path] = failure
+                self._reasons[failure.reason] += 1
 
     def __len__(self) -> int:
         return len(self.failures)
 
     def counts(self) -> Counter[str]:
-        return Counter(f.reason for f in self.failures.values())
+        return Counter(self._reasons)
+
+    def unreadable(self) -> int:
+        """How many of the failures are unusable files (:data:`FILE_REASONS`), not images without a usable face."""
+        return sum(n for reason, n in self._reasons.items() if reason in FILE_REASONS)
 
     def summary(self) -> str:
         """One line, e.g. ``skipped 4 of 100 files: 3 truncated, 1 not_an_image``."""
@@ -430,8 +571,10 @@ def split_holdout(samples: Sequence[Sample], per_identity: int = 1, seed: int = 
 
 
 __all__ = [
+    "FILE_REASONS",
     "IMAGE_SUFFIXES",
     "LANDMARK_COLUMNS",
+    "Detected",
     "FaceBatch",
     "FaceDataset",
     "FaceItem",
@@ -442,7 +585,9 @@ __all__ = [
     "read_attribute_labels",
     "read_casia",
     "read_celeba",
+    "read_identity_file",
     "read_list",
     "split_holdout",
+    "stat_failures",
     "write_attribute_labels",
 ]

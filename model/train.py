@@ -6,8 +6,14 @@ Outputs under ``cfg.out``:
   ``checkpoint_every`` steps and at the end; ``resume=True`` continues from it.
 * ``model.safetensors`` — weights only (no optimizer), written when the schedule completes; what inference and the
   indexer load.  Same fingerprint as the final checkpoint.
-* ``train_config.json`` (resolved config), ``metrics.jsonl`` (one JSON object per log window / validation) and
-  ``skipped.jsonl`` (files that could not be read or aligned; they are skipped, never fatal).
+* ``train_config.json`` (resolved config), ``metrics.jsonl`` (one JSON object per detection pass, log window and
+  validation) and ``skipped.jsonl`` (files that could not be read or aligned; they are skipped, counted and listed).
+* ``detections.jsonl`` (or ``cfg.detections``): the faces detected in images without landmarks, each image once,
+  reused by later epochs, resumed runs and any run pointed at the same file.
+
+Data problems stop the run instead of training on what is left: fewer than ``min_readable`` of the listed files
+readable (checked with one ``stat`` per file before training, then counting decode failures as they appear), or more
+than ``max_skipped_steps`` of the steps skipped for want of 2 readable images.
 
 Exact resume: the batch order and flips are pure functions of (seed, step) (:mod:`model.trainer_data`), the learning
 rate a pure function of the step, and the checkpoint carries BN statistics, momentum buffers and the RNG state that
@@ -42,7 +48,21 @@ from model.fileio import atomic_write_text
 from model.losses import multitask_loss
 from model.network import FaceNet, to_input
 from model.train_config import PAPER_STAGES, StageConfig, TrainConfig, resume_mismatch
-from model.trainer_data import StepBatchSampler, TrainingData, prepare_data, train_loader, val_loader
+from model.trainer_data import (
+    DETECTIONS,
+    DetectionCache,
+    StepBatchSampler,
+    TrainingData,
+    attach_detections,
+    check_readable,
+    detector_identity,
+    known_failures,
+    listed_failures,
+    prepare_data,
+    train_loader,
+    val_loader,
+    visited_indices,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +86,7 @@ class TrainResult:
     num_identities: int
     final: dict[str, Any] = field(default_factory=dict)
     skipped_summary: str = ""
+    skipped_steps: int = 0
 
     @property
     def complete(self) -> bool:
@@ -88,6 +109,8 @@ class _Run:
     opt_stage: int = -1
     fingerprint: str = ""
     last: dict[str, Any] = field(default_factory=dict)
+    skipped_steps: int = 0  # all invocations (restored from the checkpoint)
+    skipped_steps_now: int = 0  # this invocation
 
     def emit(self, record: dict[str, Any]) -> None:
         with open(self.metrics, "a", encoding="utf-8") as f:
@@ -178,7 +201,7 @@ def _save(run: _Run, path: Path, step: int, stage: int) -> None:
         rng_state=capture_rng_state(),
         train_config=run.cfg.to_dict(),
         identities=run.data.identities,
-        extra={"stage": stage, "n_train": len(run.data.train)},
+        extra={"stage": stage, "n_train": len(run.data.train), "skipped_steps": run.skipped_steps},
     )
     run.skips.write_jsonl(run.cfg.out / "skipped.jsonl")
 
@@ -192,6 +215,7 @@ def _restore(run: _Run, path: Path) -> int:
     if ckpt.identities != run.data.identities or ckpt.extra.get("n_train") != len(run.data.train):
         raise ValueError(f"cannot resume from {path}: the training data changed (identities or image count differ)")
     run.model.load_state_dict(ckpt.model_state)
+    run.skipped_steps = int(ckpt.extra.get("skipped_steps", 0))
     step = ckpt.step
     if step < run.cfg.total_steps:
         stage, local = run.cfg.stage_at(step)
@@ -227,6 +251,7 @@ class _Window:
         self.sums: dict[str, Tensor] = {}
         self.counts: dict[str, int] = {}
         self.images = 0
+        self.skipped_steps = 0
         self.t0 = time.perf_counter()
 
     def add(self, stats: dict[str, Tensor], images: int) -> None:
@@ -242,6 +267,7 @@ class _Window:
         if "correct" in vals:
             rec["acc"] = vals["correct"] / max(vals["known"], 1.0)
         rec["images_per_s"] = self.images / elapsed
+        rec["skipped_steps"] = self.skipped_steps
         return rec
 
 
@@ -250,17 +276,19 @@ def _new_run(cfg: TrainConfig, progress: Progress | None) -> _Run:
     dtype = autocast_dtype(device, cfg.precision)
     data = prepare_data(
         cfg.data, cfg.data_format, cfg.labels, cfg.input_size, cfg.attributes, cfg.holdout_per_identity, cfg.seed,
-        cfg.detect,
+        cfg.detect, cfg.identities,
     )  # fmt: skip
     if not data.identities and any(s.lambda2 > 0 for s in cfg.stages):
         raise ValueError(f"{cfg.data} has no identities, but the schedule trains the identity loss (lambda2 > 0)")
+    skips = SkipReport(total=len(data.train) + len(data.val))
+    skips.add(listed_failures(data))
+    check_readable(skips.failures.values(), len(data.train) + len(data.val), cfg.min_readable, listed=True)
     if not data.has_attribute_labels and any(s.lambda1 > 0 for s in cfg.stages):
         log.warning("no attribute labels in %s (pass labels=...): the attribute loss will be 0", cfg.data)
     torch.manual_seed(cfg.seed)  # model initialisation, then dropout's stream
     model = FaceNet(cfg.model_config(len(data.identities))).to(device)
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     cfg.out.mkdir(parents=True, exist_ok=True)
-    skips = SkipReport(total=len(data.train) + len(data.val))
     return _Run(cfg, device, dtype, data, model, cfg.out / "metrics.jsonl", skips, progress)
 
 
@@ -276,10 +304,40 @@ def _start(run: _Run) -> int:
     return 0
 
 
+def _detect(run: _Run, sampler: StepBatchSampler) -> None:
+    """Detect, once, the faces this invocation's steps and validations use, through the run's detection cache."""
+    train_set, val_set = run.data.train, run.data.val
+    if train_set.detector_factory is None:
+        return
+    cache = DetectionCache(run.cfg.detections or run.cfg.out / DETECTIONS, detector_identity())
+    stats = attach_detections([train_set, val_set], cache, run.cfg.resolved_workers, [visited_indices(sampler), None])
+    run.emit({"event": "detect", "step": sampler.start, **stats.record()})
+    run.skips.add(known_failures(train_set) + known_failures(val_set))
+    _check_data(run)
+
+
+def _check_data(run: _Run, steps: int = 0) -> None:
+    """Stop (after listing the skipped files) when too many files are unreadable or too many of this invocation's
+    ``steps`` were skipped."""
+    cfg, skipped = run.cfg, run.cfg.out / "skipped.jsonl"
+    total = run.skips.total or 0
+    try:
+        if run.skips.unreadable() > (1 - cfg.min_readable) * total:
+            check_readable(run.skips.failures.values(), total, cfg.min_readable, listed=False, see=str(skipped))
+        if steps and run.skipped_steps_now > cfg.max_skipped_steps * steps:
+            raise ValueError(f"{run.skipped_steps_now} of {steps} steps were skipped (fewer than 2 readable images "
+                             f"in the batch), more than max_skipped_steps {cfg.max_skipped_steps} allows; see "
+                             f"{skipped}")  # fmt: skip
+    except ValueError:
+        run.skips.write_jsonl(skipped)
+        raise
+
+
 def _loop(run: _Run, start: int, stop: int) -> int:
     """Steps ``start .. stop - 1``; logs, validates and checkpoints on the way.  Returns the step reached."""
     cfg, pin = run.cfg, run.device.type == "cuda"
     sampler = StepBatchSampler(len(run.data.train), cfg.resolved_batch_size, cfg.seed, start, stop, cfg.flip)
+    _detect(run, sampler)
     loader = train_loader(run.data.train, sampler, cfg.resolved_workers, pin)
     vloader = val_loader(run.data.val, cfg.resolved_batch_size, cfg.resolved_workers, pin, cfg.seed)
     run.model.train()
@@ -297,7 +355,13 @@ def _loop(run: _Run, start: int, stop: int) -> int:
         stats = train_step(run, batch, stage)
         if stats is not None:
             window.add(stats, int(batch.images.shape[0]))
+        else:
+            window.skipped_steps += 1
+            run.skipped_steps += 1
+            run.skipped_steps_now += 1
         step += 1
+        if batch.failures or stats is None:
+            _check_data(run, stop - start)
         if (cfg.log_every and step % cfg.log_every == 0) or step == stop:
             run.emit({"event": "train", "step": step, "total": cfg.total_steps, "stage": stage_idx + 1, "lr": lr,
                       "epoch": step / sampler.steps_per_epoch, **window.record()})  # fmt: skip
@@ -357,6 +421,7 @@ def _train(cfg: TrainConfig, progress: Progress | None) -> TrainResult:
         num_identities=len(run.data.identities),
         final=dict(run.last),
         skipped_summary=run.skips.summary() if len(run.skips) else "",
+        skipped_steps=run.skipped_steps,
     )
 
 

@@ -74,8 +74,8 @@ def rescale_stage(stage: StageConfig, iterations: int | None = None, lr: float |
 
 #: TrainConfig fields that may differ between a run and its ``resume`` (where and how it runs, not what it computes).
 RESUME_FREE_FIELDS: frozenset[str] = frozenset(
-    {"data", "labels", "out", "resume", "stop_at", "device", "precision", "deterministic", "num_workers", "val_every",
-     "checkpoint_every", "log_every"}
+    {"data", "labels", "identities", "out", "resume", "stop_at", "device", "precision", "deterministic", "num_workers",
+     "val_every", "checkpoint_every", "log_every", "detections", "min_readable", "max_skipped_steps"}
 )  # fmt: skip
 
 
@@ -89,10 +89,16 @@ def _stage(x: Any) -> StageConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """A training run.  ``data`` is a CASIA-style folder, a generic list CSV or a CelebA root (``data_format``);
-    ``labels`` an optional per-identity attribute CSV.  Model fields build the :class:`ModelConfig` (P comes from
-    the data).  ``batch_size`` None = the paper's (40 full, 48 fast/variant); ``num_workers`` None = min(2, CPUs).
-    ``stop_at`` ends this invocation after that global step (checkpointed, resumable with ``resume``).
+    """A training run.  ``data`` is a CASIA-style folder, a generic list CSV, a CelebA root or a flat image folder
+    (``data_format``); ``identities`` an identity file (``file identity`` lines, as CelebA's ``identity_CelebA.txt``)
+    naming a flat folder's images, or replacing a CelebA root's; ``labels`` an optional per-identity attribute CSV.
+    ``detections`` is the face detection cache (default ``out/detections.jsonl``; share one between runs on the same
+    images).  ``min_readable``: the fraction of listed files that must be readable (checked before training, and as
+    decode failures appear); ``max_skipped_steps``: the fraction of an invocation's steps that may be skipped for want
+    of 2 readable images in the batch.  Either limit passed is an error.  Model fields build the
+    :class:`ModelConfig` (P comes from the data).  ``batch_size`` None = the paper's (40 full, 48 fast/variant);
+    ``num_workers`` None = min(2, CPUs).  ``stop_at`` ends this invocation after that global step (checkpointed,
+    resumable with ``resume``).
     ``deterministic`` makes cuDNN pick deterministic kernels (CUDA only; CPU runs are deterministic anyway): needed
     for bit-exact resume on a GPU, where the default autotuned fp32 kernels differ from run to run."""
 
@@ -100,6 +106,8 @@ class TrainConfig:
     out: Path = Path("runs/train")
     data_format: str = "casia"
     labels: Path | None = None
+    identities: Path | None = None
+    detections: Path | None = None
     arch: str = "full"
     head: int = 1
     width: float = 1.0
@@ -127,12 +135,15 @@ class TrainConfig:
     log_every: int = 20
     resume: bool = False
     stop_at: int | None = None
+    min_readable: float = 0.9
+    max_skipped_steps: float = 0.1
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "data", Path(self.data))
         set_(self, "out", Path(self.out))
-        set_(self, "labels", None if self.labels is None else Path(self.labels))
+        for name in ("labels", "identities", "detections"):
+            set_(self, name, None if getattr(self, name) is None else Path(getattr(self, name)))
         set_(self, "input_size", tuple(int(v) for v in self.input_size))
         set_(self, "attributes", tuple(self.attributes))
         set_(self, "stages", tuple(_stage(s) for s in self.stages))
@@ -156,6 +167,13 @@ class TrainConfig:
             raise ValueError("need 0 < moon_target < 1, 0 <= momentum < 1 and weight_decay >= 0")
         if self.stop_at is not None and self.stop_at < 1:
             raise ValueError(f"stop_at must be >= 1, got {self.stop_at}")
+        for name in ("min_readable", "max_skipped_steps"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1] (a fraction), got {getattr(self, name)}")
+        if self.data_format == "flat" and self.identities is None:
+            raise ValueError("data_format flat needs an identity file (identities=..., --identities FILE)")
+        if self.identities is not None and self.data_format not in ("flat", "celeba"):
+            raise ValueError(f"an identity file is read with data_format flat or celeba, not {self.data_format!r}")
         self.model_config(1)  # arch, head, width, input size, dropout: ModelConfig validates them
 
     @property
@@ -197,7 +215,9 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (paths as strings, stages as mappings); ``from_dict(to_dict())`` round-trips."""
         d = dataclasses.asdict(self)
-        d.update(data=str(self.data), out=str(self.out), labels=None if self.labels is None else str(self.labels))
+        d.update(data=str(self.data), out=str(self.out))
+        d.update({k: None if getattr(self, k) is None else str(getattr(self, k)) for k in
+                  ("labels", "identities", "detections")})  # fmt: skip
         return json.loads(json.dumps(d))
 
     @classmethod

@@ -36,6 +36,12 @@ def attributes_group() -> None:
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes [default: min(2, CPUs)].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out.")
+@click.option("--detections", type=click.Path(path_type=Path), default=None,
+              help="Face detection cache to use and extend [default: OUT/detections.jsonl].")  # fmt: skip
+@click.option("--min-readable", type=float, default=0.9, show_default=True,
+              help="Stop unless this fraction of the listed images is readable.")  # fmt: skip
+@click.option("--max-skipped-steps", type=float, default=0.1, show_default=True,
+              help="Stop when more than this fraction of the steps is skipped (< 2 readable images).")  # fmt: skip
 @DEVICE_OPTION
 @user_errors
 def train_command(input_size: str, workers: int | None, **opts: object) -> None:
@@ -51,6 +57,8 @@ def train_command(input_size: str, workers: int | None, **opts: object) -> None:
             click.echo(f"{key:<22} {result.final[key]:.3f}")
     if result.skipped_summary:
         click.echo(f"{result.skipped_summary} (see {result.skipped})")
+    if result.skipped_steps:
+        click.echo(f"skipped steps {result.skipped_steps} of {result.step} (fewer than 2 readable images in the batch)")
     click.echo(f"classifier   {result.weights or result.checkpoint}")
     click.echo(f"fingerprint  {result.fingerprint}")
 
@@ -59,18 +67,25 @@ def train_command(input_size: str, workers: int | None, **opts: object) -> None:
 @click.option("--classifier", type=click.Path(path_type=Path), required=True,
               help="Attribute classifier checkpoint (from `facesearch attributes train`).")  # fmt: skip
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Identity dataset to label.")
-@click.option("--format", "data_format", type=click.Choice(DATA_FORMATS), default="casia", show_default=True,
-              help="Layout of --data.")  # fmt: skip
+@click.option("--format", "data_format", type=click.Choice(DATA_FORMATS), default=None,
+              help="Layout of --data [default: casia; flat with --identities].")  # fmt: skip
+@click.option("--identities", type=click.Path(path_type=Path), default=None,
+              help="Identity file ('file identity' lines) naming the images of a flat --data folder.")  # fmt: skip
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Labels CSV to write (identity,<attr>...).")
 @click.option("--threshold", type=float, default=0.5, show_default=True, help="Per-image positive threshold.")
 @click.option("--batch-size", type=int, default=128, show_default=True, help="Images per forward pass.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="fp32/bf16/auto.")
 @click.option("--workers", "num_workers", type=int, default=0, show_default=True, help="Decode/align processes.")
+@click.option("--detections", type=click.Path(path_type=Path), default=None,
+              help="Face detection cache to use and extend [default: OUT stem + .detections.jsonl].")  # fmt: skip
+@click.option("--min-readable", type=float, default=0.9, show_default=True,
+              help="Stop unless this fraction of the listed images is readable.")  # fmt: skip
 @DEVICE_OPTION
 @user_errors
-def label_command(**opts: object) -> None:
+def label_command(data_format: str | None, **opts: object) -> None:
     """Predict attributes on every image and write per-identity majority-vote labels for `facesearch train`."""
-    result = label_identities(LabelConfig.from_dict(dict(opts)))
+    fmt = data_format or ("flat" if opts.get("identities") is not None else "casia")
+    result = label_identities(LabelConfig.from_dict({**opts, "data_format": fmt}))
     click.echo(f"labelled     {result.identities} identities from {result.images} images")
     if result.skipped_summary and result.skipped:
         click.echo(result.skipped_summary)

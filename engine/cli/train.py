@@ -57,6 +57,8 @@ def build_config(opts: Mapping[str, Any], config_file: Path | None) -> TrainConf
     merged.update({k: v for k, v in opts.items() if v is not None and k not in stage_keys})
     if "data" not in merged:
         raise click.UsageError("--data is required (unless resuming a run whose train_config.json has it)")
+    if merged.get("identities") is not None and "data_format" not in merged:
+        merged["data_format"] = "flat"  # --identities with a plain folder: the folder is the flat image folder
     cfg = TrainConfig.from_dict(merged)
     stages = _stages(cfg, (opts["stage1_iterations"], opts["stage2_iterations"]), (opts["lr"], opts["finetune_lr"]))
     return cfg.replace(stages=stages)
@@ -66,9 +68,19 @@ def _opt(name: str, type_: Any, help_: str, *decls: str) -> Any:
     return click.option(name, *decls, type=type_, default=None, help=help_)
 
 
+_IDENTITIES_HELP = ("Identity file ('file identity' lines, as identity_CelebA.txt) naming the images of a flat --data "
+                    "folder, or replacing a CelebA root's.")  # fmt: skip
+_DETECTIONS_HELP = "Face detection cache to use and extend [default: OUT/detections.jsonl]; runs may share one."
+_SKIPPED_HELP = "Stop when more than this fraction of the steps is skipped (< 2 readable images) [default: 0.1]."
+_FORMAT_HELP = "Layout of --data [default: casia; flat with --identities]."
+
 _OPTIONS = [
-    _opt("--data", click.Path(path_type=Path), "Training data: CASIA folder, list CSV or CelebA root."),
-    _opt("--format", click.Choice(DATA_FORMATS), "Layout of --data [default: casia].", "data_format"),
+    _opt("--data", click.Path(path_type=Path), "Training data: CASIA folder, list CSV, CelebA root or image folder."),
+    _opt("--format", click.Choice(DATA_FORMATS), _FORMAT_HELP, "data_format"),
+    _opt("--identities", click.Path(path_type=Path), _IDENTITIES_HELP),
+    _opt("--detections", click.Path(path_type=Path), _DETECTIONS_HELP),
+    _opt("--min-readable", float, "Stop unless this fraction of the listed images is readable [default: 0.9]."),
+    _opt("--max-skipped-steps", float, _SKIPPED_HELP),
     _opt("--labels", click.Path(path_type=Path), "Per-identity attribute labels CSV (identity,<attr>,...)."),
     _opt("--out", click.Path(path_type=Path), "Run directory (checkpoint, metrics, config) [default: runs/train]."),
     _opt("--config", click.Path(path_type=Path), "JSON file of TrainConfig fields (options override it).", "config"),
@@ -127,6 +139,8 @@ def train_command(config: Path | None, input_size: str | None, head: str | None,
         click.echo(f"attributes   accuracy {final['val_attribute_acc']:.3f} at 0.5")
     if result.skipped_summary:
         click.echo(f"data         {result.skipped_summary} (see {result.skipped})")
+    if result.skipped_steps:
+        click.echo(f"skipped steps {result.skipped_steps} of {result.step} (fewer than 2 readable images in the batch)")
     click.echo(f"checkpoint   {result.checkpoint}")
     if result.weights is not None:
         click.echo(f"weights      {result.weights}")

@@ -94,3 +94,22 @@ def test_classifier_labels_synthetic_identities_better_than_chance(synth_data: P
     assert balanced[names.index("Male")] >= 0.7 and balanced.mean() > 0.5, msg
     prov = json.loads(out.provenance.read_text())
     assert prov["classifier_fingerprint"] == result.fingerprint and prov["identities"] == len(truth)
+
+
+def test_attribute_classifier_needs_the_attribute_list(synth_data: Path, tmp_path: Path) -> None:
+    from model.attributes import train_attribute_classifier
+
+    from .test_datasets_celeba import celeba_copy
+
+    root = celeba_copy(synth_data, tmp_path / "celeba", n=20, lists=("identity_CelebA.txt",))
+    with pytest.raises(FileNotFoundError, match=r"list_attr_celeba\.txt does not exist: the attribute classifier"):
+        train_attribute_classifier(AttributeTrainConfig(data=root, out=tmp_path / "attr", iterations=2))
+    assert not (tmp_path / "attr").exists()
+
+
+def test_label_config_reads_new_fields(tmp_path: Path) -> None:
+    cfg = LabelConfig.from_dict({"classifier": str(tmp_path / "c"), "data": str(tmp_path), "out": str(tmp_path / "l"),
+                                 "identities": str(tmp_path / "ids.txt"), "data_format": "flat"})  # fmt: skip
+    assert cfg.identities == tmp_path / "ids.txt" and cfg.detections is None and cfg.min_readable == 0.9
+    with pytest.raises(ValueError, match="min_readable must be in"):
+        LabelConfig(classifier=tmp_path, data=tmp_path, out=tmp_path / "l.csv", min_readable=2.0)
