@@ -3,6 +3,10 @@
 :func:`plan_inputs` and :func:`plan_shards` are pure and deterministic; :func:`embed_partition` turns one shard's
 items into a shard table with an :class:`model.Embedder` and (optionally) a YuNet detector built by the caller, once
 per worker.  Every failure is a row (null embedding, ``status`` reason, ``error`` message): nothing is dropped.
+
+Row ids: the image's position in the planned input list, or with ``keep_face="all"`` (one row per detected face)
+``image_index * FACE_STRIDE + face_index`` (:func:`row_id`), faces numbered largest first from 0; an image without a
+face keeps one failed row with face index 0.  Ids are so unique, deterministic and independent of other shards.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from indexer.shards import DTYPES, table_from_arrays
-from model.align import FaceDetector, align_face
+from model.align import KEEP_FACE, DetectOptions, FaceDetector, align_face
 from model.config import from_mapping
 from model.datasets import IMAGE_SUFFIXES, read_list
 from model.device import PRECISIONS
@@ -37,6 +41,11 @@ INPUT_FORMATS: tuple[str, ...] = ("images", "list", "devkit")
 STAGES: tuple[str, ...] = ("read", "decode", "align", "infer", "write")
 #: EmbedConfig fields that do not change a shard's content (resume may change them freely).
 EXECUTION_FIELDS: tuple[str, ...] = ("out", "workers", "threads_per_worker", "scheduler")
+#: EmbedConfig fields that only matter for images located by YuNet (not for listed or sidecar landmarks).
+DETECTION_FIELDS: tuple[str, ...] = ("detector_pad", "detector_model", "det_threshold", "det_size", "keep_face")
+#: With ``keep_face="all"`` a row's id is ``image_index * FACE_STRIDE + face_index``: decimal, so id 12003 reads as
+#: image 12, face 3.  Faces past the 1000th of one image (YuNet finds far fewer) are dropped, smallest first.
+FACE_STRIDE = 1000
 
 
 @dataclass(frozen=True)
@@ -45,7 +54,9 @@ class EmbedConfig:
     list CSV (``list``: ``path,identity,x1..y5``, paths relative to ``root`` or the CSV's folder) or a MegaFace /
     FaceScrub devkit JSON (``devkit``: ``{"path": [...], "id": [...]}``, paths relative to ``root``).  Landmarks come
     from the list, a ``landmarks`` CSV (generic list format, matched by path), ``sidecars`` (``<image>.json`` holding
-    5 (x, y) points, or ``{"landmarks": ...}``), else YuNet detection on a ``detector_pad``-padded image."""
+    5 (x, y) points, or ``{"landmarks": ...}``), else YuNet detection on a ``detector_pad``-padded image, downscaled to
+    at most ``det_size`` pixels, keeping faces scored >= ``det_threshold`` and of those ``keep_face`` (``largest``,
+    ``center``, ``score`` or ``all``: see :class:`model.align.DetectOptions` and the module's note on ids)."""
 
     input: Path
     checkpoint: Path
@@ -56,6 +67,9 @@ class EmbedConfig:
     sidecars: bool = False
     detector_pad: int = 0
     detector_model: Path | None = None
+    det_threshold: float = 0.6
+    det_size: int = 640
+    keep_face: str = "largest"
     shard_rows: int = 50_000
     batch_size: int = 128
     dtype: str = "float16"
@@ -71,7 +85,7 @@ class EmbedConfig:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value))
-        choices = {"format": INPUT_FORMATS, "dtype": DTYPES, "precision": PRECISIONS}
+        choices = {"format": INPUT_FORMATS, "dtype": DTYPES, "precision": PRECISIONS, "keep_face": KEEP_FACE}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name} must be one of {list(valid)}, got {getattr(self, name)!r}")
@@ -82,6 +96,10 @@ class EmbedConfig:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.detector_pad < 0:
             raise ValueError(f"detector_pad must be >= 0, got {self.detector_pad}")
+        if not 0.0 < self.det_threshold <= 1.0:
+            raise ValueError(f"det_threshold must be in (0, 1], got {self.det_threshold}")
+        if self.det_size < 32:
+            raise ValueError(f"det_size must be >= 32 (pixels), got {self.det_size}")
         if self.format == "devkit" and self.root is None:
             raise ValueError("a devkit JSON input needs root (the image folder its paths are relative to)")
 
@@ -91,6 +109,11 @@ class EmbedConfig:
         if self.root is not None:
             return self.root
         return self.input if self.format == "images" else self.input.parent
+
+    @property
+    def detect_options(self) -> DetectOptions:
+        """The YuNet options of this config."""
+        return DetectOptions(self.det_threshold, self.det_size, self.keep_face, self.detector_pad)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
@@ -174,8 +197,26 @@ def plan_inputs(cfg: EmbedConfig) -> list[InputItem]:
     for i, (path, identity, lm) in enumerate(rows):
         lm = known.get(_key(path), lm)
         rel = os.path.relpath(path, root).replace(os.sep, "/")
-        items.append(InputItem(i, Path(path), rel, identity, None if lm is None else np.asarray(lm, np.float32)))
+        # Absolute: Dask workers open the file, and they do not share the driver's working directory.
+        path = Path(path).absolute()
+        items.append(InputItem(i, path, rel, identity, None if lm is None else np.asarray(lm, np.float32)))
     return items
+
+
+def row_id(image_id: int, face: int, keep_face: str) -> int:
+    """The shard row id of face ``face`` (0-based, largest first) of input ``image_id``: the image id itself, or
+    ``image_id * FACE_STRIDE + face`` when ``keep_face == "all"``."""
+    if keep_face != "all":
+        return image_id
+    if not 0 <= face < FACE_STRIDE:
+        raise ValueError(f"face index must be in [0, {FACE_STRIDE}), got {face}")
+    return image_id * FACE_STRIDE + face
+
+
+def shard_id_range(images: range, keep_face: str) -> tuple[int, int]:
+    """The half-open range [lo, hi) of row ids a shard of the input ids ``images`` may hold."""
+    scale = FACE_STRIDE if keep_face == "all" else 1
+    return images.start * scale, images.stop * scale
 
 
 def plan_shards(n_items: int, shard_rows: int) -> list[range]:
@@ -220,22 +261,34 @@ def _sidecar_landmarks(item: InputItem) -> np.ndarray:
         raise ImageError(item.rel, "bad_landmarks", f"sidecar {side.name} has no 5 (x, y) landmarks: {e}") from None
 
 
-def _locate(item: InputItem, image: np.ndarray, detector: FaceDetector | None, sidecars: bool) -> tuple[Any, float]:
-    """The landmarks to align with (given, sidecar or detected) and the detector score (NaN when not detected)."""
+def _locate(item: InputItem, image: np.ndarray, detector: FaceDetector | None,
+            sidecars: bool) -> list[tuple[Any, float]]:  # fmt: skip
+    """The faces to align, best first: (landmarks, detector score) given, sidecar (score NaN) or detected (one face,
+    or with ``keep == "all"`` up to :data:`FACE_STRIDE`)."""
     if item.landmarks is not None:
-        return item.landmarks, float("nan")
+        return [(item.landmarks, float("nan"))]
     if sidecars:
-        return _sidecar_landmarks(item), float("nan")
+        return [(_sidecar_landmarks(item), float("nan"))]
     if detector is None:
         raise ImageError(item.rel, "no_landmarks", "no landmarks given and no detector")
-    found = detector.detect(image)
-    if found is None:
+    found = detector.detect_faces(image)[:FACE_STRIDE]
+    if not found:
         raise ImageError(item.rel, "no_face", f"no face found in the {image.shape[1]}x{image.shape[0]} image")
-    return found.landmarks, found.score
+    return [(d.landmarks, d.score) for d in found]
+
+
+def _align(image: np.ndarray, landmarks: Any, score: float, size: tuple[int, int], name: str) -> _Prepared:
+    """One face's crop, or its failed row (so one bad face of several leaves the others and their numbers alone)."""
+    try:
+        crop = align_face(image, landmarks, size, name=name)
+    except ImageError as e:
+        return _Prepared(score=score, status=e.reason, error=str(e))
+    return _Prepared(crop, np.asarray(landmarks, np.float32).reshape(10), score)
 
 
 def _prepare(item: InputItem, detector: FaceDetector | None, size: tuple[int, int], sidecars: bool,
-             timings: dict[str, float]) -> _Prepared:  # fmt: skip
+             timings: dict[str, float]) -> list[_Prepared]:  # fmt: skip
+    """One entry per output row of ``item``: its aligned faces (best first), or one failure."""
     try:
         with stage(timings, "read"):
             try:
@@ -247,13 +300,11 @@ def _prepare(item: InputItem, detector: FaceDetector | None, size: tuple[int, in
         with stage(timings, "decode"):
             image = decode_image(data, item.rel)
         with stage(timings, "align"):
-            lm, score = _locate(item, image, detector, sidecars)
-            crop = align_face(image, lm, size, name=item.rel)
-        return _Prepared(crop, np.asarray(lm, np.float32).reshape(10), score)
+            return [_align(image, lm, score, size, item.rel) for lm, score in _locate(item, image, detector, sidecars)]
     except ImageError as e:
-        return _Prepared(status=e.reason, error=str(e))
+        return [_Prepared(status=e.reason, error=str(e))]
     except (OSError, cv2.error) as e:  # one bad file never stops a shard
-        return _Prepared(status="corrupt", error=f"{item.rel}: {e}")
+        return [_Prepared(status="corrupt", error=f"{item.rel}: {e}")]
 
 
 def embed_partition(
@@ -263,26 +314,28 @@ def embed_partition(
     cfg: EmbedConfig,
     timings: dict[str, float] | None = None,
 ) -> pa.Table:
-    """Embed one shard's ``items`` -> a shard table (one row per item, in item order).
+    """Embed one shard's ``items`` -> a shard table: one row per item in item order, or with ``keep_face="all"`` one
+    row per face (ids from :func:`row_id`; an image without a usable face keeps one failed row).
 
     Batches of ``cfg.batch_size`` consecutive items (fixed per shard, so the rows never depend on scheduling) are
     read, decoded and aligned in a background thread while the previous batch is inferred.  ``timings`` receives
     per-stage seconds (``read``, ``decode``, ``align``, ``infer``; the prefetch stages overlap ``infer``)."""
     timings = {} if timings is None else timings
-    n, d, m = len(items), embedder.embedding_dim, len(embedder.attributes)
-    emb, attrs = np.zeros((n, d), np.float32), np.full((n, m), np.nan, np.float32)
-    prepared: list[_Prepared] = []
-    chunks = [items[lo : lo + cfg.batch_size] for lo in range(0, n, cfg.batch_size)]
+    d, m = embedder.embedding_dim, len(embedder.attributes)
+    embs: list[np.ndarray] = []
+    attrs: list[np.ndarray] = []
+    prepared: list[list[_Prepared]] = []
+    chunks = [items[lo : lo + cfg.batch_size] for lo in range(0, len(items), cfg.batch_size)]
 
     # Decoding and alignment release the GIL, so with landmarks given they run on ``threads_per_worker`` threads
     # (a GPU worker is otherwise decode-bound: ~500 images/s on one thread against ~9,000 the H100 infers).  YuNet is
     # not thread-safe, so detection stays on one thread.  Order is kept, so the rows do not depend on the threads.
     decode_threads = 1 if detector is not None else max(1, cfg.threads_per_worker)
 
-    def prepare_one(args: tuple[InputItem, dict[str, float]]) -> _Prepared:
+    def prepare_one(args: tuple[InputItem, dict[str, float]]) -> list[_Prepared]:
         return _prepare(args[0], detector, embedder.input_size, cfg.sidecars, args[1])
 
-    def prepare(chunk: Sequence[InputItem]) -> list[_Prepared]:
+    def prepare(chunk: Sequence[InputItem]) -> list[list[_Prepared]]:
         local: list[dict[str, float]] = [{} for _ in chunk]  # per item: no two threads add to one counter
         out = list(decode_pool.map(prepare_one, zip(chunk, local, strict=True)))
         for t in local:
@@ -299,47 +352,55 @@ def embed_partition(
             assert future is not None, "a chunk is always in flight"
             batch = future.result()
             future = pool.submit(prepare, chunks[i + 1]) if i + 1 < len(chunks) else None
-            _infer(batch, len(prepared), embedder, emb, attrs, timings)
+            rows = [p for faces in batch for p in faces]
+            e, a = _infer(rows, embedder, d, m, timings)
+            embs.append(e)
+            attrs.append(a)
+            for p in rows:
+                p.crop = None  # embedded: a shard's crops would otherwise all stay in memory until it is written
             prepared += batch
-    return _to_table(items, prepared, emb, attrs, embedder, cfg.dtype)
+    return _to_table(items, prepared, embs, attrs, embedder, cfg)
 
 
-def _infer(batch: list[_Prepared], offset: int, embedder: Embedder, emb: np.ndarray, attrs: np.ndarray,
-           timings: dict[str, float]) -> None:  # fmt: skip
-    rows = [j for j, p in enumerate(batch) if p.crop is not None]
-    if not rows:
-        return
-    crops = np.stack([batch[j].crop for j in rows])  # type: ignore[misc]
-    with stage(timings, "infer"):
-        e, a = embedder.embed_crops(crops)
-    idx = offset + np.array(rows)
-    emb[idx], attrs[idx] = e, a
+def _infer(rows: list[_Prepared], embedder: Embedder, d: int, m: int,
+           timings: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Embeddings (len(rows), d) and attribute probabilities (len(rows), m) of ``rows``; failed rows 0 / NaN."""
+    emb, attrs = np.zeros((len(rows), d), np.float32), np.full((len(rows), m), np.nan, np.float32)
+    ok = [j for j, p in enumerate(rows) if p.crop is not None]
+    if ok:
+        crops = np.stack([rows[j].crop for j in ok])  # type: ignore[misc]
+        with stage(timings, "infer"):
+            emb[ok], attrs[ok] = embedder.embed_crops(crops)
+    return emb, attrs
 
 
-def _to_table(items: Sequence[InputItem], prepared: list[_Prepared], emb: np.ndarray, attrs: np.ndarray,
-              embedder: Embedder, dtype: str) -> pa.Table:  # fmt: skip
-    n = len(items)
-    lm = np.full((n, 10), np.nan, np.float32)
-    for j, p in enumerate(prepared):
+def _to_table(items: Sequence[InputItem], prepared: list[list[_Prepared]], embs: list[np.ndarray],
+              attrs: list[np.ndarray], embedder: Embedder, cfg: EmbedConfig) -> pa.Table:  # fmt: skip
+    d, m = embedder.embedding_dim, len(embedder.attributes)
+    owners = [(it, face) for it, faces in zip(items, prepared, strict=True) for face in range(len(faces))]
+    rows = [p for faces in prepared for p in faces]
+    lm = np.full((len(rows), 10), np.nan, np.float32)
+    for j, p in enumerate(rows):
         if p.landmarks is not None:
             lm[j] = p.landmarks
+    attr = np.concatenate(attrs) if attrs else np.zeros((0, m), np.float32)
     return table_from_arrays(
-        ids=np.array([it.id for it in items], dtype=np.int64),
-        paths=[it.rel for it in items],
-        identities=[it.identity for it in items],
-        embeddings=emb,
-        attributes={name: attrs[:, k] for k, name in enumerate(embedder.attributes)},
-        det_score=np.array([p.score for p in prepared], dtype=np.float32),
+        ids=np.array([row_id(it.id, face, cfg.keep_face) for it, face in owners], dtype=np.int64),
+        paths=[it.rel for it, _ in owners],
+        identities=[it.identity for it, _ in owners],
+        embeddings=np.concatenate(embs) if embs else np.zeros((0, d), np.float32),
+        attributes={name: attr[:, k] for k, name in enumerate(embedder.attributes)},
+        det_score=np.array([p.score for p in rows], dtype=np.float32),
         landmarks=lm,
-        status=[p.status for p in prepared],
-        error=[p.error for p in prepared],
-        dtype=dtype,
+        status=[p.status for p in rows],
+        error=[p.error for p in rows],
+        dtype=cfg.dtype,
     )
 
 
 def build_detector(cfg: EmbedConfig) -> FaceDetector:
     """The YuNet detector of ``cfg`` (one per worker: not thread-safe, not picklable)."""
-    return FaceDetector(cfg.detector_model, pad=cfg.detector_pad)
+    return FaceDetector.from_options(cfg.detect_options, cfg.detector_model)
 
 
 def build_embedder(cfg: EmbedConfig, device: str | None = None) -> Embedder:
@@ -350,7 +411,9 @@ def build_embedder(cfg: EmbedConfig, device: str | None = None) -> Embedder:
 ProgressFn = Callable[[Mapping[str, Any]], object]
 
 __all__ = [
+    "DETECTION_FIELDS",
     "EXECUTION_FIELDS",
+    "FACE_STRIDE",
     "INPUT_FORMATS",
     "STAGES",
     "EmbedConfig",
@@ -361,5 +424,7 @@ __all__ = [
     "embed_partition",
     "plan_inputs",
     "plan_shards",
+    "row_id",
+    "shard_id_range",
     "stage",
 ]

@@ -3,8 +3,14 @@
 The only module of the project that imports dask / distributed.  Tasks carry (shard index, that shard's input items,
 the config, the expected model fingerprint); each worker builds its Embedder and YuNet detector once (a module-level
 cache in the worker process) and never receives a live model.  The driver records every finished shard in
-``manifest.json`` as it arrives, so a job killed at any moment resumes where it stopped, and a shard's rows depend
+the manifest as it arrives, so a job killed at any moment resumes where it stopped, and a shard's rows depend
 only on its items (fixed per-shard batches, eval mode), never on which worker ran it.
+
+With ``scheduler`` (an external ``dask scheduler`` and ``dask worker`` s), the workers open the checkpoint, the images
+and ``out`` by the driver's (absolute) paths, so those must be on a filesystem every worker sees.  Before any shard
+is submitted, every connected worker is probed (:func:`probe_worker`) and the first one that cannot read the
+checkpoint, the YuNet model, a sample image or the driver's marker in ``out``, or cannot write there, stops the job
+with a one-line :class:`ClusterError` naming the worker and the path.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -22,11 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from indexer.embed import (
+    DETECTION_FIELDS,
+    FACE_STRIDE,
     EmbedConfig,
     InputItem,
     ProgressFn,
@@ -35,20 +45,25 @@ from indexer.embed import (
     embed_partition,
     plan_inputs,
     plan_shards,
+    shard_id_range,
     stage,
 )
 from indexer.shards import (
     MANIFEST,
     Manifest,
     ShardEntry,
+    embeddings_to_numpy,
     file_sha256,
+    is_shard_directory,
     read_manifest,
+    remove_temporaries,
     schema,
     shard_name,
     verify_shard,
     write_manifest,
     write_shard,
 )
+from model.align import default_yunet_path, pose_score
 from model.checkpoint import load_checkpoint
 from model.device import resolve_device
 
@@ -56,12 +71,27 @@ log = logging.getLogger(__name__)
 
 #: Per worker process: (what, key...) -> a built Embedder or FaceDetector.
 _WORKER_CACHE: dict[tuple[Any, ...], Any] = {}
+#: Seconds to wait for ``--scheduler`` to answer (and for it to have a worker) before giving up with one line.
+CONNECT_TIMEOUT_S = 10.0
+#: What a manifest written before the detection options existed was embedded with (how YuNet was then used).
+_LEGACY_DETECTION = {"det_threshold": 0.6, "det_size": 640, "keep_face": "score"}
+#: Below this :func:`model.align.pose_score` a face is turned ~45 degrees or more (counted in the summary).
+LOW_POSE_SCORE = 0.3
+_SHARED_FS = ("with --scheduler, the checkpoint, the images and --out must be on a filesystem every worker sees, at "
+              "the same paths")  # fmt: skip
+
+
+class ClusterError(RuntimeError):
+    """The Dask cluster cannot run the job: the scheduler is unreachable or has no workers, a worker cannot see the
+    job's files, or a worker failed.  The message is one line naming the address and the path."""
 
 
 @dataclass(frozen=True)
 class EmbedResult:
     """What a run did: shards computed now vs found valid, rows by status, throughput of the computed part and
-    per-stage seconds summed over tasks (read, decode, align, infer, write)."""
+    per-stage seconds summed over tasks (read, decode, align, infer, write); ``images`` planned (rows differ with
+    ``keep_face="all"``) and ``low_pose_rows``: ok rows with :func:`model.align.pose_score` < :data:`LOW_POSE_SCORE`
+    (turned ~45 degrees or more: their crops are over-zoomed half faces)."""
 
     out: Path
     manifest: Manifest
@@ -74,6 +104,8 @@ class EmbedResult:
     seconds: float
     computed_images: int
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    images: int = 0
+    low_pose_rows: int = 0
 
     @property
     def images_per_s(self) -> float:
@@ -98,11 +130,24 @@ def _items_sha256(items: Sequence[InputItem]) -> str:
     return h.hexdigest()
 
 
+def _needs_detector(cfg: EmbedConfig, items: Sequence[InputItem]) -> bool:
+    return not cfg.sidecars and any(it.landmarks is None for it in items)
+
+
+def _provenance(cfg: EmbedConfig, items: Sequence[InputItem]) -> dict[str, Any]:
+    """How rows were located and numbered: the YuNet options (``used``: whether any image needed detection) and the
+    id scheme."""
+    model = str(cfg.detector_model or default_yunet_path())
+    detection = {**cfg.detect_options.to_dict(), "model": model, "used": _needs_detector(cfg, items)}
+    ids = "image_index * 1000 + face_index (faces largest first)" if cfg.keep_face == "all" else "image_index"
+    return {"detection": detection, "ids": ids}
+
+
 def _new_manifest(cfg: EmbedConfig, items: Sequence[InputItem], n_shards: int) -> Manifest:
     ckpt = load_checkpoint(cfg.checkpoint)
     source = {"format": cfg.format, "input": str(cfg.input), "root": str(cfg.image_root),
               "landmarks": None if cfg.landmarks is None else str(cfg.landmarks), "sidecars": cfg.sidecars,
-              "count": len(items), "items_sha256": _items_sha256(items)}  # fmt: skip
+              "count": len(items), "items_sha256": _items_sha256(items), **_provenance(cfg, items)}  # fmt: skip
     return Manifest(
         fingerprint=ckpt.fingerprint,
         d=ckpt.model_config.embedding_dim,
@@ -129,30 +174,48 @@ def _check_compatible(out: Path, old: Manifest, new: Manifest, cfg: EmbedConfig)
             f"{old.source.get('input')}; now {new.source['count']} from {cfg.input}); use another --out"
         )
     ignore = {"checkpoint", "out", "workers", "threads_per_worker", "scheduler"}
+    if not new.source["detection"]["used"]:
+        ignore |= set(DETECTION_FIELDS)  # every image has landmarks: how YuNet would choose cannot change a row
     keys = sorted((set(old.config) | set(new.config)) - ignore)
-    old_cfg, new_cfg = old.config, new.config
+    old_cfg, new_cfg = {**_LEGACY_DETECTION, **old.config}, new.config
     diff = [f"{k}: {old_cfg.get(k)!r} -> {new_cfg.get(k)!r}" for k in keys if old_cfg.get(k) != new_cfg.get(k)]
     if diff or old.dtype != new.dtype:
         raise ValueError(f"{out} was embedded with another config ({'; '.join(diff)}); use another --out")
 
 
-def _adopt(out: Path, i: int, ids: range, expected: pa.Schema) -> ShardEntry | None:
+def _ids_match(got: list[int], images: range, keep_face: str) -> bool:
+    """Whether a shard's row ids are exactly those of the input ids ``images``: the ids themselves, or with ``all``
+    every image in order with faces 0, 1, 2, ... (at least face 0)."""
+    if keep_face != "all":
+        return got == list(images)
+    pairs = [divmod(row, FACE_STRIDE) for row in got]
+    if [image for image, face in pairs if face == 0] != list(images):
+        return False
+    prev = None
+    for image, face in pairs:
+        if face != 0 and (image, face - 1) != prev:
+            return False
+        prev = (image, face)
+    return True
+
+
+def _adopt(out: Path, i: int, ids: range, expected: pa.Schema, keep_face: str) -> ShardEntry | None:
     """Entry for a shard file written before the driver recorded it (killed in between), if it is whole and right."""
     path = out / shard_name(i)
     try:
         pf = pq.ParquetFile(path)
-        if pf.schema_arrow != expected or pf.metadata.num_rows != len(ids):
+        if pf.schema_arrow != expected or (keep_face != "all" and pf.metadata.num_rows != len(ids)):
             return None
         table = pf.read(columns=["id", "status"])
     except (OSError, pa.ArrowException):
         return None
-    if table.column("id").to_pylist() != list(ids):
+    if not _ids_match(table.column("id").to_pylist(), ids, keep_face):
         return None
     ok = int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
-    return ShardEntry(path.name, len(ids), ok, file_sha256(path), ids.start, ids.stop)
+    return ShardEntry(path.name, table.num_rows, ok, file_sha256(path), *shard_id_range(ids, keep_face))
 
 
-def _reconcile(out: Path, manifest: Manifest, ranges: Sequence[range]) -> tuple[Manifest, list[int]]:
+def _reconcile(out: Path, manifest: Manifest, ranges: Sequence[range], keep_face: str) -> tuple[Manifest, list[int]]:
     """Verify existing shards against the manifest (checksum) or adopt unrecorded ones; returns the manifest with
     only valid entries and the shard indices still to compute."""
     expected = schema(manifest.d, manifest.dtype, manifest.attributes)
@@ -162,7 +225,7 @@ def _reconcile(out: Path, manifest: Manifest, ranges: Sequence[range]) -> tuple[
         if entry is not None and verify_shard(out, entry):
             valid.append(entry)
             continue
-        adopted = _adopt(out, i, ids, expected) if (out / shard_name(i)).is_file() else None
+        adopted = _adopt(out, i, ids, expected, keep_face) if (out / shard_name(i)).is_file() else None
         if adopted is not None:
             valid.append(adopted)
         else:
@@ -181,7 +244,7 @@ def _worker_models(cfg: EmbedConfig, fingerprint: str, need_detector: bool) -> t
         _WORKER_CACHE[key] = embedder
     detector = None
     if need_detector:
-        dkey = ("detector", str(cfg.detector_model), cfg.detector_pad)
+        dkey = ("detector", str(cfg.detector_model), cfg.detect_options)
         if dkey not in _WORKER_CACHE:
             _WORKER_CACHE[dkey] = build_detector(cfg)
         detector = _WORKER_CACHE[dkey]
@@ -198,12 +261,11 @@ def embed_shard(
 
     torch.set_num_threads(cfg.threads_per_worker)
     cv2.setNumThreads(cfg.threads_per_worker)
-    need_detector = not cfg.sidecars and any(it.landmarks is None for it in items)
-    embedder, detector = _worker_models(cfg, fingerprint, need_detector)
+    embedder, detector = _worker_models(cfg, fingerprint, _needs_detector(cfg, items))
     timings: dict[str, float] = {}
     table = embed_partition(items, embedder, detector, cfg, timings)
     with stage(timings, "write"):
-        entry = write_shard(cfg.out / shard_name(index), table, (ids.start, ids.stop))
+        entry = write_shard(cfg.out / shard_name(index), table, shard_id_range(ids, cfg.keep_face))
     return entry, timings
 
 
@@ -223,7 +285,7 @@ def _client(cfg: EmbedConfig) -> Iterator[Any]:
     from distributed import Client
 
     if cfg.scheduler:
-        with Client(cfg.scheduler) as client:
+        with _connect(cfg.scheduler) as client:
             yield client
         return
     # Dask starts workers with MALLOC_TRIM_THRESHOLD_=65536, which returns every freed activation buffer to the OS:
@@ -256,21 +318,129 @@ def _start_cluster(cfg: EmbedConfig) -> Any:
                         dashboard_address=":0", silence_logs=logging.ERROR)  # fmt: skip
 
 
+def _connect(address: str) -> Any:
+    """A client on the scheduler at ``address`` that has at least one worker, or a one-line :class:`ClusterError`."""
+    from distributed import Client
+
+    try:
+        client = Client(address, timeout=CONNECT_TIMEOUT_S)
+    except (OSError, ValueError, TypeError) as e:  # unreachable (OSError after the timeout) or a malformed address
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise ClusterError(f"cannot connect to the Dask scheduler --scheduler {address}: {why}; is `dask "
+                           "scheduler` running there, and is the address tcp://HOST:PORT?") from None  # fmt: skip
+    try:
+        client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
+    except TimeoutError:
+        client.close()
+        raise ClusterError(f"the Dask scheduler at {address} has no workers (waited {CONNECT_TIMEOUT_S:g} s); start "
+                           f"some with `dask worker {address}`") from None  # fmt: skip
+    return client
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """What every worker must be able to open, by the paths the tasks will use: ``marker`` is a file the driver
+    wrote into ``out`` (a worker that cannot read it sees another folder, or none, at that path)."""
+
+    checkpoint: str
+    detector_model: str | None
+    images: tuple[str, ...]
+    out: str
+    marker: str
+
+
+def _unreadable(path: str) -> str | None:
+    """Why this process cannot read ``path``, or ``None``."""
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
+
+
+def _unwritable(folder: str) -> str | None:
+    """Why this process cannot create (and remove) a file in ``folder``, or ``None``."""
+    tmp = os.path.join(folder, f".probe-{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(b"probe\n")
+        os.remove(tmp)
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
+
+
+def probe_worker(spec: ProbeSpec) -> str | None:
+    """Run on a worker: what it cannot do of the job's file access (one phrase), or ``None`` when it can do it all."""
+    checks = [("the checkpoint", spec.checkpoint)]
+    checks += [("the YuNet model", spec.detector_model)] if spec.detector_model else []
+    checks += [("the input image", path) for path in spec.images]
+    for what, path in checks:
+        why = _unreadable(path)
+        if why is not None:
+            return f"cannot read {what} {path} ({why})"
+    why = _unreadable(os.path.join(spec.out, spec.marker))
+    if why is not None:
+        return f"does not see the --out folder {spec.out} the job created ({spec.marker}: {why})"
+    why = _unwritable(spec.out)
+    return None if why is None else f"cannot write to the --out folder {spec.out} ({why})"
+
+
+def _probe_workers(client: Any, cfg: EmbedConfig, items: Sequence[InputItem]) -> None:
+    """Raise :class:`ClusterError` naming the first worker (by address) that cannot open the job's files."""
+    marker = f".probe-{uuid.uuid4().hex}"
+    (cfg.out / marker).write_text("facesearch embed: a worker that can read this sees the job's --out\n")
+    # Sample images the driver itself can read (a missing file is a row, not a cluster problem).
+    ends = sorted({0, len(items) - 1}) if items else []
+    sample = [str(items[i].path) for i in ends if _unreadable(str(items[i].path)) is None]
+    spec = ProbeSpec(str(cfg.checkpoint), str(cfg.detector_model) if cfg.detector_model else None, tuple(sample),
+                     str(cfg.out), marker)  # fmt: skip
+    try:
+        results = client.run(probe_worker, spec, on_error="return")
+    finally:
+        (cfg.out / marker).unlink(missing_ok=True)
+    bad = [(addr, r) for addr, r in sorted(results.items()) if r is not None]
+    if bad:
+        addr, why = bad[0]
+        if isinstance(why, BaseException):
+            why = f"cannot run facesearch code ({type(why).__name__}: {' '.join(str(why).split())})"
+        more = f" ({len(bad) - 1} more of {len(results)} workers fail too)" if len(bad) > 1 else ""
+        raise ClusterError(f"worker {addr} {why}{more}; {_SHARED_FS}")
+
+
+def _for_workers(cfg: EmbedConfig, items: Sequence[InputItem]) -> EmbedConfig:
+    """``cfg`` as the workers need it: absolute paths (a worker does not share the driver's working directory) and
+    the YuNet model resolved here, so every worker uses the same file."""
+    model = cfg.detector_model or (default_yunet_path() if _needs_detector(cfg, items) else None)
+    return cfg.replace(checkpoint=cfg.checkpoint.absolute(), out=cfg.out.absolute(),
+                       detector_model=None if model is None else model.absolute())  # fmt: skip
+
+
 def _compute(cfg: EmbedConfig, items: Sequence[InputItem], ranges: Sequence[range], todo: list[int],
              manifest: Manifest, progress: ProgressFn | None) -> tuple[Manifest, dict[str, float]]:  # fmt: skip
-    from distributed import as_completed
+    from distributed import KilledWorker, as_completed
 
     total = sum(len(ranges[i]) for i in todo)
     done, t0, stages = 0, time.perf_counter(), Counter[str]()
+    wcfg = _for_workers(cfg, items)
     with _client(cfg) as client:
-        futures = [client.submit(embed_shard, i, items[ranges[i].start : ranges[i].stop], ranges[i], cfg,
+        if cfg.scheduler:
+            _probe_workers(client, wcfg, items)
+        if progress is not None:  # only now: a cluster that fails to start or to see the files prints just the error
+            progress({"event": "start", "total": total, "shards": len(todo), "reused_shards": len(ranges) - len(todo)})
+        futures = {client.submit(embed_shard, i, items[ranges[i].start : ranges[i].stop], ranges[i], wcfg,
                                  manifest.fingerprint, key=f"embed-shard-{i:05d}-{manifest.fingerprint[:8]}",
-                                 pure=False) for i in todo]  # fmt: skip
+                                 pure=False): i for i in todo}  # fmt: skip
         for future in as_completed(futures):
-            entry, timings = future.result()
+            try:
+                entry, timings = future.result()
+            except (OSError, KilledWorker) as e:  # an I/O error on a worker, or a worker that died (out of memory)
+                why = " ".join(str(e).split()) or type(e).__name__
+                raise ClusterError(f"{shard_name(futures[future])} failed on a worker: {why}") from e
             manifest = write_manifest(cfg.out, manifest.with_entry(entry))
             stages.update(timings)
-            done += entry.rows
+            done += len(ranges[futures[future]])  # images (rows differ with keep_face='all'), as is total
             if progress is not None:
                 rate = done / max(time.perf_counter() - t0, 1e-9)
                 progress({"event": "shard", "file": entry.file, "rows": entry.rows, "done": done, "total": total,
@@ -278,20 +448,26 @@ def _compute(cfg: EmbedConfig, items: Sequence[InputItem], ranges: Sequence[rang
     return manifest, dict(stages)
 
 
-def _status_counts(out: Path, manifest: Manifest) -> Counter[str]:
+def _row_counts(out: Path, manifest: Manifest) -> tuple[Counter[str], int]:
+    """Rows by status, and ok rows whose :func:`model.align.pose_score` is below :data:`LOW_POSE_SCORE`."""
     counts: Counter[str] = Counter()
+    low_pose = 0
     for entry in manifest.shards:
-        status = pq.read_table(out / entry.file, columns=["status"]).column("status")
-        counts.update(status.to_pylist())
-    return counts
+        table = pq.read_table(out / entry.file, columns=["status", "landmarks"])
+        status = table.column("status").to_pylist()
+        counts.update(status)
+        pose = pose_score(embeddings_to_numpy(table.column("landmarks"), 10))
+        low_pose += int(((pose < LOW_POSE_SCORE) & (np.array(status) == "ok")).sum())
+    return counts, low_pose
 
 
 def _prepare_out(cfg: EmbedConfig, new: Manifest) -> Manifest:
     out = cfg.out
-    if (out / MANIFEST).is_file():
+    if is_shard_directory(out):
         old = read_manifest(out)
         _check_compatible(out, old, new, cfg)
-        return old.replace(config=new.config, versions=new.versions)
+        provenance = {k: new.source[k] for k in ("detection", "ids")}
+        return old.replace(config=new.config, versions=new.versions, source={**old.source, **provenance})
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out} exists and is not a shard directory (no {MANIFEST}); use an empty folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -308,25 +484,31 @@ def run_embed(cfg: EmbedConfig, progress: ProgressFn | None = None) -> EmbedResu
     items = plan_inputs(cfg)
     ranges = plan_shards(len(items), cfg.shard_rows)
     manifest = _prepare_out(cfg, _new_manifest(cfg, items, len(ranges)))
-    for tmp in cfg.out.glob("part-*.tmp"):
-        tmp.unlink(missing_ok=True)  # left by a killed job
-    manifest, todo = _reconcile(cfg.out, manifest, ranges)
+    remove_temporaries(cfg.out)  # left by a killed job
+    manifest, todo = _reconcile(cfg.out, manifest, ranges, cfg.keep_face)
     already = manifest.complete and not todo
     stages: dict[str, float] = {}
     if not already:
         manifest = write_manifest(cfg.out, manifest.replace(complete=False))
-        if progress is not None:
-            progress({"event": "start", "total": sum(len(ranges[i]) for i in todo), "shards": len(todo),
-                      "reused_shards": len(ranges) - len(todo)})  # fmt: skip
         if todo:
             manifest, stages = _compute(cfg, items, ranges, todo, manifest, progress)
         manifest = write_manifest(cfg.out, manifest.replace(complete=True))
-    counts = _status_counts(cfg.out, manifest)
+    counts, low_pose = _row_counts(cfg.out, manifest)
     ok = counts.pop("ok", 0)
     return EmbedResult(out=cfg.out, manifest=manifest, already_complete=already, computed_shards=len(todo),
                        reused_shards=len(ranges) - len(todo), rows=ok + sum(counts.values()), ok_rows=ok,
                        failed_by_reason=dict(sorted(counts.items())), seconds=time.perf_counter() - t0,
-                       computed_images=sum(len(ranges[i]) for i in todo), stage_seconds=stages)  # fmt: skip
+                       computed_images=sum(len(ranges[i]) for i in todo), stage_seconds=stages,
+                       images=len(items), low_pose_rows=low_pose)  # fmt: skip
 
 
-__all__ = ["EmbedResult", "embed_shard", "run_embed"]
+__all__ = [
+    "CONNECT_TIMEOUT_S",
+    "LOW_POSE_SCORE",
+    "ClusterError",
+    "EmbedResult",
+    "ProbeSpec",
+    "embed_shard",
+    "probe_worker",
+    "run_embed",
+]

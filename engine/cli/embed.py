@@ -12,8 +12,9 @@ from tqdm import tqdm
 
 from engine.cli._app import DEVICE_OPTION, main, user_errors
 from indexer.embed import EmbedConfig
-from indexer.pipeline import EmbedResult, run_embed
+from indexer.pipeline import LOW_POSE_SCORE, ClusterError, EmbedResult, run_embed
 from indexer.shards import DTYPES
+from model.align import KEEP_FACE
 from model.device import PRECISIONS
 
 
@@ -44,7 +45,11 @@ def _summary(result: EmbedResult) -> None:
     click.echo(f"shards       {totals['shards']} in {result.out} ({result.computed_shards} embedded now, "
                f"{result.reused_shards} already done)")  # fmt: skip
     failed = ", ".join(f"{n} {reason}" for reason, n in result.failed_by_reason.items()) or "none"
-    click.echo(f"rows         {result.rows} ({result.ok_rows} ok; failed: {failed})")
+    images = f" from {result.images} images" if result.images != result.rows else ""
+    click.echo(f"rows         {result.rows}{images} ({result.ok_rows} ok; failed: {failed})")
+    if result.low_pose_rows:
+        click.echo(f"pose         {result.low_pose_rows} ok rows with pose_score < {LOW_POSE_SCORE} (turned towards "
+                   "profile: over-zoomed crops; pose_score is computed from the landmarks column)")  # fmt: skip
     click.echo(f"speed        {result.images_per_s:.1f} images/s ({result.computed_images} images in "
                f"{result.seconds:.1f} s)")  # fmt: skip
     click.echo(f"model        {result.manifest.fingerprint}")
@@ -68,9 +73,31 @@ _P = click.Path(path_type=Path)
 @click.option("--flip-average", is_flag=True, help="Average the embeddings of each crop and its mirror image.")
 @click.option("--workers", type=int, help="Dask worker processes [default: cores / threads, or one per GPU].")
 @click.option("--threads-per-worker", type=int, default=1, show_default=True, help="Threads per Dask worker.")
-@click.option("--scheduler", help="Address of an existing Dask scheduler (tcp://host:8786) instead of a local one.")
+@click.option(
+    "--scheduler",
+    help="Address of an existing Dask scheduler (tcp://host:8786) instead of a local cluster. "
+    "Its workers open the checkpoint, the images, the YuNet model and --out by this machine's absolute "
+    "paths, so those must be on a filesystem every worker sees; every worker is checked before embedding.",
+)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="Autocast.")
 @click.option("--detector-pad", type=int, default=0, show_default=True, help="Black border for YuNet (ORL: 20).")
+@click.option("--det-threshold", type=float, default=0.6, show_default=True, help="YuNet's minimum face score.")
+@click.option(
+    "--det-size",
+    type=int,
+    default=640,
+    show_default=True,
+    help="Longest image side YuNet sees (larger images are downscaled; larger finds smaller faces).",
+)
+@click.option(
+    "--keep-face",
+    type=click.Choice(KEEP_FACE),
+    default="largest",
+    show_default=True,
+    help="Which detected face of a photo is embedded: the largest, the most central, the best scored, or "
+    "all (one row each; id = image index * 1000 + face index, faces largest first).",
+)
+@click.option("--detector-model", type=_P, help="YuNet ONNX file [default: $FACESEARCH_YUNET or ../shared/models].")
 @DEVICE_OPTION
 @user_errors
 def embed_command(input_dir: Path | None, list_file: Path | None, devkit: Path | None, **opts: Any) -> None:
@@ -82,6 +109,8 @@ def embed_command(input_dir: Path | None, list_file: Path | None, devkit: Path |
     bar = _Bar()
     try:
         result = run_embed(cfg, progress=bar)
+    except ClusterError as e:
+        raise click.ClickException(str(e)) from e
     finally:
         bar.close()
     _summary(result)

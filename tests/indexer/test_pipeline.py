@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from indexer.embed import EmbedConfig, build_detector, embed_partition, plan_inputs, plan_shards
 from indexer.pipeline import run_embed
-from indexer.shards import read_all, read_manifest, write_manifest
+from indexer.shards import MANIFEST, read_all, read_manifest, write_manifest
 from model.inference import Embedder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,7 +111,7 @@ def test_sigkill_and_resume(tmp_path: Path, clean: Path, images: Path, ckpt: Pat
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if (out / "manifest.json").is_file() and len(read_manifest(out).shards) >= 2:
+            if (out / MANIFEST).is_file() and len(read_manifest(out).shards) >= 2:
                 break
             time.sleep(0.05)
     finally:
@@ -166,7 +166,7 @@ def read_fp(path: Path) -> str:
 
 
 def test_manifest_is_json(clean: Path) -> None:
-    data = json.loads((clean / "manifest.json").read_text())
+    data = json.loads((clean / MANIFEST).read_text())
     assert data["kind"] == "facesearch.shards" and data["totals"]["rows"] == 107 and data["complete"] is True
 
 
@@ -181,3 +181,16 @@ def test_one_gpu_per_worker_cluster(tmp_path: Path, orl_dir: Path, ckpt: Path, m
     cfg = _cfg(root, ckpt, tmp_path / "out").replace(device="auto", workers=None)
     result = run_embed(cfg)
     assert result.manifest.complete and result.rows == 10 and result.computed_shards == 1
+
+
+def test_relative_paths_reach_the_workers(tmp_path: Path, orl_dir: Path, ckpt: Path, cluster: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Worker processes keep their own working directory (on another machine, surely): paths relative to the driver's
+    must reach them as the same files, giving the same shards as absolute paths."""
+    shutil.copytree(orl_dir / "s1", tmp_path / "in/s1")
+    shutil.copy(ckpt, tmp_path / "w.safetensors")
+    absolute = run_embed(_cfg(tmp_path / "in", tmp_path / "w.safetensors", tmp_path / "abs", cluster))
+    monkeypatch.chdir(tmp_path)  # the cluster's workers started in the test's first working directory
+    relative = run_embed(_cfg(Path("in"), Path("w.safetensors"), Path("rel"), cluster))
+    assert relative.ok_rows == absolute.ok_rows == 10
+    assert [e.sha256 for e in relative.manifest.shards] == [e.sha256 for e in absolute.manifest.shards]
