@@ -1,47 +1,66 @@
 """``facesearch serve``: the search engine over HTTP (FastAPI; served by uvicorn, bound to 127.0.0.1 by default).
 
-- ``GET /health``: liveness plus what is loaded (index kind, size, dimension, model fingerprint).
+- ``GET /health``: liveness plus what is loaded (index kind, size, dimension, model fingerprint), whether image
+  queries work, the search queue, and every limit.
 - ``POST /search/embedding``: JSON ``{"embedding": [...] | [[...], ...], "k": 10, "filter": "Male > 0.5",
   "group_by": "identity", "agg": "max", "threshold": 0.4}`` -> ``{"results": [...]}`` (one per query row).
 - ``POST /search/image``: a multipart upload ``image`` (+ the same options as form fields) -> detection, alignment
   and embedding with the index's model, then the search.
-- ``GET /openapi.json`` / ``/docs``: the OpenAPI description.
+- ``GET /openapi.json`` / ``/docs`` / ``/redoc``: the OpenAPI description (behind the token, when there is one,
+  unless ``public_docs``).
 
 Embeddings are L2-normalised as the gallery's are (:func:`indexer.search.normalize_queries`) before they are
 searched, so scores and ``threshold`` are cosines whatever the scale of the posted vector.
 
-Every request is limited to ``max_bytes`` (413 beyond), ``k`` to ``max_k``; with a ``token`` every route but
-``/health`` needs ``Authorization: Bearer <token>`` (401).  Bad input — an undecodable image, no face, a bad filter,
-a wrong dimension, an embedding row with NaN or infinite values or all zeros (422, naming the row) — is a 4xx with a
-one-line message, never a 500.
+Requests are checked in order of cost.  On the headers, before any of the body is read
+(:class:`engine.http_guard.RequestGuard`): the bearer token (401; every route but ``/health`` needs it when there
+is a token), the body size (413, also counted as a chunked body streams in) and room in the queue (503 +
+``Retry-After``).  Then the limits of :class:`engine.service_limits.ServiceLimits`: k, rows, k x rows, filter
+characters and terms (422), an image's pixels read from its header before it is decoded
+(:mod:`engine.image_guard`; 413), and the search's estimated time against the time budget (503).  Bad input (an
+undecodable image, no face, a bad filter, a wrong dimension, an embedding row with NaN or infinite values or all
+zeros: 422 naming the row) is a 4xx with a one-line message, never a 500.
 
-Concurrent requests are batched: one worker thread runs every search (so the engine is never entered twice at
-once), and when it picks up a request it also takes every request already waiting with the same options (k, filter,
-grouping, threshold) and answers them with one batched search.  Under load a flat index's product then serves many
-probes for the price of one pass over the gallery (no waiting is added: a lone request runs at once).  The model,
-for image queries, is serialised by a lock.
+Searches run on one thread, batched (:class:`engine.batcher.SearchBatcher`); a request that waits longer than the
+time budget for its turn is answered 504.  The model (image decoding, detection, embedding) runs one image at a
+time, with at most ``queue_size`` requests waiting for it.
 """
 
 from __future__ import annotations
 
-import queue
-import secrets
+import asyncio
+import json
+import logging
+import math
+import socket
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from contextlib import contextmanager
 from typing import Any
 
+import cv2
 import numpy as np
-from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
+from engine.batcher import Busy, QueueTimeout, SearchBatcher, _Pending  # noqa: F401  (_Pending: for tests)
+from engine.filters import Filter
+from engine.http_guard import Refusal, RequestGuard
+from engine.image_guard import ImageTooLarge, check_image
 from engine.search import QueryResult, SearchEngine
+from engine.service_limits import CostModel, LimitError, ServiceLimits, calibrate, check_filter, check_query
 from indexer.search import normalize_queries
 from model.align import FaceDetector
 from model.checkpoint import package_version
 from model.images import ImageError, decode_image
 
-MAX_BYTES = 10 << 20
+log = logging.getLogger(__name__)
+
+MAX_BYTES = ServiceLimits.max_bytes
+DOC_PATHS = ("/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc")
 
 
 class EmbeddingQuery(BaseModel):
@@ -55,162 +74,257 @@ class EmbeddingQuery(BaseModel):
     threshold: float | None = None
 
 
-@dataclass
-class _Pending:
-    xq: np.ndarray
-    options: tuple[Any, ...]  # (k, filter, group_by, agg, threshold): requests batch together only when equal
-    future: Future[list[QueryResult]] = field(default_factory=Future)
+def _busy(e: Busy) -> HTTPException:
+    return HTTPException(503, str(e), headers={"Retry-After": str(math.ceil(e.retry_after))})
 
 
-class SearchBatcher:
-    """Runs every search on one worker thread, merging the requests waiting with the same options into one batch.
+class _ModelGate:
+    """One image at a time through the model; at most ``queue_size`` requests wait, each at most ``timeout``."""
 
-    ``search(xq, k, filter, group_by, agg, threshold)`` blocks until its answer is ready and returns it (or raises
-    what the engine raised).  ``max_rows`` caps a merged batch.  ``batches`` counts engine calls (for tests and the
-    ``/health`` report)."""
+    def __init__(self, queue_size: int, timeout: float) -> None:
+        self.queue_size, self.timeout = queue_size, timeout
+        self.waiting = 0
+        self._lock, self._count = threading.Lock(), threading.Lock()
 
-    def __init__(self, engine: SearchEngine, max_rows: int = 256) -> None:
-        self.engine, self.max_rows = engine, max_rows
-        self.batches = self.requests = 0
-        self._queue: queue.Queue[_Pending] = queue.Queue()
-        self._worker = threading.Thread(target=self._loop, name="facesearch-search", daemon=True)
-        self._worker.start()
+    def saturated(self) -> Busy | None:
+        if self.waiting >= self.queue_size:
+            return Busy(f"{self.waiting} image queries are waiting for the model; retry later", self.timeout)
+        return None
 
-    def search(self, xq: np.ndarray, k: int, filter: str | None = None, group_by: str | None = None,
-               agg: str = "max", threshold: float | None = None) -> list[QueryResult]:  # fmt: skip
-        rows = np.ascontiguousarray(np.atleast_2d(xq), dtype=np.float32)
-        item = _Pending(rows, (k, filter, group_by, agg, threshold))
-        self._queue.put(item)
-        return item.future.result()
-
-    def _loop(self) -> None:
-        held: list[_Pending] = []  # taken from the queue but not yet run (other options, or over max_rows)
-        while True:
-            first = held.pop(0) if held else self._queue.get()
-            batch, rows = [first], len(first.xq)
-            while True:
-                try:
-                    held.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            keep = []
-            for item in held:
-                if item.options == first.options and rows + len(item.xq) <= self.max_rows:
-                    batch.append(item)
-                    rows += len(item.xq)
-                else:
-                    keep.append(item)
-            held = keep
-            self._run(batch)
-
-    def _run(self, batch: list[_Pending]) -> None:
-        k, flt, group_by, agg, thr = batch[0].options
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        with self._count:
+            busy = self.saturated()
+            if busy is not None:
+                raise busy
+            self.waiting += 1
         try:
-            xq = batch[0].xq if len(batch) == 1 else np.concatenate([b.xq for b in batch])
-            results = self.engine.search(xq, k=k, filter=flt, group_by=group_by, agg=agg, threshold=thr)
-        except Exception as e:
-            if len(batch) > 1:  # one request's bad input must not fail the others: answer them one by one
-                for item in batch:
-                    self._run([item])
-                return
-            self._count(batch)
-            batch[0].future.set_exception(e)
-            return
-        self._count(batch)
-        start = 0
-        for item in batch:
-            item.future.set_result(results[start : start + len(item.xq)])
-            start += len(item.xq)
-
-    def _count(self, batch: list[_Pending]) -> None:
-        """One answered engine call (a merged batch that had to be split counts as its parts)."""
-        self.batches += 1
-        self.requests += len(batch)
+            acquired = self._lock.acquire(timeout=self.timeout)
+        finally:
+            with self._count:
+                self.waiting -= 1
+        if not acquired:
+            raise Busy(f"the model stayed busy for the time budget of {self.timeout:g} s; retry later", self.timeout)
+        try:
+            yield
+        finally:
+            self._lock.release()
 
 
-def create_app(
-    engine: SearchEngine, token: str | None = None, max_bytes: int = MAX_BYTES, max_k: int = 1000, detector_pad: int = 0
-) -> FastAPI:
-    """The HTTP application around one loaded engine."""
-    app = FastAPI(title="facesearch", version=package_version(),
-                  description="Rank-k face identification with attribute filters.")  # fmt: skip
-    lock = threading.Lock()  # the model (image queries)
-    batcher = SearchBatcher(engine)
-    app.state.batcher = batcher
-    detector: list[FaceDetector] = []
+def _finite(x: float | None) -> float | None:
+    return x if x is None or math.isfinite(x) else None  # JSON has no NaN: a missing attribute is null
 
-    def limits(request: Request) -> None:
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > max_bytes:
-            raise HTTPException(413, f"request body of {int(size):,} bytes exceeds the limit of {max_bytes:,}")
 
-    def auth(authorization: str | None = Header(None)) -> None:
-        if token is None:
-            return
-        given = (authorization or "").removeprefix("Bearer ").strip()
-        if not given or not secrets.compare_digest(given, token):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+def _render(results: list[QueryResult]) -> Response:
+    out = []
+    for r in results:
+        d = r.to_dict()
+        d["hits"] = [{**h, "score": _finite(h["score"]), "rank_score": _finite(h["rank_score"]),
+                      "attributes": {a: _finite(v) for a, v in h["attributes"].items()}}
+                     for h in d["hits"]]  # fmt: skip
+        out.append(d)
+    return Response(json.dumps({"results": out}, allow_nan=False), media_type="application/json")
 
-    def run(xq: np.ndarray, k: int, flt: str | None, group_by: str | None, agg: str, thr: float | None) -> Any:
-        if k > max_k:
-            raise HTTPException(422, f"k={k} exceeds the limit of {max_k}")
-        if xq.shape[1] != engine.d:  # checked before batching: a wrong dimension cannot join a batch
-            raise HTTPException(400, f"queries have d={xq.shape[1]} but the index holds d={engine.d}")
+
+async def _wait(future: Future[list[QueryResult]], timeout: float) -> list[QueryResult]:
+    """The answer; a request still queued after ``timeout`` seconds is withdrawn (:class:`QueueTimeout`)."""
+    wrapped = asyncio.wrap_future(future)
+    try:
+        done, _ = await asyncio.wait({wrapped}, timeout=timeout)
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
+    if not done and future.cancel():
+        raise QueueTimeout(f"the search waited {timeout:g} s for its turn (the time budget) and was withdrawn")
+    return await wrapped
+
+
+class _Service:
+    """What the routes share: the engine, its limits and cost model, the search thread and the model."""
+
+    def __init__(self, engine: SearchEngine, limits: ServiceLimits, cost: CostModel, detector_pad: int) -> None:
+        self.engine, self.limits, self.cost = engine, limits, cost
+        self.batcher = SearchBatcher(engine, limits.max_rows, limits.queue_size, limits.time_budget)
+        self.gate = _ModelGate(limits.queue_size, limits.time_budget)
+        self.detector: FaceDetector | None = None
+        self.images_problem: str | None = None
+        if engine.embedder is not None:
+            try:
+                self.detector = FaceDetector(pad=detector_pad)
+            except (OSError, cv2.error) as e:
+                self.images_problem = f"image queries are unavailable: the face detector cannot be loaded: {e}"
+                log.warning(self.images_problem)
+
+    def busy(self, path: str) -> Refusal | None:
+        """The 503 a new search would get now (the guard asks before reading its body)."""
+        e = self.batcher.saturated() or (self.gate.saturated() if path == "/search/image" else None)
+        return None if e is None else Refusal(503, str(e), (("Retry-After", str(math.ceil(e.retry_after))),))
+
+    def plan(self, rows: int, k: int, text: str | None, group_by: str | None,
+             image: bool = False) -> tuple[Filter | None, float]:  # fmt: skip
+        """The parsed filter and the estimated seconds of a search, or the 4xx / 503 that refuses it; ``image``:
+        first, whether image queries work here."""
+        if image and self.engine.embedder is None:
+            raise HTTPException(400, "this service was started without --checkpoint: image queries are disabled")
+        if image and self.images_problem is not None:
+            raise HTTPException(503, self.images_problem)
+        try:
+            check_query(self.limits, rows, k, text)
+            flt = None if text is None else self.engine.parse(text)
+            terms = None if flt is None else check_filter(self.limits, flt)
+        except LimitError as e:
+            raise HTTPException(422, str(e)) from None
+        except ValueError as e:  # a bad filter
+            raise HTTPException(400, str(e)) from None
+        seconds = self.cost.estimate(rows, k, terms, grouped=group_by is not None)
+        if seconds > self.limits.time_budget:
+            raise HTTPException(503, f"this search is estimated at {seconds:.1f} s, over the time budget of "
+                                f"{self.limits.time_budget:g} s per request (--time-budget): ask for fewer rows, "
+                                "a smaller k or a simpler filter")  # fmt: skip
+        return flt, seconds
+
+    async def search(self, xq: np.ndarray, k: int, text: str | None, group_by: str | None, agg: str,
+                     thr: float | None) -> Response:  # fmt: skip
+        flt, seconds = self.plan(len(xq), k, text, group_by)
+        if xq.shape[1] != self.engine.d:  # checked before batching: a wrong dimension cannot join a batch
+            raise HTTPException(400, f"queries have d={xq.shape[1]} but the index holds d={self.engine.d}")
         try:  # so are rows that cannot be normalised (NaN, infinity, zeros): the message names the request's row
             xq = normalize_queries(xq)
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
         try:
-            results = batcher.search(xq, k, flt, group_by, agg, thr)
+            future = self.batcher.submit(xq, k, flt, group_by, agg, thr, cost=seconds)
+            results = await _wait(future, self.limits.time_budget)
+        except Busy as e:
+            raise _busy(e) from None
+        except QueueTimeout as e:
+            raise HTTPException(504, str(e)) from None
         except (ValueError, KeyError) as e:
             raise HTTPException(400, str(e).strip("'\"")) from None
-        return {"results": [r.to_dict() for r in results]}
+        except MemoryError:
+            raise HTTPException(503, "the server ran out of memory for this search; retry later") from None
+        return await run_in_threadpool(_render, results)
+
+    def check_image(self, data: bytes, name: str) -> bytes:
+        """``data`` if its header is readable and within ``max_pixels`` (413 / 400 otherwise): nothing is decoded."""
+        try:
+            check_image(data, self.limits.max_pixels, name)
+        except ImageTooLarge as e:
+            raise HTTPException(413, f"{e} (--max-pixels)") from None
+        except ImageError as e:
+            raise HTTPException(400, str(e)) from None
+        return data
+
+    def embed(self, data: bytes, name: str) -> np.ndarray:
+        """Decode, detect, align and embed one uploaded image (in a worker thread): (1, d)."""
+        assert self.detector is not None, "checked by the route"
+        try:
+            with self.gate.hold():
+                return self.engine.embed_array(decode_image(data, name), self.detector, what=name)
+        except Busy as e:
+            raise _busy(e) from None
+        except ImageError as e:
+            raise HTTPException(400, str(e)) from None
+        except ValueError as e:  # no face, or no usable landmarks
+            raise HTTPException(422, str(e)) from None
+        except cv2.error as e:
+            raise HTTPException(400, f"{name}: the image could not be processed ({e.msg.strip()})") from None
+        except MemoryError:
+            raise HTTPException(503, f"{name}: the server ran out of memory decoding it; retry later") from None
+
+    def health(self, public_docs: bool, token: bool) -> dict[str, Any]:
+        info = self.engine.loaded.info
+        return {"status": "ok", "version": package_version(), "index": {"kind": info.kind, "nb": info.nb, "d": info.d,
+                "fingerprint": info.fingerprint}, "images": self.detector is not None,
+                "images_problem": self.images_problem,
+                "searches": {"requests": self.batcher.requests, "batches": self.batcher.batches,
+                             "waiting": self.batcher.waiting, "backlog_s": round(self.batcher.backlog, 3)},
+                "limits": {**self.limits.to_dict(), "token": token, "public_docs": public_docs},
+                "cost_model": self.cost.to_dict()}  # fmt: skip
+
+
+def create_app(
+    engine: SearchEngine,
+    token: str | None = None,
+    max_bytes: int | None = None,
+    max_k: int | None = None,
+    detector_pad: int = 0,
+    *,
+    limits: ServiceLimits | None = None,
+    public_docs: bool = False,
+    cost: CostModel | None = None,
+) -> FastAPI:
+    """The HTTP application around one loaded engine.  ``limits`` (default :class:`ServiceLimits`; ``max_bytes`` /
+    ``max_k`` override its fields); ``token``: the bearer token (None: no authentication), needed also for the
+    docs unless ``public_docs``; ``cost``: the search cost model (default: :func:`calibrate` on ``engine``)."""
+    limits = limits or ServiceLimits()
+    override = {"max_bytes": max_bytes, "max_k": max_k}
+    limits = ServiceLimits(**{**limits.to_dict(), **{k: v for k, v in override.items() if v is not None}})
+    svc = _Service(engine, limits, cost or calibrate(engine), detector_pad)
+    app = FastAPI(title="facesearch", version=package_version(),
+                  description="Rank-k face identification with attribute filters.")  # fmt: skip
+    app.state.batcher, app.state.service = svc.batcher, svc
+    open_paths = ("/health", *(DOC_PATHS if public_docs else ()))
+    app.add_middleware(RequestGuard, max_bytes=limits.max_bytes, token=token, open_paths=open_paths, busy=svc.busy)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        info = engine.loaded.info
-        return {"status": "ok", "version": package_version(), "index": {"kind": info.kind, "nb": info.nb,
-                "d": info.d, "fingerprint": info.fingerprint}, "images": engine.embedder is not None,
-                "searches": {"requests": batcher.requests, "batches": batcher.batches}}  # fmt: skip
+        return svc.health(public_docs, token is not None)
 
-    @app.post("/search/embedding", dependencies=[Depends(limits), Depends(auth)])
-    def search_embedding(q: EmbeddingQuery) -> Any:
+    @app.post("/search/embedding")
+    async def search_embedding(q: EmbeddingQuery) -> Response:
         try:  # float64: values beyond the float32 range are scaled by normalize_queries before rounding
             xq = np.atleast_2d(np.asarray(q.embedding, dtype=np.float64))
         except ValueError:
             xq = np.zeros((0, 0, 0), np.float64)  # ragged rows
         if xq.ndim != 2:
             raise HTTPException(422, "embedding must be a vector or a list of equal-length vectors")
-        return run(xq, q.k, q.filter, q.group_by, q.agg, q.threshold)
+        return await svc.search(xq, q.k, q.filter, q.group_by, q.agg, q.threshold)
 
-    @app.post("/search/image", dependencies=[Depends(limits), Depends(auth)])
-    def search_image(
+    @app.post("/search/image")
+    async def search_image(
         image: UploadFile = File(...),
         k: int = Form(10, ge=1),
         filter: str | None = Form(None),
         group_by: str | None = Form(None, pattern="^identity$"),
         agg: str = Form("max", pattern="^(max|mean)$"),
         threshold: float | None = Form(None),
-    ) -> Any:
-        if engine.embedder is None:
-            raise HTTPException(400, "this service was started without --checkpoint: image queries are disabled")
-        data = image.file.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            raise HTTPException(413, f"image exceeds the limit of {max_bytes:,} bytes")
+    ) -> Response:
+        svc.plan(1, k, filter, group_by, image=True)  # a bad or costly search is refused before the image is read
         name = image.filename or "upload"
-        try:
-            rgb = decode_image(data, name)
-            with lock:
-                if not detector:
-                    detector.append(FaceDetector(pad=detector_pad))
-                xq = engine.embed_array(rgb, detector[0], what=name)
-        except ImageError as e:
-            raise HTTPException(400, str(e)) from None
-        except ValueError as e:
-            raise HTTPException(422, str(e)) from None
-        return run(xq, k, filter, group_by, agg, threshold)
+        data = svc.check_image(await image.read(limits.max_bytes + 1), name)
+        xq = await run_in_threadpool(svc.embed, data, name)
+        return await svc.search(xq, k, filter, group_by, agg, threshold)
 
     return app
 
 
-__all__ = ["MAX_BYTES", "EmbeddingQuery", "SearchBatcher", "create_app"]
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host``:``port`` (0: any free port) and listening: connections queue from now on.
+    An unknown host, a port in use or out of range, or no permission is an ``OSError`` naming the address."""
+    where = f"{host}:{port}"
+    try:
+        if not 0 <= port <= 65535:
+            raise OSError(f"port {port} is out of range 0..65535")
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise OSError(f"cannot listen on {where}: {e.strerror or e}") from e
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {where}: {e.strerror or e}") from e
+    return sock
+
+
+def serve(app: FastAPI, sock: socket.socket) -> None:
+    """Serve ``app`` with uvicorn on a socket from :func:`listening_socket` until interrupted."""
+    import uvicorn
+
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+
+
+__all__ = ["DOC_PATHS", "MAX_BYTES", "EmbeddingQuery", "SearchBatcher", "create_app", "listening_socket", "serve"]
