@@ -138,13 +138,22 @@ class SearchEngine:
 
     @classmethod
     def open(
-        cls, index_dir: Path, checkpoint: Path | None = None, device: str = "auto", screen: str = "auto"
+        cls,
+        index_dir: Path,
+        checkpoint: Path | None = None,
+        device: str = "auto",
+        screen: str = "auto",
+        verify: bool = False,
     ) -> SearchEngine:
         """Load ``index_dir``; with ``checkpoint`` (needed for image queries) its model must be the one that built
         the index: another fingerprint is refused, since its embeddings would not be comparable.  ``device`` runs
         the model and a flat index's products; ``screen`` (auto | bf16 | fp16 | none) is the flat path's
-        low-precision screen (exact either way; auto = bf16 where the hardware runs it natively)."""
-        loaded = load_index(Path(index_dir))
+        low-precision screen (exact either way; auto = bf16 where the hardware runs it natively).
+
+        A damaged or inconsistent index directory is a one-line ``ValueError`` naming the file and what disagrees
+        (:func:`indexer.index.load_index`: sizes, checksums of the small files, FAISS header vs ``index_info.json``
+        vs attribute table); ``verify`` adds the SHA-256 of ``index.faiss`` and a NaN / inf scan of the vectors."""
+        loaded = load_index(Path(index_dir), verify=verify)
         embedder = None
         if checkpoint is not None:
             embedder = Embedder(Path(checkpoint), device=device)

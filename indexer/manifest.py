@@ -33,7 +33,9 @@ DTYPES: tuple[str, ...] = ("float16", "float32")
 
 @dataclass(frozen=True)
 class ShardEntry:
-    """One shard in the manifest: file name, row counts, SHA-256 of the file and the half-open id range [lo, hi)."""
+    """One shard in the manifest: file name, row counts, SHA-256 of the file, the half-open id range [lo, hi) and
+    the file's size in bytes (``None`` in manifests written before sizes were recorded; not compared: entries with
+    the same SHA-256 describe the same file)."""
 
     file: str
     rows: int
@@ -41,9 +43,13 @@ class ShardEntry:
     sha256: str
     id_lo: int
     id_hi: int
+    size: int | None = field(default=None, compare=False)  # follows from the file, as sha256 does
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["size"] is None:
+            del data["size"]
+        return data
 
 
 def _now() -> str:
@@ -54,7 +60,8 @@ def _now() -> str:
 class Manifest:
     """``_manifest.json`` of a shard directory.  ``shards`` are sorted by file name; ``planned_shards`` is how many the
     job will write (``complete`` once all are present).  ``source``: input description (root, list file, format,
-    count); ``config``: the resolved embed config; ``versions``: software versions."""
+    count); ``config``: the resolved embed config; ``versions``: software versions; ``id_offset``: what the embed job
+    added to every row id (ids = input position + ``id_offset``; 0 when absent: manifests from before it)."""
 
     fingerprint: str
     d: int
@@ -68,12 +75,15 @@ class Manifest:
     planned_shards: int = 0
     complete: bool = False
     normalized: bool = True
+    id_offset: int = 0
     created: str = field(default_factory=_now)
     updated: str = field(default_factory=_now)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"embedding dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if isinstance(self.id_offset, bool) or not isinstance(self.id_offset, int):
+            raise ValueError(f"id_offset must be an integer, got {self.id_offset!r}")
         object.__setattr__(self, "attributes", tuple(self.attributes))
         object.__setattr__(self, "shards", tuple(sorted(self.shards, key=lambda e: e.file)))
 

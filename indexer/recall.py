@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 
 from indexer import shards
-from indexer.search import search_exact
 
 _UNIT_ROUNDOFF_F32 = 2.0**-24
 
@@ -98,9 +97,14 @@ class _PairScores:
         self.S = flat_S.reshape(self.I.shape)
 
 
-def measure_recall(index: Any, shards_dir: Path, xq: np.ndarray, q_ids: np.ndarray, block_rows: int) -> dict[str, Any]:
-    """recall@1 and recall@k (k = min(10, ntotal - 1)) of ``index`` on the queries ``xq`` (nq, d) float32 with ids
-    ``q_ids`` (nq,) int64 drawn from the shards, counted up to ties (module doc) against exact search over them."""
+def measure_recall(
+    index: Any, shards_dir: Path, xq: np.ndarray, q_ids: np.ndarray, block_rows: int, id_offset: int = 0
+) -> dict[str, Any]:
+    """recall@1 and recall@k (k = min(10, ntotal - 1)) of ``index`` on the queries ``xq`` (nq, d) float32 with
+    index ids ``q_ids`` (nq,) int64 drawn from the shards, counted up to ties (module doc) against exact search over
+    them; ``id_offset``: index id = shard id + ``id_offset``."""
+    from indexer.search import search_exact  # torch: imported only when a recall is measured
+
     if len(q_ids) == 0:
         return {"queries": 0}
     k = min(10, int(index.ntotal) - 1)
@@ -110,7 +114,8 @@ def measure_recall(index: Any, shards_dir: Path, xq: np.ndarray, q_ids: np.ndarr
     xq = np.ascontiguousarray(xq, dtype=np.float32)
     _, I_found = index.search(xq, k + 1)
     pairs = _PairScores(xq, I_found.astype(np.int64))
-    blocks = pairs.tap((b.ids, b.xb) for b in shards.iter_shards(shards_dir, block_rows=block_rows, columns=[]))
+    stream = shards.iter_shards(shards_dir, block_rows=block_rows, columns=[])
+    blocks = pairs.tap((b.ids + id_offset, b.xb) for b in stream)
     D_true, I_true = search_exact(xq, blocks, k + 1, backend="faiss")
     _, D_true = drop_self(I_true, q_ids, k, D_true)
     _, S_found = drop_self(I_found.astype(np.int64), q_ids, k, pairs.S)

@@ -210,20 +210,68 @@ def write_shard(path: Path, table: pa.Table, id_range: tuple[int, int] | None = 
         ids = table.column("id")
         id_range = (0, 0) if len(ids) == 0 else (int(pc.min(ids).as_py()), int(pc.max(ids).as_py()) + 1)
     ok_rows = int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
-    return ShardEntry(path.name, table.num_rows, ok_rows, file_sha256(path), int(id_range[0]), int(id_range[1]))
+    lo, hi = int(id_range[0]), int(id_range[1])
+    return ShardEntry(path.name, table.num_rows, ok_rows, file_sha256(path), lo, hi, size=path.stat().st_size)
+
+
+@dataclass(frozen=True)
+class ShardProblem:
+    """A shard that does not match its manifest entry: ``file`` (its name), ``reason`` (one line); ``str()`` is
+    the full message naming the path."""
+
+    path: Path
+    reason: str
+
+    @property
+    def file(self) -> str:
+        return self.path.name
+
+    def __str__(self) -> str:
+        return f"damaged shard {self.path}: {self.reason}"
+
+
+def check_shard(directory: Path, entry: ShardEntry) -> ShardProblem | None:
+    """Compare ``entry.file`` in ``directory`` with its manifest entry: present, the recorded size (when recorded),
+    the recorded SHA-256 and row count; the first disagreement as a :class:`ShardProblem`, else ``None``."""
+    path = Path(directory) / entry.file
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return ShardProblem(path, "missing (the manifest lists it)")
+    if entry.size is not None and size != entry.size:
+        return ShardProblem(path, f"{size} bytes but the manifest records {entry.size}")
+    digest = file_sha256(path)
+    if digest != entry.sha256:
+        return ShardProblem(path, f"SHA-256 {digest[:16]}… but the manifest records {entry.sha256[:16]}…")
+    try:
+        rows = pq.ParquetFile(path).metadata.num_rows
+    except (OSError, pa.ArrowException) as e:
+        return ShardProblem(path, f"not readable as Parquet ({str(e).splitlines()[0]})")
+    if rows != entry.rows:
+        return ShardProblem(path, f"{rows} rows but the manifest records {entry.rows}")
+    return None
+
+
+def verify_shards(directory: Path, files: Sequence[str] | None = None) -> list[ShardProblem]:
+    """Check every shard of a directory's manifest (or only ``files``) against its entry: present, size, SHA-256
+    and row count.  Returns the problems, one per damaged shard, in file order (empty: all good).  Reads every
+    shard once (SHA-256 at ~0.75 GB/s on one core: ~3 s per 1M x 1024 float16 rows).  A missing or corrupt
+    manifest is a ``ValueError``; names in ``files`` that the manifest does not list are reported as problems."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    wanted = [e.file for e in manifest.shards] if files is None else list(files)
+    problems = []
+    for name in wanted:
+        entry = manifest.entry(name)
+        problem = check_shard(directory, entry) if entry else ShardProblem(directory / name, "not in the manifest")
+        if problem is not None:
+            problems.append(problem)
+    return problems
 
 
 def verify_shard(directory: Path, entry: ShardEntry) -> bool:
-    """True when ``entry.file`` exists in ``directory`` with the recorded row count and SHA-256."""
-    path = Path(directory) / entry.file
-    if not path.is_file():
-        return False
-    try:
-        if pq.ParquetFile(path).metadata.num_rows != entry.rows:
-            return False
-    except (OSError, pa.ArrowException):
-        return False
-    return file_sha256(path) == entry.sha256
+    """True when ``entry.file`` exists in ``directory`` with the recorded size, SHA-256 and row count."""
+    return check_shard(directory, entry) is None
 
 
 @dataclass(frozen=True)
@@ -390,6 +438,8 @@ __all__ = [
     "Block",
     "Manifest",
     "ShardEntry",
+    "ShardProblem",
+    "check_shard",
     "embeddings_to_numpy",
     "file_sha256",
     "is_shard_directory",
@@ -406,6 +456,7 @@ __all__ = [
     "take_rows",
     "temporary_name",
     "verify_shard",
+    "verify_shards",
     "write_manifest",
     "write_shard",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import click
@@ -10,7 +11,7 @@ import numpy as np
 
 from engine.cli._app import main, user_errors
 from engine.cli.synth import synth
-from indexer.index import KINDS, IndexConfig, IndexInfo, add_shards, build_index, load_index, remove_ids
+from indexer.index import KINDS, IndexConfig, IndexInfo, add_to_index, build_index, load_index, remove_ids
 from indexer.synth_features import SynthFeaturesConfig, write_synth_features
 
 _DIR = click.Path(file_okay=False, path_type=Path)
@@ -25,7 +26,8 @@ def _summary(info: IndexInfo, where: Path) -> str:
 
 @main.group()
 def index() -> None:
-    """FAISS index directories built from embedding shards: index.faiss, attributes.parquet, index_info.json."""
+    """FAISS index directories built from embedding shards: index.faiss, attributes.parquet, index_info.json (in a
+    generation directory that the file CURRENT names; every update switches it at once)."""
 
 
 @index.command("build")
@@ -43,27 +45,43 @@ def index() -> None:
 @click.option("--block-rows", default=65536, show_default=True, help="Rows streamed at a time (bounds memory).")
 @click.option("--recall-sample", default=1000, show_default=True, help="Queries for recall@1/@10 (flat: <= 100).")
 @click.option("--seed", default=0, show_default=True, help="Sampling seed.")
+@click.option("--id-offset", default=0, show_default=True, help="Index id = shard row id + this.")
 @user_errors
 def build(shards_dir: Path, out: Path, kind: str, nlist: int, nprobe: int, m: int, nbits: int, hnsw_m: int,
           ef_construction: int, ef_search: int, train_size: int, block_rows: int, recall_sample: int,
-          seed: int) -> None:  # fmt: skip
+          seed: int, id_offset: int) -> None:  # fmt: skip
     """Stream a shard directory into a new index directory and measure its recall against exact search (a returned
-    id scoring as high as the exact k-th result counts, so ties and duplicate rows count whatever their order)."""
+    id scoring as high as the exact k-th result counts, so ties and duplicate rows count whatever their order).
+    The shards are verified against their manifest (size, SHA-256) first."""
     cfg = IndexConfig(kind=kind, nlist=nlist, nprobe=nprobe, m=m, nbits=nbits, hnsw_m=hnsw_m,
                       ef_construction=ef_construction, ef_search=ef_search, train_size=train_size,
                       block_rows=block_rows, recall_sample=recall_sample, seed=seed)  # fmt: skip
-    click.echo(_summary(build_index(shards_dir, out, cfg), out))
+    click.echo(_summary(build_index(shards_dir, out, cfg, id_offset=id_offset), out))
 
 
 @index.command("add")
 @click.option("--index", "index_dir", required=True, type=_EXISTING_DIR, help="Existing index directory.")
 @click.option("--shards", "shards_dir", required=True, type=_EXISTING_DIR, help="Shards of the same model.")
+@click.option("--id-offset", type=int, default=None,
+              help="Index id = shard row id + N (every embed output numbers its rows from 0).")  # fmt: skip
+@click.option("--fresh-ids", is_flag=True,
+              help="Choose the offset: new ids start after the largest id the index ever held.")  # fmt: skip
 @user_errors
-def add(index_dir: Path, shards_dir: Path) -> None:
-    """Append new shards (same model fingerprint and d); ids already in the index are skipped."""
-    info = add_shards(index_dir, shards_dir)
-    event = info.history[-1]
-    click.echo(f"added {event['added']} rows ({event['skipped_present']} already present); nb = {info.nb}")
+def add(index_dir: Path, shards_dir: Path, id_offset: int | None, fresh_ids: bool) -> None:
+    """Append new shards (same model fingerprint and d).  Rows already indexed unchanged are skipped; an id taken
+    by a different row is an error (add a second gallery with --fresh-ids or --id-offset).  Re-adding the same
+    shard directory keeps its offset and adds only what is missing."""
+    if fresh_ids and id_offset is not None:
+        raise click.UsageError("give --id-offset or --fresh-ids, not both")
+    r = add_to_index(index_dir, shards_dir, id_offset=id_offset, fresh_ids=fresh_ids)
+    if not r.changed and r.prior is not None:
+        click.echo(f"already added: {shards_dir} (manifest SHA-256 {r.prior['manifest_sha256'][:12]}…) went in "
+                   f"on {r.prior.get('time', '?')} with id offset {r.id_offset}, and its {r.skipped_present} rows are "
+                   f"all in the index; nothing changed (nb = {r.info.nb})")  # fmt: skip
+        return
+    where = f"id offset {r.id_offset}: {r.note}" if r.note.startswith("fresh") else f"id offset {r.id_offset}"
+    tail = f"; nb = {r.info.nb}" if r.changed else f"; nothing changed (nb = {r.info.nb})"
+    click.echo(f"added {r.added} rows ({r.skipped_present} already present) with {where}{tail}")
 
 
 @index.command("remove")
@@ -89,16 +107,37 @@ def remove(index_dir: Path, ids: tuple[int, ...], ids_file: Path | None) -> None
 @index.command("info")
 @click.option("--index", "index_dir", required=True, type=_EXISTING_DIR, help="Index directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print index_info.json as is.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Also check the SHA-256 of index.faiss and scan the stored vectors for NaN / inf (~3 s per GB).",
+)
 @user_errors
-def info(index_dir: Path, as_json: bool) -> None:
-    """Check an index directory loads consistently and print its summary."""
-    loaded = load_index(index_dir)
+def info(index_dir: Path, as_json: bool, verify: bool) -> None:
+    """Check an index directory loads consistently (sizes, checksums of the small files, and the FAISS header,
+    attribute table and index_info.json against each other) and print its summary."""
+    t0 = time.perf_counter()
+    loaded = load_index(index_dir, verify=verify)
     if as_json:
         click.echo(json.dumps(loaded.info.to_dict(), indent=2))
         return
     click.echo(_summary(loaded.info, index_dir))
     click.echo(f"  fingerprint {loaded.info.fingerprint}; history: "
                + ", ".join(f"{e['op']} {e['time']}" for e in loaded.info.history))  # fmt: skip
+    for s in loaded.info.sources:
+        ids = s.get("index_ids")
+        click.echo(f"  source {s.get('shards_dir')} (manifest {str(s.get('manifest_sha256'))[:12]}…): id offset "
+                   f"{s.get('id_offset')}, " + (f"ids {ids[0]}..{ids[1] - 1}" if ids else "no rows"))  # fmt: skip
+    if not loaded.info.files:
+        click.echo("  checksums: none recorded (an index from before them; the next add / remove records them)"
+                   + ("; every stored vector finite" if verify else ""))  # fmt: skip
+    elif verify:
+        click.echo(
+            f"  verified: SHA-256 of every file and every stored vector finite ({time.perf_counter() - t0:.1f} s)"
+        )
+    else:
+        click.echo("  checked: sizes, SHA-256 of attributes.parquet and index_info.json, files agree with each other "
+                   "(--verify also hashes index.faiss and scans the vectors)")  # fmt: skip
 
 
 @synth.command("features")

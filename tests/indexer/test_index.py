@@ -11,6 +11,7 @@ import pytest
 
 from indexer import shards
 from indexer.index import IndexConfig, add_shards, build_index, load_index, recall_at, remove_ids
+from indexer.index_store import current_layout
 from model.config import ATTRIBUTES
 
 D_DIM = 32
@@ -25,14 +26,22 @@ def _rows(rng: np.random.Generator, ids: np.ndarray, n_ident: int = 40) -> tuple
 
 
 def make_shards(directory: Path, ids_per_shard: list[np.ndarray], seed: int = 0, fingerprint: str = "fp-test",
-                d: int = D_DIM, fail_every: int = 0) -> np.ndarray:  # fmt: skip
-    """A shard directory with one shard per id array (empty and 1-row allowed); returns all embeddings (n, d)."""
+                d: int = D_DIM, fail_every: int = 0, same_rows_as: Path | None = None) -> np.ndarray:  # fmt: skip
+    """A shard directory with one shard per id array (empty and 1-row allowed); returns all embeddings (n, d).
+    ``same_rows_as``: ids also in that shard directory get its rows (the same image embedded again)."""
     rng = np.random.default_rng(seed)
     entries, xs = [], []
+    old = shards.read_all(same_rows_as, columns=["identity"]) if same_rows_as is not None else None
     for s, ids in enumerate(ids_per_shard):
         x, who = _rows(rng, ids)
         x = x[:, :d] if d <= D_DIM else np.pad(x, ((0, 0), (0, d - D_DIM)))
         x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-9)
+        if old is not None:
+            at = {int(i): r for r, i in enumerate(old.ids)}
+            old_who = old.meta.column("identity").to_pylist()
+            for r, i in enumerate(ids.tolist()):
+                if i in at:
+                    x[r], who[r] = old.xb[at[i]], old_who[at[i]]
         status = ["ok"] * len(ids)
         if fail_every:
             status = ["ok" if i % fail_every else "corrupt" for i in range(len(ids))]
@@ -86,7 +95,7 @@ def test_kinds_against_brute_force(kind: str, gallery: tuple[Path, np.ndarray, n
     else:
         assert recall_at(Ir, I, 10) >= BARS[kind]
         assert info.recall["queries"] == 50 and info.recall["recall@10"] >= BARS[kind]
-    on_disk = json.loads((tmp_path / "idx" / "index_info.json").read_text())
+    on_disk = json.loads(current_layout(tmp_path / "idx").path("index_info.json").read_text())
     assert on_disk["kind"] == kind and on_disk["metric"] == "inner_product" and on_disk["peak_rss_bytes"] > 0
 
 
@@ -94,7 +103,7 @@ def test_kinds_against_brute_force(kind: str, gallery: tuple[Path, np.ndarray, n
 def test_add_then_remove_keep_mapping_and_attributes_consistent(kind: str, tmp_path: Path) -> None:
     a_ids, b_ids = np.arange(0, 600, dtype=np.int64), np.arange(500, 900, dtype=np.int64)  # 100 ids overlap
     xa = make_shards(tmp_path / "a", [a_ids], seed=1)
-    xb_new = make_shards(tmp_path / "b", [b_ids], seed=2)
+    xb_new = make_shards(tmp_path / "b", [b_ids], seed=2, same_rows_as=tmp_path / "a")  # the overlap: same rows
     build_index(tmp_path / "a", tmp_path / "idx", IndexConfig(kind=kind, **SMALL))
     info = add_shards(tmp_path / "idx", tmp_path / "b")
     assert info.nb == 900 and info.history[-1]["added"] == 300 and info.history[-1]["skipped_present"] == 100
@@ -136,10 +145,11 @@ def test_missing_or_corrupt_files_are_named(gallery: tuple[Path, np.ndarray, np.
         load_index(tmp_path)
     directory, _, _ = gallery
     build_index(directory, tmp_path / "idx", IndexConfig(recall_sample=0))
-    (tmp_path / "idx" / "index.faiss").write_bytes(b"garbage")
+    files = current_layout(tmp_path / "idx")
+    files.path("index.faiss").write_bytes(b"garbage")
     with pytest.raises(ValueError, match=r"index\.faiss"):
         load_index(tmp_path / "idx")
-    (tmp_path / "idx" / "index_info.json").write_text("{")
+    files.path("index_info.json").write_text("{")
     with pytest.raises(ValueError, match=r"index_info\.json"):
         load_index(tmp_path / "idx")
     with pytest.raises(ValueError, match="not empty"):

@@ -13,6 +13,7 @@ import pytest
 
 from indexer import shards
 from indexer.index import IndexConfig, build_index, load_index
+from indexer.index_store import current_layout
 from indexer.recall import recall_up_to_ties, tie_tolerance
 
 
@@ -46,7 +47,7 @@ def test_flat_on_exact_duplicates_measures_recall_one(tmp_path: Path, dtype: str
     info = build_index(tmp_path / "s", tmp_path / "idx", IndexConfig(kind="flat", recall_sample=100))
     assert info.recall["queries"] == 100
     assert info.recall["recall@1"] == 1.0 and info.recall["recall@10"] == 1.0, info.recall
-    on_disk = json.loads((tmp_path / "idx" / "index_info.json").read_text())["recall"]
+    on_disk = json.loads(current_layout(tmp_path / "idx").path("index_info.json").read_text())["recall"]
     assert on_disk["recall@1"] == 1.0 and "ties" in on_disk["definition"] and on_disk["tie_tolerance"] > 0
 
 
