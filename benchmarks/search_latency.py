@@ -46,7 +46,7 @@ import torch
 
 from engine.search import SearchEngine
 from indexer import shards
-from indexer.index import IndexConfig, build_index
+from indexer.index import IndexConfig, build_index, is_index_directory
 from indexer.search import ResidentGallery
 from indexer.synth_features import SynthFeaturesConfig, write_synth_features
 
@@ -113,7 +113,7 @@ def _gemm_tflops(dtype: torch.dtype, n: int = 4096) -> float:
 
 def _ensure_index(shards_dir: Path, work: Path, kind: str) -> Path:
     index_dir = work / kind
-    if not (index_dir / "index_info.json").is_file():
+    if not is_index_directory(index_dir):
         if index_dir.exists():
             shutil.rmtree(index_dir)
         t0 = time.perf_counter()

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from engine.cli import main
 from engine.demo import balanced_accuracy
+from indexer.index import is_index_directory
 
 
 def test_balanced_accuracy_matches_definition() -> None:
@@ -41,7 +42,7 @@ def test_demo_end_to_end_through_the_cli(tmp_path: Path) -> None:
     assert [(r["size"], r["filter"] is not None) for r in mf] == [(10, False), (10, True), (40, False), (40, True)]
     assert all(0 <= r["rank1"] <= 1 and r["N"] == 4 * 3 * 2 for r in mf)
     assert (out / "megaface" / "megaface_cmc.png").is_file() and "TAR@1e-6" in (out / "report.md").read_text()
-    assert (out / "index" / "index.faiss").is_file()
+    assert is_index_directory(out / "index")
     search = report["search"]
     assert search["queries"] == 4 and search["enrolled"] == 8 and search["gallery"] == 40 + 8
     assert "Identification with an attribute filter" in (out / "report.md").read_text() and "rank" in search["table"]
