@@ -1,8 +1,10 @@
 """Batch embedding without Dask: the config, planning (which image goes in which shard) and the per-shard function.
 
-:func:`plan_inputs` and :func:`plan_shards` are pure and deterministic; :func:`embed_partition` turns one shard's
-items into a shard table with an :class:`model.Embedder` and (optionally) a YuNet detector built by the caller, once
-per worker.  Every failure is a row (null embedding, ``status`` reason, ``error`` message): nothing is dropped.
+:func:`plan_inputs` (the input list: :mod:`indexer.inputs`) and :func:`plan_shards` are pure and deterministic;
+:func:`embed_partition` turns one shard's items into a shard table with an :class:`model.Embedder` and (optionally) a
+YuNet detector built by the caller, once per worker.  Every failure is a row (null embedding, ``status`` reason,
+``error`` message): nothing is dropped.  An ``ok`` row whose JPEG was decoded past damaged data keeps its embedding
+and carries the decoder's warning in ``error``.
 
 Row ids: the image's position in the planned input list, or with ``keep_face="all"`` (one row per detected face)
 ``image_index * FACE_STRIDE + face_index`` (:func:`row_id`), faces numbered largest first from 0; an image without a
@@ -14,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,17 +28,16 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
+from indexer.inputs import CELEBA_IMAGES, INPUT_FORMATS, InputItem, list_inputs, walk_images
 from indexer.shards import DTYPES, table_from_arrays
 from model.align import KEEP_FACE, DetectOptions, FaceDetector, align_face
 from model.config import from_mapping
-from model.datasets import IMAGE_SUFFIXES, read_list
 from model.device import PRECISIONS
-from model.images import ImageError, decode_image
+from model.images import ImageError, decode_image, read_image_bytes
 from model.inference import Embedder
 
 log = logging.getLogger(__name__)
 
-INPUT_FORMATS: tuple[str, ...] = ("images", "list", "devkit")
 STAGES: tuple[str, ...] = ("read", "decode", "align", "infer", "write")
 #: EmbedConfig fields that do not change a shard's content (resume may change them freely).
 EXECUTION_FIELDS: tuple[str, ...] = ("out", "workers", "threads_per_worker", "scheduler")
@@ -50,13 +50,16 @@ FACE_STRIDE = 1000
 
 @dataclass(frozen=True)
 class EmbedConfig:
-    """Everything ``facesearch embed`` needs.  ``input``: an image directory tree (``format="images"``), a generic
-    list CSV (``list``: ``path,identity,x1..y5``, paths relative to ``root`` or the CSV's folder) or a MegaFace /
-    FaceScrub devkit JSON (``devkit``: ``{"path": [...], "id": [...]}``, paths relative to ``root``).  Landmarks come
-    from the list, a ``landmarks`` CSV (generic list format, matched by path), ``sidecars`` (``<image>.json`` holding
-    5 (x, y) points, or ``{"landmarks": ...}``), else YuNet detection on a ``detector_pad``-padded image, downscaled to
-    at most ``det_size`` pixels, keeping faces scored >= ``det_threshold`` and of those ``keep_face`` (``largest``,
-    ``center``, ``score`` or ``all``: see :class:`model.align.DetectOptions` and the module's note on ids)."""
+    """Everything ``facesearch embed`` needs.  ``input``: an image directory tree (``format="images"``; identity = the
+    parent folder, or the label an ``identities`` file gives the image), a generic list CSV (``list``:
+    ``path,identity,x1..y5``, paths relative to ``root`` or the CSV's folder), a MegaFace / FaceScrub devkit JSON
+    (``devkit``: ``{"path": [...], "id": [...]}``, paths relative to ``root``) or a CelebA root (``celeba``:
+    ``img_align_celeba/`` named by its lists; ``identities`` replaces its ``identity_CelebA.txt``).  Landmarks come
+    from the list (CelebA: ``list_landmarks_align_celeba.txt``), a ``landmarks`` CSV (generic list format, matched by
+    path), ``sidecars`` (``<image>.json`` holding 5 (x, y) points, or ``{"landmarks": ...}``), else YuNet detection on
+    a ``detector_pad``-padded image, downscaled to at most ``det_size`` pixels, keeping faces scored >=
+    ``det_threshold`` and of those ``keep_face`` (``largest``, ``center``, ``score`` or ``all``: see
+    :class:`model.align.DetectOptions` and the module's note on ids)."""
 
     input: Path
     checkpoint: Path
@@ -64,6 +67,7 @@ class EmbedConfig:
     format: str = "images"
     root: Path | None = None
     landmarks: Path | None = None
+    identities: Path | None = None
     sidecars: bool = False
     detector_pad: int = 0
     detector_model: Path | None = None
@@ -81,7 +85,7 @@ class EmbedConfig:
     scheduler: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("input", "checkpoint", "out", "root", "landmarks", "detector_model"):
+        for name in ("input", "checkpoint", "out", "root", "landmarks", "identities", "detector_model"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value))
@@ -102,12 +106,19 @@ class EmbedConfig:
             raise ValueError(f"det_size must be >= 32 (pixels), got {self.det_size}")
         if self.format == "devkit" and self.root is None:
             raise ValueError("a devkit JSON input needs root (the image folder its paths are relative to)")
+        if self.identities is not None and self.format not in ("images", "celeba"):
+            raise ValueError(f"an identities file names the images of a folder or a CelebA root, not of a "
+                             f"{self.format} input (whose identities are in it)")  # fmt: skip
+        if self.format == "celeba" and self.root is not None:
+            raise ValueError(f"a CelebA root's images are in its {CELEBA_IMAGES}/ folder: root does not apply")
 
     @property
     def image_root(self) -> Path:
         """The folder the rows' ``path`` column is relative to."""
         if self.root is not None:
             return self.root
+        if self.format == "celeba":
+            return self.input / CELEBA_IMAGES
         return self.input if self.format == "images" else self.input.parent
 
     @property
@@ -130,77 +141,9 @@ class EmbedConfig:
         return from_mapping(cls, data)
 
 
-@dataclass(frozen=True)
-class InputItem:
-    """One planned image: ``id`` its int64 row id, ``path`` the file, ``rel`` the path relative to the image root,
-    ``landmarks`` (5, 2) float32 or ``None`` (sidecar or detection)."""
-
-    id: int
-    path: Path
-    rel: str
-    identity: str | None = None
-    landmarks: np.ndarray | None = None
-
-
-def walk_images(root: Path) -> list[Path]:
-    """Image files under ``root`` (by suffix), hidden folders skipped, in sorted relative-path order."""
-    if not root.is_dir():
-        raise FileNotFoundError(f"input image folder {root} does not exist or is not a directory")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in filenames if Path(f).suffix.lower() in IMAGE_SUFFIXES]
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
-
-
-def _read_devkit(path: Path) -> tuple[list[str], list[str | None]]:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"devkit list {path} not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"devkit list {path} is not valid JSON: {e}") from None
-    paths = data.get("path") if isinstance(data, dict) else None
-    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-        raise ValueError(f'devkit list {path} must be a JSON object {{"path": [...], "id": [...]?}}')
-    ids = data.get("id") or [None] * len(paths)
-    if len(ids) != len(paths):
-        raise ValueError(f"devkit list {path}: {len(ids)} ids for {len(paths)} paths")
-    return paths, [None if i is None else str(i) for i in ids]
-
-
-def _key(path: Path) -> str:
-    return os.path.normpath(os.path.abspath(path))
-
-
 def plan_inputs(cfg: EmbedConfig) -> list[InputItem]:
-    """The ordered input list; ``id`` = position.  A directory tree is walked in sorted relative-path order (hidden
-    folders skipped; identity = the parent folder, ``None`` for top-level files); a list or devkit keeps its order."""
-    root = cfg.image_root
-    rows: list[tuple[Path, str | None, np.ndarray | None]]
-    if cfg.format == "images":
-        files = walk_images(cfg.input)
-        rows = [(p, p.parent.name if p.parent != cfg.input else None, None) for p in files]
-    elif cfg.format == "list":
-        if not cfg.input.is_file():
-            raise FileNotFoundError(f"input list {cfg.input} not found")
-        rows = [(s.path, s.identity, s.landmarks) for s in read_list(cfg.input, root)]
-    else:
-        paths, ids = _read_devkit(cfg.input)
-        rows = [(root / p, i, None) for p, i in zip(paths, ids, strict=True)]
-    known: dict[str, np.ndarray] = {}
-    if cfg.landmarks is not None:
-        if not cfg.landmarks.is_file():
-            raise FileNotFoundError(f"landmarks CSV {cfg.landmarks} not found")
-        known = {_key(s.path): s.landmarks for s in read_list(cfg.landmarks) if s.landmarks is not None}
-    items = []
-    for i, (path, identity, lm) in enumerate(rows):
-        lm = known.get(_key(path), lm)
-        rel = os.path.relpath(path, root).replace(os.sep, "/")
-        # Absolute: Dask workers open the file, and they do not share the driver's working directory.
-        path = Path(path).absolute()
-        items.append(InputItem(i, path, rel, identity, None if lm is None else np.asarray(lm, np.float32)))
-    return items
+    """The ordered input list of ``cfg`` (``id`` = position; see :func:`indexer.inputs.list_inputs`)."""
+    return list_inputs(cfg.format, cfg.input, cfg.image_root, cfg.landmarks, cfg.identities)
 
 
 def row_id(image_id: int, face: int, keep_face: str) -> int:
@@ -252,12 +195,14 @@ class _Prepared:
 def _sidecar_landmarks(item: InputItem) -> np.ndarray:
     side = item.path.with_name(item.path.name + ".json")
     try:
-        data = json.loads(side.read_text(encoding="utf-8"))
+        data = json.loads(read_image_bytes(side, side.name))
         values = data["landmarks"] if isinstance(data, dict) else data
         return np.asarray(values, dtype=np.float32).reshape(5, 2)
-    except FileNotFoundError:
-        raise ImageError(item.rel, "no_landmarks", f"sidecar {side.name} not found") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except ImageError as e:
+        if e.reason == "missing":
+            raise ImageError(item.rel, "no_landmarks", f"sidecar {side.name} not found") from None
+        raise ImageError(item.rel, "bad_landmarks", f"sidecar {side.name} {e.detail.split(';')[0]}") from None
+    except (ValueError, KeyError, TypeError) as e:
         raise ImageError(item.rel, "bad_landmarks", f"sidecar {side.name} has no 5 (x, y) landmarks: {e}") from None
 
 
@@ -288,23 +233,33 @@ def _align(image: np.ndarray, landmarks: Any, score: float, size: tuple[int, int
 
 def _prepare(item: InputItem, detector: FaceDetector | None, size: tuple[int, int], sidecars: bool,
              timings: dict[str, float]) -> list[_Prepared]:  # fmt: skip
-    """One entry per output row of ``item``: its aligned faces (best first), or one failure."""
+    """One entry per output row of ``item``: its aligned faces (best first), or one failure.  A JPEG decoded past
+    damaged data keeps its rows, with the decoder's warning in ``error`` (see :func:`_with_warnings`)."""
+    warnings: list[str] = []
     try:
         with stage(timings, "read"):
-            try:
-                data = item.path.read_bytes()
-            except FileNotFoundError:
-                raise ImageError(item.rel, "missing", "no such file; expected an image file") from None
-            except OSError as e:
-                raise ImageError(item.rel, "unreadable", f"cannot read ({e.strerror})") from None
+            data = read_image_bytes(item.path, item.rel)  # never blocks: a FIFO is not_a_file
         with stage(timings, "decode"):
-            image = decode_image(data, item.rel)
+            image = decode_image(data, item.rel, warnings=warnings)
         with stage(timings, "align"):
-            return [_align(image, lm, score, size, item.rel) for lm, score in _locate(item, image, detector, sidecars)]
+            faces = [_align(image, lm, score, size, item.rel) for lm, score in _locate(item, image, detector, sidecars)]
     except ImageError as e:
-        return [_Prepared(status=e.reason, error=str(e))]
+        faces = [_Prepared(status=e.reason, error=str(e))]
     except (OSError, cv2.error) as e:  # one bad file never stops a shard
-        return [_Prepared(status="corrupt", error=f"{item.rel}: {e}")]
+        faces = [_Prepared(status="corrupt", error=f"{item.rel}: {e}")]
+    return _with_warnings(faces, item.rel, warnings)
+
+
+def _with_warnings(faces: list[_Prepared], rel: str, warnings: list[str]) -> list[_Prepared]:
+    """Note the decoder's warnings in every row of the image: an ``ok`` row keeps its embedding (libjpeg decodes
+    damaged data with the blocks after the damage wrong, and buggy encoders' harmless extra bytes warn alike; the
+    MegaFace lists count such images too), and its ``error`` says what the decoder saw."""
+    if not warnings:
+        return faces
+    note = f"decoded despite damaged data ({'; '.join(warnings)}): part of the image may be wrong"
+    for p in faces:
+        p.error = f"{rel}: {note}" if p.error is None else f"{p.error}; {note}"
+    return faces
 
 
 def embed_partition(
@@ -427,4 +382,5 @@ __all__ = [
     "row_id",
     "shard_id_range",
     "stage",
+    "walk_images",
 ]

@@ -1,16 +1,16 @@
 """``facesearch embed`` on Dask: plan, then embed only the missing shards, each written atomically by its worker.
 
-The only module of the project that imports dask / distributed.  Tasks carry (shard index, that shard's input items,
-the config, the expected model fingerprint); each worker builds its Embedder and YuNet detector once (a module-level
-cache in the worker process) and never receives a live model.  The driver records every finished shard in
-the manifest as it arrives, so a job killed at any moment resumes where it stopped, and a shard's rows depend
-only on its items (fixed per-shard batches, eval mode), never on which worker ran it.
+With :mod:`indexer.cluster` (the cluster: local, or ``--scheduler`` with its worker probe), the only code of the
+project that imports dask / distributed.  Tasks carry (shard index, that shard's input items, the config, the expected
+model fingerprint); each worker builds its Embedder and YuNet detector once (a module-level cache in the worker
+process) and never receives a live model.  The driver records every finished shard in the manifest as it arrives, so
+a job killed at any moment resumes where it stopped, and a shard's rows depend only on its items (fixed per-shard
+batches, eval mode), never on which worker ran it.
 
-With ``scheduler`` (an external ``dask scheduler`` and ``dask worker`` s), the workers open the checkpoint, the images
-and ``out`` by the driver's (absolute) paths, so those must be on a filesystem every worker sees.  Before any shard
-is submitted, every connected worker is probed (:func:`probe_worker`) and the first one that cannot read the
-checkpoint, the YuNet model, a sample image or the driver's marker in ``out``, or cannot write there, stops the job
-with a one-line :class:`ClusterError` naming the worker and the path.
+Changed inputs: before a shard is submitted, the driver records the state of its input files (size and mtime of
+each, :func:`indexer.inputs.inputs_digest`) in the manifest's ``source["shard_inputs"]``; a later run compares every
+shard it finds with the state of its files now, and deletes and recomputes those whose inputs changed.  A shard with
+no recorded state (written before this check existed) is trusted as it is.
 """
 
 from __future__ import annotations
@@ -19,12 +19,9 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import os
 import time
-import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from indexer.cluster import ClusterError, ProbeSpec, cluster_client, probe_worker, probe_workers
 from indexer.embed import (
     DETECTION_FIELDS,
     FACE_STRIDE,
@@ -48,6 +46,7 @@ from indexer.embed import (
     shard_id_range,
     stage,
 )
+from indexer.inputs import inputs_digest
 from indexer.shards import (
     MANIFEST,
     Manifest,
@@ -71,19 +70,12 @@ log = logging.getLogger(__name__)
 
 #: Per worker process: (what, key...) -> a built Embedder or FaceDetector.
 _WORKER_CACHE: dict[tuple[Any, ...], Any] = {}
-#: Seconds to wait for ``--scheduler`` to answer (and for it to have a worker) before giving up with one line.
-CONNECT_TIMEOUT_S = 10.0
 #: What a manifest written before the detection options existed was embedded with (how YuNet was then used).
 _LEGACY_DETECTION = {"det_threshold": 0.6, "det_size": 640, "keep_face": "score"}
 #: Below this :func:`model.align.pose_score` a face is turned ~45 degrees or more (counted in the summary).
 LOW_POSE_SCORE = 0.3
-_SHARED_FS = ("with --scheduler, the checkpoint, the images and --out must be on a filesystem every worker sees, at "
-              "the same paths")  # fmt: skip
-
-
-class ClusterError(RuntimeError):
-    """The Dask cluster cannot run the job: the scheduler is unreachable or has no workers, a worker cannot see the
-    job's files, or a worker failed.  The message is one line naming the address and the path."""
+#: ``Manifest.source`` key: {shard file: :func:`indexer.inputs.inputs_digest` of its inputs when it was submitted}.
+SHARD_INPUTS = "shard_inputs"
 
 
 @dataclass(frozen=True)
@@ -91,7 +83,9 @@ class EmbedResult:
     """What a run did: shards computed now vs found valid, rows by status, throughput of the computed part and
     per-stage seconds summed over tasks (read, decode, align, infer, write); ``images`` planned (rows differ with
     ``keep_face="all"``) and ``low_pose_rows``: ok rows with :func:`model.align.pose_score` < :data:`LOW_POSE_SCORE`
-    (turned ~45 degrees or more: their crops are over-zoomed half faces)."""
+    (turned ~45 degrees or more: their crops are over-zoomed half faces); ``changed_shards``: of the computed shards,
+    those found with changed inputs; ``warned_rows``: ok rows decoded past damaged data (the decoder's warning in
+    their ``error``); ``unlabeled_images``: images an identity file (``identities``, CelebA) does not name."""
 
     out: Path
     manifest: Manifest
@@ -106,6 +100,9 @@ class EmbedResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     images: int = 0
     low_pose_rows: int = 0
+    changed_shards: int = 0
+    warned_rows: int = 0
+    unlabeled_images: int = 0
 
     @property
     def images_per_s(self) -> float:
@@ -147,6 +144,7 @@ def _new_manifest(cfg: EmbedConfig, items: Sequence[InputItem], n_shards: int) -
     ckpt = load_checkpoint(cfg.checkpoint)
     source = {"format": cfg.format, "input": str(cfg.input), "root": str(cfg.image_root),
               "landmarks": None if cfg.landmarks is None else str(cfg.landmarks), "sidecars": cfg.sidecars,
+              "identities": None if cfg.identities is None else str(cfg.identities),
               "count": len(items), "items_sha256": _items_sha256(items), **_provenance(cfg, items)}  # fmt: skip
     return Manifest(
         fingerprint=ckpt.fingerprint,
@@ -215,22 +213,29 @@ def _adopt(out: Path, i: int, ids: range, expected: pa.Schema, keep_face: str) -
     return ShardEntry(path.name, table.num_rows, ok, file_sha256(path), *shard_id_range(ids, keep_face))
 
 
-def _reconcile(out: Path, manifest: Manifest, ranges: Sequence[range], keep_face: str) -> tuple[Manifest, list[int]]:
-    """Verify existing shards against the manifest (checksum) or adopt unrecorded ones; returns the manifest with
-    only valid entries and the shard indices still to compute."""
+def _reconcile(out: Path, manifest: Manifest, ranges: Sequence[range], keep_face: str,
+               states: Sequence[str]) -> tuple[Manifest, list[int], list[int]]:  # fmt: skip
+    """Verify existing shards against the manifest (checksum) or adopt unrecorded ones, and compare the state of each
+    one's inputs now (``states``) with the state recorded when it was submitted.  Returns the manifest with only the
+    valid, unchanged entries, the shard indices still to compute, and those of them whose inputs changed (their files
+    are deleted here, so that no later run adopts them)."""
     expected = schema(manifest.d, manifest.dtype, manifest.attributes)
-    valid, todo = [], []
+    recorded = manifest.source.get(SHARD_INPUTS) or {}
+    valid, todo, changed = [], [], []
     for i, ids in enumerate(ranges):
-        entry = manifest.entry(shard_name(i))
-        if entry is not None and verify_shard(out, entry):
-            valid.append(entry)
-            continue
-        adopted = _adopt(out, i, ids, expected, keep_face) if (out / shard_name(i)).is_file() else None
-        if adopted is not None:
-            valid.append(adopted)
-        else:
+        name = shard_name(i)
+        entry = manifest.entry(name)
+        if entry is None or not verify_shard(out, entry):
+            entry = _adopt(out, i, ids, expected, keep_face) if (out / name).is_file() else None
+        if entry is not None and recorded.get(name, states[i]) != states[i]:  # none recorded: trusted
+            (out / name).unlink(missing_ok=True)
+            changed.append(i)
+            entry = None
+        if entry is None:
             todo.append(i)
-    return manifest.replace(shards=tuple(valid)), todo
+        else:
+            valid.append(entry)
+    return manifest.replace(shards=tuple(valid)), todo, changed
 
 
 def _worker_models(cfg: EmbedConfig, fingerprint: str, need_detector: bool) -> tuple[Any, Any]:
@@ -269,146 +274,6 @@ def embed_shard(
     return entry, timings
 
 
-def _gpu_count(cfg: EmbedConfig) -> int:
-    import torch
-
-    if cfg.device not in ("auto", "cuda") or not torch.cuda.is_available():
-        return 0
-    return torch.cuda.device_count()
-
-
-@contextmanager
-def _client(cfg: EmbedConfig) -> Iterator[Any]:
-    """A client on ``cfg.scheduler``, or on a LocalCluster sized to the machine: cores / threads_per_worker worker
-    processes, or one worker per GPU (``CUDA_VISIBLE_DEVICES``) when GPUs exist and the device allows it."""
-    import dask
-    from distributed import Client
-
-    if cfg.scheduler:
-        with _connect(cfg.scheduler) as client:
-            yield client
-        return
-    # Dask starts workers with MALLOC_TRIM_THRESHOLD_=65536, which returns every freed activation buffer to the OS:
-    # CNN inference then runs ~40% slower (measured, benchmarks/embed_speed).  Keep glibc's adaptive default.
-    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
-    environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-        cluster = _start_cluster(cfg)
-    with cluster, Client(cluster) as client:
-        yield client
-
-
-def _start_cluster(cfg: EmbedConfig) -> Any:
-    from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
-
-    # Importing distributed sets its loggers to INFO (a page of scheduler chatter per cluster, in this process):
-    # follow the application's level instead, at least WARNING unless it asked for DEBUG.
-    root = logging.getLogger().getEffectiveLevel()
-    logging.getLogger("distributed").setLevel(root if root <= logging.DEBUG else max(root, logging.WARNING))
-    gpus = _gpu_count(cfg)
-    if gpus:
-        n = cfg.workers or gpus
-        workers = {i: {"cls": Nanny, "options": {"nthreads": cfg.threads_per_worker,
-                                                 "env": {"CUDA_VISIBLE_DEVICES": str(i % gpus)}}}
-                   for i in range(n)}  # fmt: skip
-        scheduler = {"cls": Scheduler, "options": {"dashboard": False, "dashboard_address": ":0"}}
-        return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR)
-    n = cfg.workers or max(1, (os.cpu_count() or 1) // cfg.threads_per_worker)
-    return LocalCluster(n_workers=n, threads_per_worker=cfg.threads_per_worker, processes=True,
-                        dashboard_address=":0", silence_logs=logging.ERROR)  # fmt: skip
-
-
-def _connect(address: str) -> Any:
-    """A client on the scheduler at ``address`` that has at least one worker, or a one-line :class:`ClusterError`."""
-    from distributed import Client
-
-    try:
-        client = Client(address, timeout=CONNECT_TIMEOUT_S)
-    except (OSError, ValueError, TypeError) as e:  # unreachable (OSError after the timeout) or a malformed address
-        why = " ".join(str(e).split()) or type(e).__name__
-        raise ClusterError(f"cannot connect to the Dask scheduler --scheduler {address}: {why}; is `dask "
-                           "scheduler` running there, and is the address tcp://HOST:PORT?") from None  # fmt: skip
-    try:
-        client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
-    except TimeoutError:
-        client.close()
-        raise ClusterError(f"the Dask scheduler at {address} has no workers (waited {CONNECT_TIMEOUT_S:g} s); start "
-                           f"some with `dask worker {address}`") from None  # fmt: skip
-    return client
-
-
-@dataclass(frozen=True)
-class ProbeSpec:
-    """What every worker must be able to open, by the paths the tasks will use: ``marker`` is a file the driver
-    wrote into ``out`` (a worker that cannot read it sees another folder, or none, at that path)."""
-
-    checkpoint: str
-    detector_model: str | None
-    images: tuple[str, ...]
-    out: str
-    marker: str
-
-
-def _unreadable(path: str) -> str | None:
-    """Why this process cannot read ``path``, or ``None``."""
-    try:
-        with open(path, "rb") as fh:
-            fh.read(1)
-    except OSError as e:
-        return e.strerror or type(e).__name__
-    return None
-
-
-def _unwritable(folder: str) -> str | None:
-    """Why this process cannot create (and remove) a file in ``folder``, or ``None``."""
-    tmp = os.path.join(folder, f".probe-{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(b"probe\n")
-        os.remove(tmp)
-    except OSError as e:
-        return e.strerror or type(e).__name__
-    return None
-
-
-def probe_worker(spec: ProbeSpec) -> str | None:
-    """Run on a worker: what it cannot do of the job's file access (one phrase), or ``None`` when it can do it all."""
-    checks = [("the checkpoint", spec.checkpoint)]
-    checks += [("the YuNet model", spec.detector_model)] if spec.detector_model else []
-    checks += [("the input image", path) for path in spec.images]
-    for what, path in checks:
-        why = _unreadable(path)
-        if why is not None:
-            return f"cannot read {what} {path} ({why})"
-    why = _unreadable(os.path.join(spec.out, spec.marker))
-    if why is not None:
-        return f"does not see the --out folder {spec.out} the job created ({spec.marker}: {why})"
-    why = _unwritable(spec.out)
-    return None if why is None else f"cannot write to the --out folder {spec.out} ({why})"
-
-
-def _probe_workers(client: Any, cfg: EmbedConfig, items: Sequence[InputItem]) -> None:
-    """Raise :class:`ClusterError` naming the first worker (by address) that cannot open the job's files."""
-    marker = f".probe-{uuid.uuid4().hex}"
-    (cfg.out / marker).write_text("facesearch embed: a worker that can read this sees the job's --out\n")
-    # Sample images the driver itself can read (a missing file is a row, not a cluster problem).
-    ends = sorted({0, len(items) - 1}) if items else []
-    sample = [str(items[i].path) for i in ends if _unreadable(str(items[i].path)) is None]
-    spec = ProbeSpec(str(cfg.checkpoint), str(cfg.detector_model) if cfg.detector_model else None, tuple(sample),
-                     str(cfg.out), marker)  # fmt: skip
-    try:
-        results = client.run(probe_worker, spec, on_error="return")
-    finally:
-        (cfg.out / marker).unlink(missing_ok=True)
-    bad = [(addr, r) for addr, r in sorted(results.items()) if r is not None]
-    if bad:
-        addr, why = bad[0]
-        if isinstance(why, BaseException):
-            why = f"cannot run facesearch code ({type(why).__name__}: {' '.join(str(why).split())})"
-        more = f" ({len(bad) - 1} more of {len(results)} workers fail too)" if len(bad) > 1 else ""
-        raise ClusterError(f"worker {addr} {why}{more}; {_SHARED_FS}")
-
-
 def _for_workers(cfg: EmbedConfig, items: Sequence[InputItem]) -> EmbedConfig:
     """``cfg`` as the workers need it: absolute paths (a worker does not share the driver's working directory) and
     the YuNet model resolved here, so every worker uses the same file."""
@@ -424,9 +289,9 @@ def _compute(cfg: EmbedConfig, items: Sequence[InputItem], ranges: Sequence[rang
     total = sum(len(ranges[i]) for i in todo)
     done, t0, stages = 0, time.perf_counter(), Counter[str]()
     wcfg = _for_workers(cfg, items)
-    with _client(cfg) as client:
+    with cluster_client(cfg) as client:
         if cfg.scheduler:
-            _probe_workers(client, wcfg, items)
+            probe_workers(client, wcfg, items)
         if progress is not None:  # only now: a cluster that fails to start or to see the files prints just the error
             progress({"event": "start", "total": total, "shards": len(todo), "reused_shards": len(ranges) - len(todo)})
         futures = {client.submit(embed_shard, i, items[ranges[i].start : ranges[i].stop], ranges[i], wcfg,
@@ -448,17 +313,19 @@ def _compute(cfg: EmbedConfig, items: Sequence[InputItem], ranges: Sequence[rang
     return manifest, dict(stages)
 
 
-def _row_counts(out: Path, manifest: Manifest) -> tuple[Counter[str], int]:
-    """Rows by status, and ok rows whose :func:`model.align.pose_score` is below :data:`LOW_POSE_SCORE`."""
+def _row_counts(out: Path, manifest: Manifest) -> tuple[Counter[str], int, int]:
+    """Rows by status, ok rows whose :func:`model.align.pose_score` is below :data:`LOW_POSE_SCORE`, and ok rows
+    with a decoder warning."""
     counts: Counter[str] = Counter()
-    low_pose = 0
+    low_pose = warned = 0
     for entry in manifest.shards:
-        table = pq.read_table(out / entry.file, columns=["status", "landmarks"])
-        status = table.column("status").to_pylist()
-        counts.update(status)
+        table = pq.read_table(out / entry.file, columns=["status", "landmarks", "error"])
+        ok = np.array(table.column("status").to_pylist()) == "ok"
+        counts.update(table.column("status").to_pylist())
         pose = pose_score(embeddings_to_numpy(table.column("landmarks"), 10))
-        low_pose += int(((pose < LOW_POSE_SCORE) & (np.array(status) == "ok")).sum())
-    return counts, low_pose
+        low_pose += int(((pose < LOW_POSE_SCORE) & ok).sum())
+        warned += int((ok & table.column("error").is_valid().to_numpy(zero_copy_only=False)).sum())
+    return counts, low_pose, warned
 
 
 def _prepare_out(cfg: EmbedConfig, new: Manifest) -> Manifest:
@@ -485,26 +352,32 @@ def run_embed(cfg: EmbedConfig, progress: ProgressFn | None = None) -> EmbedResu
     ranges = plan_shards(len(items), cfg.shard_rows)
     manifest = _prepare_out(cfg, _new_manifest(cfg, items, len(ranges)))
     remove_temporaries(cfg.out)  # left by a killed job
-    manifest, todo = _reconcile(cfg.out, manifest, ranges, cfg.keep_face)
+    states = [inputs_digest(items[r.start : r.stop], cfg.sidecars) for r in ranges]
+    manifest, todo, changed = _reconcile(cfg.out, manifest, ranges, cfg.keep_face, states)
     already = manifest.complete and not todo
     stages: dict[str, float] = {}
     if not already:
-        manifest = write_manifest(cfg.out, manifest.replace(complete=False))
+        # The inputs' state as they are submitted: a later run compares it with theirs then (shards adopted too).
+        recorded = {**(manifest.source.get(SHARD_INPUTS) or {}), **{shard_name(i): states[i] for i in todo}}
+        source = {**manifest.source, SHARD_INPUTS: dict(sorted(recorded.items()))}
+        manifest = write_manifest(cfg.out, manifest.replace(complete=False, source=source))
         if todo:
             manifest, stages = _compute(cfg, items, ranges, todo, manifest, progress)
         manifest = write_manifest(cfg.out, manifest.replace(complete=True))
-    counts, low_pose = _row_counts(cfg.out, manifest)
+    counts, low_pose, warned = _row_counts(cfg.out, manifest)
     ok = counts.pop("ok", 0)
+    by_file = cfg.identities is not None or cfg.format == "celeba"  # labelled by an identity file
     return EmbedResult(out=cfg.out, manifest=manifest, already_complete=already, computed_shards=len(todo),
                        reused_shards=len(ranges) - len(todo), rows=ok + sum(counts.values()), ok_rows=ok,
                        failed_by_reason=dict(sorted(counts.items())), seconds=time.perf_counter() - t0,
                        computed_images=sum(len(ranges[i]) for i in todo), stage_seconds=stages,
-                       images=len(items), low_pose_rows=low_pose)  # fmt: skip
+                       images=len(items), low_pose_rows=low_pose, changed_shards=len(changed), warned_rows=warned,
+                       unlabeled_images=sum(it.identity is None for it in items) if by_file else 0)  # fmt: skip
 
 
 __all__ = [
-    "CONNECT_TIMEOUT_S",
     "LOW_POSE_SCORE",
+    "SHARD_INPUTS",
     "ClusterError",
     "EmbedResult",
     "ProbeSpec",

@@ -5,13 +5,29 @@ zero-byte files).  OpenCV's ``imdecode`` reports most of these as ``None`` and s
 decodes "successfully" with a grey bottom half.  So the header is sniffed first, completeness is checked per format,
 and only then is the file decoded.  Every failure is an :class:`ImageError` carrying a short ``reason`` code, so
 callers (the dataset, the indexer) can skip the file and count the reasons.
+
+Files are opened without blocking (:func:`read_image_bytes`): a FIFO, socket or device named ``x.jpg`` is
+``not_a_file`` at once, where a plain ``open`` of a FIFO would wait forever for a writer.
+
+A JPEG whose entropy-coded data is damaged (bit errors, spliced files) is decoded by libjpeg anyway, with the blocks
+after the damage wrong, and its only report is a warning printed to stderr ("Corrupt JPEG data: 158 extraneous bytes
+before marker 0xd9"): OpenCV has no API for it.  :func:`decode_image` collects those warnings on request
+(``warnings=``) by capturing file descriptor 2 around the decode (:func:`libjpeg_warnings`).  A structural check
+cannot see them (the markers and segment lengths of such a file are intact), and walking the Huffman-coded scan in
+Python to find where it desynchronises costs 15-30x the decode itself (measured: 15 ms against 1 ms for 250x250).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
-from pathlib import Path
+import re
+import stat
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import cv2
 import numpy as np
@@ -22,6 +38,7 @@ log = logging.getLogger(__name__)
 REASONS: tuple[str, ...] = (
     "missing",
     "unreadable",
+    "not_a_file",
     "empty",
     "not_an_image",
     "unsupported_format",
@@ -35,6 +52,15 @@ REASONS: tuple[str, ...] = (
 _EXPECTED = "expected a complete JPEG, PNG, PGM/PPM/PBM, BMP, TIFF or WebP file"
 _BMP_DIB_SIZES = {12, 16, 40, 52, 56, 64, 108, 124}
 _PNG_IEND = b"IEND\xaeB`\x82"
+#: libjpeg's warnings (jerror.h ``JWRN_*``): the decoder carries on past them, printing one line to stderr.
+_LIBJPEG_WARNING = re.compile(
+    rb"^(?:Corrupt JPEG data|Premature end of JPEG file|Warning: |Invalid SOS parameters|Inconsistent progression"
+    rb"|Unknown Adobe color transform|Application transferred too)"
+)
+#: File descriptor 2 is one per process: decodes whose warnings are collected take turns.
+_STDERR_LOCK = threading.Lock()
+_FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket",
+               stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}  # fmt: skip
 
 
 class ImageError(ValueError):
@@ -165,13 +191,39 @@ def _to_rgb8(img: np.ndarray, name: str) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
+@contextmanager
+def libjpeg_warnings(found: list[str]) -> Iterator[None]:
+    """Append to ``found`` the libjpeg warnings printed to stderr inside the block; anything else written to file
+    descriptor 2 meanwhile (another thread's output) is passed on to it afterwards.  One block at a time per process;
+    without a usable descriptor 2 the block just runs."""
+    with _STDERR_LOCK, tempfile.TemporaryFile() as tmp:
+        try:
+            saved = os.dup(2)
+        except OSError:
+            yield
+            return
+        try:
+            os.dup2(tmp.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            tmp.seek(0)
+            lines = tmp.read().splitlines(keepends=True)
+            found += [line.decode("utf-8", "replace").strip() for line in lines if _LIBJPEG_WARNING.match(line)]
+            rest = b"".join(line for line in lines if not _LIBJPEG_WARNING.match(line))
+            if rest:
+                os.write(saved, rest)
+            os.close(saved)
+
+
+def decode_image(data: bytes, name: str = "<bytes>", warnings: list[str] | None = None) -> np.ndarray:
     """Decode in-memory image bytes into an (H, W, 3) uint8 RGB array.
 
     ``name`` is used in error messages only.  Grey images are replicated to 3 channels, 16-bit and float images are
     scaled to 8 bits, alpha is composited over black, and JPEG EXIF orientation is applied.
     Raises :class:`ImageError` with reason ``empty``, ``not_an_image``, ``unsupported_format``, ``truncated`` or
-    ``corrupt``.
+    ``corrupt``.  With a ``warnings`` list, the warnings libjpeg prints while decoding a JPEG whose data is damaged
+    but decodable (``"Corrupt JPEG data: ..."``: some blocks are wrong) are appended to it instead of printed.
     """
     if len(data) == 0:
         raise ImageError(name, "empty", f"zero-byte file; {_EXPECTED}")
@@ -189,7 +241,11 @@ def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
     # JPEG: IMREAD_COLOR applies EXIF orientation (phone photos); others keep depth and alpha for _to_rgb8.
     flags = cv2.IMREAD_COLOR if fmt == "jpeg" else cv2.IMREAD_UNCHANGED
     try:
-        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+        if warnings is not None and fmt == "jpeg":
+            with libjpeg_warnings(warnings):
+                img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+        else:
+            img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
     except cv2.error as exc:
         raise ImageError(name, "corrupt", f"{fmt} decoder failed ({exc.msg.strip()}); {_EXPECTED}") from exc
     if img is None or img.size == 0:
@@ -197,22 +253,52 @@ def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
     return _to_rgb8(img, name)
 
 
+def read_image_bytes(path: str | os.PathLike[str], name: str | None = None) -> bytes:
+    """The bytes of the regular file ``path``, never blocking: it is opened non-blocking and checked with
+    ``fstat`` before any read.  ``name`` (default ``path``) is used in error messages.
+
+    Raises :class:`ImageError`: ``missing`` (no such file), ``not_a_file`` (a directory, FIFO, socket or device) or
+    ``unreadable`` (no permission, an I/O error)."""
+    name = str(path) if name is None else name
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ImageError(name, "missing", "no such file; expected an image file") from None
+    except OSError as exc:
+        if exc.errno in (errno.ENXIO, errno.EISDIR):  # a socket; a directory (where it cannot be opened)
+            kind = "a directory" if exc.errno == errno.EISDIR else "a socket"
+            raise ImageError(name, "not_a_file", f"is {kind}, not a regular file; expected an image file") from None
+        raise ImageError(name, "unreadable", f"cannot read ({exc.strerror}); expected a readable image file") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+            raise ImageError(name, "not_a_file", f"is {kind}, not a regular file; expected an image file")
+        chunks = [os.read(fd, st.st_size + 1)]  # one read for a file that does not grow meanwhile
+        while chunks[-1]:
+            chunks.append(os.read(fd, 1 << 20))
+        return b"".join(chunks)
+    except OSError as exc:
+        raise ImageError(name, "unreadable", f"cannot read ({exc.strerror}); expected a readable image file") from None
+    finally:
+        os.close(fd)
+
+
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an image file into an (H, W, 3) uint8 RGB array (see :func:`decode_image`).
 
-    Raises :class:`ImageError`: ``missing`` (no such file), ``unreadable`` (a directory, no permission) or any reason
-    of :func:`decode_image`.
+    Raises :class:`ImageError`: ``missing`` (no such file), ``not_a_file`` (a directory, FIFO, socket or device),
+    ``unreadable`` (no permission) or any reason of :func:`decode_image`.
     """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise ImageError(path, "missing", "no such file; expected an image file") from exc
-    except IsADirectoryError as exc:
-        raise ImageError(path, "unreadable", "is a directory; expected an image file") from exc
-    except OSError as exc:
-        raise ImageError(path, "unreadable", f"cannot read ({exc.strerror}); expected a readable image file") from exc
-    return decode_image(data, str(path))
+    return decode_image(read_image_bytes(path), str(path))
 
 
-__all__ = ["REASONS", "ImageError", "decode_image", "read_image", "sniff_format"]
+__all__ = [
+    "REASONS",
+    "ImageError",
+    "decode_image",
+    "libjpeg_warnings",
+    "read_image",
+    "read_image_bytes",
+    "sniff_format",
+]

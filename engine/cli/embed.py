@@ -47,6 +47,14 @@ def _summary(result: EmbedResult) -> None:
     failed = ", ".join(f"{n} {reason}" for reason, n in result.failed_by_reason.items()) or "none"
     images = f" from {result.images} images" if result.images != result.rows else ""
     click.echo(f"rows         {result.rows}{images} ({result.ok_rows} ok; failed: {failed})")
+    if result.unlabeled_images:
+        click.echo(f"identity     {result.unlabeled_images} images not named by the identity file (embedded, identity "
+                   "null)")  # fmt: skip
+    if result.warned_rows:
+        click.echo(f"warnings     {result.warned_rows} ok rows decoded past damaged JPEG data (kept; the decoder's "
+                   "warning is in their error column)")  # fmt: skip
+    if result.changed_shards:
+        click.echo(f"inputs       {result.changed_shards} shard(s) recomputed: inputs changed")
     if result.low_pose_rows:
         click.echo(f"pose         {result.low_pose_rows} ok rows with pose_score < {LOW_POSE_SCORE} (turned towards "
                    "profile: over-zoomed crops; pose_score is computed from the landmarks column)")  # fmt: skip
@@ -59,9 +67,21 @@ _P = click.Path(path_type=Path)
 
 
 @main.command("embed")
-@click.option("--input", "input_dir", type=_P, help="Image folder tree (identity = parent folder).")
+@click.option("--input", "input_dir", type=_P, help="Image folder tree (identity = parent folder, or --identities).")
 @click.option("--list", "list_file", type=_P, help="Generic list CSV: path,identity[,x1,y1..x5,y5].")
 @click.option("--devkit", type=_P, help='MegaFace/FaceScrub devkit JSON {"path": [...], "id": [...]} (needs --root).')
+@click.option(
+    "--celeba",
+    type=_P,
+    help="CelebA root: img_align_celeba/ named by identity_CelebA.txt (and list_attr_celeba.txt), with "
+    "list_landmarks_align_celeba.txt's landmarks when present.",
+)
+@click.option(
+    "--identities",
+    type=_P,
+    help="Identity file ('000001.jpg 2880' per line, CelebA's identity_CelebA.txt) labelling the --input folder's "
+    "images (those it does not name get no identity), or replacing a --celeba root's.",
+)
 @click.option("--root", type=_P, help="Folder the list/devkit paths are relative to [default: the list's folder].")
 @click.option("--landmarks", type=_P, help="Landmarks CSV (path,x1,y1..x5,y5), matched by path; else YuNet.")
 @click.option("--sidecars", is_flag=True, help="Read landmarks from <image>.json sidecar files.")
@@ -100,11 +120,15 @@ _P = click.Path(path_type=Path)
 @click.option("--detector-model", type=_P, help="YuNet ONNX file [default: $FACESEARCH_YUNET or ../shared/models].")
 @DEVICE_OPTION
 @user_errors
-def embed_command(input_dir: Path | None, list_file: Path | None, devkit: Path | None, **opts: Any) -> None:
+def embed_command(input_dir: Path | None, list_file: Path | None, devkit: Path | None, celeba: Path | None,
+                  **opts: Any) -> None:  # fmt: skip
     """Embed face images into Parquet shards on Dask (resumable; failures become rows with a reason)."""
-    given = [(fmt, p) for fmt, p in (("images", input_dir), ("list", list_file), ("devkit", devkit)) if p is not None]
+    sources = (("images", input_dir), ("list", list_file), ("devkit", devkit), ("celeba", celeba))
+    given = [(fmt, p) for fmt, p in sources if p is not None]
     if len(given) != 1:
-        raise click.UsageError("give exactly one of --input, --list, --devkit")
+        raise click.UsageError("give exactly one of --input, --list, --devkit, --celeba")
+    if opts["identities"] is not None and given[0][0] not in ("images", "celeba"):
+        raise click.UsageError("--identities labels the images of --input or --celeba (a list names its identities)")
     cfg = EmbedConfig(input=given[0][1], format=given[0][0], **opts)
     bar = _Bar()
     try:

@@ -173,11 +173,11 @@ def test_manifest_is_json(clean: Path) -> None:
 def test_one_gpu_per_worker_cluster(tmp_path: Path, orl_dir: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU layout (a SpecCluster of Nannies, each with its own CUDA_VISIBLE_DEVICES) runs; without GPUs the
     workers' ``auto`` device is the CPU, so this checks the wiring, not CUDA."""
-    import indexer.pipeline as pipeline
+    import indexer.cluster as cluster
 
     root = tmp_path / "in"
     shutil.copytree(orl_dir / "s1", root / "s1")
-    monkeypatch.setattr(pipeline, "_gpu_count", lambda cfg: 2)
+    monkeypatch.setattr(cluster, "_gpu_count", lambda cfg: 2)
     cfg = _cfg(root, ckpt, tmp_path / "out").replace(device="auto", workers=None)
     result = run_embed(cfg)
     assert result.manifest.complete and result.rows == 10 and result.computed_shards == 1

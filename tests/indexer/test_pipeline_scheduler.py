@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+import indexer.cluster as cluster
 import indexer.pipeline as pipeline
 from indexer.embed import EmbedConfig
 from indexer.pipeline import ClusterError, ProbeSpec, probe_worker, run_embed
@@ -70,7 +71,7 @@ def test_same_rows_as_a_local_run(images: Path, ckpt: Path, yunet_path: Path, in
 
 def test_unreachable_scheduler_is_one_line(images: Path, ckpt: Path, yunet_path: Path, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    monkeypatch.setattr(pipeline, "CONNECT_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT_S", 1.0)
     address = f"tcp://127.0.0.1:{_closed_port()}"
     with pytest.raises(ClusterError, match=f"cannot connect to the Dask scheduler --scheduler {address}: ") as info:
         run_embed(_cfg(images, ckpt, tmp_path / "a", yunet_path, address))
@@ -87,7 +88,7 @@ def test_scheduler_without_workers(images: Path, ckpt: Path, yunet_path: Path, t
                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     from distributed import LocalCluster
 
-    monkeypatch.setattr(pipeline, "CONNECT_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT_S", 0.5)
     with LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as empty:
         with pytest.raises(ClusterError, match=f"has no workers .*`dask worker {empty.scheduler_address}`"):
             run_embed(_cfg(images, ckpt, tmp_path / "a", yunet_path, empty.scheduler_address))
@@ -130,7 +131,7 @@ def test_worker_that_cannot_see_the_files(what: str, expect: str, images: Path, 
                                           inproc: tuple[str, str], tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     out = tmp_path / "out"
-    real_unreadable = pipeline._unreadable
+    real_unreadable = cluster._unreadable
 
     def unreadable(path: str) -> str | None:  # the worker's view of the files
         hidden = {"checkpoint": str(ckpt), "yunet": str(yunet_path)}.get(what)
@@ -141,10 +142,10 @@ def test_worker_that_cannot_see_the_files(what: str, expect: str, images: Path, 
     def probe(spec: ProbeSpec) -> str | None:
         raise ModuleNotFoundError("No module named 'indexer'")
 
-    monkeypatch.setattr(pipeline, "_unreadable", unreadable)
-    monkeypatch.setattr(pipeline, "_unwritable", lambda folder: "Read-only file system" if what == "write" else None)
+    monkeypatch.setattr(cluster, "_unreadable", unreadable)
+    monkeypatch.setattr(cluster, "_unwritable", lambda folder: "Read-only file system" if what == "write" else None)
     if what == "crash":
-        monkeypatch.setattr(pipeline, "probe_worker", probe)
+        monkeypatch.setattr(cluster, "probe_worker", probe)
     with pytest.raises(ClusterError) as info:
         run_embed(_cfg(images, ckpt, out, yunet_path, inproc[0]))
     message = str(info.value)

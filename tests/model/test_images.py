@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from model.images import REASONS, ImageError, decode_image, read_image
+from model.images import REASONS, ImageError, decode_image, libjpeg_warnings, read_image, read_image_bytes
 
 
 def _rgb(h: int = 40, w: int = 30, seed: int = 0) -> np.ndarray:
@@ -37,7 +42,7 @@ def test_missing_and_empty(tmp_path: Path) -> None:
     assert _reason(tmp_path / "nope.jpg") == "missing"
     (tmp_path / "zero.jpg").write_bytes(b"")
     assert _reason(tmp_path / "zero.jpg") == "empty"
-    assert _reason(tmp_path) == "unreadable"
+    assert _reason(tmp_path) == "not_a_file"  # a directory
 
 
 @pytest.mark.parametrize("ext", [".jpg", ".png", ".ppm", ".bmp", ".webp"])
@@ -126,3 +131,85 @@ def test_orl_pgm(orl_dir: Path) -> None:
     img = read_image(orl_dir / "s1" / "1.pgm")
     assert img.shape == (112, 92, 3) and img.dtype == np.uint8
     assert (img[..., 0] == img[..., 2]).all(), "grey replicated to three channels"
+
+
+@contextmanager
+def fifo(path: Path, patience: float = 10.0) -> Iterator[list[float]]:
+    """A named pipe at ``path`` that nothing writes to.  After ``patience`` seconds a watchdog releases whatever is
+    blocked reading it (the reader sees end-of-file) and notes the time in the yielded list: the bug under test then
+    fails an assertion instead of hanging the run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+    released: list[float] = []
+    stop = threading.Event()
+
+    def watchdog() -> None:
+        if stop.wait(patience):
+            return
+        while not stop.wait(0.1):
+            try:  # succeeds only while a reader has the pipe open
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+                released.append(time.monotonic())
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=watchdog, daemon=True)
+    thread.start()
+    try:
+        yield released
+    finally:
+        stop.set()
+        thread.join()
+
+
+@pytest.mark.timeout(30)
+def test_fifo_is_not_a_file_and_never_blocks(tmp_path: Path) -> None:
+    path = tmp_path / "pipe.jpg"
+    with fifo(path) as released:  # no writer: a plain open() would wait forever
+        assert _reason(path) == "not_a_file"
+        with pytest.raises(ImageError, match=r"is a FIFO \(named pipe\), not a regular file"):
+            read_image_bytes(path)
+    assert not released, "nothing blocked on the pipe"
+    (tmp_path / "a.jpg").write_bytes(b"abc")
+    assert read_image_bytes(tmp_path / "a.jpg") == b"abc"
+    assert "not_a_file" in REASONS
+
+
+def _corrupt_orl_jpeg(orl_dir: Path) -> tuple[bytes, bytes]:
+    """ORL s1/1 as a colour JPEG (cv2.imencode), and a copy with 4 bytes inverted in the middle of its entropy-coded
+    scan: the Huffman decoder loses sync, ends early and libjpeg warns of extraneous bytes (OpenCV still returns an
+    image)."""
+    grey = cv2.imread(str(orl_dir / "s1/1.pgm"), cv2.IMREAD_GRAYSCALE)
+    good = _encode(".jpg", cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB))
+    sos = good.find(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(good[sos + 2 : sos + 4], "big")  # first byte after the scan header
+    mid = (start + len(good) - 2) // 2
+    bad = bytearray(good)
+    bad[mid : mid + 4] = bytes(b ^ 0xFF for b in bad[mid : mid + 4])
+    return good, bytes(bad)
+
+
+def test_corrupt_jpeg_data_is_a_warning(orl_dir: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    good, bad = _corrupt_orl_jpeg(orl_dir)
+    # The premise: OpenCV decodes it "successfully", printing libjpeg's warning to stderr, with no API to report it.
+    capfd.readouterr()
+    assert cv2.imdecode(np.frombuffer(bad, np.uint8), cv2.IMREAD_COLOR) is not None
+    assert "Corrupt JPEG data" in capfd.readouterr().err
+    found: list[str] = []
+    img = decode_image(bad, "bad.jpg", warnings=found)
+    assert img.shape == (112, 92, 3) and len(found) == 1 and found[0].startswith("Corrupt JPEG data: ")
+    assert "Corrupt JPEG data" not in capfd.readouterr().err, "collected, not printed"
+    clean: list[str] = []
+    np.testing.assert_array_equal(decode_image(good, warnings=clean), decode_image(good))
+    assert clean == []
+    assert decode_image(bad).shape == (112, 92, 3)  # without a list: decoded as before (the warning printed)
+
+
+def test_decoder_output_capture_passes_other_output_on(capfd: pytest.CaptureFixture[str]) -> None:
+    found: list[str] = []
+    capfd.readouterr()
+    with libjpeg_warnings(found):
+        os.write(2, b"another thread's message\n")
+        os.write(2, b"Premature end of JPEG file\n")
+    assert found == ["Premature end of JPEG file"]
+    assert capfd.readouterr().err == "another thread's message\n"
