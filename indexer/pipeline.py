@@ -47,6 +47,7 @@ from indexer.embed import (
     stage,
 )
 from indexer.inputs import inputs_digest
+from indexer.locks import LOCK_FILE, directory_lock
 from indexer.shards import (
     MANIFEST,
     Manifest,
@@ -84,7 +85,8 @@ class EmbedResult:
     per-stage seconds summed over tasks (read, decode, align, infer, write); ``images`` planned (rows differ with
     ``keep_face="all"``) and ``low_pose_rows``: ok rows with :func:`model.align.pose_score` < :data:`LOW_POSE_SCORE`
     (turned ~45 degrees or more: their crops are over-zoomed half faces); ``changed_shards``: of the computed shards,
-    those found with changed inputs; ``warned_rows``: ok rows decoded past damaged data (the decoder's warning in
+    those found with changed inputs; ``damaged_shards``: of the computed shards, recorded ones whose bytes no longer
+    matched the manifest; ``warned_rows``: ok rows decoded past damaged data (the decoder's warning in
     their ``error``); ``unlabeled_images``: images an identity file (``identities``, CelebA) does not name."""
 
     out: Path
@@ -101,6 +103,7 @@ class EmbedResult:
     images: int = 0
     low_pose_rows: int = 0
     changed_shards: int = 0
+    damaged_shards: int = 0
     warned_rows: int = 0
     unlabeled_images: int = 0
 
@@ -210,23 +213,30 @@ def _adopt(out: Path, i: int, ids: range, expected: pa.Schema, keep_face: str) -
     if not _ids_match(table.column("id").to_pylist(), ids, keep_face):
         return None
     ok = int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
-    return ShardEntry(path.name, table.num_rows, ok, file_sha256(path), *shard_id_range(ids, keep_face))
+    return ShardEntry(path.name, table.num_rows, ok, file_sha256(path), *shard_id_range(ids, keep_face),
+                      size=path.stat().st_size)  # fmt: skip
 
 
 def _reconcile(out: Path, manifest: Manifest, ranges: Sequence[range], keep_face: str,
-               states: Sequence[str]) -> tuple[Manifest, list[int], list[int]]:  # fmt: skip
-    """Verify existing shards against the manifest (checksum) or adopt unrecorded ones, and compare the state of each
-    one's inputs now (``states``) with the state recorded when it was submitted.  Returns the manifest with only the
-    valid, unchanged entries, the shard indices still to compute, and those of them whose inputs changed (their files
-    are deleted here, so that no later run adopts them)."""
+               states: Sequence[str]) -> tuple[Manifest, list[int], list[int], list[int]]:  # fmt: skip
+    """Verify recorded shards against the manifest (size, SHA-256, rows) or adopt unrecorded ones (written by a job
+    killed before it recorded them), and compare the state of each one's inputs now (``states``) with the state
+    recorded when it was submitted.  Returns the manifest with only the valid, unchanged entries, the shard indices
+    still to compute, those of them whose inputs changed and those found damaged (a recorded shard whose bytes no
+    longer match: never re-adopted; the files of both are deleted here, so that no later run adopts them)."""
     expected = schema(manifest.d, manifest.dtype, manifest.attributes)
     recorded = manifest.source.get(SHARD_INPUTS) or {}
-    valid, todo, changed = [], [], []
+    valid, todo, changed, damaged = [], [], [], []
     for i, ids in enumerate(ranges):
         name = shard_name(i)
         entry = manifest.entry(name)
-        if entry is None or not verify_shard(out, entry):
-            entry = _adopt(out, i, ids, expected, keep_face) if (out / name).is_file() else None
+        if entry is not None and not verify_shard(out, entry):
+            log.warning("%s does not match its manifest entry (damaged or replaced): recomputing it", out / name)
+            (out / name).unlink(missing_ok=True)
+            damaged.append(i)
+            entry = None
+        elif entry is None and (out / name).is_file():
+            entry = _adopt(out, i, ids, expected, keep_face)
         if entry is not None and recorded.get(name, states[i]) != states[i]:  # none recorded: trusted
             (out / name).unlink(missing_ok=True)
             changed.append(i)
@@ -235,7 +245,7 @@ def _reconcile(out: Path, manifest: Manifest, ranges: Sequence[range], keep_face
             todo.append(i)
         else:
             valid.append(entry)
-    return manifest.replace(shards=tuple(valid)), todo, changed
+    return manifest.replace(shards=tuple(valid)), todo, changed, damaged
 
 
 def _worker_models(cfg: EmbedConfig, fingerprint: str, need_detector: bool) -> tuple[Any, Any]:
@@ -335,7 +345,7 @@ def _prepare_out(cfg: EmbedConfig, new: Manifest) -> Manifest:
         _check_compatible(out, old, new, cfg)
         provenance = {k: new.source[k] for k in ("detection", "ids")}
         return old.replace(config=new.config, versions=new.versions, source={**old.source, **provenance})
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(p.name != LOCK_FILE for p in out.iterdir())):
         raise ValueError(f"--out {out} exists and is not a shard directory (no {MANIFEST}); use an empty folder")
     out.mkdir(parents=True, exist_ok=True)
     return write_manifest(out, new)
@@ -349,11 +359,19 @@ def run_embed(cfg: EmbedConfig, progress: ProgressFn | None = None) -> EmbedResu
     t0 = time.perf_counter()
     resolve_device(cfg.device)  # a requested GPU that is absent fails here, before any worker starts
     items = plan_inputs(cfg)
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise ValueError(f"--out {cfg.out} is a file; expected a shard directory (new or empty, or one to resume)")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    with directory_lock(cfg.out):  # a second job into the same --out is refused, naming this one
+        return _run_locked(cfg, items, progress, t0)
+
+
+def _run_locked(cfg: EmbedConfig, items: Sequence[InputItem], progress: ProgressFn | None, t0: float) -> EmbedResult:
     ranges = plan_shards(len(items), cfg.shard_rows)
     manifest = _prepare_out(cfg, _new_manifest(cfg, items, len(ranges)))
     remove_temporaries(cfg.out)  # left by a killed job
     states = [inputs_digest(items[r.start : r.stop], cfg.sidecars) for r in ranges]
-    manifest, todo, changed = _reconcile(cfg.out, manifest, ranges, cfg.keep_face, states)
+    manifest, todo, changed, damaged = _reconcile(cfg.out, manifest, ranges, cfg.keep_face, states)
     already = manifest.complete and not todo
     stages: dict[str, float] = {}
     if not already:
@@ -372,6 +390,7 @@ def run_embed(cfg: EmbedConfig, progress: ProgressFn | None = None) -> EmbedResu
                        failed_by_reason=dict(sorted(counts.items())), seconds=time.perf_counter() - t0,
                        computed_images=sum(len(ranges[i]) for i in todo), stage_seconds=stages,
                        images=len(items), low_pose_rows=low_pose, changed_shards=len(changed), warned_rows=warned,
+                       damaged_shards=len(damaged),
                        unlabeled_images=sum(it.identity is None for it in items) if by_file else 0)  # fmt: skip
 
 

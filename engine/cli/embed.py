@@ -55,6 +55,8 @@ def _summary(result: EmbedResult) -> None:
                    "warning is in their error column)")  # fmt: skip
     if result.changed_shards:
         click.echo(f"inputs       {result.changed_shards} shard(s) recomputed: inputs changed")
+    if result.damaged_shards:
+        click.echo(f"damaged      {result.damaged_shards} shard(s) recomputed: bytes no longer matched the manifest")
     if result.low_pose_rows:
         click.echo(f"pose         {result.low_pose_rows} ok rows with pose_score < {LOW_POSE_SCORE} (turned towards "
                    "profile: over-zoomed crops; pose_score is computed from the landmarks column)")  # fmt: skip

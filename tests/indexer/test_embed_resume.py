@@ -118,3 +118,33 @@ def test_output_without_recorded_inputs_is_trusted(listed: Path, ckpt: Path, sch
     _rewrite(items[0], items[3].path.read_bytes())
     result = run_embed(cfg)
     assert result.already_complete and result.changed_shards == 0
+
+
+def test_damaged_shard_is_recomputed_not_readopted(listed: Path, ckpt: Path, scheduler: str, tmp_path: Path) -> None:
+    """One byte of a finished shard changed: the next run does not call the output complete (or adopt the damaged
+    file under a new checksum); it recomputes that shard and the rows equal the original run's."""
+    cfg = _cfg(listed, ckpt, tmp_path / "out", scheduler)
+    run_embed(cfg)
+    before = _tables(cfg.out)
+    path = cfg.out / "part-00001.parquet"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the column data: Parquet may still parse it
+    path.write_bytes(bytes(data))
+    again = run_embed(cfg)
+    assert not again.already_complete
+    assert (again.computed_shards, again.reused_shards, again.damaged_shards, again.changed_shards) == (1, 2, 1, 0)
+    assert all(a.equals(b) for a, b in zip(_tables(cfg.out), before, strict=True))
+    assert run_embed(cfg).already_complete
+
+
+def test_second_job_into_the_same_out_is_refused(listed: Path, ckpt: Path, scheduler: str, tmp_path: Path) -> None:
+    """Two embed runs into one --out: the second is refused at once, naming the holder; the first's work is kept."""
+    from indexer.locks import directory_lock
+
+    cfg = _cfg(listed, ckpt, tmp_path / "out", scheduler)
+    cfg.out.mkdir()
+    with directory_lock(cfg.out), pytest.raises(ValueError, match=r"locked by pid \d+"):
+        run_embed(cfg)
+    assert run_embed(cfg).computed_shards == 3, "the lock file alone does not make --out 'not a shard directory'"
+    with directory_lock(cfg.out, shared=True), pytest.raises(ValueError, match="is being read"):
+        run_embed(cfg)  # an index build reading the shards holds a shared lock

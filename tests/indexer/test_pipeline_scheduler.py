@@ -171,4 +171,7 @@ def test_worker_io_error_is_one_line(images: Path, ckpt: Path, yunet_path: Path,
         run_embed(_cfg(images, ckpt, tmp_path / "out", yunet_path, inproc[0]))
     monkeypatch.undo()
     result = run_embed(_cfg(images, ckpt, tmp_path / "out", yunet_path, inproc[0]))  # resumes once space is back
-    assert result.computed_shards == 3 and pq.read_table(tmp_path / "out/part-00000.parquet").num_rows == 4
+    # A shard task still running on the worker when the error came may write its (whole) shard after the undo; the
+    # resume adopts it then, so only the total is fixed.
+    assert result.computed_shards + result.reused_shards == 3 and result.computed_shards >= 1
+    assert [pq.read_table(tmp_path / f"out/part-0000{i}.parquet").num_rows for i in range(3)] == [4, 4, 2]
