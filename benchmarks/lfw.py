@@ -23,13 +23,16 @@ from typing import Any, NamedTuple
 import cv2
 import numpy as np
 
-from model.align import FaceDetector, prepare_face
+from model.align import KEEP_FACE, FaceDetector, prepare_face
 from model.fileio import atomic_write_bytes, atomic_write_text
 from model.images import ImageError, read_image
 
 log = logging.getLogger(__name__)
 
 _IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".bmp", ".tif", ".tiff", ".webp"})
+#: Faces :func:`embed_lfw_images` can keep (one per image; ``all`` is not a choice).  ``center`` is the default: LFW's
+#: 250x250 images are centred on the named person, while another face in the frame may be larger or better scored.
+LFW_KEEP_FACE: tuple[str, ...] = tuple(k for k in KEEP_FACE if k != "all")
 SE_NOTE = "± is the standard error of the mean over folds: std(fold accuracies, ddof=1) / sqrt(folds)"
 
 
@@ -281,11 +284,17 @@ def embed_lfw_images(
     detector: FaceDetector | None = None,
     ext: str = ".jpg",
     progress: Callable[[int, int], None] | None = None,
+    keep_face: str = "center",
 ) -> LfwFeatures:
     """Embed every distinct image of ``pairs`` once: YuNet detection + 5-point alignment to the model input, or, when
     no face is found, a centre crop (counted in ``no_face``).  ``progress(done, total)`` is called per batch.
-    Raises ``ValueError`` listing missing images (before any work) or naming an unreadable one."""
+    Without ``detector``, YuNet keeps the face ``keep_face`` picks (one of :data:`LFW_KEEP_FACE`; default ``center``,
+    the named person of an LFW image).  Raises ``ValueError`` for a bad ``keep_face``, listing missing images (before
+    any work) or naming an unreadable one."""
     from model.inference import Embedder  # torch is imported only when embedding
+
+    if keep_face not in LFW_KEEP_FACE:
+        raise ValueError(f"keep_face must be one of {list(LFW_KEEP_FACE)}, got {keep_face!r}")
 
     paths = {k: pair_image_path(root, name, n, ext) for k, (name, n) in _pair_images(pairs).items()}
     keys = list(paths)
@@ -293,7 +302,7 @@ def embed_lfw_images(
     if missing:
         raise ValueError(f"{len(missing)} of the {len(keys)} pair images are missing, e.g. {missing[:3]}")
     embedder = Embedder(checkpoint, device=device, batch_size=batch_size)
-    detector = detector if detector is not None else FaceDetector()
+    detector = detector if detector is not None else FaceDetector(keep=keep_face)
     size = embedder.input_size
     features: dict[str, np.ndarray] = {}
     no_face: list[str] = []
@@ -385,6 +394,6 @@ def format_lfw(result: LfwResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["LfwFeatures", "LfwResult", "Pair", "Pairs", "embed_lfw_images", "evaluate_lfw", "features_from_npz",
-           "features_from_shards", "format_lfw", "image_key", "load_features", "pair_image_path", "pair_key",
-           "read_pairs", "score_pairs", "ten_fold_accuracy", "write_orl_pairs"]  # fmt: skip
+__all__ = ["LFW_KEEP_FACE", "LfwFeatures", "LfwResult", "Pair", "Pairs", "embed_lfw_images", "evaluate_lfw",
+           "features_from_npz", "features_from_shards", "format_lfw", "image_key", "load_features", "pair_image_path",
+           "pair_key", "read_pairs", "score_pairs", "ten_fold_accuracy", "write_orl_pairs"]  # fmt: skip

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,20 +42,17 @@ from model.checkpoint import (
     save_checkpoint,
 )
 from model.datasets import FaceBatch, SkipReport
+from model.detections import DETECTIONS, DetectionCache, attach_detections, detector_identity, known_failures
 from model.device import autocast, autocast_dtype, resolve_device
 from model.fileio import atomic_write_text
 from model.losses import multitask_loss
 from model.network import FaceNet, to_input
 from model.train_config import PAPER_STAGES, StageConfig, TrainConfig, resume_mismatch
+from model.train_log import LogWindow, truncate_metrics
 from model.trainer_data import (
-    DETECTIONS,
-    DetectionCache,
     StepBatchSampler,
     TrainingData,
-    attach_detections,
     check_readable,
-    detector_identity,
-    known_failures,
     listed_failures,
     prepare_data,
     train_loader,
@@ -224,51 +220,9 @@ def _restore(run: _Run, path: Path) -> int:
             run.optimizer.load_state_dict(ckpt.optimizer_state)
     restore_rng_state(ckpt.rng_state)
     run.fingerprint = ckpt.fingerprint
-    _truncate_metrics(run.metrics, step)
+    truncate_metrics(run.metrics, step)
     log.info("resumed from %s at step %d", path, step)
     return step
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records logged after ``step`` by an interrupted run, so the log reads as one uninterrupted run."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by the interruption
-            continue
-        if record.get("step", 0) <= step:
-            keep.append(line)
-    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
-
-
-class _Window:
-    """Accumulates step statistics between log records (tensors, so no per-step host sync)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, Tensor] = {}
-        self.counts: dict[str, int] = {}
-        self.images = 0
-        self.skipped_steps = 0
-        self.t0 = time.perf_counter()
-
-    def add(self, stats: dict[str, Tensor], images: int) -> None:
-        for k, v in stats.items():
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
-            self.counts[k] = self.counts.get(k, 0) + 1
-        self.images += images
-
-    def record(self) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        vals = {k: float(v) for k, v in self.sums.items()}
-        rec = {k: vals[k] / self.counts[k] for k in vals if k.startswith("loss")}
-        if "correct" in vals:
-            rec["acc"] = vals["correct"] / max(vals["known"], 1.0)
-        rec["images_per_s"] = self.images / elapsed
-        rec["skipped_steps"] = self.skipped_steps
-        return rec
 
 
 def _new_run(cfg: TrainConfig, progress: Progress | None) -> _Run:
@@ -333,6 +287,20 @@ def _check_data(run: _Run, steps: int = 0) -> None:
         raise
 
 
+def _set_stage(run: _Run, step: int) -> tuple[int, StageConfig, float]:
+    """Ready the optimizer for global step ``step`` (a new one at each stage start) with that step's learning rate;
+    returns (stage index, stage, learning rate)."""
+    stage_idx, local = run.cfg.stage_at(step)
+    stage = run.cfg.stages[stage_idx]
+    if run.opt_stage != stage_idx:
+        run.optimizer, run.opt_stage = make_optimizer(run.model, run.cfg, stage), stage_idx
+    assert run.optimizer is not None, "optimizer exists"
+    lr = stage.lr_at(local)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    return stage_idx, stage, lr
+
+
 def _loop(run: _Run, start: int, stop: int) -> int:
     """Steps ``start .. stop - 1``; logs, validates and checkpoints on the way.  Returns the step reached."""
     cfg, pin = run.cfg, run.device.type == "cuda"
@@ -341,16 +309,9 @@ def _loop(run: _Run, start: int, stop: int) -> int:
     loader = train_loader(run.data.train, sampler, cfg.resolved_workers, pin)
     vloader = val_loader(run.data.val, cfg.resolved_batch_size, cfg.resolved_workers, pin, cfg.seed)
     run.model.train()
-    window, step = _Window(), start
+    window, step = LogWindow(), start
     for batch in loader:
-        stage_idx, local = cfg.stage_at(step)
-        stage = cfg.stages[stage_idx]
-        if run.opt_stage != stage_idx:
-            run.optimizer, run.opt_stage = make_optimizer(run.model, cfg, stage), stage_idx
-        assert run.optimizer is not None, "optimizer exists"
-        lr = stage.lr_at(local)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
+        stage_idx, stage, lr = _set_stage(run, step)
         run.skips.add(batch.failures)
         stats = train_step(run, batch, stage)
         if stats is not None:
@@ -365,7 +326,7 @@ def _loop(run: _Run, start: int, stop: int) -> int:
         if (cfg.log_every and step % cfg.log_every == 0) or step == stop:
             run.emit({"event": "train", "step": step, "total": cfg.total_steps, "stage": stage_idx + 1, "lr": lr,
                       "epoch": step / sampler.steps_per_epoch, **window.record()})  # fmt: skip
-            window = _Window()
+            window = LogWindow()
         if step % sampler.steps_per_epoch == 0 and len(run.skips):
             log.info("epoch %d: %s", step // sampler.steps_per_epoch, run.skips.summary())
         if step != stop and cfg.val_every and step % cfg.val_every == 0 and len(run.data.val):

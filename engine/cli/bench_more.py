@@ -17,7 +17,15 @@ from benchmarks.attribute_accuracy import (
     format_attribute_table,
     predict_celeba,
 )
-from benchmarks.lfw import embed_lfw_images, evaluate_lfw, format_lfw, load_features, read_pairs, write_orl_pairs
+from benchmarks.lfw import (
+    LFW_KEEP_FACE,
+    embed_lfw_images,
+    evaluate_lfw,
+    format_lfw,
+    load_features,
+    read_pairs,
+    write_orl_pairs,
+)
 from engine.cli._app import DEVICE_OPTION, user_errors
 from engine.cli.bench import bench
 from model.fileio import atomic_write_text
@@ -38,6 +46,9 @@ def _write_json(path: Path | None, document: dict[str, Any]) -> None:
 @click.option("--features", type=_P, help="Precomputed features: .npz (keys, features) or a `facesearch embed` dir.")
 @click.option("--ext", default=".jpg", show_default=True, help="Image file extension under --images.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Crops per forward pass.")
+@click.option("--keep-face", type=click.Choice(list(LFW_KEEP_FACE)), default="center", show_default=True,
+              help="Which face of an image is embedded: the one nearest the centre (LFW images are centred on the "
+                   "named person), the largest, or the best scored.")  # fmt: skip
 @click.option("--out", type=_P, help="Write the result as JSON here.")
 @DEVICE_OPTION
 @user_errors
@@ -48,6 +59,7 @@ def lfw_command(
     features: Path | None,
     ext: str,
     batch_size: int,
+    keep_face: str,
     out: Path | None,
     device: str,
 ) -> None:
@@ -65,13 +77,15 @@ def lfw_command(
                 bar.total = total
                 bar.update(done - bar.n)
 
-            embedded = embed_lfw_images(images, parsed, checkpoint, device, batch_size, ext=ext, progress=progress)
+            embedded = embed_lfw_images(images, parsed, checkpoint, device, batch_size, ext=ext, progress=progress,
+                                        keep_face=keep_face)  # fmt: skip
         result = evaluate_lfw(
             parsed,
             embedded.features,
             no_face=len(embedded.no_face),
             images=str(images),
             checkpoint=str(checkpoint),
+            keep_face=keep_face,
             fingerprint=embedded.fingerprint,
             no_face_images=embedded.no_face[:100],
         )

@@ -7,13 +7,16 @@ import json
 import math
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from benchmarks.lfw import (
+    LFW_KEEP_FACE,
     Pair,
     Pairs,
+    embed_lfw_images,
     evaluate_lfw,
     features_from_npz,
     features_from_shards,
@@ -192,7 +195,51 @@ def test_bench_lfw_end_to_end(orl_pairs: Path, yunet_path: Path, tmp_path: Path,
     doc = json.loads(out.read_text())
     assert len(doc["fold_accuracies"]) == 10 and all(0.0 <= a <= 1.0 for a in doc["fold_accuracies"])
     assert doc["fold_sizes"] == [200] * 10 and doc["meta"]["fingerprint"] and doc["no_face"] >= 0
+    assert doc["meta"]["keep_face"] == "center"
     assert 0.0 <= doc["mean_accuracy"] <= 1.0 and doc["standard_error"] >= 0.0
+
+
+def _two_face_lfw(orl_dir: Path, root: Path) -> Pairs:
+    """X_0001: person s1 at the centre of a 300x400 canvas and s2, 1.4x larger, in the top-left corner; X_0002: s1
+    alone, Y_0001: the large s2 alone, each where it is in X_0001."""
+    a, b = read_image(orl_dir / "s1" / "1.pgm"), read_image(orl_dir / "s2" / "1.pgm")
+    big = cv2.resize(b, (129, 157), interpolation=cv2.INTER_CUBIC)
+
+    def canvas(centre: bool, corner: bool) -> np.ndarray:
+        image = np.zeros((300, 400, 3), np.uint8)
+        if centre:
+            image[94:206, 154:246] = a
+        if corner:
+            image[10:167, 10:139] = big
+        return image
+
+    for name, n, image in (("X", 1, canvas(True, True)), ("X", 2, canvas(True, False)), ("Y", 1, canvas(False, True))):
+        path = pair_image_path(root, name, n)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(path), image)
+    return Pairs(((Pair("X", 1, "X", 2, True), Pair("X", 1, "Y", 1, False)),))
+
+
+def test_embed_lfw_keeps_the_centre_face(orl_dir: Path, yunet_path: Path, tmp_path: Path, ckpt: Path) -> None:
+    """LFW images are centred on the named person: by default the centred face is embedded, not a larger one."""
+    pairs = _two_face_lfw(orl_dir, tmp_path / "lfw")
+    assert LFW_KEEP_FACE == ("largest", "center", "score")
+
+    def cosines(**kwargs: str) -> tuple[float, float]:
+        f = embed_lfw_images(tmp_path / "lfw", pairs, ckpt, "cpu", **kwargs).features  # type: ignore[arg-type]
+        u = {k: v / np.linalg.norm(v) for k, v in f.items()}
+        return float(u["X/X_0001"] @ u["X/X_0002"]), float(u["X/X_0001"] @ u["Y/Y_0001"])
+
+    # The same face cropped from two canvases embeds to cosine ~0.999 (measured); another face ~0.94 with this tiny
+    # random model.  0.99 separates them with margin on both sides.
+    with_centre, with_large = cosines()
+    assert with_centre > 0.99 > with_large
+    with_centre, with_large = cosines(keep_face="largest")
+    assert with_large > 0.99 > with_centre
+    with pytest.raises(ValueError, match=r"keep_face must be one of \['largest', 'center', 'score'\], got 'all'"):
+        embed_lfw_images(tmp_path / "lfw", pairs, ckpt, "cpu", keep_face="all")
+    res = CliRunner().invoke(main, ["bench", "lfw", "--help"])
+    assert "--keep-face [largest|center|score]" in res.output and "default: center" in res.output
 
 
 def test_bench_lfw_features_npz_and_shards(orl_pairs: Path, tmp_path: Path) -> None:
