@@ -45,13 +45,14 @@ Detected: TypeAlias = np.ndarray | tuple[str, str]
 
 #: ``ImageError`` reasons meaning the file itself is unusable (the others: a readable image without a usable face).
 FILE_REASONS: frozenset[str] = frozenset(
-    {"missing", "unreadable", "empty", "not_an_image", "unsupported_format", "truncated", "corrupt"}
+    {"missing", "unreadable", "not_a_file", "empty", "not_an_image", "unsupported_format", "truncated", "corrupt"}
 )
 
 
 def stat_failures(samples: Sequence[Sample]) -> list[Failure]:
     """The samples whose file cannot be read, found with one ``stat`` each (no decoding, so cheap for 200k files):
-    ``missing``, ``unreadable`` (not a regular file, no permission) or ``empty``; ``index`` is into ``samples``."""
+    ``missing``, ``unreadable`` (no permission), ``not_a_file`` (a folder, FIFO, device) or ``empty``; ``index`` is
+    into ``samples``."""
     out = []
     for i, s in enumerate(samples):
         reason, detail = "", ""
@@ -63,7 +64,7 @@ def stat_failures(samples: Sequence[Sample]) -> list[Failure]:
             reason, detail = "unreadable", f"cannot stat ({e.strerror}); expected a readable image file"
         else:
             if not stat.S_ISREG(st.st_mode):
-                reason, detail = "unreadable", "not a regular file; expected an image file"
+                reason, detail = "not_a_file", "not a regular file; expected an image file"
             elif st.st_size == 0:
                 reason, detail = "empty", "zero-byte file; expected an image file"
         if reason:

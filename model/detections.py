@@ -62,7 +62,7 @@ def detector_identity(model_path: Path | None = None) -> dict[str, Any]:
 
 #: Failures that are a property of the file's content, so they are cached with its size and mtime; ``missing`` and
 #: ``unreadable`` are not (a file may appear, a permission may change).
-_CACHED_FAILURES = frozenset(FILE_REASONS - {"missing", "unreadable"} | {"no_face"})
+_CACHED_FAILURES = frozenset(FILE_REASONS - {"missing", "unreadable", "not_a_file"} | {"no_face"})
 
 
 class DetectionCache:
