@@ -9,6 +9,10 @@ and carries the decoder's warning in ``error``.
 Row ids: the image's position in the planned input list, or with ``keep_face="all"`` (one row per detected face)
 ``image_index * FACE_STRIDE + face_index`` (:func:`row_id`), faces numbered largest first from 0; an image without a
 face keeps one failed row with face index 0.  Ids are so unique, deterministic and independent of other shards.
+
+Optional columns (:func:`optional_columns`): every row gets ``pose_score`` (:func:`model.align.pose_score` of its
+landmarks; null for a failed row, which has none), and with ``keep_face="all"`` ``face``, the face index of its id (the
+other modes keep one face per image, whose number among the detected faces is not known).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import pyarrow as pa
 
 from indexer.inputs import CELEBA_IMAGES, INPUT_FORMATS, InputItem, list_inputs, walk_images
 from indexer.shards import DTYPES, table_from_arrays
-from model.align import KEEP_FACE, DetectOptions, FaceDetector, align_face
+from model.align import KEEP_FACE, DetectOptions, FaceDetector, align_face, pose_score
 from model.config import from_mapping
 from model.device import PRECISIONS
 from model.images import ImageError, decode_image, read_image_bytes
@@ -156,6 +160,12 @@ def row_id(image_id: int, face: int, keep_face: str) -> int:
     return image_id * FACE_STRIDE + face
 
 
+def optional_columns(keep_face: str) -> tuple[str, ...]:
+    """The optional shard columns (:data:`indexer.shards.OPTIONAL_COLUMNS`) a new output of ``keep_face`` holds:
+    ``pose_score``, and ``face`` with ``"all"`` (one row per face)."""
+    return ("face", "pose_score") if keep_face == "all" else ("pose_score",)
+
+
 def shard_id_range(images: range, keep_face: str) -> tuple[int, int]:
     """The half-open range [lo, hi) of row ids a shard of the input ids ``images`` may hold."""
     scale = FACE_STRIDE if keep_face == "all" else 1
@@ -268,9 +278,12 @@ def embed_partition(
     detector: FaceDetector | None,
     cfg: EmbedConfig,
     timings: dict[str, float] | None = None,
+    columns: Sequence[str] | None = None,
 ) -> pa.Table:
     """Embed one shard's ``items`` -> a shard table: one row per item in item order, or with ``keep_face="all"`` one
-    row per face (ids from :func:`row_id`; an image without a usable face keeps one failed row).
+    row per face (ids from :func:`row_id`; an image without a usable face keeps one failed row).  ``columns``: the
+    optional columns to write (``None``: those of a new output, :func:`optional_columns`; a resumed directory's own,
+    so that all its shards have one schema).
 
     Batches of ``cfg.batch_size`` consecutive items (fixed per shard, so the rows never depend on scheduling) are
     read, decoded and aligned in a background thread while the previous batch is inferred.  ``timings`` receives
@@ -314,7 +327,8 @@ def embed_partition(
             for p in rows:
                 p.crop = None  # embedded: a shard's crops would otherwise all stay in memory until it is written
             prepared += batch
-    return _to_table(items, prepared, embs, attrs, embedder, cfg)
+    columns = optional_columns(cfg.keep_face) if columns is None else tuple(columns)
+    return _to_table(items, prepared, embs, attrs, embedder, cfg, columns)
 
 
 def _infer(rows: list[_Prepared], embedder: Embedder, d: int, m: int,
@@ -330,7 +344,8 @@ def _infer(rows: list[_Prepared], embedder: Embedder, d: int, m: int,
 
 
 def _to_table(items: Sequence[InputItem], prepared: list[list[_Prepared]], embs: list[np.ndarray],
-              attrs: list[np.ndarray], embedder: Embedder, cfg: EmbedConfig) -> pa.Table:  # fmt: skip
+              attrs: list[np.ndarray], embedder: Embedder, cfg: EmbedConfig,
+              columns: tuple[str, ...]) -> pa.Table:  # fmt: skip
     d, m = embedder.embedding_dim, len(embedder.attributes)
     owners = [(it, face) for it, faces in zip(items, prepared, strict=True) for face in range(len(faces))]
     rows = [p for faces in prepared for p in faces]
@@ -339,6 +354,10 @@ def _to_table(items: Sequence[InputItem], prepared: list[list[_Prepared]], embs:
         if p.landmarks is not None:
             lm[j] = p.landmarks
     attr = np.concatenate(attrs) if attrs else np.zeros((0, m), np.float32)
+    optional = {"face": np.array([face for _, face in owners], np.int32), "pose_score": pose_score(lm)}
+    unknown = sorted(set(columns) - set(optional))
+    if unknown:
+        raise ValueError(f"unknown optional column(s) {unknown}; valid: {list(optional)}")
     return table_from_arrays(
         ids=np.array([row_id(it.id, face, cfg.keep_face) for it, face in owners], dtype=np.int64),
         paths=[it.rel for it, _ in owners],
@@ -350,6 +369,7 @@ def _to_table(items: Sequence[InputItem], prepared: list[list[_Prepared]], embs:
         status=[p.status for p in rows],
         error=[p.error for p in rows],
         dtype=cfg.dtype,
+        extra={name: optional[name] for name in columns},
     )
 
 
@@ -377,6 +397,7 @@ __all__ = [
     "build_detector",
     "build_embedder",
     "embed_partition",
+    "optional_columns",
     "plan_inputs",
     "plan_shards",
     "row_id",

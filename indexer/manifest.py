@@ -61,7 +61,9 @@ class Manifest:
     """``_manifest.json`` of a shard directory.  ``shards`` are sorted by file name; ``planned_shards`` is how many the
     job will write (``complete`` once all are present).  ``source``: input description (root, list file, format,
     count); ``config``: the resolved embed config; ``versions``: software versions; ``id_offset``: what the embed job
-    added to every row id (ids = input position + ``id_offset``; 0 when absent: manifests from before it)."""
+    added to every row id (ids = input position + ``id_offset``; 0 when absent: manifests from before it);
+    ``columns``: the optional columns (:data:`indexer.shards.OPTIONAL_COLUMNS`) every shard of the directory holds
+    (``()`` when absent: manifests from before them; written only when not empty)."""
 
     fingerprint: str
     d: int
@@ -76,6 +78,7 @@ class Manifest:
     complete: bool = False
     normalized: bool = True
     id_offset: int = 0
+    columns: tuple[str, ...] = ()
     created: str = field(default_factory=_now)
     updated: str = field(default_factory=_now)
 
@@ -85,6 +88,11 @@ class Manifest:
         if isinstance(self.id_offset, bool) or not isinstance(self.id_offset, int):
             raise ValueError(f"id_offset must be an integer, got {self.id_offset!r}")
         object.__setattr__(self, "attributes", tuple(self.attributes))
+        if isinstance(self.columns, str) or not all(isinstance(c, str) for c in self.columns):
+            raise ValueError(f"columns must be a list of column names, got {self.columns!r}")
+        if len(set(self.columns)) != len(self.columns):
+            raise ValueError(f"columns must be distinct, got {list(self.columns)}")
+        object.__setattr__(self, "columns", tuple(self.columns))
         object.__setattr__(self, "shards", tuple(sorted(self.shards, key=lambda e: e.file)))
 
     @property
@@ -108,6 +116,10 @@ class Manifest:
         data = {"kind": KIND, "format_version": FORMAT_VERSION}
         data.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         data.update(attributes=list(self.attributes), shards=[e.to_dict() for e in self.shards], totals=self.totals)
+        if self.columns:
+            data["columns"] = list(self.columns)
+        else:
+            del data["columns"]  # the manifest of a directory without optional columns reads as before them
         return json.loads(json.dumps(data))
 
     @classmethod

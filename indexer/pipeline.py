@@ -11,6 +11,10 @@ Changed inputs: before a shard is submitted, the driver records the state of its
 each, :func:`indexer.inputs.inputs_digest`) in the manifest's ``source["shard_inputs"]``; a later run compares every
 shard it finds with the state of its files now, and deletes and recomputes those whose inputs changed.  A shard with
 no recorded state (written before this check existed) is trusted as it is.
+
+Optional columns: a new output's manifest names them (``columns``: :func:`indexer.embed.optional_columns`) and every
+shard has them; a resumed output keeps writing its manifest's, so an output from before them stays without them and
+a directory never mixes two schemas.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from indexer.embed import (
     build_detector,
     build_embedder,
     embed_partition,
+    optional_columns,
     plan_inputs,
     plan_shards,
     shard_id_range,
@@ -159,6 +164,7 @@ def _new_manifest(cfg: EmbedConfig, items: Sequence[InputItem], n_shards: int) -
         config=cfg.to_dict(),
         versions=_versions(),
         planned_shards=n_shards,
+        columns=optional_columns(cfg.keep_face),
     )
 
 
@@ -224,7 +230,7 @@ def _reconcile(out: Path, manifest: Manifest, ranges: Sequence[range], keep_face
     recorded when it was submitted.  Returns the manifest with only the valid, unchanged entries, the shard indices
     still to compute, those of them whose inputs changed and those found damaged (a recorded shard whose bytes no
     longer match: never re-adopted; the files of both are deleted here, so that no later run adopts them)."""
-    expected = schema(manifest.d, manifest.dtype, manifest.attributes)
+    expected = schema(manifest.d, manifest.dtype, manifest.attributes, manifest.columns)
     recorded = manifest.source.get(SHARD_INPUTS) or {}
     valid, todo, changed, damaged = [], [], [], []
     for i, ids in enumerate(ranges):
@@ -267,10 +273,16 @@ def _worker_models(cfg: EmbedConfig, fingerprint: str, need_detector: bool) -> t
 
 
 def embed_shard(
-    index: int, items: Sequence[InputItem], ids: range, cfg: EmbedConfig, fingerprint: str
+    index: int,
+    items: Sequence[InputItem],
+    ids: range,
+    cfg: EmbedConfig,
+    fingerprint: str,
+    columns: Sequence[str] | None = None,
 ) -> tuple[ShardEntry, dict[str, float]]:
     """The Dask task: embed shard ``index`` and write it atomically into ``cfg.out``; returns its manifest entry and
-    per-stage seconds.  Runs in a worker with the model cached per process."""
+    per-stage seconds.  ``columns``: the optional columns of the directory (``Manifest.columns``; ``None``: those of a
+    new output).  Runs in a worker with the model cached per process."""
     import cv2
     import torch
 
@@ -278,7 +290,7 @@ def embed_shard(
     cv2.setNumThreads(cfg.threads_per_worker)
     embedder, detector = _worker_models(cfg, fingerprint, _needs_detector(cfg, items))
     timings: dict[str, float] = {}
-    table = embed_partition(items, embedder, detector, cfg, timings)
+    table = embed_partition(items, embedder, detector, cfg, timings, columns)
     with stage(timings, "write"):
         entry = write_shard(cfg.out / shard_name(index), table, shard_id_range(ids, cfg.keep_face))
     return entry, timings
@@ -305,7 +317,8 @@ def _compute(cfg: EmbedConfig, items: Sequence[InputItem], ranges: Sequence[rang
         if progress is not None:  # only now: a cluster that fails to start or to see the files prints just the error
             progress({"event": "start", "total": total, "shards": len(todo), "reused_shards": len(ranges) - len(todo)})
         futures = {client.submit(embed_shard, i, items[ranges[i].start : ranges[i].stop], ranges[i], wcfg,
-                                 manifest.fingerprint, key=f"embed-shard-{i:05d}-{manifest.fingerprint[:8]}",
+                                 manifest.fingerprint, manifest.columns,
+                                 key=f"embed-shard-{i:05d}-{manifest.fingerprint[:8]}",
                                  pure=False): i for i in todo}  # fmt: skip
         for future in as_completed(futures):
             try:
@@ -324,15 +337,19 @@ def _compute(cfg: EmbedConfig, items: Sequence[InputItem], ranges: Sequence[rang
 
 
 def _row_counts(out: Path, manifest: Manifest) -> tuple[Counter[str], int, int]:
-    """Rows by status, ok rows whose :func:`model.align.pose_score` is below :data:`LOW_POSE_SCORE`, and ok rows
-    with a decoder warning."""
+    """Rows by status, ok rows whose :func:`model.align.pose_score` is below :data:`LOW_POSE_SCORE` (the stored
+    ``pose_score`` column, else computed from ``landmarks``), and ok rows with a decoder warning."""
     counts: Counter[str] = Counter()
     low_pose = warned = 0
+    stored = "pose_score" in manifest.columns
     for entry in manifest.shards:
-        table = pq.read_table(out / entry.file, columns=["status", "landmarks", "error"])
+        table = pq.read_table(out / entry.file, columns=["status", "pose_score" if stored else "landmarks", "error"])
         ok = np.array(table.column("status").to_pylist()) == "ok"
         counts.update(table.column("status").to_pylist())
-        pose = pose_score(embeddings_to_numpy(table.column("landmarks"), 10))
+        if stored:
+            pose = table.column("pose_score").to_numpy(zero_copy_only=False).astype(np.float32)  # null -> NaN
+        else:
+            pose = pose_score(embeddings_to_numpy(table.column("landmarks"), 10))
         low_pose += int(((pose < LOW_POSE_SCORE) & ok).sum())
         warned += int((ok & table.column("error").is_valid().to_numpy(zero_copy_only=False)).sum())
     return counts, low_pose, warned

@@ -9,7 +9,12 @@ Row schema (see :func:`schema`): ``id`` int64 (stable: the row's position in the
 string (relative to the input root), ``identity`` string (nullable), ``embedding`` fixed_size_list<float16|float32>[d]
 (L2-normalised; null for failed rows), one float32 column per attribute probability (nullable), ``det_score`` float32
 (null when landmarks were given), ``landmarks`` fixed_size_list<float32>[10] (x1, y1, …, x5, y5; nullable),
-``status`` string (``ok`` or a :data:`model.images.REASONS` code) and ``error`` string (nullable).
+``status`` string (``ok`` or a :data:`model.images.REASONS` code) and ``error`` string (nullable), then the optional
+columns (:data:`OPTIONAL_COLUMNS`) the manifest's ``columns`` names, in that order: ``face`` int32 (the face's number
+within its image, largest first from 0: ``id % 1000`` of a ``keep_face="all"`` output, the only kind that has it) and
+``pose_score`` float32 (:func:`model.align.pose_score` of the row's ``landmarks``; null where they are).  A directory
+written before the optional columns has none (``columns`` absent, read as ``()``); every shard of a directory has the
+same schema.
 
 Readers stream :class:`Block` s with :func:`iter_shards`: shard boundaries are invisible and memory is bounded by
 ``block_rows``.  Every file is written atomically (a ``*.tmp`` named to be skipped by readers, fsync,
@@ -54,6 +59,8 @@ SHARD_PATTERN = "part-{:05d}.parquet"
 STATUSES: tuple[str, ...] = ("ok", *REASONS)
 BASE_COLUMNS: tuple[str, ...] = ("id", "path", "identity", "embedding")
 TAIL_COLUMNS: tuple[str, ...] = ("det_score", "landmarks", "status", "error")
+#: Columns a shard may have after ``error``, in this order; which ones a directory's shards hold: ``Manifest.columns``.
+OPTIONAL_COLUMNS: dict[str, pa.DataType] = {"face": pa.int32(), "pose_score": pa.float32()}
 _ROW_GROUP = 16384
 # Dictionary-encode the string columns only: float16 embeddings have <= 65,536 distinct values, so Parquet would keep
 # them dictionary-encoded, which reads 3.3x slower than plain (measured: 1.25 vs 0.38 s per 50k x 1024 rows).
@@ -74,11 +81,20 @@ def _check_dtype(dtype: str) -> pa.DataType:
     return _ARROW_DTYPE[dtype]
 
 
-def schema(d: int, dtype: str, attributes: Sequence[str]) -> pa.Schema:
-    """The row schema of a shard with ``d``-dimensional ``dtype`` embeddings and the given attribute columns."""
+def _check_optional(optional: Sequence[str]) -> list[str]:
+    """``optional`` in :data:`OPTIONAL_COLUMNS` order; an unknown or repeated name is a ``ValueError``."""
+    unknown = sorted(set(optional) - set(OPTIONAL_COLUMNS))
+    if unknown or len(set(optional)) != len(optional):
+        raise ValueError(f"optional columns must be distinct names from {list(OPTIONAL_COLUMNS)}, got {list(optional)}")
+    return [name for name in OPTIONAL_COLUMNS if name in optional]
+
+
+def schema(d: int, dtype: str, attributes: Sequence[str], optional: Sequence[str] = ()) -> pa.Schema:
+    """The row schema of a shard with ``d``-dimensional ``dtype`` embeddings, the given attribute columns and the
+    ``optional`` columns (names from :data:`OPTIONAL_COLUMNS`, placed after ``error`` in its order, whatever theirs)."""
     if d < 1:
         raise ValueError(f"embedding dimension d must be >= 1, got {d}")
-    clash = sorted(set(attributes) & set(BASE_COLUMNS + TAIL_COLUMNS))
+    clash = sorted(set(attributes) & {*BASE_COLUMNS, *TAIL_COLUMNS, *OPTIONAL_COLUMNS})
     if clash or len(set(attributes)) != len(attributes):
         raise ValueError(f"attribute names must be unique and not reuse column names, got {list(attributes)}")
     fields = [
@@ -91,6 +107,7 @@ def schema(d: int, dtype: str, attributes: Sequence[str]) -> pa.Schema:
         pa.field("landmarks", pa.list_(pa.float32(), 10)),
         pa.field("status", pa.string(), nullable=False),
         pa.field("error", pa.string()),
+        *(pa.field(name, OPTIONAL_COLUMNS[name]) for name in _check_optional(optional)),
     ]
     return pa.schema(fields)
 
@@ -103,6 +120,16 @@ def _float_column(values: np.ndarray | None, n: int, what: str) -> pa.Array:
     if x.shape != (n,):
         raise ValueError(f"{what} must have shape ({n},), got {x.shape}")
     return pa.array(x, type=pa.float32(), from_pandas=True)  # from_pandas: NaN -> null
+
+
+def _optional_column(name: str, values: np.ndarray, n: int) -> pa.Array:
+    """An :data:`OPTIONAL_COLUMNS` column from (n,) values: float NaN = null; integers exactly (no nulls)."""
+    if pa.types.is_floating(OPTIONAL_COLUMNS[name]):
+        return _float_column(values, n, name)
+    x = np.asarray(values)
+    if x.shape != (n,) or not (n == 0 or np.issubdtype(x.dtype, np.integer)):  # np.array([]) is float64
+        raise ValueError(f"{name} must be ({n},) integers, got {x.dtype} of shape {x.shape}")
+    return pa.array(x.astype(np.int64, copy=False), type=OPTIONAL_COLUMNS[name])  # out of int32 range: ArrowInvalid
 
 
 def _list_column(values: np.ndarray, valid: np.ndarray, dtype: pa.DataType) -> pa.Array:
@@ -123,12 +150,15 @@ def table_from_arrays(
     status: Sequence[str],
     error: Sequence[str | None],
     dtype: str = "float16",
+    extra: Mapping[str, np.ndarray] | None = None,
 ) -> pa.Table:
     """Columns -> a shard table in :func:`schema` order.
 
     ``ids`` (n,) int; ``embeddings`` (n, d) float (rows whose ``status`` is not ``ok`` become null); ``attributes``
     {name: (n,) float, NaN = null}; ``det_score`` (n,) float or ``None``, NaN = null; ``landmarks`` (n, 10) or
-    (n, 5, 2) float or ``None``, a row with NaN = null; ``status`` ``ok`` or a reason code; ``error`` message or None.
+    (n, 5, 2) float or ``None``, a row with NaN = null; ``status`` ``ok`` or a reason code; ``error`` message or None;
+    ``extra`` the optional columns {name in :data:`OPTIONAL_COLUMNS`: (n,) values} (``face`` integers, ``pose_score``
+    float with NaN = null), placed in that order whatever the mapping's.
     """
     ids = np.asarray(ids, dtype=np.int64)
     n = len(ids)
@@ -143,7 +173,8 @@ def table_from_arrays(
         raise ValueError(f"unknown status value(s) {bad}; valid: {list(STATUSES)}")
     ok = np.array([s == "ok" for s in status], dtype=bool)
     lm = np.full((n, 10), np.nan, np.float32) if landmarks is None else np.asarray(landmarks, np.float32).reshape(n, 10)
-    sch = schema(emb.shape[1], dtype, list(attributes))
+    extra = dict(extra or {})
+    sch = schema(emb.shape[1], dtype, list(attributes), list(extra))
     columns = [
         pa.array(ids, pa.int64()),
         pa.array(list(paths), pa.string()),
@@ -154,6 +185,7 @@ def table_from_arrays(
         _list_column(lm, np.asarray(np.isfinite(lm).all(axis=1)), pa.float32()),
         pa.array(list(status), pa.string()),
         pa.array(list(error), pa.string()),
+        *(_optional_column(name, extra[name], n) for name in _check_optional(list(extra))),
     ]
     return pa.Table.from_arrays(columns, schema=sch)
 
@@ -305,7 +337,7 @@ def embeddings_to_numpy(column: pa.Array | pa.ChunkedArray, d: int) -> np.ndarra
 
 
 def _meta_columns(manifest: Manifest, columns: Sequence[str] | None) -> list[str]:
-    all_columns = ["path", "identity", *manifest.attributes, *TAIL_COLUMNS]
+    all_columns = ["path", "identity", *manifest.attributes, *TAIL_COLUMNS, *_check_optional(manifest.columns)]
     if columns is None:
         return all_columns
     unknown = sorted(set(columns) - set(all_columns))
@@ -420,7 +452,7 @@ def read_all(
     blocks = list(iter_shards(directory, 1 << 30, columns, dtype, only_ok))
     meta_cols = _meta_columns(manifest, columns)
     if not blocks:
-        empty = schema(manifest.d, manifest.dtype, manifest.attributes).empty_table()
+        empty = schema(manifest.d, manifest.dtype, manifest.attributes, manifest.columns).empty_table()
         xb: np.ndarray = np.zeros((0, manifest.d), dtype)
         return Block(np.zeros(0, np.int64), xb, empty.select(meta_cols))
     assert len(blocks) == 1, "read_all reads one block"
@@ -433,6 +465,7 @@ __all__ = [
     "KIND",
     "LEGACY_MANIFEST",
     "MANIFEST",
+    "OPTIONAL_COLUMNS",
     "SHARD_PATTERN",
     "STATUSES",
     "Block",

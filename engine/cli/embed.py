@@ -58,8 +58,10 @@ def _summary(result: EmbedResult) -> None:
     if result.damaged_shards:
         click.echo(f"damaged      {result.damaged_shards} shard(s) recomputed: bytes no longer matched the manifest")
     if result.low_pose_rows:
+        where = ("in the pose_score column" if "pose_score" in result.manifest.columns
+                 else "computed from the landmarks column")  # fmt: skip
         click.echo(f"pose         {result.low_pose_rows} ok rows with pose_score < {LOW_POSE_SCORE} (turned towards "
-                   "profile: over-zoomed crops; pose_score is computed from the landmarks column)")  # fmt: skip
+                   f"profile: over-zoomed crops; pose_score is {where})")  # fmt: skip
     click.echo(f"speed        {result.images_per_s:.1f} images/s ({result.computed_images} images in "
                f"{result.seconds:.1f} s)")  # fmt: skip
     click.echo(f"model        {result.manifest.fingerprint}")

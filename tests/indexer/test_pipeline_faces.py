@@ -1,6 +1,7 @@
 """Detection options in the embedder: which face of a multi-face photo becomes the row, one row per face with
-``keep_face="all"`` (unique, deterministic ids), the options in the manifest's provenance and on resume, and the CLI
-flags.  Real ORL faces, a composite photo of three of them, and an in-process Dask cluster as ``--scheduler``."""
+``keep_face="all"`` (unique, deterministic ids), the options in the manifest's provenance and on resume, the optional
+``face`` / ``pose_score`` columns (and an output from before them resuming without them), and the CLI flags.  Real
+ORL faces, a composite photo of three of them, and an in-process Dask cluster as ``--scheduler``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -27,7 +29,17 @@ from indexer.embed import (
     shard_id_range,
 )
 from indexer.pipeline import run_embed
-from indexer.shards import LEGACY_MANIFEST, MANIFEST, read_all, read_manifest, take_rows, write_manifest
+from indexer.shards import (
+    LEGACY_MANIFEST,
+    MANIFEST,
+    read_all,
+    read_manifest,
+    schema,
+    shard_name,
+    take_rows,
+    write_manifest,
+    write_shard,
+)
 from model.align import DetectOptions, pose_score
 from model.images import read_image
 from model.inference import Embedder
@@ -101,6 +113,18 @@ def _rows(table: pa.Table) -> list[dict]:
     return table.to_pylist()
 
 
+def _check_optional_columns(table: pa.Table, keep: str) -> None:
+    """``pose_score`` is what :func:`pose_score` computes from the row's stored landmarks (null for a failed row);
+    ``face`` (``keep="all"`` only) is the face index of the row's id."""
+    assert table.column_names[-2:] == (["face", "pose_score"] if keep == "all" else ["error", "pose_score"])
+    rows = _rows(table)
+    for r in rows:
+        want = None if r["landmarks"] is None else float(pose_score(np.array(r["landmarks"], np.float32)))
+        assert r["pose_score"] == want and (want is None) == (r["status"] != "ok"), r
+    if keep == "all":
+        assert [r["face"] for r in rows] == [r["id"] % FACE_STRIDE for r in rows]
+
+
 def test_embed_partition_keep_modes(photos: Path, ckpt: Path, yunet_path: Path, tmp_path: Path) -> None:
     embedder = Embedder(ckpt, "cpu", precision="fp32")
     tables = {}
@@ -125,8 +149,14 @@ def test_embed_partition_keep_modes(photos: Path, ckpt: Path, yunet_path: Path, 
     assert {tuple(rows[k]["landmarks"]) for k in (1, 2)} == {
         tuple(_rows(tables["score"])[0]["landmarks"]), tuple(_rows(tables["center"])[0]["landmarks"])}  # fmt: skip
     np.testing.assert_allclose(rows[3]["embedding"], largest[1]["embedding"], atol=1e-5)  # one face: the same row
+    for keep, table in tables.items():
+        _check_optional_columns(table, keep)
+    assert [r["face"] for r in rows] == [0, 1, 2, 0, 0]
     cfg = _cfg(photos, ckpt, tmp_path / "again", yunet_path, keep_face="all")
     assert embed_partition(plan_inputs(cfg), embedder, build_detector(cfg), cfg).equals(tables["all"])
+    # the schema of an output from before the optional columns, for resuming one
+    old = embed_partition(plan_inputs(cfg), embedder, build_detector(cfg), cfg, columns=())
+    assert old.equals(tables["all"].drop_columns(["face", "pose_score"]))
     # the pose score of the ok rows, from the stored landmarks: the upright frontal faces score high (measured 0.83,
     # 0.84, 1.0); YuNet's landmarks on the face tilted 55 degrees are less regular (0.51)
     pose = pose_score(np.array([r["landmarks"] for r in rows[:4]]))
@@ -144,8 +174,14 @@ def test_run_embed_all_faces(photos: Path, ckpt: Path, yunet_path: Path, schedul
                                        "nms_threshold": 0.3, "model": str(yunet_path), "used": True}  # fmt: skip
     assert man.source["ids"].startswith("image_index * 1000 + face_index")
     assert man.config["keep_face"] == "all" and man.config["det_threshold"] == 0.6 and man.config["det_size"] == 640
-    block = read_all(out, columns=["path"])
-    assert block.ids.tolist() == [0, 1, 2, 1000]
+    assert man.columns == ("face", "pose_score") and json.loads((out / MANIFEST).read_text())["columns"] == [
+        "face", "pose_score"]  # fmt: skip
+    block = read_all(out, columns=["path", "face"])
+    assert block.ids.tolist() == [0, 1, 2, 1000] and block.meta.column("face").to_pylist() == [0, 1, 2, 0]
+    dataset = ds.dataset(out, format="parquet").to_table().sort_by("id")
+    assert dataset.schema.remove_metadata() == schema(man.d, man.dtype, man.attributes, man.columns)
+    _check_optional_columns(dataset, "all")
+    assert result.low_pose_rows == int((dataset.column("pose_score").to_numpy(zero_copy_only=False) < 0.3).sum())
     np.testing.assert_array_equal(take_rows(out, [2, 1000]), block.xb[[2, 3]])
     # a shard written but not recorded (killed in between) is adopted, not recomputed
     write_manifest(out, man.replace(shards=man.shards[1:], complete=False))
@@ -162,6 +198,33 @@ def test_run_embed_all_faces(photos: Path, ckpt: Path, yunet_path: Path, schedul
     write_manifest(out, man.replace(shards=man.shards[1:], complete=False))
     assert run_embed(cfg).computed_shards == 1
     assert pq.read_table(out / "part-00000.parquet").equals(table)
+
+
+def test_resume_output_without_optional_columns(photos: Path, ckpt: Path, yunet_path: Path, scheduler: str,
+                                                tmp_path: Path) -> None:  # fmt: skip
+    # An output written before the optional columns resumes with its own schema: a recomputed shard lacks them, an
+    # unrecorded shard of its schema is adopted, and one of the new schema is not (the directory never mixes them).
+    out = tmp_path / "old"
+    cfg = _cfg(photos, ckpt, out, yunet_path, keep_face="all", shard_rows=2, scheduler=scheduler)
+    first = run_embed(cfg)
+    man = first.manifest
+    new_part0 = (out / shard_name(0)).read_bytes()
+    old_tables = [pq.read_table(out / e.file).drop_columns(["face", "pose_score"]) for e in man.shards]
+    entries = [write_shard(out / e.file, t, (e.id_lo, e.id_hi)) for e, t in zip(man.shards, old_tables, strict=True)]
+    write_manifest(out, man.replace(shards=tuple(entries), columns=()))
+    assert "columns" not in json.loads((out / MANIFEST).read_text())
+    assert run_embed(cfg).already_complete
+    (out / shard_name(0)).write_bytes(new_part0)  # the new schema, unrecorded: recomputed
+    write_manifest(out, man.replace(shards=(), columns=(), complete=False))  # part 1 (old schema) unrecorded: adopted
+    again = run_embed(cfg)
+    assert again.computed_shards == 1 and again.reused_shards == 1 and again.manifest.columns == ()
+    old_schema = schema(man.d, man.dtype, man.attributes)
+    for e, table in zip(again.manifest.shards, old_tables, strict=True):
+        assert pq.read_table(out / e.file).equals(table)
+        assert pq.read_schema(out / e.file).remove_metadata() == old_schema
+    assert ds.dataset(out, format="parquet").to_table().num_rows == 5
+    assert read_all(out).meta.column_names[-1] == "error"
+    assert again.low_pose_rows == first.low_pose_rows  # computed from the landmarks, as the column held them
 
 
 def _strip_detection(out: Path) -> None:
