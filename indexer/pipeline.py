@@ -186,6 +186,9 @@ def _check_compatible(out: Path, old: Manifest, new: Manifest, cfg: EmbedConfig)
     keys = sorted((set(old.config) | set(new.config)) - ignore)
     old_cfg, new_cfg = {**_LEGACY_DETECTION, **old.config}, new.config
     diff = [f"{k}: {old_cfg.get(k)!r} -> {new_cfg.get(k)!r}" for k in keys if old_cfg.get(k) != new_cfg.get(k)]
+    if (old_cfg.get("keep_face") == "all") != (new_cfg.get("keep_face") == "all") and "keep_face" in ignore:
+        # with landmarks for every image the face choice is moot, but keep_face='all' also sets the id scheme
+        diff.append(f"keep_face: {old_cfg.get('keep_face')!r} -> {new_cfg.get('keep_face')!r} (another id scheme)")
     if diff or old.dtype != new.dtype:
         raise ValueError(f"{out} was embedded with another config ({'; '.join(diff)}); use another --out")
 

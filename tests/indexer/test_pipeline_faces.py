@@ -276,3 +276,15 @@ def test_cli_detection_flags(photos: Path, ckpt: Path, yunet_path: Path, schedul
     helptext = " ".join(CliRunner().invoke(main, ["embed", "--help"]).output.split())
     assert "--keep-face" in helptext and "--det-threshold" in helptext and "--det-size" in helptext
     assert "must be on a filesystem every worker sees" in helptext  # --scheduler's requirement
+
+
+def test_landmark_output_refuses_another_id_scheme(synth_data: Path, ckpt: Path, scheduler: str,
+                                                   tmp_path: Path) -> None:  # fmt: skip
+    """With landmarks for every image the face choice is moot, but keep_face='all' numbers rows image*1000+face: a
+    resume with another scheme would mix ids in one directory, so it is refused."""
+    cfg = EmbedConfig(input=synth_data / "casia/landmarks.csv", format="list", checkpoint=ckpt, out=tmp_path / "o",
+                      device="cpu", scheduler=scheduler, shard_rows=1000, keep_face="all")  # fmt: skip
+    run_embed(cfg)
+    with pytest.raises(ValueError, match="another id scheme"):
+        run_embed(cfg.replace(keep_face="largest"))
+    assert run_embed(cfg.replace(keep_face="all")).already_complete
