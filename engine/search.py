@@ -81,17 +81,38 @@ class QueryResult:
                 "exact": self.exact, "passing": self.passing, "accepted": self.accepted}  # fmt: skip
 
 
+class UnknownIdError(KeyError, ValueError):
+    """A gallery id that is not in the index: a ``KeyError`` (a missing key) and a ``ValueError`` (bad input), whose
+    text is the message itself (``KeyError`` would quote it)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown id"
+
+
 def threshold_from_result(path: Path, far: float) -> float:
-    """The exact score threshold at ``far`` from a ``facesearch bench megaface`` result file (its ROC)."""
-    data = json.loads(Path(path).read_text())
-    if data.get("kind") != "facesearch.megaface_result":
-        raise ValueError(f"{path} is not a facesearch bench megaface result file")
-    roc = data["roc"]
-    for f, t in zip(roc["far"], roc["threshold"], strict=True):
-        if f == far and t is not None:
+    """The exact score threshold at ``far`` from a ``facesearch bench megaface`` result file (its ROC).  A file
+    that cannot be read, is not JSON, is another kind of file or has no threshold at ``far`` is a ``ValueError``
+    naming it."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read a bench megaface result file: {e}") from e
+    if not isinstance(data, dict) or data.get("kind") != "facesearch.megaface_result":
+        kind = data.get("kind") if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+        raise ValueError(f"{path} is not a facesearch bench megaface result file (kind {kind!r})")
+    roc = data.get("roc")
+    fars, thresholds = (roc.get("far"), roc.get("threshold")) if isinstance(roc, dict) else (None, None)
+    if not isinstance(fars, list) or not isinstance(thresholds, list) or len(fars) != len(thresholds):
+        raise ValueError(f"{path}: its 'roc' has no far / threshold lists of one length (a damaged result file?)")
+    pairs = [(f, t) for f, t in zip(fars, thresholds, strict=True) if _is_number(f) and _is_number(t)]
+    for f, t in pairs:
+        if f == far:
             return float(t)
-    have = [f for f, t in zip(roc["far"], roc["threshold"], strict=True) if t is not None]
-    raise ValueError(f"{path} has no threshold at FAR {far}; it has {have}")
+    raise ValueError(f"{path} has no threshold at FAR {far}; it has {[f for f, _ in pairs]}")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 class SearchEngine:
@@ -201,11 +222,14 @@ class SearchEngine:
         return parse_filter(text, self.columns, numeric=("id", *self.attribute_names))
 
     def rows(self, ids: Sequence[int]) -> np.ndarray:
-        """Row positions of gallery ids (a missing id is a ``KeyError`` naming it)."""
+        """Row positions of gallery ids; a missing id is an :class:`UnknownIdError` (a ``KeyError`` and a
+        ``ValueError``) naming it and the index's id range."""
         try:
             return np.array([self._row_of[int(i)] for i in ids], np.int64)
         except KeyError as e:
-            raise KeyError(f"id {e.args[0]} is not in the index") from None
+            low, top = self._id_span
+            have = f"its {len(self._row_of)} ids lie in {low}..{top - 1}" if self._row_of else "it is empty"
+            raise UnknownIdError(f"id {e.args[0]} is not in the index ({have})") from None
 
     def vectors(self, ids: Sequence[int]) -> np.ndarray:
         """Stored vectors of gallery ids (queries "by id")."""
@@ -355,7 +379,8 @@ class SearchEngine:
     ) -> list[QueryResult]:
         """Rank-k answers for every row of ``xq`` (nq, d): items, or identities with ``group_by="identity"`` (``agg``
         max: the identity's best item; mean: the mean score of its items among the retrieved hits).  ``threshold``
-        drops hits below it and sets ``accepted`` (the open-set decision).  ``strategy`` forces a filter strategy
+        drops hits below it and sets ``accepted`` (the open-set decision).  A ``k`` above the gallery size returns
+        the whole gallery (every item, or every identity), ranked.  ``strategy`` forces a filter strategy
         (see the module doc; ``auto`` picks by selectivity).
 
         Queries are L2-normalised first (:func:`indexer.search.normalize_queries`, the gallery's routine), so a
@@ -373,6 +398,9 @@ class SearchEngine:
         its best item by the combined score and ranked by the max (or mean) combined score of its retrieved items;
         ``Hit.score`` is then the max (or mean) identity score of those items."""
         xq, exclude = self._check(xq, k, group_by, agg, soft_weight, probe_attributes, exclude_ids)
+        if threshold is not None and not math.isfinite(threshold):
+            raise ValueError(f"threshold must be a finite number (a cosine), got {threshold}")
+        k = min(k, max(len(self.columns["id"]), 1))  # no more hits than items: a huge k must not size the buffers
         flt = self.parse(filter) if isinstance(filter, str) else filter
         t0 = time.perf_counter()
         if group_by is None and soft_weight == 0:
@@ -420,10 +448,12 @@ class SearchEngine:
             raise ValueError(f"soft re-ranking needs the probes' attribute probabilities ({len(self.attribute_names)} "
                              f"per probe: {', '.join(self.attribute_names)}); use image or id queries")  # fmt: skip
         x = np.atleast_2d(np.asarray(xq))
-        if x.ndim != 2 or x.shape[1] != self.d:
-            raise ValueError(f"queries have d={x.shape[-1]} but the index holds d={self.d}")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        if x.ndim != 2:
+            raise ValueError(f"queries must be (nq, d) or (d,), got shape {x.shape}")
+        if x.shape[1] != self.d:
+            raise ValueError(f"queries have d={x.shape[1]} but the index holds d={self.d}")
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
         if group_by not in (None, "identity"):
             raise ValueError(f"group_by must be 'identity' or None, got {group_by!r}")
         if agg not in AGGREGATES:
@@ -538,4 +568,13 @@ def format_results(
     return "\n".join(lines)
 
 
-__all__ = ["AGGREGATES", "STRATEGIES", "Hit", "QueryResult", "SearchEngine", "format_results", "threshold_from_result"]
+__all__ = [
+    "AGGREGATES",
+    "STRATEGIES",
+    "Hit",
+    "QueryResult",
+    "SearchEngine",
+    "UnknownIdError",
+    "format_results",
+    "threshold_from_result",
+]

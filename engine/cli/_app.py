@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -22,17 +23,41 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
+def error_message(e: BaseException) -> str:
+    """One line for a user's mistake: an ``OSError`` as ``<file>: <reason>``, anything else as its text, with line
+    breaks folded (click prints ``Error: <this>``)."""
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        text = f"{e.filename}: {e.strerror}" + (f" ({e.filename2})" if e.filename2 is not None else "")
+    else:
+        text = str(e)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return "; ".join(lines) or type(e).__name__
+
+
 def user_errors(fn: F) -> F:
-    """Turn the library's ``ValueError`` / ``FileNotFoundError`` into a one-line click error instead of a traceback."""
+    """Turn the library's ``ValueError``, any ``OSError`` (a missing, unreadable or unwritable file, a full disk) and
+    a ``MemoryError`` (sizes beyond the machine) into a one-line click error instead of a traceback: the one place
+    the CLI maps them.  A broken pipe (output piped into ``head``) is left to click, which exits quietly."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
-            raise click.ClickException(str(e)) from e
+        except BrokenPipeError:
+            raise
+        except (ValueError, OSError) as e:
+            raise click.ClickException(error_message(e)) from e
+        except MemoryError as e:  # e.g. a dimension or a size far beyond the machine: numpy says how much was asked
+            raise click.ClickException(f"out of memory: {error_message(e)} (are the sizes asked for right?)") from e
 
     return wrapper  # type: ignore[return-value]
+
+
+def finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """A click callback refusing NaN and infinity (``click.FloatRange`` lets NaN through its bounds)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"must be a finite number, got {value}", ctx=ctx, param=param)
+    return value
 
 
 SCREEN_OPTION = click.option(
@@ -43,6 +68,7 @@ SCREEN_OPTION = click.option(
     help="Flat index: low-precision screen of the exact search, re-scored in float32 (results stay exact; auto = "
     "bf16 where the hardware runs it natively).",
 )
+C_INT = click.IntRange(1, 2**31 - 1)  # a FAISS / C ``int`` parameter: a larger value would overflow, not mean more
 DEVICE_OPTION = click.option(
     "--device",
     default="auto",

@@ -8,14 +8,17 @@ from pathlib import Path
 
 import click
 import numpy as np
+import pyarrow.parquet as pq
 
-from engine.cli._app import main, user_errors
+from engine.cli._app import C_INT, finite, main, user_errors
 from engine.cli.synth import synth
 from indexer.index import KINDS, IndexConfig, IndexInfo, add_to_index, build_index, load_index, remove_ids
+from indexer.index_store import ATTR_FILE, current_layout
 from indexer.synth_features import SynthFeaturesConfig, write_synth_features
 
 _DIR = click.Path(file_okay=False, path_type=Path)
 _EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+_INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
 
 
 def _summary(info: IndexInfo, where: Path) -> str:
@@ -34,13 +37,14 @@ def index() -> None:
 @click.option("--shards", "shards_dir", required=True, type=_EXISTING_DIR, help="Shard directory (embed output).")
 @click.option("--out", required=True, type=_DIR, help="New (or empty) index directory.")
 @click.option("--kind", type=click.Choice(KINDS), default="flat", show_default=True, help="Index kind.")
-@click.option("--nlist", default=1024, show_default=True, help="IVF lists (ivf-flat, ivf-pq).")
-@click.option("--nprobe", default=32, show_default=True, help="IVF lists probed per query.")
-@click.option("--m", "m", default=64, show_default=True, help="PQ sub-quantizers (d must be divisible by it).")
-@click.option("--nbits", default=8, show_default=True, help="Bits per PQ code.")
-@click.option("--hnsw-m", default=32, show_default=True, help="HNSW neighbours per node.")
-@click.option("--ef-construction", default=200, show_default=True, help="HNSW beam width while building.")
-@click.option("--ef-search", default=128, show_default=True, help="HNSW beam width while searching.")
+@click.option("--nlist", default=1024, type=C_INT, show_default=True, help="IVF lists (ivf-flat, ivf-pq).")
+@click.option("--nprobe", default=32, type=C_INT, show_default=True, help="IVF lists probed per query.")
+@click.option("--m", "m", default=64, type=C_INT, show_default=True,
+              help="PQ sub-quantizers (d must be divisible by it).")  # fmt: skip
+@click.option("--nbits", default=8, type=click.IntRange(1, 16), show_default=True, help="Bits per PQ code.")
+@click.option("--hnsw-m", default=32, type=C_INT, show_default=True, help="HNSW neighbours per node.")
+@click.option("--ef-construction", default=200, type=C_INT, show_default=True, help="HNSW beam width while building.")
+@click.option("--ef-search", default=128, type=C_INT, show_default=True, help="HNSW beam width while searching.")
 @click.option("--train-size", default=100_000, show_default=True, help="Vectors sampled to train IVF / PQ.")
 @click.option("--block-rows", default=65536, show_default=True, help="Rows streamed at a time (bounds memory).")
 @click.option("--recall-sample", default=1000, show_default=True, help="Queries for recall@1/@10 (flat: <= 100).")
@@ -88,20 +92,49 @@ def add(index_dir: Path, shards_dir: Path, id_offset: int | None, fresh_ids: boo
 @click.option("--index", "index_dir", required=True, type=_EXISTING_DIR, help="Existing index directory.")
 @click.option("--id", "ids", multiple=True, type=int, help="An id to delete (repeatable).")
 @click.option("--ids-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Text file of ids to delete, one per line.")  # fmt: skip
+              help="Text file of ids to delete, one per line (or separated by spaces).")  # fmt: skip
+@click.option("--missing-ok", is_flag=True,
+              help="When none of the ids is in the index, do nothing instead of failing (e.g. a removal run "
+                   "again).")  # fmt: skip
 @user_errors
-def remove(index_dir: Path, ids: tuple[int, ...], ids_file: Path | None) -> None:
-    """Delete ids from the index, its id mapping and its attribute table."""
+def remove(index_dir: Path, ids: tuple[int, ...], ids_file: Path | None, missing_ok: bool) -> None:
+    """Delete ids from the index, its id mapping and its attribute table.  Ids the index does not hold are named in
+    the summary; when it holds none of them, nothing would change, and that is an error unless --missing-ok."""
     wanted = list(ids)
     if ids_file is not None:
-        try:
-            wanted += [int(tok) for tok in ids_file.read_text().split()]
-        except ValueError as e:
-            raise click.BadParameter(f"{ids_file}: {e}", param_hint="--ids-file") from None
+        wanted += _read_ids_file(ids_file)
     if not wanted:
         raise click.UsageError("give --id and/or --ids-file")
-    info = remove_ids(index_dir, np.asarray(wanted, dtype=np.int64))
-    click.echo(f"removed {info.history[-1]['removed']} of {len(set(wanted))} ids; nb = {info.nb}")
+    if too_big := [i for i in wanted if not _INT64_MIN <= i <= _INT64_MAX]:
+        raise click.BadParameter(f"ids are 64-bit integers; {too_big[0]} is out of range", param_hint="'--id'")
+    requested = np.unique(np.asarray(wanted, dtype=np.int64))
+    present = pq.read_table(current_layout(index_dir).path(ATTR_FILE), columns=["id"]).column("id").to_numpy()
+    unknown = np.setdiff1d(requested, present)
+    shown = ", ".join(map(str, unknown[:5])) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+    if len(unknown) == len(requested) and not missing_ok:
+        raise ValueError(f"id(s) {shown} not in the index {index_dir}: nothing to remove (--missing-ok accepts that)")
+    info = remove_ids(index_dir, requested)
+    missing = f" ({len(unknown)} not in the index: {shown})" if len(unknown) else ""
+    click.echo(f"removed {info.history[-1]['removed']} of {len(requested)} ids{missing}; nb = {info.nb}")
+
+
+def _read_ids_file(path: Path) -> list[int]:
+    """The integer ids of a text file (whitespace-separated); a bad token is a usage error naming its line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise click.BadParameter(f"{path} is not a text file of ids", param_hint="'--ids-file'") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        for tok in line.split():
+            try:
+                out.append(int(tok))
+            except ValueError:
+                raise click.BadParameter(f"{path} line {n}: {tok[:40]!r} is not an integer id",
+                                         param_hint="'--ids-file'") from None  # fmt: skip
+    if not out:
+        raise click.BadParameter(f"{path} holds no ids", param_hint="'--ids-file'")
+    return out
 
 
 @index.command("info")
@@ -145,11 +178,13 @@ def info(index_dir: Path, as_json: bool, verify: bool) -> None:
 @click.option("--rows", default=1_000_000, show_default=True, help="Gallery rows.")
 @click.option("--dim", default=1024, show_default=True, help="Embedding dimension d.")
 @click.option("--identities", default=10_000, show_default=True, help="Identities (rows are split evenly).")
-@click.option("--spread", default=0.8, show_default=True, help="Within-identity noise: row = c + spread*g/sqrt(d).")
+@click.option("--spread", default=0.8, show_default=True, callback=finite,
+              help="Within-identity noise: row = c + spread*g/sqrt(d).")  # fmt: skip
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Stored embedding dtype.")  # fmt: skip
 @click.option("--shard-rows", default=100_000, show_default=True, help="Rows per Parquet shard.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the identity space (centres, attributes).")
+@click.option("--seed", default=0, type=click.IntRange(min=0), show_default=True,
+              help="Seed of the identity space (centres, attributes).")  # fmt: skip
 @click.option("--probes-per-identity", default=0, show_default=True,
               help="Write probes instead: N new rows per identity (same seed/dim: mates in the gallery).")  # fmt: skip
 @click.option("--probe-identities", type=int, default=None, help="Probe only the first N identities [default: all].")

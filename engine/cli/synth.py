@@ -39,7 +39,8 @@ def synth() -> None:
 )
 @click.option("--size", default=128, show_default=True, help="Square canvas side for casia/megaface (CelebA: 178x218).")
 @click.option("--nuisance", default=1.0, show_default=True, help="Scale of per-image nuisance; 0 = clean renders.")
-@click.option("--workers", type=int, default=None, help="Worker processes [default: all CPUs]; 1 = in-process.")
+@click.option("--workers", type=click.IntRange(max=1024), default=None,
+              help="Worker processes (at most 1024) [default: all CPUs]; 1 = in-process.")  # fmt: skip
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @user_errors
 def faces(out: Path, seed: int, identities: int, images_per_identity: int, celeba_images: int,
