@@ -85,7 +85,7 @@ def load_results(paths: Sequence[Path]) -> list[dict[str, Any]]:
     for path in paths:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: cannot read a result file: {e}") from e
         results.append(validate_result(data, str(path)))
     return results

@@ -63,7 +63,7 @@ class SynthFeaturesConfig:
         for name in ("rows", "dim", "identities", "shard_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.spread < 0 or self.probes_per_identity < 0:
+        if not self.spread >= 0 or not np.isfinite(self.spread) or self.probes_per_identity < 0:
             raise ValueError(f"spread and probes_per_identity must be >= 0, got {self.spread}, "
                              f"{self.probes_per_identity}")  # fmt: skip
         if self.dtype not in shards.DTYPES:

@@ -171,3 +171,12 @@ def test_write_report(tmp_path: Path, results: list[dict[str, Any]]) -> None:
     assert summary_table(results) in summary and size_table(results) in summary and "(run_roc.png)" in summary
     one_size = write_report(results[1:], tmp_path / "one")
     assert "rank1_vs_size" not in one_size and not (tmp_path / "one" / "megaface_rank1_vs_size.png").exists()
+
+
+def test_non_utf8_result_file_is_named(tmp_path):
+    from benchmarks.report import load_results
+
+    bad = tmp_path / "result_x.json"
+    bad.write_bytes(b"\xff\xfe{not utf8")
+    with pytest.raises(ValueError, match=r"result_x\.json: cannot read a result file"):
+        load_results([bad])

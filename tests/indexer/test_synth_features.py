@@ -69,3 +69,9 @@ def test_bad_config_raises(tmp_path: Path) -> None:
     (tmp_path / "x" / "junk").write_text("x")
     with pytest.raises(ValueError, match="not empty"):
         write_synth_features(_cfg(tmp_path / "x"))
+
+
+@pytest.mark.parametrize("spread", [float("nan"), float("inf"), -0.1])
+def test_bad_spread_is_refused(tmp_path: Path, spread: float) -> None:
+    with pytest.raises(ValueError, match="spread"):
+        SynthFeaturesConfig(out=tmp_path / "x", rows=10, dim=4, identities=2, spread=spread)
