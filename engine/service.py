@@ -17,7 +17,7 @@ Requests are checked in order of cost.  On the headers, before any of the body i
 is a token), the body size (413, also counted as a chunked body streams in) and room in the queue (503 +
 ``Retry-After``).  Then the limits of :class:`engine.service_limits.ServiceLimits`: k, rows, k x rows, filter
 characters and terms (422), an image's pixels read from its header before it is decoded
-(:mod:`engine.image_guard`; 413), and the search's estimated time against the time budget (503).  Bad input (an
+(:mod:`model.image_guard`; 413), and the search's estimated time against the time budget (503).  Bad input (an
 undecodable image, no face, a bad filter, a wrong dimension, an embedding row with NaN or infinite values or all
 zeros: 422 naming the row) is a 4xx with a one-line message, never a 500.
 
@@ -49,12 +49,12 @@ from pydantic import BaseModel, Field
 from engine.batcher import Busy, QueueTimeout, SearchBatcher, _Pending  # noqa: F401  (_Pending: for tests)
 from engine.filters import Filter
 from engine.http_guard import Refusal, RequestGuard
-from engine.image_guard import ImageTooLarge, check_image
 from engine.search import QueryResult, SearchEngine
 from engine.service_limits import CostModel, LimitError, ServiceLimits, calibrate, check_filter, check_query
 from indexer.search import normalize_queries
 from model.align import FaceDetector
 from model.checkpoint import package_version
+from model.image_guard import ImageTooLarge, check_image
 from model.images import ImageError, decode_image
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,8 @@ class _Service:
         assert self.detector is not None, "checked by the route"
         try:
             with self.gate.hold():
-                return self.engine.embed_array(decode_image(data, name), self.detector, what=name)
+                image = decode_image(data, name, max_pixels=self.limits.max_pixels)
+                return self.engine.embed_array(image, self.detector, what=name)
         except Busy as e:
             raise _busy(e) from None
         except ImageError as e:

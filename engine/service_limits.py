@@ -24,6 +24,7 @@ import numpy as np
 
 from engine.filters import Filter
 from engine.search import SearchEngine
+from model.images import DEFAULT_MAX_PIXELS
 
 
 class LimitError(ValueError):
@@ -40,7 +41,7 @@ class ServiceLimits:
     max_hits: int = 10_000  # k x rows: bounds the work of building and sending the answer
     max_filter_chars: int = 10_000
     max_filter_terms: int = 1_000  # names, values and operators; every item of an `in (...)` list counts
-    max_pixels: int = 40_000_000  # of a query image, read from its header before it is decoded
+    max_pixels: int = DEFAULT_MAX_PIXELS  # of a query image, read from its header before it is decoded
     queue_size: int = 32  # requests waiting for the search thread (or the model) before 503 + Retry-After
     time_budget: float = 10.0  # seconds: a search estimated above it, or waiting longer for its turn, is refused
 

@@ -45,7 +45,17 @@ Detected: TypeAlias = np.ndarray | tuple[str, str]
 
 #: ``ImageError`` reasons meaning the file itself is unusable (the others: a readable image without a usable face).
 FILE_REASONS: frozenset[str] = frozenset(
-    {"missing", "unreadable", "not_a_file", "empty", "not_an_image", "unsupported_format", "truncated", "corrupt"}
+    {
+        "missing",
+        "unreadable",
+        "not_a_file",
+        "too_large",
+        "empty",
+        "not_an_image",
+        "unsupported_format",
+        "truncated",
+        "corrupt",
+    }
 )
 
 

@@ -47,7 +47,12 @@ REASONS: tuple[str, ...] = (
     "no_face",
     "no_landmarks",
     "bad_landmarks",
+    "too_large",
 )
+
+#: Images with more pixels than this are refused from their header, before decoding (decompression bombs: a 0.4 MB
+#: PNG can declare gigapixels).  40 megapixels is a large phone photo; pass ``max_pixels`` to change it.
+DEFAULT_MAX_PIXELS = 40_000_000
 
 _EXPECTED = "expected a complete JPEG, PNG, PGM/PPM/PBM, BMP, TIFF or WebP file"
 _BMP_DIB_SIZES = {12, 16, 40, 52, 56, 64, 108, 124}
@@ -216,7 +221,9 @@ def libjpeg_warnings(found: list[str]) -> Iterator[None]:
             os.close(saved)
 
 
-def decode_image(data: bytes, name: str = "<bytes>", warnings: list[str] | None = None) -> np.ndarray:
+def decode_image(
+    data: bytes, name: str = "<bytes>", warnings: list[str] | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """Decode in-memory image bytes into an (H, W, 3) uint8 RGB array.
 
     ``name`` is used in error messages only.  Grey images are replicated to 3 channels, 16-bit and float images are
@@ -224,6 +231,8 @@ def decode_image(data: bytes, name: str = "<bytes>", warnings: list[str] | None 
     Raises :class:`ImageError` with reason ``empty``, ``not_an_image``, ``unsupported_format``, ``truncated`` or
     ``corrupt``.  With a ``warnings`` list, the warnings libjpeg prints while decoding a JPEG whose data is damaged
     but decodable (``"Corrupt JPEG data: ..."``: some blocks are wrong) are appended to it instead of printed.
+    Before decoding, the header is read (:mod:`model.image_guard`): an image over ``max_pixels`` pixels, or one whose
+    decoding would take more memory than an 8-bit colour image at that size, is ``too_large`` (``None``: no limit).
     """
     if len(data) == 0:
         raise ImageError(name, "empty", f"zero-byte file; {_EXPECTED}")
@@ -238,6 +247,8 @@ def decode_image(data: bytes, name: str = "<bytes>", warnings: list[str] | None 
     if problem is not None:
         reason = "corrupt" if problem.startswith("malformed") else "truncated"
         raise ImageError(name, reason, f"{problem}; {_EXPECTED}")
+    if max_pixels is not None:
+        _check_size(data, name, max_pixels)
     # JPEG: IMREAD_COLOR applies EXIF orientation (phone photos); others keep depth and alpha for _to_rgb8.
     flags = cv2.IMREAD_COLOR if fmt == "jpeg" else cv2.IMREAD_UNCHANGED
     try:
@@ -251,6 +262,17 @@ def decode_image(data: bytes, name: str = "<bytes>", warnings: list[str] | None 
     if img is None or img.size == 0:
         raise ImageError(name, "corrupt", f"{fmt} header found but the decoder failed; {_EXPECTED}")
     return _to_rgb8(img, name)
+
+
+def _check_size(data: bytes, name: str, max_pixels: int) -> None:
+    from model.image_guard import ImageTooLarge, check_image  # it reads headers with this module's errors
+
+    try:
+        check_image(data, max_pixels, name)
+    except ImageTooLarge as e:
+        raise ImageError(name, "too_large", f"{e.header.describe()}: {e.detail}; refused before decoding") from None
+    except ImageError:
+        pass  # a header the guard cannot parse: the decoder decides (and names what is wrong)
 
 
 def read_image_bytes(path: str | os.PathLike[str], name: str | None = None) -> bytes:
@@ -284,16 +306,17 @@ def read_image_bytes(path: str | os.PathLike[str], name: str | None = None) -> b
         os.close(fd)
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+def read_image(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read an image file into an (H, W, 3) uint8 RGB array (see :func:`decode_image`).
 
     Raises :class:`ImageError`: ``missing`` (no such file), ``not_a_file`` (a directory, FIFO, socket or device),
     ``unreadable`` (no permission) or any reason of :func:`decode_image`.
     """
-    return decode_image(read_image_bytes(path), str(path))
+    return decode_image(read_image_bytes(path), str(path), max_pixels=max_pixels)
 
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "REASONS",
     "ImageError",
     "decode_image",

@@ -1,4 +1,4 @@
-"""engine.image_guard against the decoder: the header gives the decoded size of every format and depth, its memory
+"""model.image_guard against the decoder: the header gives the decoded size of every format and depth, its memory
 estimate bounds decode_image's measured peak, headers cut short are typed errors, and the limits refuse bombs
 (pixels, memory, JPEG scans) without decoding them."""
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.image_guard import MAX_JPEG_SCANS, ImageTooLarge, check_image, decode_checked, read_image_header
+from model.image_guard import MAX_JPEG_SCANS, ImageTooLarge, check_image, decode_checked, read_image_header
 from model.images import ImageError, decode_image
 
 H, W = 61, 97  # odd sizes: rows are padded in BMP, packed in 1-bit images

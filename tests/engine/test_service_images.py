@@ -90,7 +90,7 @@ def test_16_bit_images_are_decoded_or_refused(faces, orl_dir):
 
 
 def test_running_out_of_memory_while_decoding_is_a_503(faces, monkeypatch):
-    def no_memory(data: bytes, name: str) -> np.ndarray:
+    def no_memory(data: bytes, name: str, **kw: object) -> np.ndarray:
         raise MemoryError
 
     monkeypatch.setattr(service, "decode_image", no_memory)

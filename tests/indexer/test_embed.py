@@ -124,3 +124,24 @@ def test_embed_partition_rows_do_not_depend_on_decode_threads(tmp_path: Path, ck
     b = embed_partition(items, embedder, None, one.replace(threads_per_worker=4), timings)
     assert a.equals(b), "decode threads must not change a shard's rows"
     assert {"read", "decode", "align", "infer"} <= set(timings) and all(v >= 0 for v in timings.values())
+
+
+def test_embed_refuses_a_decompression_bomb_from_its_header(tmp_path: Path, ckpt: Path, yunet_path: Path) -> None:
+    """A 12,000 x 12,000 PNG of a few hundred kB is a failed 'too_large' row, not gigabytes of decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(b"\x00" * 12_001) for _ in range(12_000)) + z.flush()
+    (tmp_path / "in").mkdir()
+    ihdr = struct.pack(">IIBBBBB", 12_000, 12_000, 8, 0, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    (tmp_path / "in/bomb.png").write_bytes(png)
+    cfg = EmbedConfig(input=tmp_path / "in", checkpoint=ckpt, out=tmp_path / "out", detector_model=yunet_path,
+                      device="cpu")  # fmt: skip
+    table = embed_partition(plan_inputs(cfg), Embedder(ckpt, "cpu"), build_detector(cfg), cfg)
+    (row,) = table.to_pylist()
+    assert row["status"] == "too_large" and "refused before decoding" in row["error"] and row["embedding"] is None

@@ -213,3 +213,42 @@ def test_decoder_output_capture_passes_other_output_on(capfd: pytest.CaptureFixt
         os.write(2, b"Premature end of JPEG file\n")
     assert found == ["Premature end of JPEG file"]
     assert capfd.readouterr().err == "another thread's message\n"
+
+
+def _png_bomb(width: int, height: int) -> bytes:
+    """A valid grey 8-bit PNG of ``width`` x ``height`` zero pixels: a few hundred kB declaring gigabytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z = zlib.compressobj(9)
+    row = b"\x00" * (width + 1)  # filter byte + pixels
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path) -> None:
+    """The header is read first: a small file declaring 144 megapixels is 'too_large' for every reader (embed,
+    training, search --probes go through read_image / decode_image) with memory bounded by the file, not the image."""
+    import tracemalloc
+
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_bomb(12_000, 12_000))
+    assert path.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageError, match="refused before decoding") as err:
+            read_image(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert err.value.reason == "too_large" and "12000" in str(err.value)
+    assert peak < 16 << 20, f"peak {peak / 2**20:.1f} MiB: the image was decoded"
+    assert read_image(path, max_pixels=None).shape == (12_000, 12_000, 3)  # no limit: it decodes
+    small = _png_bomb(300, 200)
+    assert decode_image(small, max_pixels=60_000).shape == (200, 300, 3)
+    with pytest.raises(ImageError, match="too_large"):
+        decode_image(small, max_pixels=59_999)

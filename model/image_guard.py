@@ -305,7 +305,7 @@ def check_image(data: bytes, max_pixels: int, name: str = "<bytes>") -> ImageHea
 def decode_checked(data: bytes, max_pixels: int, name: str = "<bytes>") -> np.ndarray:
     """:func:`check_image`, then :func:`model.images.decode_image`: (H, W, 3) uint8 RGB."""
     check_image(data, max_pixels, name)
-    return decode_image(data, name)
+    return decode_image(data, name, max_pixels=max_pixels)
 
 
 __all__ = [
