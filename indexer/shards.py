@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +50,7 @@ from indexer.manifest import (
     read_manifest,
     write_manifest,
 )
-from model.fileio import fsync_dir
+from model.fileio import atomic_write_with
 from model.images import REASONS
 
 log = logging.getLogger(__name__)
@@ -205,20 +205,6 @@ def temporary_name(name: str) -> str:
     return f".{name}.{os.getpid()}.tmp"
 
 
-def _atomic_write_hidden(path: Path, write: Callable[[Path], None]) -> None:
-    """:func:`model.fileio.atomic_write_with`, but the temporary is :func:`temporary_name` (that one's ``part-….tmp``
-    would be read as a Parquet part by a dataset reader while the write runs)."""
-    tmp = path.with_name(temporary_name(path.name))
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-
-
 def remove_temporaries(directory: Path) -> int:
     """Delete the shard temporaries a killed job left in ``directory`` (this naming and the legacy ``part-*.tmp``);
     returns how many.  Only for a job about to rewrite the directory: a running writer's temporary goes too."""
@@ -233,10 +219,10 @@ def write_shard(path: Path, table: pa.Table, id_range: tuple[int, int] | None = 
     """Write ``table`` to ``path`` atomically (hidden ``.tmp`` + fsync + ``os.replace``) and return its manifest
     entry.  ``id_range`` (the planned [lo, hi)) defaults to [min id, max id + 1) of the table ([0, 0) when empty)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_hidden(
+    atomic_write_with(  # a hidden temporary: a dataset reader during the write must not take it for a part
         path,
         lambda tmp: pq.write_table(table, tmp, row_group_size=_ROW_GROUP, compression="zstd", use_dictionary=_DICT),
+        tmp_name=temporary_name(path.name),
     )
     if id_range is None:
         ids = table.column("id")

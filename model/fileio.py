@@ -44,13 +44,18 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_with(path: Path, write: Callable[[Path], None], per_process: bool = False) -> None:
+def atomic_write_with(
+    path: Path, write: Callable[[Path], None], per_process: bool = False, tmp_name: str | None = None
+) -> None:
     """Atomically create ``path`` with a library's own file writer: ``write(tmp)`` writes the temporary file, which
     is then fsynced, renamed over ``path`` and the rename persisted.  ``per_process`` puts the process id in the
-    temporary's name, for files that a leftover worker of a killed job might be writing at the same moment."""
+    temporary's name, for files that a leftover worker of a killed job might be writing at the same moment;
+    ``tmp_name`` names the temporary outright (e.g. a hidden name that dataset readers skip)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp" if per_process else f"{path.name}.tmp")
+    if tmp_name is None:
+        tmp_name = f"{path.name}.{os.getpid()}.tmp" if per_process else f"{path.name}.tmp"
+    tmp = path.with_name(tmp_name)
     try:
         write(tmp)
         with open(tmp, "rb+") as fh:
