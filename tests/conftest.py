@@ -4,7 +4,10 @@ data, and tiny model checkpoints to embed with."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -91,3 +94,38 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_checkpoint() -> Callable[..., Path]:
     """:func:`tiny_checkpoint` itself, for tests that need a second, different model."""
     return tiny_checkpoint
+
+
+@contextmanager
+def _stuck_fifo(path: Path, patience: float = 10.0) -> Iterator[list[float]]:
+    """A named pipe at ``path`` that nothing writes to.  After ``patience`` seconds a watchdog releases whatever is
+    blocked reading it (the reader sees end-of-file) and notes the time in the yielded list: the bug under test then
+    fails an assertion instead of hanging the run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+    released: list[float] = []
+    stop = threading.Event()
+
+    def watchdog() -> None:
+        if stop.wait(patience):
+            return
+        while not stop.wait(0.1):
+            try:  # succeeds only while a reader has the pipe open
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+                released.append(time.monotonic())
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=watchdog, daemon=True)
+    thread.start()
+    try:
+        yield released
+    finally:
+        stop.set()
+        thread.join()
+
+
+@pytest.fixture(scope="session")
+def fifo() -> Callable[..., AbstractContextManager[list[float]]]:
+    """``with fifo(path) as released:`` a named pipe nobody writes to, released by a watchdog after 10 s."""
+    return _stuck_fifo

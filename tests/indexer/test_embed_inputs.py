@@ -6,13 +6,10 @@ CelebA images and real ORL faces; an in-process Dask cluster as ``--scheduler``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -125,35 +122,6 @@ def test_cli_identities_and_celeba(celeba: Path, ckpt: Path, yunet_path: Path, s
     assert code == 2 and "exactly one of --input, --list, --devkit, --celeba" in output
 
 
-@contextmanager
-def fifo(path: Path, patience: float = 10.0) -> Iterator[list[float]]:
-    """A named pipe at ``path`` that nothing writes to.  After ``patience`` seconds a watchdog releases whatever is
-    blocked reading it (the reader sees end-of-file) and notes the time in the yielded list: the bug under test then
-    fails an assertion instead of hanging the run."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.mkfifo(path)
-    released: list[float] = []
-    stop = threading.Event()
-
-    def watchdog() -> None:
-        if stop.wait(patience):
-            return
-        while not stop.wait(0.1):
-            try:  # succeeds only while a reader has the pipe open
-                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-                released.append(time.monotonic())
-            except OSError:
-                pass
-
-    thread = threading.Thread(target=watchdog, daemon=True)
-    thread.start()
-    try:
-        yield released
-    finally:
-        stop.set()
-        thread.join()
-
-
 def _damaged_jpeg(good: bytes) -> bytes:
     """``good`` with 4 bytes inverted in the middle of its entropy-coded scan (libjpeg warns, still decodes)."""
     sos = good.find(b"\xff\xda")
@@ -163,7 +131,9 @@ def _damaged_jpeg(good: bytes) -> bytes:
 
 
 @pytest.fixture
-def odd_inputs(tmp_path: Path, orl_dir: Path, yunet_path: Path) -> Iterator[tuple[Path, list[float]]]:
+def odd_inputs(
+    tmp_path: Path, orl_dir: Path, yunet_path: Path, fifo: Callable[..., Any]
+) -> Iterator[tuple[Path, list[float]]]:
     """``s1/good.jpg`` and ``s1/bad.jpg`` (ORL s1/1 as JPEG, intact and damaged), ``s1/2.pgm`` with sidecar
     landmarks (found by YuNet on the intact images), and ``zz/pipe.jpg``: a FIFO, last in order (the probe samples
     the first and last images), with the watchdog's list of releases of blocked readers."""

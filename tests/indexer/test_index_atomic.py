@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,19 +68,6 @@ def write_dir(directory: Path, ids: np.ndarray, seed: int) -> None:
                                                      complete=True))  # fmt: skip
 
 
-def to_legacy(idx: Path) -> None:
-    """Rewrite an index in the old layout: files at the top, no checksums, sources or CURRENT."""
-    layout = current_layout(idx)
-    info = json.loads(layout.path("index_info.json").read_text())
-    for key in ("files", "sources", "max_id"):
-        info.pop(key)
-    for name in ("index.faiss", "attributes.parquet"):
-        shutil.move(layout.path(name), idx / name)
-    (idx / "index_info.json").write_text(json.dumps(info, indent=2))
-    shutil.rmtree(layout.files_dir)
-    (idx / POINTER).unlink()
-
-
 def state(idx: Path, history: bool = True) -> dict[str, Any]:
     """Everything a search can see: ids, vectors, attribute rows, nb, sources (and the history's operations)."""
     loaded = load_index(idx)
@@ -98,7 +86,7 @@ def state(idx: Path, history: bool = True) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def setup(tmp_path_factory: pytest.TempPathFactory, to_legacy: Callable[[Path], None]) -> dict[str, Any]:
     """Shards a (ids 0..299) and b (300..399); a flat index of a; the reference states before and after."""
     root = tmp_path_factory.mktemp("kill")
     write_dir(root / "a", np.arange(300, dtype=np.int64), 0)

@@ -4,7 +4,6 @@ answer; ``verify`` / ``index info --verify`` also catch altered vector bytes and
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -48,25 +47,21 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"flat": root / "flat", "ivf": root / "ivf", "other": root / "other", "shards": root / "s"}
 
 
-def to_legacy(idx: Path) -> None:
-    """Rewrite a generation-layout index as the old layout (files at the top, no checksums, no CURRENT)."""
-    layout = current_layout(idx)
-    info = json.loads(layout.path("index_info.json").read_text())
-    for key in ("files", "sources", "max_id"):
-        info.pop(key)
-    for name in ("index.faiss", "attributes.parquet"):
-        shutil.move(layout.path(name), idx / name)
-    (idx / "index_info.json").write_text(json.dumps(info, indent=2))
-    shutil.rmtree(layout.files_dir)
-    (idx / "CURRENT").unlink()
+CopyIndex = Callable[..., Path]
 
 
-def copy(built: dict[str, Path], tmp_path: Path, legacy: bool, name: str = "flat") -> Path:
-    idx = tmp_path / "idx"
-    shutil.copytree(built[name], idx)
-    if legacy:
-        to_legacy(idx)
-    return idx
+@pytest.fixture
+def copy_index(built: dict[str, Path], tmp_path: Path, to_legacy: Callable[[Path], None]) -> CopyIndex:
+    """``copy_index(legacy, name="flat")``: a private copy of a built index, in the old layout when ``legacy``."""
+
+    def copy(legacy: bool, name: str = "flat") -> Path:
+        idx = tmp_path / "idx"
+        shutil.copytree(built[name], idx)
+        if legacy:
+            to_legacy(idx)
+        return idx
+
+    return copy
 
 
 def edit_info(layout: Layout, old: str, new: str) -> None:
@@ -160,13 +155,13 @@ def _one_line_error(output: str) -> str:
 
 
 @pytest.mark.parametrize(("name", "legacy", "message"), CASES, ids=[f"{c[0]}{'-old' if c[1] else ''}" for c in CASES])
-def test_broken_index_directories_are_one_line_errors(name: str, legacy: bool, message: str,
+def test_broken_index_directories_are_one_line_errors(copy_index: CopyIndex, name: str, legacy: bool, message: str,
                                                       built: dict[str, Path], tmp_path: Path) -> None:  # fmt: skip
     from click.testing import CliRunner
 
     from engine.cli import main
 
-    idx = copy(built, tmp_path, legacy)
+    idx = copy_index(legacy)
     load_index(idx)  # sound before the damage
     _damage(idx, name, built)
     with pytest.raises(ValueError, match=message) as e:
@@ -182,8 +177,10 @@ def test_broken_index_directories_are_one_line_errors(name: str, legacy: bool, m
     assert r.exit_code == 1 and "Error: " in _one_line_error(r.output), r.output
 
 
-def test_an_update_refuses_a_broken_index_and_leaves_it_as_it_is(built: dict[str, Path], tmp_path: Path) -> None:
-    idx = copy(built, tmp_path, legacy=False)
+def test_an_update_refuses_a_broken_index_and_leaves_it_as_it_is(
+    copy_index: CopyIndex, built: dict[str, Path], tmp_path: Path
+) -> None:
+    idx = copy_index(legacy=False)
     write_dir(tmp_path / "more", np.arange(5000, 5010, dtype=np.int64), unit(5, 10))
     _damage(idx, "truncated index.faiss", built)
     before = sorted(p.name for p in idx.rglob("*"))
@@ -200,13 +197,13 @@ def _flat_vector_offset(path: Path, first: np.ndarray) -> int:
 
 
 @pytest.mark.parametrize("legacy", [False, True])
-def test_altered_vector_bytes_and_nan_vectors_are_caught_by_verify(built: dict[str, Path], tmp_path: Path,
-                                                                   legacy: bool) -> None:  # fmt: skip
+def test_altered_vector_bytes_and_nan_vectors_are_caught_by_verify(copy_index: CopyIndex, built: dict[str, Path],
+                                                                   tmp_path: Path, legacy: bool) -> None:  # fmt: skip
     from click.testing import CliRunner
 
     from engine.cli import main
 
-    idx = copy(built, tmp_path, legacy)
+    idx = copy_index(legacy)
     loaded = load_index(idx)
     row = int(np.flatnonzero(loaded.ids == 7)[0])
     xb = faiss.rev_swig_ptr(faiss.downcast_index(loaded.index.index).get_xb(), N * D).reshape(N, D)
@@ -226,8 +223,8 @@ def test_altered_vector_bytes_and_nan_vectors_are_caught_by_verify(built: dict[s
     _one_line_error(r.output)
 
 
-def test_nan_in_an_ivf_list_is_named_by_id(built: dict[str, Path], tmp_path: Path) -> None:
-    idx = copy(built, tmp_path, legacy=True, name="ivf")
+def test_nan_in_an_ivf_list_is_named_by_id(copy_index: CopyIndex, built: dict[str, Path], tmp_path: Path) -> None:
+    idx = copy_index(legacy=True, name="ivf")
     loaded = load_index(idx)
     ivf = loaded.index
     from faiss.contrib.inspect_tools import get_invlist
@@ -243,7 +240,7 @@ def test_nan_in_an_ivf_list_is_named_by_id(built: dict[str, Path], tmp_path: Pat
         load_index(idx, verify=True)
 
 
-def test_sound_indexes_say_what_was_checked(built: dict[str, Path], tmp_path: Path) -> None:
+def test_sound_indexes_say_what_was_checked(copy_index: CopyIndex, built: dict[str, Path], tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from engine.cli import main
@@ -253,18 +250,20 @@ def test_sound_indexes_say_what_was_checked(built: dict[str, Path], tmp_path: Pa
     assert r.exit_code == 0 and "verified: SHA-256 of every file" in r.output, r.output
     r = run(main, ["index", "info", "--index", str(built["flat"])])
     assert r.exit_code == 0 and "checked: sizes, SHA-256 of attributes.parquet" in r.output, r.output
-    idx = copy(built, tmp_path, legacy=True)
+    idx = copy_index(legacy=True)
     r = run(main, ["index", "info", "--index", str(idx), "--verify"])
     assert r.exit_code == 0 and "checksums: none recorded" in r.output, r.output
     assert load_index(idx, verify=True).info.nb == N
 
 
-def test_add_with_a_missing_or_unmade_shard_directory(built: dict[str, Path], tmp_path: Path) -> None:
+def test_add_with_a_missing_or_unmade_shard_directory(
+    copy_index: CopyIndex, built: dict[str, Path], tmp_path: Path
+) -> None:
     from click.testing import CliRunner
 
     from engine.cli import main
 
-    idx = copy(built, tmp_path, legacy=False)
+    idx = copy_index(legacy=False)
     with pytest.raises(ValueError, match=r"_manifest\.json not found: .* is not a shard directory"):
         add_shards(idx, tmp_path / "nowhere")
     run = CliRunner().invoke

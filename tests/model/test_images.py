@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 import pickle
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -133,37 +131,8 @@ def test_orl_pgm(orl_dir: Path) -> None:
     assert (img[..., 0] == img[..., 2]).all(), "grey replicated to three channels"
 
 
-@contextmanager
-def fifo(path: Path, patience: float = 10.0) -> Iterator[list[float]]:
-    """A named pipe at ``path`` that nothing writes to.  After ``patience`` seconds a watchdog releases whatever is
-    blocked reading it (the reader sees end-of-file) and notes the time in the yielded list: the bug under test then
-    fails an assertion instead of hanging the run."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.mkfifo(path)
-    released: list[float] = []
-    stop = threading.Event()
-
-    def watchdog() -> None:
-        if stop.wait(patience):
-            return
-        while not stop.wait(0.1):
-            try:  # succeeds only while a reader has the pipe open
-                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-                released.append(time.monotonic())
-            except OSError:
-                pass
-
-    thread = threading.Thread(target=watchdog, daemon=True)
-    thread.start()
-    try:
-        yield released
-    finally:
-        stop.set()
-        thread.join()
-
-
 @pytest.mark.timeout(30)
-def test_fifo_is_not_a_file_and_never_blocks(tmp_path: Path) -> None:
+def test_fifo_is_not_a_file_and_never_blocks(tmp_path: Path, fifo: Callable[..., Any]) -> None:
     path = tmp_path / "pipe.jpg"
     with fifo(path) as released:  # no writer: a plain open() would wait forever
         assert _reason(path) == "not_a_file"
