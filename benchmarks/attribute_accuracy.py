@@ -104,9 +104,9 @@ def predict_celeba(
     images of the split (file order).  Images are aligned with their landmarks to the model input (detected with
     YuNet where the landmark file lacks them); images that fail are skipped and counted.  Only the attributes both
     predicted and labelled are returned."""
-    from model.align import FaceDetector
-    from model.datasets import FaceDataset, read_celeba
-    from model.inference import Embedder, embed_dataset
+    from facesearch.model.faces.align import FaceDetector
+    from facesearch.model.faces.datasets import FaceDataset, read_celeba
+    from facesearch.model.inference import Embedder, embed_dataset
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")

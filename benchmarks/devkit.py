@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from model.fileio import atomic_write_bytes, atomic_write_text
+from facesearch.model.fileio import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from typing import Any, NamedTuple
 import cv2
 import numpy as np
 
-from model.align import KEEP_FACE, FaceDetector, prepare_face
-from model.fileio import atomic_write_bytes, atomic_write_text
-from model.images import ImageError, read_image
+from facesearch.model.faces.align import KEEP_FACE, FaceDetector, prepare_face
+from facesearch.model.faces.images import ImageError, read_image
+from facesearch.model.fileio import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def features_from_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 
 def features_from_shards(directory: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """The ok rows of a complete shard directory written by ``facesearch embed``: {image key of ``path``: (d,)}."""
-    from indexer.shards import read_all  # only this entry point needs pyarrow
+    from facesearch.indexer.shards import read_all  # only this entry point needs pyarrow
 
     block = read_all(Path(directory), columns=["path"])
     return _keyed(block.meta.column("path").to_pylist(), block.xb, str(directory))
@@ -291,7 +291,7 @@ def embed_lfw_images(
     Without ``detector``, YuNet keeps the face ``keep_face`` picks (one of :data:`LFW_KEEP_FACE`; default ``center``,
     the named person of an LFW image).  Raises ``ValueError`` for a bad ``keep_face``, listing missing images (before
     any work) or naming an unreadable one."""
-    from model.inference import Embedder  # torch is imported only when embedding
+    from facesearch.model.inference import Embedder  # torch is imported only when embedding
 
     if keep_face not in LFW_KEEP_FACE:
         raise ValueError(f"keep_face must be one of {list(LFW_KEEP_FACE)}, got {keep_face!r}")

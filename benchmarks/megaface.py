@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from indexer.search import strict_matmul
+from facesearch.indexer.search import strict_matmul
 
 U32 = 2.0**-24  # float32 unit roundoff
 NAMED_FARS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3)

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from benchmarks import devkit
-from benchmarks.megaface import canonical_normalize
-from indexer import shards
+from facesearch.benchmarks import devkit
+from facesearch.benchmarks.megaface import canonical_normalize
+from facesearch.indexer import shards
 
 _BLOCK = 65536
 

@@ -3,9 +3,9 @@
 A size runs against its given list (``<name>_features_list.json_<size>_<set>`` in the lists folder) or, where there
 is none, against a list drawn from the distractor shard rows with a recorded seed and written beside the results.
 MegaFace's distractors are other people, so a drawn list never holds a probe image nor another image of a probe
-identity (the candidates are what :func:`~benchmarks.megaface_data.probe_overlap` leaves); a size the candidates
-cannot fill is a one-line error.  A given list that breaks the rule is refused when it holds probe images (each
-outscores its own mates; ``allow_probe_overlap`` evaluates it with a warning) and warned about when it holds other
+identity (the candidates are what :func:`~facesearch.benchmarks.megaface_data.probe_overlap` leaves); a size the
+candidates cannot fill is a one-line error.  A given list that breaks the rule is refused when it holds probe images
+(each outscores its own mates; ``allow_probe_overlap`` evaluates it with a warning) and warned about when it holds other
 images of probe identities (the devkit and the official lists tolerate a few).  Each size's record — the given file,
 or drawn: seed, rows, candidates, rows excluded as probe images / probe identities; noisy entries removed; warnings —
 goes into its result JSON.
@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import devkit
-from benchmarks.megaface_data import (
+from facesearch.benchmarks import devkit
+from facesearch.benchmarks.megaface_data import (
     DevkitDistractors,
     DistractorSource,
     ProbeOverlap,

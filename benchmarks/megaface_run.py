@@ -8,7 +8,8 @@ provenance of the features, the distractor list's record (given file, or drawn: 
 probe images / probe identities) and every warning.  ROC rows carry ``supported`` (FAR 0 or FAR >= 1/N_neg); the
 others are kept but never shown as measured.  The devkit file ``cmc_<probe>_<distractor>_<alg>_<size>_<set>.json``
 holds the compressed curves (protocol §4), its set names taken from the list file names as the devkit takes them.
-Which distractors each size uses (given or drawn list, the exclusion of probes) is :mod:`benchmarks.megaface_lists`.
+Which distractors each size uses (given or drawn list, the exclusion of probes) is
+:mod:`facesearch.benchmarks.megaface_lists`.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from benchmarks import devkit, report
-from benchmarks.megaface import NAMED_FARS, Evaluation, ProbeSet, floor_m
-from benchmarks.megaface_data import (
+from facesearch.benchmarks import devkit, report
+from facesearch.benchmarks.megaface import NAMED_FARS, Evaluation, ProbeSet, floor_m
+from facesearch.benchmarks.megaface_data import (
     AttributeFilter,
     CachedDistractors,
     DistractorSource,
@@ -40,12 +41,12 @@ from benchmarks.megaface_data import (
     probes_from_devkit,
     probes_from_shards,
 )
-from benchmarks.megaface_lists import DEFAULT_SIZES, DistractorLists, ListConfig
-from indexer.embed import EmbedConfig
-from indexer.pipeline import run_embed
-from model.checkpoint import package_version
-from model.device import resolve_device
-from model.fileio import atomic_write_text
+from facesearch.benchmarks.megaface_lists import DEFAULT_SIZES, DistractorLists, ListConfig
+from facesearch.indexer.embed import EmbedConfig
+from facesearch.indexer.pipeline import run_embed
+from facesearch.model.checkpoint import package_version
+from facesearch.model.device import resolve_device
+from facesearch.model.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

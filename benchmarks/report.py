@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from model.fileio import atomic_write_text, atomic_write_with
+from facesearch.model.fileio import atomic_write_text, atomic_write_with
 
 log = logging.getLogger(__name__)
 

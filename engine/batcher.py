@@ -7,10 +7,11 @@ with one batched search.  Under load a flat index's product then serves many pro
 the gallery (no waiting is added: a lone request runs at once).
 
 The queue is bounded twice: by the number of requests waiting (``queue_size``) and by the estimated seconds of the
-work admitted and not yet done (``budget``: each request brings its estimate, see :mod:`engine.service_limits`).
-A request over either bound is refused at once with :class:`Busy`, which says when to retry; a request that waited
-longer than its caller's timeout is withdrawn from the queue (:class:`QueueTimeout`).  A search that has started
-runs to its end: that is why its cost is bounded before it is admitted.
+work admitted and not yet done (``budget``: each request brings its estimate, see
+:mod:`facesearch.engine.service_limits`). A request over either bound is refused at once with :class:`Busy`, which says
+when to retry; a request that waited longer than its caller's timeout is withdrawn from the queue
+(:class:`QueueTimeout`).  A search that has started runs to its end: that is why its cost is bounded before it is
+admitted.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.search import QueryResult, SearchEngine
+from facesearch.engine.search import QueryResult, SearchEngine
 
 
 class Busy(RuntimeError):

@@ -3,14 +3,15 @@ optionally aggregated per identity, with open-set thresholds.
 
 ``SearchEngine.open(index_dir)`` loads an index directory (``facesearch index build``); ``search(xq, k, ...)``
 answers a batch of queries at once.  Queries are L2-normalised first, by the routine the gallery's embeddings went
-through (:func:`indexer.search.normalize_queries`), so every score is a cosine similarity in [-1, 1] whatever the
-scale of the query, and thresholds compare cosines; a query row with NaN or infinite values, or all zeros, is a
+through (:func:`facesearch.indexer.search.normalize_queries`), so every score is a cosine similarity in [-1, 1]
+whatever the scale of the query, and thresholds compare cosines; a query row with NaN or infinite values, or all zeros,
+is a
 ``ValueError`` naming the row.
 
 A flat (exact) index is searched by tiled torch products over its stored vectors, used in place (a zero-copy view of
 the FAISS storage; on CUDA a device copy), screened in bf16 where the hardware runs it natively and re-scored in
-float32 with a proven bound (:class:`indexer.search.ResidentGallery`): exact answers at the speed of the low-precision
-product.  With a filter the strategy follows its selectivity p (the fraction of the gallery that passes):
+float32 with a proven bound (:class:`facesearch.indexer.search.ResidentGallery`): exact answers at the speed of the
+low-precision product.  With a filter the strategy follows its selectivity p (the fraction of the gallery that passes):
 
 - ``subset`` (flat, p <= 10 %): gather the passing vectors and search only them;
 - ``masked`` (flat, p > 10 %): one pass over the gallery with the failing items' scores set to -inf (pre-filtering
@@ -38,13 +39,13 @@ from typing import Any
 import faiss
 import numpy as np
 
-from engine.filters import Filter, parse_filter
-from indexer.index import LoadedIndex, load_index
-from indexer.search import ResidentGallery, normalize_queries
-from model.align import FaceDetector, prepare_face
-from model.device import cpu_has_bf16_units, resolve_device
-from model.images import ImageError
-from model.inference import Embedder
+from facesearch.engine.filters import Filter, parse_filter
+from facesearch.indexer.index import LoadedIndex, load_index
+from facesearch.indexer.search import ResidentGallery, normalize_queries
+from facesearch.model.device import cpu_has_bf16_units, resolve_device
+from facesearch.model.faces.align import FaceDetector, prepare_face
+from facesearch.model.faces.images import ImageError
+from facesearch.model.inference import Embedder
 
 SUBSET_MAX, SELECTOR_MAX = 0.10, 0.5  # flat: gather below SUBSET_MAX; FAISS kinds: selector up to SELECTOR_MAX
 AGGREGATES = ("max", "mean")
@@ -172,8 +173,9 @@ class SearchEngine:
         low-precision screen (exact either way; auto = bf16 where the hardware runs it natively).
 
         A damaged or inconsistent index directory is a one-line ``ValueError`` naming the file and what disagrees
-        (:func:`indexer.index.load_index`: sizes, checksums of the small files, FAISS header vs ``index_info.json``
-        vs attribute table); ``verify`` adds the SHA-256 of ``index.faiss`` and a NaN / inf scan of the vectors."""
+        (:func:`facesearch.indexer.index.load_index`: sizes, checksums of the small files, FAISS header vs
+        ``index_info.json`` vs attribute table); ``verify`` adds the SHA-256 of ``index.faiss`` and a NaN / inf scan of
+        the vectors."""
         loaded = load_index(Path(index_dir), verify=verify)
         embedder = None
         if checkpoint is not None:
@@ -383,8 +385,8 @@ class SearchEngine:
         the whole gallery (every item, or every identity), ranked.  ``strategy`` forces a filter strategy
         (see the module doc; ``auto`` picks by selectivity).
 
-        Queries are L2-normalised first (:func:`indexer.search.normalize_queries`, the gallery's routine), so a
-        scaled query gets the same hits and scores as the unit one: scores and ``threshold`` are cosines.  A row
+        Queries are L2-normalised first (:func:`facesearch.indexer.search.normalize_queries`, the gallery's routine),
+        so a scaled query gets the same hits and scores as the unit one: scores and ``threshold`` are cosines.  A row
         with NaN or infinite values, or all zeros, is a ``ValueError`` naming the row.
 
         ``exclude_ids`` (nq,) int64: a gallery id to leave out of each query's hits (-1: none), e.g. the query's own

@@ -9,20 +9,20 @@
 - ``GET /openapi.json`` / ``/docs`` / ``/redoc``: the OpenAPI description (behind the token, when there is one,
   unless ``public_docs``).
 
-Embeddings are L2-normalised as the gallery's are (:func:`indexer.search.normalize_queries`) before they are
+Embeddings are L2-normalised as the gallery's are (:func:`facesearch.indexer.search.normalize_queries`) before they are
 searched, so scores and ``threshold`` are cosines whatever the scale of the posted vector.
 
 Requests are checked in order of cost.  On the headers, before any of the body is read
-(:class:`engine.http_guard.RequestGuard`): the bearer token (401; every route but ``/health`` needs it when there
-is a token), the body size (413, also counted as a chunked body streams in) and room in the queue (503 +
-``Retry-After``).  Then the limits of :class:`engine.service_limits.ServiceLimits`: k, rows, k x rows, filter
+(:class:`facesearch.engine.http_guard.RequestGuard`): the bearer token (401; every route but ``/health`` needs it when
+there is a token), the body size (413, also counted as a chunked body streams in) and room in the queue (503 +
+``Retry-After``).  Then the limits of :class:`facesearch.engine.service_limits.ServiceLimits`: k, rows, k x rows, filter
 characters and terms (422), an image's pixels read from its header before it is decoded
-(:mod:`model.image_guard`; 413), and the search's estimated time against the time budget (503).  Bad input (an
-undecodable image, no face, a bad filter, a wrong dimension, an embedding row with NaN or infinite values or all
-zeros: 422 naming the row) is a 4xx with a one-line message, never a 500.
+(:mod:`facesearch.model.faces.image_guard`; 413), and the search's estimated time against the time budget (503).  Bad
+input (an undecodable image, no face, a bad filter, a wrong dimension, an embedding row with NaN or infinite values or
+all zeros: 422 naming the row) is a 4xx with a one-line message, never a 500.
 
-Searches run on one thread, batched (:class:`engine.batcher.SearchBatcher`); a request that waits longer than the
-time budget for its turn is answered 504.  The model (image decoding, detection, embedding) runs one image at a
+Searches run on one thread, batched (:class:`facesearch.engine.batcher.SearchBatcher`); a request that waits longer
+than the time budget for its turn is answered 504.  The model (image decoding, detection, embedding) runs one image at a
 time, with at most ``queue_size`` requests waiting for it.
 """
 
@@ -46,16 +46,16 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from engine.batcher import Busy, QueueTimeout, SearchBatcher, _Pending  # noqa: F401  (_Pending: for tests)
-from engine.filters import Filter
-from engine.http_guard import Refusal, RequestGuard
-from engine.search import QueryResult, SearchEngine
-from engine.service_limits import CostModel, LimitError, ServiceLimits, calibrate, check_filter, check_query
-from indexer.search import normalize_queries
-from model.align import FaceDetector
-from model.checkpoint import package_version
-from model.image_guard import ImageTooLarge, check_image
-from model.images import ImageError, decode_image
+from facesearch.engine.batcher import Busy, QueueTimeout, SearchBatcher, _Pending  # noqa: F401  (_Pending: for tests)
+from facesearch.engine.filters import Filter
+from facesearch.engine.http_guard import Refusal, RequestGuard
+from facesearch.engine.search import QueryResult, SearchEngine
+from facesearch.engine.service_limits import CostModel, LimitError, ServiceLimits, calibrate, check_filter, check_query
+from facesearch.indexer.search import normalize_queries
+from facesearch.model.checkpoint import package_version
+from facesearch.model.faces.align import FaceDetector
+from facesearch.model.faces.image_guard import ImageTooLarge, check_image
+from facesearch.model.faces.images import ImageError, decode_image
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from engine.filters import Filter
-from engine.search import SearchEngine
-from model.images import DEFAULT_MAX_PIXELS
+from facesearch.engine.filters import Filter
+from facesearch.engine.search import SearchEngine
+from facesearch.model.faces.images import DEFAULT_MAX_PIXELS
 
 
 class LimitError(ValueError):
@@ -82,7 +82,7 @@ class FilterTerms:
 
 def filter_terms(flt: Filter) -> FilterTerms:
     """Count the nodes of ``flt``'s syntax tree (walked iteratively: a deep tree cannot exhaust the stack)."""
-    stack: list[Any] = [flt._ast]  # the parsed tree; its node classes are private to engine.filters
+    stack: list[Any] = [flt._ast]  # the parsed tree; its node classes are private to facesearch.engine.filters
     terms = strings = 0
     while stack:
         node = stack.pop()

@@ -1,12 +1,13 @@
 """The Dask cluster of ``facesearch embed``: a ``LocalCluster`` sized to the machine, or a client on an existing
 scheduler (``--scheduler``) whose workers are probed before any shard is submitted.
 
-With the pipeline (:mod:`indexer.pipeline`), the only code that imports dask / distributed (inside functions, so that
-importing the package needs neither).  With ``scheduler``, the workers open the checkpoint, the images and ``out`` by
-the driver's (absolute) paths, so those must be on a filesystem every worker sees: every connected worker is probed
-(:func:`probe_worker`) and the first one that cannot read the checkpoint, the YuNet model, a sample image or the
-driver's marker in ``out``, or cannot write there, stops the job with a one-line :class:`ClusterError` naming the
-worker and the path.  An unreachable scheduler, or one without workers, is a one-line error after
+With the pipeline (:mod:`facesearch.indexer.pipeline`), the only code that imports dask / distributed (inside
+functions, so that importing the package needs neither).  With ``scheduler``, the workers open the checkpoint, the
+images and ``out`` by the driver's (absolute) paths, so those must be on a filesystem every worker sees: every
+connected worker is probed (:func:`probe_worker`) and the first one that cannot read the checkpoint, the YuNet model, a
+sample image or the driver's marker in ``out``, or cannot write there, stops the job with a one-line
+:class:`ClusterError` naming the worker and the path.  An unreachable scheduler, or one without workers, is a one-line
+error after
 :data:`CONNECT_TIMEOUT_S`.
 """
 
@@ -21,8 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from indexer.embed import EmbedConfig
-from indexer.inputs import InputItem
+from facesearch.indexer.embed import EmbedConfig
+from facesearch.indexer.inputs import InputItem
 
 log = logging.getLogger(__name__)
 

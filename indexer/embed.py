@@ -1,6 +1,7 @@
 """Batch embedding without Dask: the config, planning (which image goes in which shard) and the per-shard function.
 
-:func:`plan_inputs` (the input list: :mod:`indexer.inputs`) and :func:`plan_shards` are pure and deterministic;
+:func:`plan_inputs` (the input list: :mod:`facesearch.indexer.inputs`) and :func:`plan_shards` are pure and
+deterministic;
 :func:`embed_partition` turns one shard's items into a shard table with an :class:`model.Embedder` and (optionally) a
 YuNet detector built by the caller, once per worker.  Every failure is a row (null embedding, ``status`` reason,
 ``error`` message): nothing is dropped.  An ``ok`` row whose JPEG was decoded past damaged data keeps its embedding
@@ -10,9 +11,10 @@ Row ids: the image's position in the planned input list, or with ``keep_face="al
 ``image_index * FACE_STRIDE + face_index`` (:func:`row_id`), faces numbered largest first from 0; an image without a
 face keeps one failed row with face index 0.  Ids are so unique, deterministic and independent of other shards.
 
-Optional columns (:func:`optional_columns`): every row gets ``pose_score`` (:func:`model.align.pose_score` of its
-landmarks; null for a failed row, which has none), and with ``keep_face="all"`` ``face``, the face index of its id (the
-other modes keep one face per image, whose number among the detected faces is not known).
+Optional columns (:func:`optional_columns`): every row gets ``pose_score``
+(:func:`facesearch.model.faces.align.pose_score` of its landmarks; null for a failed row, which has none), and with
+``keep_face="all"`` ``face``, the face index of its id (the other modes keep one face per image, whose number among the
+detected faces is not known).
 """
 
 from __future__ import annotations
@@ -32,13 +34,13 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from indexer.inputs import CELEBA_IMAGES, INPUT_FORMATS, InputItem, list_inputs, walk_images
-from indexer.shards import DTYPES, table_from_arrays
-from model.align import KEEP_FACE, DetectOptions, FaceDetector, align_face, pose_score
-from model.config import from_mapping
-from model.device import PRECISIONS
-from model.images import ImageError, decode_image, read_image_bytes
-from model.inference import Embedder
+from facesearch.indexer.inputs import CELEBA_IMAGES, INPUT_FORMATS, InputItem, list_inputs, walk_images
+from facesearch.indexer.shards import DTYPES, table_from_arrays
+from facesearch.model.config import from_mapping
+from facesearch.model.device import PRECISIONS
+from facesearch.model.faces.align import KEEP_FACE, DetectOptions, FaceDetector, align_face, pose_score
+from facesearch.model.faces.images import ImageError, decode_image, read_image_bytes
+from facesearch.model.inference import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ class EmbedConfig:
     path), ``sidecars`` (``<image>.json`` holding 5 (x, y) points, or ``{"landmarks": ...}``), else YuNet detection on
     a ``detector_pad``-padded image, downscaled to at most ``det_size`` pixels, keeping faces scored >=
     ``det_threshold`` and of those ``keep_face`` (``largest``, ``center``, ``score`` or ``all``: see
-    :class:`model.align.DetectOptions` and the module's note on ids)."""
+    :class:`facesearch.model.faces.align.DetectOptions` and the module's note on ids)."""
 
     input: Path
     checkpoint: Path
@@ -146,7 +148,7 @@ class EmbedConfig:
 
 
 def plan_inputs(cfg: EmbedConfig) -> list[InputItem]:
-    """The ordered input list of ``cfg`` (``id`` = position; see :func:`indexer.inputs.list_inputs`)."""
+    """The ordered input list of ``cfg`` (``id`` = position; see :func:`facesearch.indexer.inputs.list_inputs`)."""
     return list_inputs(cfg.format, cfg.input, cfg.image_root, cfg.landmarks, cfg.identities)
 
 
@@ -161,7 +163,8 @@ def row_id(image_id: int, face: int, keep_face: str) -> int:
 
 
 def optional_columns(keep_face: str) -> tuple[str, ...]:
-    """The optional shard columns (:data:`indexer.shards.OPTIONAL_COLUMNS`) a new output of ``keep_face`` holds:
+    """The optional shard columns (:data:`facesearch.indexer.shards.OPTIONAL_COLUMNS`) a new output of ``keep_face``
+    holds:
     ``pose_score``, and ``face`` with ``"all"`` (one row per face)."""
     return ("face", "pose_score") if keep_face == "all" else ("pose_score",)
 

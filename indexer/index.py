@@ -1,6 +1,6 @@
 """Index directories: shards -> FAISS index + id mapping + attribute table + ``index_info.json``.
 
-Files of a generation (layout, atomic updates, the pointer ``CURRENT``: :mod:`indexer.index_store`)::
+Files of a generation (layout, atomic updates, the pointer ``CURRENT``: :mod:`facesearch.indexer.index_store`)::
 
     index.faiss         faiss.write_index output
     attributes.parquet  id, path, identity, one float32 column per attribute; one row per indexed vector
@@ -9,28 +9,29 @@ Files of a generation (layout, atomic updates, the pointer ``CURRENT``: :mod:`in
 
 Every build and update writes a whole new generation and switches ``CURRENT`` to it in one rename, so a killed
 ``add`` / ``remove`` leaves the index as it was before or after, never in between; the directory's lock
-(:mod:`indexer.locks`) keeps a second writer out and names the one inside.
+(:mod:`facesearch.indexer.locks`) keeps a second writer out and names the one inside.
 
 Checks: shards are verified against their manifest (size, SHA-256) before they are read, and a NaN or infinite
 embedding is refused naming its shard and id.  :func:`load_index` refuses, with one line naming the file, an index
 whose files disagree: sizes (and SHA-256 of ``index_info.json`` and ``attributes.parquet``, read anyway) against
 the records, the FAISS header (kind, d, metric, nlist, ntotal) against ``index_info.json``, the attribute table's
-rows and ids against the index (:mod:`indexer.index_check`).  ``verify=True`` adds the SHA-256 of ``index.faiss``
-and a NaN / inf scan of the stored vectors (measured at 1M x 1024 float32, a 4.1 GB file, on this 2-core machine:
-read_index 5.0 s, SHA-256 5.5 s, scan 1.1 s, so they are not run at every open).
+rows and ids against the index (:mod:`facesearch.indexer.index_check`).  ``verify=True`` adds the SHA-256 of
+``index.faiss`` and a NaN / inf scan of the stored vectors (measured at 1M x 1024 float32, a 4.1 GB file, on this
+2-core machine: read_index 5.0 s, SHA-256 5.5 s, scan 1.1 s, so they are not run at every open).
 
 Id mapping: FAISS itself stores our int64 ids, so a search returns them directly: ``flat`` and ``hnsw`` are wrapped
 in ``IndexIDMap2``; ``ivf-flat`` / ``ivf-pq`` store ids natively (``add_with_ids``; wrapping an IVF in an id map
 would break on removal, because IVF does not renumber its internal ids).  ``attributes.parquet`` lists the same id
-set and is what ``LoadedIndex.ids`` reads.  Index id = shard id + the source's id offset (:mod:`indexer.index_ids`:
+set and is what ``LoadedIndex.ids`` reads.  Index id = shard id + the source's id offset
+(:mod:`facesearch.indexer.index_ids`:
 ``id_offset``, ``fresh_ids``, collisions).
 
-Recall (:mod:`indexer.recall`): queries are ``recall_sample`` rows drawn from the data (deterministic priority
-sampling by hashed id); each query's own id is removed from both result lists, so recall measures the neighbours a
-user would see. recall@k = mean |{index top-k ids whose exact score >= the exact k-th score}| / k, so ties (equal
-scores, duplicate rows) count whatever order they come in and an exact index measures 1.0; the comparison allows
+Recall (:mod:`facesearch.indexer.recall`): queries are ``recall_sample`` rows drawn from the data (deterministic
+priority sampling by hashed id); each query's own id is removed from both result lists, so recall measures the
+neighbours a user would see. recall@k = mean |{index top-k ids whose exact score >= the exact k-th score}| / k, so ties
+(equal scores, duplicate rows) count whatever order they come in and an exact index measures 1.0; the comparison allows
 the float32 rounding of the searches (``tie_tolerance`` in ``index_info.json``). Ground truth is
-:func:`indexer.search.search_exact` over the same shards.
+:func:`facesearch.indexer.search.search_exact` over the same shards.
 """
 
 from __future__ import annotations
@@ -51,11 +52,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from indexer import shards
-from indexer.index_check import check_block_finite, check_consistency, check_finite, check_shards
-from indexer.index_ids import IdCheck, check_id_range, known_sources, next_free_id, plan_add, source_record
-from indexer.index_info import KINDS, IndexConfig, IndexInfo, LoadedIndex, apply_search_params, new_index
-from indexer.index_store import (
+from facesearch.indexer import shards
+from facesearch.indexer.index_check import check_block_finite, check_consistency, check_finite, check_shards
+from facesearch.indexer.index_ids import IdCheck, check_id_range, known_sources, next_free_id, plan_add, source_record
+from facesearch.indexer.index_info import KINDS, IndexConfig, IndexInfo, LoadedIndex, apply_search_params, new_index
+from facesearch.indexer.index_store import (
     ATTR_FILE,
     INDEX_FILE,
     INFO_FILE,
@@ -69,8 +70,8 @@ from indexer.index_store import (
     read_with_retry,
     remove_leftovers,
 )
-from indexer.locks import directory_lock
-from indexer.recall import measure_recall, recall_at
+from facesearch.indexer.locks import directory_lock
+from facesearch.indexer.recall import measure_recall, recall_at
 
 log = logging.getLogger(__name__)
 _FLAT_RECALL_SAMPLE = 100  # flat is exact by construction: a small sanity-check sample is enough
@@ -282,15 +283,16 @@ def _load(layout: Layout, verify: bool) -> LoadedIndex:
 
 
 def load_index(index_dir: Path, verify: bool = False) -> LoadedIndex:
-    """Read an index directory (either layout: :mod:`indexer.index_store`); a one-line ``ValueError`` naming the
-    file when one is missing, damaged or disagrees with the others (the checks: module doc).  ``verify`` also
+    """Read an index directory (either layout: :mod:`facesearch.indexer.index_store`); a one-line ``ValueError`` naming
+    the file when one is missing, damaged or disagrees with the others (the checks: module doc).  ``verify`` also
     checks the SHA-256 of ``index.faiss`` and scans the stored vectors for NaN / inf (seconds per GB)."""
     return read_with_retry(Path(index_dir), lambda layout: _load(layout, verify))
 
 
 def _save(index_dir: Path, loaded: LoadedIndex, attrs: pa.Table, event: dict[str, Any],
           sources: tuple[dict[str, Any], ...] | None = None) -> IndexInfo:  # fmt: skip
-    """Write the updated index as a new generation and switch to it (:class:`indexer.index_store.NewGeneration`)."""
+    """Write the updated index as a new generation and switch to it
+    (:class:`facesearch.indexer.index_store.NewGeneration`)."""
     with NewGeneration(index_dir) as gen:
         pq.write_table(attrs, gen.path(ATTR_FILE))
         gen.record(ATTR_FILE)
@@ -350,8 +352,8 @@ def add_to_index(index_dir: Path, shards_dir: Path, block_rows: int = 65536, *, 
     """Append a shard directory's rows to an index (same fingerprint and d), as index id = shard id + offset.
 
     The offset: ``id_offset``, or with ``fresh_ids`` one that puts the new ids after every id the index ever held,
-    else 0; a shard set added before keeps its offset (:func:`indexer.index_ids.plan_add`).  Rows already indexed
-    unchanged (same id, path, identity and embedding) are skipped; a taken id of a different row is a
+    else 0; a shard set added before keeps its offset (:func:`facesearch.indexer.index_ids.plan_add`).  Rows already
+    indexed unchanged (same id, path, identity and embedding) are skipped; a taken id of a different row is a
     ``ValueError`` naming the ids, and nothing is written.  The shards are verified against their manifest and
     NaN / inf embeddings refused first.  Nothing to add: nothing is written (``changed`` False)."""
     index_dir, shards_dir = Path(index_dir), Path(shards_dir)

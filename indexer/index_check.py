@@ -1,5 +1,6 @@
-"""What a loaded index must agree with, and what is stored in it: the checks :func:`indexer.index.load_index` runs
-at every open, the full scan of ``verify``, and access to the stored ids and vectors by id.
+"""What a loaded index must agree with, and what is stored in it: the checks
+:func:`facesearch.indexer.index.load_index` runs at every open, the full scan of ``verify``, and access to the stored
+ids and vectors by id.
 
 At open (cheap: a few passes over the ids, no pass over the vectors): the FAISS file's own header (kind, d, metric,
 nlist / PQ shape, ntotal) must match ``index_info.json``; the attribute table must have its id / path / identity
@@ -18,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from faiss.contrib.inspect_tools import get_invlist
 
-from indexer import shards
+from facesearch.indexer import shards
 
 METRICS = {faiss.METRIC_INNER_PRODUCT: "inner_product", faiss.METRIC_L2: "l2"}
 _SCAN_ROWS = 65536
@@ -112,7 +113,7 @@ class StoredVectors:
 
 def check_consistency(index: Any, attrs: pa.Table, info: Any, files_dir: Path) -> np.ndarray:
     """Raise a one-line ``ValueError`` naming the file when the FAISS header, the attribute table and ``info``
-    (an :class:`indexer.index.IndexInfo`) disagree; returns the attribute table's ids (nb,) int64."""
+    (an :class:`facesearch.indexer.index.IndexInfo`) disagree; returns the attribute table's ids (nb,) int64."""
     where, table, info_file = files_dir / "index.faiss", files_dir / "attributes.parquet", files_dir / "index_info.json"
     kind, metric = index_kind(index), METRICS.get(int(index.metric_type), str(index.metric_type))
     for what, have, said in (("kind", kind, info.kind), ("d", int(index.d), info.d), ("metric", metric, info.metric)):

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from indexer.index_check import StoredVectors
+from facesearch.indexer.index_check import StoredVectors
 
 SAME_COSINE = 0.99
 _INT64_MAX = 2**63 - 1

@@ -59,8 +59,9 @@ class IndexConfig:
 @dataclass(frozen=True)
 class IndexInfo:
     """The content of ``index_info.json``.  ``sources``: one record per shard directory built or added (path,
-    manifest SHA-256, id offset, shard and index id ranges: :func:`indexer.index_ids.source_record`); ``max_id``:
-    the largest id the index ever held (fresh ids start above it); ``files``: size and SHA-256 of the generation's
+    manifest SHA-256, id offset, shard and index id ranges: :func:`facesearch.indexer.index_ids.source_record`);
+    ``max_id``: the largest id the index ever held (fresh ids start above it); ``files``: size and SHA-256 of the
+    generation's
     ``index.faiss`` and ``attributes.parquet`` (empty for an index written before checksums)."""
 
     config: dict[str, Any]

@@ -7,7 +7,7 @@ Layout (written by every build and update)::
       gen-00003/index.faiss    the FAISS index
       gen-00003/attributes.parquet
       gen-00003/index_info.json  with "files": size + SHA-256 of index.faiss and attributes.parquet
-      .lock                    held by the writer (:mod:`indexer.locks`)
+      .lock                    held by the writer (:mod:`facesearch.indexer.locks`)
 
 A writer builds a complete new generation in a hidden ``.gen-00004.tmp`` directory (every file fsynced), renames it
 to ``gen-00004``, then switches ``CURRENT`` with ``os.replace`` and fsyncs the directory: that one rename is the
@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from indexer.locks import LOCK_FILE as LOCK_NAME
-from model.fileio import atomic_write_bytes, fsync_dir
+from facesearch.indexer.locks import LOCK_FILE as LOCK_NAME
+from facesearch.model.fileio import atomic_write_bytes, fsync_dir
 
 INDEX_FILE, ATTR_FILE, INFO_FILE = "index.faiss", "attributes.parquet", "index_info.json"
 POINTER = "CURRENT"

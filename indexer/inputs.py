@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.datasets import IMAGE_SUFFIXES, read_celeba, read_identity_file, read_list
+from facesearch.model.faces.datasets import IMAGE_SUFFIXES, read_celeba, read_identity_file, read_list
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def list_inputs(
     ``images``: the tree under ``input`` in sorted relative-path order (hidden folders skipped), identity = the
     parent folder (``None`` for top-level files), or with ``identities`` the identity file's label (``None`` for an
     image it does not name).  ``list`` (CSV) and ``devkit`` (JSON) keep their order.  ``celeba``: the CelebA root
-    ``input`` (:func:`model.datasets.read_celeba`, in its lists' order; ``identities`` replaces
+    ``input`` (:func:`facesearch.model.faces.datasets.read_celeba`, in its lists' order; ``identities`` replaces
     ``identity_CelebA.txt``).  A ``landmarks`` CSV overrides the landmarks of the images it names (by path)."""
     rows: list[tuple[Path, str | None, np.ndarray | None]]
     if format == "images" and identities is not None:

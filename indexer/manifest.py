@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from model.fileio import atomic_write_bytes, atomic_write_text, fsync_dir
+from facesearch.model.fileio import atomic_write_bytes, atomic_write_text, fsync_dir
 
 MANIFEST = "_manifest.json"
 LEGACY_MANIFEST = "manifest.json"  # the first name: Parquet dataset readers tried to read it as a data file
@@ -62,8 +62,8 @@ class Manifest:
     job will write (``complete`` once all are present).  ``source``: input description (root, list file, format,
     count); ``config``: the resolved embed config; ``versions``: software versions; ``id_offset``: what the embed job
     added to every row id (ids = input position + ``id_offset``; 0 when absent: manifests from before it);
-    ``columns``: the optional columns (:data:`indexer.shards.OPTIONAL_COLUMNS`) every shard of the directory holds
-    (``()`` when absent: manifests from before them; written only when not empty)."""
+    ``columns``: the optional columns (:data:`facesearch.indexer.shards.OPTIONAL_COLUMNS`) every shard of the directory
+    holds (``()`` when absent: manifests from before them; written only when not empty)."""
 
     fingerprint: str
     d: int

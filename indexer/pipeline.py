@@ -1,20 +1,20 @@
 """``facesearch embed`` on Dask: plan, then embed only the missing shards, each written atomically by its worker.
 
-With :mod:`indexer.cluster` (the cluster: local, or ``--scheduler`` with its worker probe), the only code of the
-project that imports dask / distributed.  Tasks carry (shard index, that shard's input items, the config, the expected
-model fingerprint); each worker builds its Embedder and YuNet detector once (a module-level cache in the worker
+With :mod:`facesearch.indexer.cluster` (the cluster: local, or ``--scheduler`` with its worker probe), the only code of
+the project that imports dask / distributed.  Tasks carry (shard index, that shard's input items, the config, the
+expected model fingerprint); each worker builds its Embedder and YuNet detector once (a module-level cache in the worker
 process) and never receives a live model.  The driver records every finished shard in the manifest as it arrives, so
 a job killed at any moment resumes where it stopped, and a shard's rows depend only on its items (fixed per-shard
 batches, eval mode), never on which worker ran it.
 
 Changed inputs: before a shard is submitted, the driver records the state of its input files (size and mtime of
-each, :func:`indexer.inputs.inputs_digest`) in the manifest's ``source["shard_inputs"]``; a later run compares every
-shard it finds with the state of its files now, and deletes and recomputes those whose inputs changed.  A shard with
-no recorded state (written before this check existed) is trusted as it is.
+each, :func:`facesearch.indexer.inputs.inputs_digest`) in the manifest's ``source["shard_inputs"]``; a later run
+compares every shard it finds with the state of its files now, and deletes and recomputes those whose inputs changed.
+A shard with no recorded state (written before this check existed) is trusted as it is.
 
-Optional columns: a new output's manifest names them (``columns``: :func:`indexer.embed.optional_columns`) and every
-shard has them; a resumed output keeps writing its manifest's, so an output from before them stays without them and
-a directory never mixes two schemas.
+Optional columns: a new output's manifest names them (``columns``: :func:`facesearch.indexer.embed.optional_columns`)
+and every shard has them; a resumed output keeps writing its manifest's, so an output from before them stays without
+them and a directory never mixes two schemas.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from indexer.cluster import ClusterError, ProbeSpec, cluster_client, probe_worker, probe_workers
-from indexer.embed import (
+from facesearch.indexer.cluster import ClusterError, ProbeSpec, cluster_client, probe_worker, probe_workers
+from facesearch.indexer.embed import (
     DETECTION_FIELDS,
     FACE_STRIDE,
     EmbedConfig,
@@ -51,9 +51,9 @@ from indexer.embed import (
     shard_id_range,
     stage,
 )
-from indexer.inputs import inputs_digest
-from indexer.locks import LOCK_FILE, directory_lock
-from indexer.shards import (
+from facesearch.indexer.inputs import inputs_digest
+from facesearch.indexer.locks import LOCK_FILE, directory_lock
+from facesearch.indexer.shards import (
     MANIFEST,
     Manifest,
     ShardEntry,
@@ -68,9 +68,10 @@ from indexer.shards import (
     write_manifest,
     write_shard,
 )
-from model.align import default_yunet_path, pose_score
-from model.checkpoint import load_checkpoint
-from model.device import resolve_device
+from facesearch.model.assets import find_yunet, yunet_path
+from facesearch.model.checkpoint import load_checkpoint
+from facesearch.model.device import resolve_device
+from facesearch.model.faces.align import pose_score
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,11 @@ log = logging.getLogger(__name__)
 _WORKER_CACHE: dict[tuple[Any, ...], Any] = {}
 #: What a manifest written before the detection options existed was embedded with (how YuNet was then used).
 _LEGACY_DETECTION = {"det_threshold": 0.6, "det_size": 640, "keep_face": "score"}
-#: Below this :func:`model.align.pose_score` a face is turned ~45 degrees or more (counted in the summary).
+#: Below this :func:`facesearch.model.faces.align.pose_score` a face is turned ~45 degrees or more (counted in the
+#: summary).
 LOW_POSE_SCORE = 0.3
-#: ``Manifest.source`` key: {shard file: :func:`indexer.inputs.inputs_digest` of its inputs when it was submitted}.
+#: ``Manifest.source`` key: {shard file: :func:`facesearch.indexer.inputs.inputs_digest` of its inputs when it was
+#: submitted}.
 SHARD_INPUTS = "shard_inputs"
 
 
@@ -88,11 +91,12 @@ SHARD_INPUTS = "shard_inputs"
 class EmbedResult:
     """What a run did: shards computed now vs found valid, rows by status, throughput of the computed part and
     per-stage seconds summed over tasks (read, decode, align, infer, write); ``images`` planned (rows differ with
-    ``keep_face="all"``) and ``low_pose_rows``: ok rows with :func:`model.align.pose_score` < :data:`LOW_POSE_SCORE`
-    (turned ~45 degrees or more: their crops are over-zoomed half faces); ``changed_shards``: of the computed shards,
-    those found with changed inputs; ``damaged_shards``: of the computed shards, recorded ones whose bytes no longer
-    matched the manifest; ``warned_rows``: ok rows decoded past damaged data (the decoder's warning in
-    their ``error``); ``unlabeled_images``: images an identity file (``identities``, CelebA) does not name."""
+    ``keep_face="all"``) and ``low_pose_rows``: ok rows with :func:`facesearch.model.faces.align.pose_score` <
+    :data:`LOW_POSE_SCORE` (turned ~45 degrees or more: their crops are over-zoomed half faces); ``changed_shards``: of
+    the computed shards, those found with changed inputs; ``damaged_shards``: of the computed shards, recorded ones
+    whose bytes no longer matched the manifest; ``warned_rows``: ok rows decoded past damaged data (the decoder's
+    warning in their ``error``); ``unlabeled_images``: images an identity file (``identities``, CelebA) does not
+    name."""
 
     out: Path
     manifest: Manifest
@@ -142,7 +146,8 @@ def _needs_detector(cfg: EmbedConfig, items: Sequence[InputItem]) -> bool:
 def _provenance(cfg: EmbedConfig, items: Sequence[InputItem]) -> dict[str, Any]:
     """How rows were located and numbered: the YuNet options (``used``: whether any image needed detection) and the
     id scheme."""
-    model = str(cfg.detector_model or default_yunet_path())
+    found = find_yunet(cfg.detector_model)
+    model = None if found is None else str(found)
     detection = {**cfg.detect_options.to_dict(), "model": model, "used": _needs_detector(cfg, items)}
     ids = "image_index * 1000 + face_index (faces largest first)" if cfg.keep_face == "all" else "image_index"
     return {"detection": detection, "ids": ids}
@@ -302,7 +307,7 @@ def embed_shard(
 def _for_workers(cfg: EmbedConfig, items: Sequence[InputItem]) -> EmbedConfig:
     """``cfg`` as the workers need it: absolute paths (a worker does not share the driver's working directory) and
     the YuNet model resolved here, so every worker uses the same file."""
-    model = cfg.detector_model or (default_yunet_path() if _needs_detector(cfg, items) else None)
+    model = yunet_path(cfg.detector_model) if _needs_detector(cfg, items) else cfg.detector_model
     return cfg.replace(checkpoint=cfg.checkpoint.absolute(), out=cfg.out.absolute(),
                        detector_model=None if model is None else model.absolute())  # fmt: skip
 
@@ -340,7 +345,8 @@ def _compute(cfg: EmbedConfig, items: Sequence[InputItem], ranges: Sequence[rang
 
 
 def _row_counts(out: Path, manifest: Manifest) -> tuple[Counter[str], int, int]:
-    """Rows by status, ok rows whose :func:`model.align.pose_score` is below :data:`LOW_POSE_SCORE` (the stored
+    """Rows by status, ok rows whose :func:`facesearch.model.faces.align.pose_score` is below :data:`LOW_POSE_SCORE`
+    (the stored
     ``pose_score`` column, else computed from ``landmarks``), and ok rows with a decoder warning."""
     counts: Counter[str] = Counter()
     low_pose = warned = 0
@@ -379,6 +385,8 @@ def run_embed(cfg: EmbedConfig, progress: ProgressFn | None = None) -> EmbedResu
     t0 = time.perf_counter()
     resolve_device(cfg.device)  # a requested GPU that is absent fails here, before any worker starts
     items = plan_inputs(cfg)
+    if _needs_detector(cfg, items):
+        yunet_path(cfg.detector_model)  # a missing detector model fails here, before any Dask work starts
     if cfg.out.exists() and not cfg.out.is_dir():
         raise ValueError(f"--out {cfg.out} is a file; expected a shard directory (new or empty, or one to resume)")
     cfg.out.mkdir(parents=True, exist_ok=True)

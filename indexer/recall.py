@@ -7,7 +7,7 @@ on a gallery with duplicate rows an exact index measured recall@1 = 0.
 
 - *exact score*: recomputed in float64 from the stored vectors, for every returned id (one extra pass over the shard
   stream, shared with the exact search); so exact duplicates have bit-identical scores.
-- *exact k-th score*: the k-th score of :func:`indexer.search.search_exact`, which FAISS computes in float32.
+- *exact k-th score*: the k-th score of :func:`facesearch.indexer.search.search_exact`, which FAISS computes in float32.
 - *tol*: :func:`tie_tolerance`, three float32 dot-product error bounds: the reference's k-th score and the scores the
   index ranked by may each be off by one bound (``gamma_d |q| max|x|``), so an exact index, whatever its summation
   order, always measures 1.0, while an approximate index is credited only for an id within ~1e-4 (d = 1024) of the
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from indexer import shards
+from facesearch.indexer import shards
 
 _UNIT_ROUNDOFF_F32 = 2.0**-24
 
@@ -103,7 +103,7 @@ def measure_recall(
     """recall@1 and recall@k (k = min(10, ntotal - 1)) of ``index`` on the queries ``xq`` (nq, d) float32 with
     index ids ``q_ids`` (nq,) int64 drawn from the shards, counted up to ties (module doc) against exact search over
     them; ``id_offset``: index id = shard id + ``id_offset``."""
-    from indexer.search import search_exact  # torch: imported only when a recall is measured
+    from facesearch.indexer.search import search_exact  # torch: imported only when a recall is measured
 
     if len(q_ids) == 0:
         return {"queries": 0}

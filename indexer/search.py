@@ -16,8 +16,8 @@ computes them in float32, so two back-ends may order items whose scores differ b
 When fewer than k items exist, results are padded with score ``-inf`` and id ``-1``.
 
 Queries: :func:`normalize_queries` L2-normalises query rows by the routine the gallery's embeddings went through
-(``torch.nn.functional.normalize(x, dim=1, eps=1e-12)`` in float32, as in :mod:`model.inference`), so scores are
-cosine similarities whatever the scale of a query, and refuses rows it cannot normalise (NaN, infinity, all zeros).
+(``torch.nn.functional.normalize(x, dim=1, eps=1e-12)`` in float32, as in :mod:`facesearch.model.inference`), so scores
+are cosine similarities whatever the scale of a query, and refuses rows it cannot normalise (NaN, infinity, all zeros).
 """
 
 # ruff: noqa: E741  -- FAISS vocabulary: D (scores) and I (ids), as STYLE.md asks

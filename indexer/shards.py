@@ -3,18 +3,19 @@ the synthetic-features writer and the index builder.
 
 A shard directory is also a plain Parquet dataset (``pyarrow.parquet.read_table(dir)``, ``pandas.read_parquet(dir)``,
 DuckDB, Spark): every other file in it, the manifest and the temporaries of writes in progress, starts with ``_`` or
-``.``, which those readers skip.  The manifest, its names and their migration: :mod:`indexer.manifest`.
+``.``, which those readers skip.  The manifest, its names and their migration: :mod:`facesearch.indexer.manifest`.
 
 Row schema (see :func:`schema`): ``id`` int64 (stable: the row's position in the planned input list), ``path``
 string (relative to the input root), ``identity`` string (nullable), ``embedding`` fixed_size_list<float16|float32>[d]
 (L2-normalised; null for failed rows), one float32 column per attribute probability (nullable), ``det_score`` float32
 (null when landmarks were given), ``landmarks`` fixed_size_list<float32>[10] (x1, y1, …, x5, y5; nullable),
-``status`` string (``ok`` or a :data:`model.images.REASONS` code) and ``error`` string (nullable), then the optional
-columns (:data:`OPTIONAL_COLUMNS`) the manifest's ``columns`` names, in that order: ``face`` int32 (the face's number
-within its image, largest first from 0: ``id % 1000`` of a ``keep_face="all"`` output, the only kind that has it) and
-``pose_score`` float32 (:func:`model.align.pose_score` of the row's ``landmarks``; null where they are).  A directory
-written before the optional columns has none (``columns`` absent, read as ``()``); every shard of a directory has the
-same schema.
+``status`` string (``ok`` or a :data:`facesearch.model.faces.images.REASONS` code) and ``error`` string (nullable),
+then the optional columns (:data:`OPTIONAL_COLUMNS`) the manifest's ``columns`` names, in that order: ``face`` int32
+(the face's number within its image, largest first from 0: ``id % 1000`` of a ``keep_face="all"`` output, the only kind
+that has it) and
+``pose_score`` float32 (:func:`facesearch.model.faces.align.pose_score` of the row's ``landmarks``; null where they
+are).  A directory written before the optional columns has none (``columns`` absent, read as ``()``); every shard of a
+directory has the same schema.
 
 Readers stream :class:`Block` s with :func:`iter_shards`: shard boundaries are invisible and memory is bounded by
 ``block_rows``.  Every file is written atomically (a ``*.tmp`` named to be skipped by readers, fsync,
@@ -35,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from indexer.manifest import (
+from facesearch.indexer.manifest import (
     DTYPES,
     FORMAT_VERSION,
     KIND,
@@ -50,8 +51,8 @@ from indexer.manifest import (
     read_manifest,
     write_manifest,
 )
-from model.fileio import atomic_write_with
-from model.images import REASONS
+from facesearch.model.faces.images import REASONS
+from facesearch.model.fileio import atomic_write_with
 
 log = logging.getLogger(__name__)
 

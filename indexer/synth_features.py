@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from indexer import shards
-from model.config import ATTRIBUTES
+from facesearch.indexer import shards
+from facesearch.model.config import ATTRIBUTES
 
 PROBE_ID_OFFSET = 1 << 40  # probe ids never collide with gallery ids (gallery ids are 0 .. rows-1)
 _BLOCK = 16384  # rows generated at a time

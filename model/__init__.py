@@ -1,12 +1,12 @@
 """The multi-task face network (Wang et al., ICMR 2017): architecture, training, attribute labelling, alignment,
 dataset readers, synthetic faces and inference.  ``model`` imports none of the other packages."""
 
-from model.checkpoint import load_checkpoint, model_fingerprint
-from model.config import ATTRIBUTES, INPUT_SIZE, ModelConfig, preset
-from model.inference import Embedder, load_model
-from model.network import FaceNet, Outputs, to_input
-from model.train import TrainResult, train
-from model.train_config import StageConfig, TrainConfig
+from facesearch.model.checkpoint import load_checkpoint, model_fingerprint
+from facesearch.model.config import ATTRIBUTES, INPUT_SIZE, ModelConfig, preset
+from facesearch.model.inference import Embedder, load_model
+from facesearch.model.network import FaceNet, Outputs, to_input
+from facesearch.model.train import TrainResult, train
+from facesearch.model.train_config import StageConfig, TrainConfig
 
 __all__ = [
     "ATTRIBUTES",

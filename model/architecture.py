@@ -1,12 +1,12 @@
-"""Render the layer table of ``ARCHITECTURE.md`` from the code (``python -m model.architecture``).
+"""Render the layer table of ``ARCHITECTURE.md`` from the code (``python -m facesearch.model.architecture``).
 
 A test regenerates the tables and compares them with the document, so the document cannot drift from the network.
 """
 
 from __future__ import annotations
 
-from model.config import ModelConfig, preset
-from model.network import FaceNet, count_macs, count_parameters, stage_table
+from facesearch.model.config import ModelConfig, preset
+from facesearch.model.network import FaceNet, count_macs, count_parameters, stage_table
 
 
 def markdown_stage_table(cfg: ModelConfig) -> str:

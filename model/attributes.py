@@ -31,14 +31,21 @@ from typing import Any
 
 import numpy as np
 
-from model.checkpoint import package_version
-from model.config import ATTRIBUTES, INPUT_SIZE, from_mapping
-from model.datasets import FaceDataset, Failure, Sample, SkipReport, stat_failures, write_attribute_labels
-from model.fileio import atomic_write_text
-from model.inference import Embedder, embed_dataset
-from model.train import TrainResult, train
-from model.train_config import StageConfig, TrainConfig
-from model.trainer_data import (
+from facesearch.model.checkpoint import package_version
+from facesearch.model.config import ATTRIBUTES, INPUT_SIZE, from_mapping
+from facesearch.model.faces.datasets import (
+    FaceDataset,
+    Failure,
+    Sample,
+    SkipReport,
+    stat_failures,
+    write_attribute_labels,
+)
+from facesearch.model.fileio import atomic_write_text
+from facesearch.model.inference import Embedder, embed_dataset
+from facesearch.model.train import TrainResult, train
+from facesearch.model.train_config import StageConfig, TrainConfig
+from facesearch.model.trainer_data import (
     DATA_FORMATS,
     DetectionCache,
     attach_detections,

@@ -33,8 +33,8 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from model.config import ModelConfig
-from model.fileio import atomic_write_with
+from facesearch.model.config import ModelConfig
+from facesearch.model.fileio import atomic_write_with
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.checkpoint import load_checkpoint, model_fingerprint
-from model.config import ModelConfig
-from model.datasets import FaceDataset, SkipReport, collate_faces
-from model.device import autocast, autocast_dtype, resolve_device
-from model.network import FaceNet, to_input
+from facesearch.model.checkpoint import load_checkpoint, model_fingerprint
+from facesearch.model.config import ModelConfig
+from facesearch.model.device import autocast, autocast_dtype, resolve_device
+from facesearch.model.faces.datasets import FaceDataset, SkipReport, collate_faces
+from facesearch.model.network import FaceNet, to_input
 
 
 def load_model(

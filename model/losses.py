@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.network import Outputs
+from facesearch.model.network import Outputs
 
 ATTRIBUTE_LOSSES: tuple[str, ...] = ("mse", "moon")
 

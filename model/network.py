@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import ModelConfig
+from facesearch.model.config import ModelConfig
 
 #: Input normalisation of the aligned uint8 crop: (x - 127.5) / 128, as in SphereFace / CosFace.
 PIXEL_MEAN = 127.5

@@ -15,9 +15,9 @@ Data problems stop the run instead of training on what is left: fewer than ``min
 readable (checked with one ``stat`` per file before training, then counting decode failures as they appear), or more
 than ``max_skipped_steps`` of the steps skipped for want of 2 readable images.
 
-Exact resume: the batch order and flips are pure functions of (seed, step) (:mod:`model.trainer_data`), the learning
-rate a pure function of the step, and the checkpoint carries BN statistics, momentum buffers and the RNG state that
-drives dropout.  N steps in one run and N/2 + resume + N/2 give the same losses (tested on CPU in fp32; on CUDA
+Exact resume: the batch order and flips are pure functions of (seed, step) (:mod:`facesearch.model.trainer_data`), the
+learning rate a pure function of the step, and the checkpoint carries BN statistics, momentum buffers and the RNG state
+that drives dropout.  N steps in one run and N/2 + resume + N/2 give the same losses (tested on CPU in fp32; on CUDA
 bit-identical with ``deterministic=True``, which also makes two fresh GPU runs agree).
 """
 
@@ -34,22 +34,28 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from model.checkpoint import (
+from facesearch.model.checkpoint import (
     capture_rng_state,
     export_weights,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
-from model.datasets import FaceBatch, SkipReport
-from model.detections import DETECTIONS, DetectionCache, attach_detections, detector_identity, known_failures
-from model.device import autocast, autocast_dtype, resolve_device
-from model.fileio import atomic_write_text
-from model.losses import multitask_loss
-from model.network import FaceNet, to_input
-from model.train_config import PAPER_STAGES, StageConfig, TrainConfig, resume_mismatch
-from model.train_log import LogWindow, truncate_metrics
-from model.trainer_data import (
+from facesearch.model.device import autocast, autocast_dtype, resolve_device
+from facesearch.model.faces.datasets import FaceBatch, SkipReport
+from facesearch.model.faces.detections import (
+    DETECTIONS,
+    DetectionCache,
+    attach_detections,
+    detector_identity,
+    known_failures,
+)
+from facesearch.model.fileio import atomic_write_text
+from facesearch.model.losses import multitask_loss
+from facesearch.model.network import FaceNet, to_input
+from facesearch.model.train_config import PAPER_STAGES, StageConfig, TrainConfig, resume_mismatch
+from facesearch.model.train_log import LogWindow, truncate_metrics
+from facesearch.model.trainer_data import (
     StepBatchSampler,
     TrainingData,
     check_readable,

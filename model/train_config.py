@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from model.config import ATTRIBUTES, INPUT_SIZE, ModelConfig, from_mapping
-from model.device import PRECISIONS
-from model.losses import ATTRIBUTE_LOSSES
-from model.trainer_data import DATA_FORMATS
+from facesearch.model.config import ATTRIBUTES, INPUT_SIZE, ModelConfig, from_mapping
+from facesearch.model.device import PRECISIONS
+from facesearch.model.losses import ATTRIBUTE_LOSSES
+from facesearch.model.trainer_data import DATA_FORMATS
 
 
 @dataclass(frozen=True)

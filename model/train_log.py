@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from model.fileio import atomic_write_text
+from facesearch.model.fileio import atomic_write_text
 
 
 def truncate_metrics(path: Path, step: int) -> None:

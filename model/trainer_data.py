@@ -1,5 +1,6 @@
-"""Training data for :mod:`model.train`: samples from disk, the identity index, the held-out split, and a batch
-order that is a pure function of ``(seed, step)`` so that a resumed run sees exactly the batches it would have seen.
+"""Training data for :mod:`facesearch.model.train`: samples from disk, the identity index, the held-out split, and a
+batch order that is a pure function of ``(seed, step)`` so that a resumed run sees exactly the batches it would have
+seen.
 
 * Epoch ``e`` visits the training set in the order ``randperm(n, generator seeded by (seed, e))``; step ``s`` is
   batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch`` (the incomplete tail batch is dropped, so every
@@ -8,7 +9,7 @@ order that is a pure function of ``(seed, step)`` so that a resumed run sees exa
 * Horizontal flips are a pure function of ``(seed, step, position in batch)``; the sampler yields ``(index, flip)``
   pairs and :class:`FlippableDataset` applies them, so the DataLoader's worker count never changes the data.
 * Faces without landmarks are detected once per image, before the steps that use them, into the detection cache
-  kept beside the run (:mod:`model.detections`, whose names are re-exported here).
+  kept beside the run (:mod:`facesearch.model.faces.detections`, whose names are re-exported here).
 * Every listed file is checked with one ``stat`` before training; too few readable files is an error, not a run
   that skips most of its steps.
 """
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from model.datasets import (
+from facesearch.model.faces.datasets import (
     FILE_REASONS,
     FaceDataset,
     FaceItem,
@@ -43,7 +44,7 @@ from model.datasets import (
     split_holdout,
     stat_failures,
 )
-from model.detections import (
+from facesearch.model.faces.detections import (
     DETECTIONS,
     DetectionCache,
     DetectStats,
@@ -183,7 +184,8 @@ def check_readable(report: Iterable[Failure], total: int, min_readable: float, l
 
 
 def listed_failures(data: TrainingData) -> list[Failure]:
-    """:func:`model.datasets.stat_failures` of the training and the held-out set (indices into each)."""
+    """:func:`facesearch.model.faces.datasets.stat_failures` of the training and the held-out set (indices into
+    each)."""
     return stat_failures(data.train.samples) + stat_failures(data.val.samples)
 
 

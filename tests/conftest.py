@@ -13,16 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import save_checkpoint
-from model.config import preset
-from model.network import FaceNet
-
-SHARED_ENV = "FACESEARCH_SHARED"
+from facesearch.model import assets
+from facesearch.model.checkpoint import save_checkpoint
+from facesearch.model.config import preset
+from facesearch.model.network import FaceNet
 
 
 def _shared_path() -> Path:
-    env = os.environ.get(SHARED_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared"
+    """The library's own resolution ($FACESEARCH_SHARED, else ../shared beside the checkout)."""
+    return assets.shared_dir() or Path(__file__).resolve().parents[1].parent / "shared"
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +29,7 @@ def shared_dir() -> Path:
     """``../shared`` next to the repository root (or ``$FACESEARCH_SHARED``); skips the test when absent."""
     path = _shared_path()
     if not path.is_dir():
-        pytest.skip(f"shared reference folder {path} is absent (set ${SHARED_ENV} to point at it)")
+        pytest.skip(f"shared reference folder {path} is absent (set ${assets.SHARED_ENV} to point at it)")
     return path
 
 
@@ -46,7 +45,7 @@ def orl_dir(shared_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def yunet_path(shared_dir: Path) -> Path:
     """The YuNet ONNX model from the shared folder; skips the test when absent."""
-    path = shared_dir / "models" / "yunet" / "face_detection_yunet_s_640_640.onnx"
+    path = shared_dir / assets.YUNET_IN_SHARED
     if not path.is_file():
         pytest.skip(f"YuNet model not found at {path}")
     return path
@@ -55,7 +54,7 @@ def yunet_path(shared_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic data set in every layout, generated once per session (seeded, ~2 s)."""
-    from model.synth import SynthConfig, generate_faces
+    from facesearch.model.faces.synth import SynthConfig, generate_faces
 
     out = tmp_path_factory.mktemp("synth") / "data"
     generate_faces(

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from benchmarks.attribute_accuracy import (
+from facesearch.benchmarks.attribute_accuracy import (
     AttributeScore,
     evaluate_attributes,
     format_attribute_table,
     mean_scores,
     predict_celeba,
 )
-from engine.cli import main
-from model.config import ATTRIBUTES
+from facesearch.cli import main
+from facesearch.model.config import ATTRIBUTES
 
 
 def test_evaluate_attributes_handmade() -> None:

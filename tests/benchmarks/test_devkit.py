@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.devkit import (
+from facesearch.benchmarks.devkit import (
     DevkitFormatError,
     ProbeList,
     algorithm_name,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from benchmarks.lfw import (
+from facesearch.benchmarks.lfw import (
     LFW_KEEP_FACE,
     Pair,
     Pairs,
@@ -29,9 +29,9 @@ from benchmarks.lfw import (
     ten_fold_accuracy,
     write_orl_pairs,
 )
-from engine.cli import main
-from indexer.shards import Manifest, shard_name, table_from_arrays, write_manifest, write_shard
-from model.images import read_image
+from facesearch.cli import main
+from facesearch.indexer.shards import Manifest, shard_name, table_from_arrays, write_manifest, write_shard
+from facesearch.model.faces.images import read_image
 
 GOOD = "2\t2\nA 1 2\nB 1 3\nA 1 B 2\nB 3 C 1\n\nC 1 2\nA 2 3\nC 2 A 3\nA 1 C 1\n"
 

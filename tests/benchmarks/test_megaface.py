@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.megaface import Evaluation, ProbeSet, canonical_normalize, floor_m
+from facesearch.benchmarks.megaface import Evaluation, ProbeSet, canonical_normalize, floor_m
 
 
 def evaluate(xq, ids, xb, codes_q=None, codes_b=None, tile_rows=37, keep_cap=1 << 25, far_max=1e-3, tie_rule="mate"):

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from benchmarks import devkit
-from benchmarks.megaface import Evaluation, ProbeSet
-from benchmarks.megaface_data import AttributeFilter, CachedDistractors, ShardDistractors, shard_paths
-from benchmarks.megaface_run import BenchConfig, run_megaface
-from engine.cli import main
-from indexer import shards
-from indexer.synth_features import SynthFeaturesConfig, write_synth_features
+from facesearch.benchmarks import devkit
+from facesearch.benchmarks.megaface import Evaluation, ProbeSet
+from facesearch.benchmarks.megaface_data import AttributeFilter, CachedDistractors, ShardDistractors, shard_paths
+from facesearch.benchmarks.megaface_run import BenchConfig, run_megaface
+from facesearch.cli import main
+from facesearch.indexer import shards
+from facesearch.indexer.synth_features import SynthFeaturesConfig, write_synth_features
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""``python -m benchmarks.megaface_speed`` at a tiny size: its probes are other people than its distractors (their own
-identity names), so the one drawn list takes every distractor row, and N is the exact count of ordered mate pairs."""
+"""``python -m facesearch.benchmarks.speed.megaface_speed`` at a tiny size: its probes are other people than its
+distractors (their own identity names), so the one drawn list takes every distractor row, and N is the exact count of
+ordered mate pairs."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from benchmarks import megaface_speed, report
-from indexer import shards
-from indexer.manifest import manifest_path
-from indexer.synth_features import SynthFeaturesConfig, write_synth_features
+from facesearch.benchmarks import report
+from facesearch.benchmarks.speed import megaface_speed
+from facesearch.indexer import shards
+from facesearch.indexer.manifest import manifest_path
+from facesearch.indexer.synth_features import SynthFeaturesConfig, write_synth_features
 
 
 def _identities(directory: Path) -> list[str]:

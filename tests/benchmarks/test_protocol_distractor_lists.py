@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from benchmarks import devkit
-from benchmarks.megaface_run import BenchConfig, run_megaface
-from engine.cli import main
-from indexer.synth_features import SynthFeaturesConfig, write_synth_features
+from facesearch.benchmarks import devkit
+from facesearch.benchmarks.megaface_run import BenchConfig, run_megaface
+from facesearch.cli import main
+from facesearch.indexer.synth_features import SynthFeaturesConfig, write_synth_features
 
 
 def _path(identity: int, k: int) -> str:

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from benchmarks import devkit, report
-from benchmarks.megaface_run import BenchConfig, run_megaface
-from engine.cli import main
-from indexer.synth_features import SynthFeaturesConfig, write_synth_features
+from facesearch.benchmarks import devkit, report
+from facesearch.benchmarks.megaface_run import BenchConfig, run_megaface
+from facesearch.cli import main
+from facesearch.indexer.synth_features import SynthFeaturesConfig, write_synth_features
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_older_harness_files_are_judged_by_their_n_neg(run: tuple[Path, str]) ->
 
 
 def test_the_evaluators_supported_flag_wins() -> None:
-    from benchmarks.megaface_run import far_supported
+    from facesearch.benchmarks.megaface_run import far_supported
 
     assert not far_supported({"far": 1e-6}, 10_000) and far_supported({"far": 1e-6}, 1_000_000)
     assert far_supported({"far": 0.0}, 10) and not far_supported({"far": 1e-3, "supported": False}, 10**9)

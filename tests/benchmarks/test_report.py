@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from benchmarks.report import (
+from facesearch.benchmarks.report import (
     load_results,
     plot_cmc,
     plot_rank1_vs_size,
@@ -174,7 +174,7 @@ def test_write_report(tmp_path: Path, results: list[dict[str, Any]]) -> None:
 
 
 def test_non_utf8_result_file_is_named(tmp_path):
-    from benchmarks.report import load_results
+    from facesearch.benchmarks.report import load_results
 
     bad = tmp_path / "result_x.json"
     bad.write_bytes(b"\xff\xfe{not utf8")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from benchmarks import search_latency
+from facesearch.benchmarks.speed import search_latency
 
 
 def test_small_run_reports_every_kind_filter_and_strategy(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

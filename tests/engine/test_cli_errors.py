@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from engine.cli import main
-from indexer.index import IndexConfig, build_index
-from indexer.synth_features import SynthFeaturesConfig, write_synth_features
+from facesearch.cli import main
+from facesearch.indexer.index import IndexConfig, build_index
+from facesearch.indexer.synth_features import SynthFeaturesConfig, write_synth_features
 
 D = 16  # the fixture gallery's embedding dimension
 NB = 60  # its rows (ids 0..59)
@@ -303,7 +303,7 @@ def test_search_out_unwritable(fx, tmp_path, monkeypatch):
     locked.mkdir()
     locked.chmod(0o500)
     if os.geteuid() == 0:
-        import engine.cli.search as search_cli
+        import facesearch.cli.search as search_cli
 
         monkeypatch.setattr(search_cli.os, "access", lambda path, mode: Path(path) != locked)
     try:
@@ -314,7 +314,7 @@ def test_search_out_unwritable(fx, tmp_path, monkeypatch):
 
 def test_out_of_memory_is_one_line(fx, tmp_path, monkeypatch):
     """Sizes beyond the machine (a huge --dim) end in one line with numpy's own account of the request."""
-    import engine.cli.index as index_cli
+    import facesearch.cli.index as index_cli
 
     def huge(cfg):
         raise MemoryError("Unable to allocate 37.3 GiB for an array with shape (10, 1000000000) and data type float32")
@@ -325,7 +325,7 @@ def test_out_of_memory_is_one_line(fx, tmp_path, monkeypatch):
 
 def test_search_out_write_failure_is_one_line(fx, monkeypatch):
     """An I/O error while writing (disk full, a directory removed meanwhile) is one line naming the file."""
-    import engine.cli.search as search_cli
+    import facesearch.cli.search as search_cli
 
     def full(path, *args, **kwargs):
         raise OSError(28, "No space left on device", str(path) + ".tmp")
@@ -511,7 +511,7 @@ def test_remove_names_unknown_ids_and_missing_ok(fx, tmp_path):
 def _console() -> list[str]:
     """The installed ``facesearch`` script beside this interpreter, else the same entry point through ``-c``."""
     script = Path(sys.executable).with_name("facesearch")
-    return [str(script)] if script.is_file() else [sys.executable, "-c", "from engine.cli import main; main()"]
+    return [str(script)] if script.is_file() else [sys.executable, "-c", "from facesearch.cli import main; main()"]
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from click.testing import CliRunner
 
-from engine.cli import main
-from engine.demo import balanced_accuracy
-from indexer.index import is_index_directory
+from facesearch.cli import main
+from facesearch.demo import balanced_accuracy
+from facesearch.indexer.index import is_index_directory
 
 
 def test_balanced_accuracy_matches_definition() -> None:

@@ -10,7 +10,7 @@ import random
 import numpy as np
 import pytest
 
-from engine.filters import Filter, FilterError, parse_filter, selectivity
+from facesearch.engine.filters import Filter, FilterError, parse_filter, selectivity
 
 ATTRS = ["Male", "Big_Nose", "Chubby"]
 NUMERIC = [*ATTRS, "id"]

@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from engine.cli import main
-from engine.search import SearchEngine, threshold_from_result
-from indexer import shards
-from indexer.index import IndexConfig, LoadedIndex, build_index, load_index, remove_ids
-from indexer.synth_features import SynthFeaturesConfig, write_synth_features
+from facesearch.cli import main
+from facesearch.engine.search import SearchEngine, threshold_from_result
+from facesearch.indexer import shards
+from facesearch.indexer.index import IndexConfig, LoadedIndex, build_index, load_index, remove_ids
+from facesearch.indexer.synth_features import SynthFeaturesConfig, write_synth_features
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_flat_storage_used_in_place_in_table_order(gallery, tmp_path):
 
 def test_selector_without_a_bitmap(gallery, monkeypatch):
     """Galleries whose ids are too large for a bitmap selector use FAISS's hash-set selector: same answers."""
-    import engine.search as search_module
+    import facesearch.engine.search as search_module
 
     eng = SearchEngine.open(gallery[1])
     xq = eng.vectors([3, 1000, 2500])

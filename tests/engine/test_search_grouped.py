@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.search import SearchEngine
-from indexer import shards
-from indexer.index import IndexConfig, build_index
-from indexer.synth_features import SynthFeaturesConfig, write_synth_features
+from facesearch.engine.search import SearchEngine
+from facesearch.indexer import shards
+from facesearch.indexer.index import IndexConfig, build_index
+from facesearch.indexer.synth_features import SynthFeaturesConfig, write_synth_features
 
 # 2000 rows of 10 identities, 200 consecutive ids each: "id < 250" passes 250 items of only 2 identities, so a
 # grouped search for 3 identities stays short however deep it goes and re-fetches up to every passing item

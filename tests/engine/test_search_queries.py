@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from engine.cli import main
-from engine.search import SearchEngine
-from indexer import shards
-from indexer.index import IndexConfig, build_index
-from indexer.synth_features import SynthFeaturesConfig, write_synth_features
+from facesearch.cli import main
+from facesearch.engine.search import SearchEngine
+from facesearch.indexer import shards
+from facesearch.indexer.index import IndexConfig, build_index
+from facesearch.indexer.synth_features import SynthFeaturesConfig, write_synth_features
 
 
 @pytest.fixture(scope="module")

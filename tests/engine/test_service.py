@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from engine.search import SearchEngine
-from engine.service import SearchBatcher, _Pending, create_app
-from indexer.embed import EmbedConfig
-from indexer.index import IndexConfig, build_index
-from indexer.pipeline import run_embed
-from indexer.synth_features import SynthFeaturesConfig, write_synth_features
+from facesearch.engine.search import SearchEngine
+from facesearch.engine.service import SearchBatcher, _Pending, create_app
+from facesearch.indexer.embed import EmbedConfig
+from facesearch.indexer.index import IndexConfig, build_index
+from facesearch.indexer.pipeline import run_embed
+from facesearch.indexer.synth_features import SynthFeaturesConfig, write_synth_features
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ import uvicorn
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
-import engine.cli.serve as serve_cli
-from engine.cli import main
-from engine.search import SearchEngine
-from indexer.index import IndexConfig, build_index
-from indexer.synth_features import SynthFeaturesConfig, write_synth_features
+import facesearch.cli.serve as serve_cli
+from facesearch.cli import main
+from facesearch.engine.search import SearchEngine
+from facesearch.indexer.index import IndexConfig, build_index
+from facesearch.indexer.synth_features import SynthFeaturesConfig, write_synth_features
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_options_reach_the_app_and_a_missing_detector_is_reported(index_dir, mon
     monkeypatch.setenv("FACESEARCH_YUNET", str(tmp_path / "missing.onnx"))
     monkeypatch.setenv("FACESEARCH_TOKEN", "t0k")
     port = _free_port()
-    with caplog.at_level(logging.WARNING, logger="engine.service"):
+    with caplog.at_level(logging.WARNING, logger="facesearch.engine.service"):
         result = _serve("--index", str(index_dir), "--port", port, "--max-rows", "7", "--time-budget", "2.5",
                         "--public-docs")  # fmt: skip
     assert result.exit_code == 0, (result.output, result.exception)

@@ -1,5 +1,5 @@
-"""model.image_guard against the decoder: the header gives the decoded size of every format and depth, its memory
-estimate bounds decode_image's measured peak, headers cut short are typed errors, and the limits refuse bombs
+"""facesearch.model.faces.image_guard against the decoder: the header gives the decoded size of every format and depth,
+its memory estimate bounds decode_image's measured peak, headers cut short are typed errors, and the limits refuse bombs
 (pixels, memory, JPEG scans) without decoding them."""
 
 from __future__ import annotations
@@ -14,8 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.image_guard import MAX_JPEG_SCANS, ImageTooLarge, check_image, decode_checked, read_image_header
-from model.images import ImageError, decode_image
+from facesearch.model.faces.image_guard import (
+    MAX_JPEG_SCANS,
+    ImageTooLarge,
+    check_image,
+    decode_checked,
+    read_image_header,
+)
+from facesearch.model.faces.images import ImageError, decode_image
 
 H, W = 61, 97  # odd sizes: rows are padded in BMP, packed in 1-bit images
 

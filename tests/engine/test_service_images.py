@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-import engine.service as service
-from engine.search import SearchEngine
-from engine.service import create_app
-from engine.service_limits import ServiceLimits
-from indexer.embed import EmbedConfig
-from indexer.index import IndexConfig, build_index
-from indexer.pipeline import run_embed
+import facesearch.engine.service as service
+from facesearch.engine.search import SearchEngine
+from facesearch.engine.service import create_app
+from facesearch.engine.service_limits import ServiceLimits
+from facesearch.indexer.embed import EmbedConfig
+from facesearch.indexer.index import IndexConfig, build_index
+from facesearch.indexer.pipeline import run_embed
 
 
 def png_of_zeros(width: int, height: int, bit_depth: int = 8, colour: int = 0) -> bytes:
@@ -102,7 +102,7 @@ def test_running_out_of_memory_while_decoding_is_a_503(faces, monkeypatch):
 def test_missing_detector_model_warns_at_start_and_answers_503(faces, monkeypatch, tmp_path, caplog):
     missing = tmp_path / "no_yunet.onnx"
     monkeypatch.setenv("FACESEARCH_YUNET", str(missing))
-    with caplog.at_level(logging.WARNING, logger="engine.service"):
+    with caplog.at_level(logging.WARNING, logger="facesearch.engine.service"):
         client = TestClient(create_app(faces, detector_pad=20), raise_server_exceptions=False)
     assert any("YuNet model not found" in r.getMessage() for r in caplog.records), caplog.text
     health = client.get("/health").json()

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from engine.batcher import Busy, QueueTimeout, SearchBatcher
-from engine.search import SearchEngine
-from engine.service import _ModelGate, create_app
-from engine.service_limits import CostModel, FilterTerms, ServiceLimits, calibrate, filter_terms
-from indexer.index import IndexConfig, build_index
-from indexer.synth_features import SynthFeaturesConfig, write_synth_features
+from facesearch.engine.batcher import Busy, QueueTimeout, SearchBatcher
+from facesearch.engine.search import SearchEngine
+from facesearch.engine.service import _ModelGate, create_app
+from facesearch.engine.service_limits import CostModel, FilterTerms, ServiceLimits, calibrate, filter_terms
+from facesearch.indexer.index import IndexConfig, build_index
+from facesearch.indexer.synth_features import SynthFeaturesConfig, write_synth_features
 
 CHEAP = CostModel(call_s=1e-4, row_s=1e-4, hit_s=1e-6, term_s=1e-5, string_s=1e-4, nb=500, identities=50)
 
@@ -79,7 +79,7 @@ def test_a_search_over_the_time_budget_is_refused_before_it_runs(engine):
 
 
 def _gated(engine: SearchEngine, monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event, list]:
-    """engine.search blocks on the first call until ``gate`` is set; ``entered`` is set when it starts."""
+    """facesearch.engine.search blocks on the first call until ``gate`` is set; ``entered`` is set when it starts."""
     gate, entered, calls = threading.Event(), threading.Event(), []
     real = engine.search
 

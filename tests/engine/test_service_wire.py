@@ -17,10 +17,10 @@ from contextlib import contextmanager
 import pytest
 import uvicorn
 
-from engine.search import SearchEngine
-from engine.service import create_app
-from indexer.index import IndexConfig, build_index
-from indexer.synth_features import SynthFeaturesConfig, write_synth_features
+from facesearch.engine.search import SearchEngine
+from facesearch.engine.service import create_app
+from facesearch.indexer.index import IndexConfig, build_index
+from facesearch.indexer.synth_features import SynthFeaturesConfig, write_synth_features
 
 TOKEN = "s3cret"
 LIMIT = 256 << 10  # max_bytes of the served app

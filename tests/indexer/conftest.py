@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from indexer.index_store import POINTER, current_layout
+from facesearch.indexer.index_store import POINTER, current_layout
 
 
 def _to_legacy(idx: Path) -> None:

@@ -15,10 +15,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from indexer import shards
-from indexer.index import IndexConfig, add_shards, build_index, load_index
-from indexer.synth_features import SynthFeaturesConfig, write_synth_features
-from model.config import ATTRIBUTES
+from facesearch.indexer import shards
+from facesearch.indexer.index import IndexConfig, add_shards, build_index, load_index
+from facesearch.indexer.synth_features import SynthFeaturesConfig, write_synth_features
+from facesearch.model.config import ATTRIBUTES
 
 
 def _synth(out: Path, rows: int = 401, **kw: object) -> Path:

@@ -10,10 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
-from indexer.embed import EmbedConfig, InputItem, build_detector, embed_partition, plan_inputs, plan_shards
-from model.align import align_face
-from model.images import read_image
-from model.inference import Embedder
+from facesearch.indexer.embed import EmbedConfig, InputItem, build_detector, embed_partition, plan_inputs, plan_shards
+from facesearch.model.faces.align import align_face
+from facesearch.model.faces.images import read_image
+from facesearch.model.inference import Embedder
 
 
 def test_plan_shards() -> None:

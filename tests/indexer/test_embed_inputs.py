@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from indexer.embed import EmbedConfig, build_detector, embed_partition, plan_inputs
-from indexer.shards import read_manifest
-from model.images import read_image
-from model.inference import Embedder
+from facesearch.indexer.embed import EmbedConfig, build_detector, embed_partition, plan_inputs
+from facesearch.indexer.shards import read_manifest
+from facesearch.model.faces.images import read_image
+from facesearch.model.inference import Embedder
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,8 @@ def _identities(celeba: Path) -> dict[str, str]:
 
 
 def _cli(args: list[str]) -> tuple[int, str]:
-    from engine.cli._app import main
-    from engine.cli.embed import embed_command  # noqa: F401  registers the command
+    from facesearch.cli._app import main
+    from facesearch.cli.embed import embed_command  # noqa: F401  registers the command
 
     res = CliRunner().invoke(main, args)
     return res.exit_code, res.output

@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-import indexer.pipeline as pipeline
-from indexer.cluster import ClusterError
-from indexer.embed import EmbedConfig, InputItem, plan_inputs
-from indexer.pipeline import SHARD_INPUTS, run_embed
-from indexer.shards import read_manifest, write_manifest
+import facesearch.indexer.pipeline as pipeline
+from facesearch.indexer.cluster import ClusterError
+from facesearch.indexer.embed import EmbedConfig, InputItem, plan_inputs
+from facesearch.indexer.pipeline import SHARD_INPUTS, run_embed
+from facesearch.indexer.shards import read_manifest, write_manifest
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +76,8 @@ def test_changed_input_recomputes_its_shard(listed: Path, ckpt: Path, scheduler:
     assert run_embed(cfg).already_complete, "nothing changed since"
     # The CLI says so; a file rewritten with the same bytes counts too (the state is size and mtime, not content).
     _rewrite(items[9], items[9].path.read_bytes())
-    from engine.cli._app import main
-    from engine.cli.embed import embed_command  # noqa: F401  registers the command
+    from facesearch.cli._app import main
+    from facesearch.cli.embed import embed_command  # noqa: F401  registers the command
 
     res = CliRunner().invoke(main, ["embed", "--list", str(listed), "--checkpoint", str(ckpt), "--out", str(cfg.out),
                                     "--shard-rows", "4", "--batch-size", "4", "--device", "cpu", "--dtype", "float32",
@@ -139,7 +139,7 @@ def test_damaged_shard_is_recomputed_not_readopted(listed: Path, ckpt: Path, sch
 
 def test_second_job_into_the_same_out_is_refused(listed: Path, ckpt: Path, scheduler: str, tmp_path: Path) -> None:
     """Two embed runs into one --out: the second is refused at once, naming the holder; the first's work is kept."""
-    from indexer.locks import directory_lock
+    from facesearch.indexer.locks import directory_lock
 
     cfg = _cfg(listed, ckpt, tmp_path / "out", scheduler)
     cfg.out.mkdir()

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer import shards
-from indexer.index import IndexConfig, add_shards, build_index, load_index, recall_at, remove_ids
-from indexer.index_store import current_layout
-from model.config import ATTRIBUTES
+from facesearch.indexer import shards
+from facesearch.indexer.index import IndexConfig, add_shards, build_index, load_index, recall_at, remove_ids
+from facesearch.indexer.index_store import current_layout
+from facesearch.model.config import ATTRIBUTES
 
 D_DIM = 32
 
@@ -168,8 +168,8 @@ def test_config_validation() -> None:
 def test_cli_synth_features_build_info_remove_add(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    import engine.cli.index  # noqa: F401  -- registers the commands until engine/cli/__init__ imports it
-    from engine.cli import main
+    import facesearch.cli.index  # noqa: F401  -- registers the commands until engine/cli/__init__ imports it
+    from facesearch.cli import main
 
     run = CliRunner().invoke
     common = ["--dim", "32", "--identities", "10", "--shard-rows", "70"]

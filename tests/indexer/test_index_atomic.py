@@ -1,7 +1,7 @@
 """An update is atomic as a whole: ``facesearch index add`` / ``remove`` / ``build`` SIGKILLed at every step of the
-writer (``FACESEARCH_TEST_KILL_AT``, :data:`indexer.index_store.KILL_STEPS`) leave an index that loads and equals
-exactly the state before or the state after, and re-running the command completes.  Old-layout directories (files at
-the top) stay readable and migrate on their first update, killed or not."""
+writer (``FACESEARCH_TEST_KILL_AT``, :data:`facesearch.indexer.index_store.KILL_STEPS`) leave an index that loads and
+equals exactly the state before or the state after, and re-running the command completes.  Old-layout directories
+(files at the top) stay readable and migrate on their first update, killed or not."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from indexer import shards
-from indexer.index import IndexConfig, add_shards, build_index, load_index, remove_ids
-from indexer.index_check import StoredVectors
-from indexer.index_ids import known_sources
-from indexer.index_store import KILL_ENV, KILL_STEPS, POINTER, current_layout, read_with_retry
+from facesearch.indexer import shards
+from facesearch.indexer.index import IndexConfig, add_shards, build_index, load_index, remove_ids
+from facesearch.indexer.index_check import StoredVectors
+from facesearch.indexer.index_ids import known_sources
+from facesearch.indexer.index_store import KILL_ENV, KILL_STEPS, POINTER, current_layout, read_with_retry
 
 D = 16
 REPO = Path(__file__).resolve().parents[2]
@@ -35,7 +35,7 @@ REMOVED = [3, 150, 299, 12345]
 # touches FAISS or torch before forking, so no thread pool is copied half-initialised.
 DRIVER = r"""
 import json, os, sys
-from engine.cli import main
+from facesearch.cli import main
 
 results = []
 for job in json.loads(sys.argv[1]):
@@ -180,7 +180,7 @@ def test_the_hook_kills_a_real_cli_process(setup: dict[str, Any]) -> None:
     idx = root / "cli-kill"
     shutil.copytree(root / "pristine", idx)
     env = {**os.environ, "PYTHONPATH": str(REPO), KILL_ENV: "pointer-written"}
-    proc = subprocess.run([sys.executable, "-c", "from engine.cli import main; main()", *_args("add", idx, root)],
+    proc = subprocess.run([sys.executable, "-c", "from facesearch.cli import main; main()", *_args("add", idx, root)],
                           cwd=REPO, env=env, capture_output=True, timeout=300)  # fmt: skip
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert state(idx) == setup["before"] and (idx / "CURRENT.tmp").is_file()

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer import shards
-from indexer.index import IndexConfig, add_shards, add_to_index, build_index, load_index, remove_ids
-from indexer.index_ids import trace_id
+from facesearch.indexer import shards
+from facesearch.indexer.index import IndexConfig, add_shards, add_to_index, build_index, load_index, remove_ids
+from facesearch.indexer.index_ids import trace_id
 
 D = 16
 SMALL = {"nlist": 4, "m": 4, "nbits": 4, "nprobe": 4, "train_size": 400, "recall_sample": 0}
@@ -180,7 +180,7 @@ def test_build_with_an_offset_and_the_manifest_id_offset_field(tmp_path: Path) -
 def test_cli_add_fresh_ids_offset_and_already_added(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from engine.cli import main
+    from facesearch.cli import main
 
     a, b, _, _ = two_galleries(tmp_path)
     run = CliRunner().invoke

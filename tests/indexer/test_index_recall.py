@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer import shards
-from indexer.index import IndexConfig, build_index, load_index
-from indexer.index_store import current_layout
-from indexer.recall import recall_up_to_ties, tie_tolerance
+from facesearch.indexer import shards
+from facesearch.indexer.index import IndexConfig, build_index, load_index
+from facesearch.indexer.index_store import current_layout
+from facesearch.indexer.recall import recall_up_to_ties, tie_tolerance
 
 
 def write_dir(directory: Path, ids: np.ndarray, x: np.ndarray, dtype: str = "float32") -> None:
@@ -54,8 +54,8 @@ def test_flat_on_exact_duplicates_measures_recall_one(tmp_path: Path, dtype: str
 def test_flat_cli_reports_recall_one_on_duplicates(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    import engine.cli.index  # noqa: F401  -- registers the commands
-    from engine.cli import main
+    import facesearch.cli.index  # noqa: F401  -- registers the commands
+    from facesearch.cli import main
 
     ids, x = duplicated(np.random.default_rng(1), 50, 3, 32)
     write_dir(tmp_path / "s", ids, x)
@@ -137,7 +137,7 @@ def test_tie_tolerance_bounds_float32_rounding() -> None:
 def test_back_end_agreement_counts_ties() -> None:
     # The index_speed report compares exact back-ends up to ties: the same scores with a tie at the k-th place broken
     # the other way agree fully; a real difference does not.
-    from benchmarks.index_speed import top_k_agreement
+    from facesearch.benchmarks.speed.index_speed import top_k_agreement
 
     I_ref, D_ref = np.array([[1, 2, 3]]), np.array([[0.9, 0.8, 0.8]], np.float32)
     assert top_k_agreement(np.array([[1, 2, 4]]), D_ref, I_ref, D_ref, 1e-6) == 1.0  # 4 ties with 3 at the k-th

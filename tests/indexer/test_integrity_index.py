@@ -13,10 +13,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from engine.search import SearchEngine
-from indexer import shards
-from indexer.index import IndexConfig, add_shards, build_index, load_index
-from indexer.index_store import Layout, current_layout
+from facesearch.engine.search import SearchEngine
+from facesearch.indexer import shards
+from facesearch.indexer.index import IndexConfig, add_shards, build_index, load_index
+from facesearch.indexer.index_store import Layout, current_layout
 
 D, N = 16, 200
 
@@ -159,7 +159,7 @@ def test_broken_index_directories_are_one_line_errors(copy_index: CopyIndex, nam
                                                       built: dict[str, Path], tmp_path: Path) -> None:  # fmt: skip
     from click.testing import CliRunner
 
-    from engine.cli import main
+    from facesearch.cli import main
 
     idx = copy_index(legacy)
     load_index(idx)  # sound before the damage
@@ -201,7 +201,7 @@ def test_altered_vector_bytes_and_nan_vectors_are_caught_by_verify(copy_index: C
                                                                    tmp_path: Path, legacy: bool) -> None:  # fmt: skip
     from click.testing import CliRunner
 
-    from engine.cli import main
+    from facesearch.cli import main
 
     idx = copy_index(legacy)
     loaded = load_index(idx)
@@ -243,7 +243,7 @@ def test_nan_in_an_ivf_list_is_named_by_id(copy_index: CopyIndex, built: dict[st
 def test_sound_indexes_say_what_was_checked(copy_index: CopyIndex, built: dict[str, Path], tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from engine.cli import main
+    from facesearch.cli import main
 
     run = CliRunner().invoke
     r = run(main, ["index", "info", "--index", str(built["ivf"]), "--verify"])
@@ -261,7 +261,7 @@ def test_add_with_a_missing_or_unmade_shard_directory(
 ) -> None:
     from click.testing import CliRunner
 
-    from engine.cli import main
+    from facesearch.cli import main
 
     idx = copy_index(legacy=False)
     with pytest.raises(ValueError, match=r"_manifest\.json not found: .* is not a shard directory"):

@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from indexer import shards
-from indexer.index import IndexConfig, add_shards, build_index, load_index
+from facesearch.indexer import shards
+from facesearch.indexer.index import IndexConfig, add_shards, build_index, load_index
 
 D = 16
 

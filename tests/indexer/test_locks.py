@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from indexer import shards
-from indexer.index import IndexConfig, add_shards, build_index, load_index, remove_ids
-from indexer.locks import LOCK_FILE, DirectoryLocked, directory_lock, read_holder
+from facesearch.indexer import shards
+from facesearch.indexer.index import IndexConfig, add_shards, build_index, load_index, remove_ids
+from facesearch.indexer.locks import LOCK_FILE, DirectoryLocked, directory_lock, read_holder
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,7 +56,7 @@ def test_a_held_lock_names_its_holder_and_is_released_after(tmp_path: Path) -> N
 HOLDER = r"""
 import sys, time
 from pathlib import Path
-from indexer.locks import directory_lock
+from facesearch.indexer.locks import directory_lock
 with directory_lock(Path(sys.argv[1])):
     print("locked", flush=True)
     time.sleep(120)
@@ -107,7 +107,7 @@ def test_a_reader_of_a_read_only_directory_needs_no_lock_file(tmp_path: Path) ->
 def test_index_writers_are_kept_out_while_one_works(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from engine.cli import main
+    from facesearch.cli import main
 
     write_dir(tmp_path / "a", np.arange(0, 40, dtype=np.int64))
     write_dir(tmp_path / "b", np.arange(40, 60, dtype=np.int64))

@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from indexer.embed import EmbedConfig, build_detector, embed_partition, plan_inputs, plan_shards
-from indexer.pipeline import run_embed
-from indexer.shards import MANIFEST, read_all, read_manifest, write_manifest
-from model.inference import Embedder
+from facesearch.indexer.embed import EmbedConfig, build_detector, embed_partition, plan_inputs, plan_shards
+from facesearch.indexer.pipeline import run_embed
+from facesearch.indexer.shards import MANIFEST, read_all, read_manifest, write_manifest
+from facesearch.model.inference import Embedder
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -98,7 +98,7 @@ def test_cluster_embed(clean: Path, images: Path, ckpt: Path) -> None:
 
 
 def _cli(images: Path, ckpt: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "engine.cli.embed", "embed", "--input", str(images), "--checkpoint", str(ckpt),
+    return [sys.executable, "-m", "facesearch.cli.embed", "embed", "--input", str(images), "--checkpoint", str(ckpt),
             "--out", str(out), "--shard-rows", "10", "--batch-size", "4", "--detector-pad", "20", "--device", "cpu",
             "--workers", "2", "--threads-per-worker", "1"]  # fmt: skip
 
@@ -148,8 +148,8 @@ def test_adopt_repair_and_refuse(
         run_embed(_cfg(images, other, out, cluster))
     with pytest.raises(ValueError, match="another config"):
         run_embed(_cfg(images, ckpt, out, cluster).replace(dtype="float32"))
-    from engine.cli._app import main
-    from engine.cli.embed import embed_command  # noqa: F401  registers the command
+    from facesearch.cli._app import main
+    from facesearch.cli.embed import embed_command  # noqa: F401  registers the command
 
     res = CliRunner().invoke(main, ["embed", "--input", str(images), "--checkpoint", str(other), "--out", str(out)])
     assert res.exit_code == 1 and "Traceback" not in res.output and "use another --out" in res.output
@@ -160,7 +160,7 @@ def test_adopt_repair_and_refuse(
 
 
 def read_fp(path: Path) -> str:
-    from model.checkpoint import load_checkpoint
+    from facesearch.model.checkpoint import load_checkpoint
 
     return load_checkpoint(path).fingerprint
 
@@ -173,7 +173,7 @@ def test_manifest_is_json(clean: Path) -> None:
 def test_one_gpu_per_worker_cluster(tmp_path: Path, orl_dir: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU layout (a SpecCluster of Nannies, each with its own CUDA_VISIBLE_DEVICES) runs; without GPUs the
     workers' ``auto`` device is the CPU, so this checks the wiring, not CUDA."""
-    import indexer.cluster as cluster
+    import facesearch.indexer.cluster as cluster
 
     root = tmp_path / "in"
     shutil.copytree(orl_dir / "s1", root / "s1")

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from indexer.embed import (
+from facesearch.indexer.embed import (
     DETECTION_FIELDS,
     FACE_STRIDE,
     EmbedConfig,
@@ -28,8 +28,8 @@ from indexer.embed import (
     row_id,
     shard_id_range,
 )
-from indexer.pipeline import run_embed
-from indexer.shards import (
+from facesearch.indexer.pipeline import run_embed
+from facesearch.indexer.shards import (
     LEGACY_MANIFEST,
     MANIFEST,
     read_all,
@@ -40,9 +40,9 @@ from indexer.shards import (
     write_manifest,
     write_shard,
 )
-from model.align import DetectOptions, pose_score
-from model.images import read_image
-from model.inference import Embedder
+from facesearch.model.faces.align import DetectOptions, pose_score
+from facesearch.model.faces.images import read_image
+from facesearch.model.inference import Embedder
 
 cv2.setNumThreads(1)
 
@@ -257,8 +257,8 @@ def test_resume_old_manifest(photos: Path, ckpt: Path, yunet_path: Path, schedul
 
 
 def test_cli_detection_flags(photos: Path, ckpt: Path, yunet_path: Path, scheduler: str, tmp_path: Path) -> None:
-    from engine.cli._app import main
-    from engine.cli.embed import embed_command  # noqa: F401  registers the command
+    from facesearch.cli._app import main
+    from facesearch.cli.embed import embed_command  # noqa: F401  registers the command
 
     out = tmp_path / "cli"
     args = ["embed", "--input", str(photos), "--checkpoint", str(ckpt), "--out", str(out), "--device", "cpu",

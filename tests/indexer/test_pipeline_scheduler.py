@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-import indexer.cluster as cluster
-import indexer.pipeline as pipeline
-from indexer.embed import EmbedConfig
-from indexer.pipeline import ClusterError, ProbeSpec, probe_worker, run_embed
-from indexer.shards import read_manifest
+import facesearch.indexer.cluster as cluster
+import facesearch.indexer.pipeline as pipeline
+from facesearch.indexer.embed import EmbedConfig
+from facesearch.indexer.pipeline import ClusterError, ProbeSpec, probe_worker, run_embed
+from facesearch.indexer.shards import read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,8 @@ def _closed_port() -> int:
 
 
 def _cli(args: list[str]) -> tuple[int, str]:
-    from engine.cli._app import main
-    from engine.cli.embed import embed_command  # noqa: F401  registers the command
+    from facesearch.cli._app import main
+    from facesearch.cli.embed import embed_command  # noqa: F401  registers the command
 
     res = CliRunner().invoke(main, args)
     return res.exit_code, res.output

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from indexer.search import ResidentGallery, merge_topk, normalize_queries, search_exact
+from facesearch.indexer.search import ResidentGallery, merge_topk, normalize_queries, search_exact
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:

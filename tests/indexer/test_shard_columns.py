@@ -13,9 +13,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from indexer import shards
-from indexer.index import IndexConfig, add_shards, build_index, load_index
-from model.align import pose_score
+from facesearch.indexer import shards
+from facesearch.indexer.index import IndexConfig, add_shards, build_index, load_index
+from facesearch.model.faces.align import pose_score
 
 D = 8
 COLUMNS = ("face", "pose_score")
@@ -149,7 +149,7 @@ def test_index_build_and_append(tmp_path: Path) -> None:
 
 
 def test_embed_summary_reads_the_stored_pose_score(tmp_path: Path) -> None:
-    from indexer.pipeline import LOW_POSE_SCORE, _row_counts
+    from facesearch.indexer.pipeline import LOW_POSE_SCORE, _row_counts
 
     directory = _directory(tmp_path / "s", [6, 1])
     man = shards.read_manifest(directory)

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from indexer.shards import (
+from facesearch.indexer.shards import (
     Manifest,
     iter_shards,
     read_all,

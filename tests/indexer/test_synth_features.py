@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer import shards
-from indexer.search import search_exact
-from indexer.synth_features import PROBE_ID_OFFSET, SynthFeaturesConfig, write_synth_features
-from model.config import ATTRIBUTES
+from facesearch.indexer import shards
+from facesearch.indexer.search import search_exact
+from facesearch.indexer.synth_features import PROBE_ID_OFFSET, SynthFeaturesConfig, write_synth_features
+from facesearch.model.config import ATTRIBUTES
 
 
 def _cfg(out: Path, **kw: object) -> SynthFeaturesConfig:

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer import shards
-from indexer.synth_features import SynthFeaturesConfig, write_synth_features
+from facesearch.indexer import shards
+from facesearch.indexer.synth_features import SynthFeaturesConfig, write_synth_features
 
 
 def test_take_rows_equals_streamed_rows(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from model.align import (
+from facesearch.model.faces.align import (
     EYE_WEIGHTS,
     FaceDetector,
     REFERENCE_112x96,
@@ -17,7 +17,7 @@ from model.align import (
     similarity_transform,
     template,
 )
-from model.images import ImageError, read_image
+from facesearch.model.faces.images import ImageError, read_image
 
 cv2.setNumThreads(1)
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.attributes import AttributeTrainConfig, LabelConfig, label_identities, majority_vote
-from model.datasets import read_attribute_labels
-from model.train_config import TrainConfig
+from facesearch.model.attributes import AttributeTrainConfig, LabelConfig, label_identities, majority_vote
+from facesearch.model.faces.datasets import read_attribute_labels
+from facesearch.model.train_config import TrainConfig
 
 
 def test_majority_vote_counts_images_not_probabilities() -> None:
@@ -61,7 +61,7 @@ def test_classifier_labels_synthetic_identities_better_than_chance(synth_data: P
     accuracy against a majority-class baseline.  A 200-step tiny model learns the strongest trait (Male: measured 0.83)
     and little of the subtle ones (nose, cheek, chin: 0.4-0.56), so the bars are Male >= 0.7 and the mean of the
     seven > 0.5; `make run` trains longer and reports every attribute."""
-    from model.attributes import train_attribute_classifier
+    from facesearch.model.attributes import train_attribute_classifier
 
     result = train_attribute_classifier(
         AttributeTrainConfig(
@@ -97,7 +97,7 @@ def test_classifier_labels_synthetic_identities_better_than_chance(synth_data: P
 
 
 def test_attribute_classifier_needs_the_attribute_list(synth_data: Path, tmp_path: Path) -> None:
-    from model.attributes import train_attribute_classifier
+    from facesearch.model.attributes import train_attribute_classifier
 
     from .test_datasets_celeba import celeba_copy
 

@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from model.checkpoint import (
+from facesearch.model.checkpoint import (
     FORMAT,
     capture_rng_state,
     export_weights,
@@ -18,8 +18,8 @@ from model.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from model.config import ModelConfig
-from model.network import FaceNet, to_input
+from facesearch.model.config import ModelConfig
+from facesearch.model.network import FaceNet, to_input
 
 torch.set_num_threads(1)
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.align import FaceDetector, REFERENCE_112x96
-from model.datasets import (
+from facesearch.model.faces.align import FaceDetector, REFERENCE_112x96
+from facesearch.model.faces.datasets import (
     FaceDataset,
     FaceItem,
     Failure,

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from model.datasets import read_celeba, read_identity_file
-from model.train import train
-from model.train_config import StageConfig, TrainConfig
-from model.trainer_data import read_samples
+from facesearch.model.faces.datasets import read_celeba, read_identity_file
+from facesearch.model.train import train
+from facesearch.model.train_config import StageConfig, TrainConfig
+from facesearch.model.trainer_data import read_samples
 
 LISTS = ("list_attr_celeba.txt", "list_landmarks_align_celeba.txt", "identity_CelebA.txt", "list_eval_partition.txt")
 COUNTED = ("list_attr_celeba.txt", "list_landmarks_align_celeba.txt")
@@ -161,8 +161,8 @@ def test_cli_trains_on_a_flat_folder_with_identities(synth_data: Path, tmp_path:
                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     from click.testing import CliRunner
 
-    import engine.cli.train  # noqa: F401  (registers `train`)
-    from engine.cli._app import main
+    import facesearch.cli.train  # noqa: F401  (registers `train`)
+    from facesearch.cli._app import main
 
     monkeypatch.setenv("FACESEARCH_YUNET", str(yunet_path))
     root = celeba_copy(synth_data, tmp_path / "celeba", n=80, lists=("identity_CelebA.txt",))

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from model.align import (
+from facesearch.model.faces.align import (
     KEEP_FACE,
     DetectOptions,
     FaceDetector,
@@ -20,7 +20,7 @@ from model.align import (
     prepare_faces,
     select_faces,
 )
-from model.images import ImageError, read_image
+from facesearch.model.faces.images import ImageError, read_image
 
 cv2.setNumThreads(1)
 

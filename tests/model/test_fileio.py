@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from model.fileio import atomic_write_bytes, atomic_write_text, atomic_write_with
+from facesearch.model.fileio import atomic_write_bytes, atomic_write_text, atomic_write_with
 
 
 def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path: Path) -> None:

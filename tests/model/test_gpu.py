@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from model.datasets import FaceDataset, FaceItem, read_casia
-from model.inference import Embedder
-from model.train import train
-from model.train_config import StageConfig, TrainConfig
+from facesearch.model.faces.datasets import FaceDataset, FaceItem, read_casia
+from facesearch.model.inference import Embedder
+from facesearch.model.train import train
+from facesearch.model.train_config import StageConfig, TrainConfig
 
 pytestmark = [
     pytest.mark.gpu,

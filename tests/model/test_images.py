@@ -12,7 +12,14 @@ import cv2
 import numpy as np
 import pytest
 
-from model.images import REASONS, ImageError, decode_image, libjpeg_warnings, read_image, read_image_bytes
+from facesearch.model.faces.images import (
+    REASONS,
+    ImageError,
+    decode_image,
+    libjpeg_warnings,
+    read_image,
+    read_image_bytes,
+)
 
 
 def _rgb(h: int = 40, w: int = 30, seed: int = 0) -> np.ndarray:

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import model_fingerprint, save_checkpoint
-from model.config import ModelConfig
-from model.device import autocast_dtype, resolve_device
-from model.inference import Embedder, load_model
-from model.network import FaceNet
+from facesearch.model.checkpoint import model_fingerprint, save_checkpoint
+from facesearch.model.config import ModelConfig
+from facesearch.model.device import autocast_dtype, resolve_device
+from facesearch.model.inference import Embedder, load_model
+from facesearch.model.network import FaceNet
 
 torch.set_num_threads(1)
 

@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from model.config import ATTRIBUTES, PAPER_LAYER_PLAN, ModelConfig, preset
-from model.network import FaceNet, count_macs, count_parameters, to_input
+from facesearch.model.config import ATTRIBUTES, PAPER_LAYER_PLAN, ModelConfig, preset
+from facesearch.model.network import FaceNet, count_macs, count_parameters, to_input
 
 torch.set_num_threads(2)
 

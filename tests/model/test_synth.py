@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from engine.cli import main
-from model.config import ATTRIBUTES
-from model.synth import MANIFEST, SynthConfig, distractor_sizes, generate_faces
-from model.synth_identity import sample_identity
-from model.synth_render import CELEBA_EYES, render_face
+from facesearch.cli import main
+from facesearch.model.config import ATTRIBUTES
+from facesearch.model.faces.synth import MANIFEST, SynthConfig, distractor_sizes, generate_faces
+from facesearch.model.faces.synth_identity import sample_identity
+from facesearch.model.faces.synth_render import CELEBA_EYES, render_face
 
 TINY: dict[str, Any] = dict(identities=4, images_per_identity=3, celeba_images=40, celeba_images_per_identity=10,
             probe_identities=3, probe_images_per_identity=3, distractors=25, seed=1)  # fmt: skip

@@ -12,9 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.align import similarity_transform, template
-from model.config import ATTRIBUTES
-from model.datasets import FaceDataset, FaceItem, read_attribute_labels, read_casia, read_celeba, read_list
+from facesearch.model.config import ATTRIBUTES
+from facesearch.model.faces.align import similarity_transform, template
+from facesearch.model.faces.datasets import (
+    FaceDataset,
+    FaceItem,
+    read_attribute_labels,
+    read_casia,
+    read_celeba,
+    read_list,
+)
 
 
 def test_casia_layout_reads_with_landmarks_and_labels(synth_data: Path) -> None:
@@ -72,8 +79,8 @@ def test_short_training_on_synthetic_faces_learns_identities(synth_data: Path, t
     Measured on this 2-core CPU: the logged loss falls from 3.86 to 0.24 (ln 24 = 3.18 is the uniform guess);
     held-out top-1 0.917 against a chance of 1/24 = 0.042.  Bars, with room for platform and BLAS differences: the
     loss falls by at least 40 % and held-out top-1 reaches at least 5x chance (0.21)."""
-    from model.train import train
-    from model.train_config import StageConfig, TrainConfig
+    from facesearch.model.train import train
+    from facesearch.model.train_config import StageConfig, TrainConfig
 
     cfg = TrainConfig(
         data=synth_data / "casia",

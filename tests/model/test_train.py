@@ -14,16 +14,16 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-import engine.cli.train  # noqa: F401  (registers `train` on the click group)
-from engine.cli._app import main
-from model.align import REFERENCE_112x96
-from model.checkpoint import load_checkpoint
-from model.config import ATTRIBUTES, ModelConfig
-from model.losses import moon_loss, moon_weights, multitask_loss
-from model.network import FaceNet, Outputs, to_input
-from model.train import TrainConfig, train
-from model.train_config import PAPER_STAGES, StageConfig, rescale_stage
-from model.trainer_data import StepBatchSampler
+import facesearch.cli.train  # noqa: F401  (registers `train` on the click group)
+from facesearch.cli._app import main
+from facesearch.model.checkpoint import load_checkpoint
+from facesearch.model.config import ATTRIBUTES, ModelConfig
+from facesearch.model.faces.align import REFERENCE_112x96
+from facesearch.model.losses import moon_loss, moon_weights, multitask_loss
+from facesearch.model.network import FaceNet, Outputs, to_input
+from facesearch.model.train import TrainConfig, train
+from facesearch.model.train_config import PAPER_STAGES, StageConfig, rescale_stage
+from facesearch.model.trainer_data import StepBatchSampler
 
 torch.set_num_threads(1)
 

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from model.align import FaceDetector
-from model.images import read_image
-from model.train import train
-from model.train_config import StageConfig, TrainConfig
+from facesearch.model.faces.align import FaceDetector
+from facesearch.model.faces.images import read_image
+from facesearch.model.train import train
+from facesearch.model.train_config import StageConfig, TrainConfig
 
 torch.set_num_threads(1)
 
@@ -145,7 +145,7 @@ def test_a_corrupt_cache_is_rebuilt_not_fatal(synth_data: Path, tmp_path: Path, 
 
 def test_attribute_labelling_detects_once_with_a_cache(synth_data: Path, tmp_path: Path, ckpt: Path,
                                                        detections: Counter) -> None:  # fmt: skip
-    from model.attributes import LabelConfig, label_identities
+    from facesearch.model.attributes import LabelConfig, label_identities
 
     data = casia_without_landmarks(synth_data, tmp_path / "casia", identities=4)
     cfg = LabelConfig(classifier=ckpt, data=data, out=tmp_path / "labels.csv", device="cpu", batch_size=16)
@@ -160,7 +160,7 @@ def test_attribute_labelling_detects_once_with_a_cache(synth_data: Path, tmp_pat
 
 def test_attribute_classifier_training_uses_the_run_cache(synth_data: Path, tmp_path: Path,
                                                           detections: Counter) -> None:  # fmt: skip
-    from model.attributes import AttributeTrainConfig, train_attribute_classifier
+    from facesearch.model.attributes import AttributeTrainConfig, train_attribute_classifier
 
     from .test_datasets_celeba import celeba_copy
 
@@ -181,8 +181,8 @@ def test_cli_labels_a_flat_folder_named_by_an_identity_file(synth_data: Path, tm
                                                             detections: Counter) -> None:  # fmt: skip
     from click.testing import CliRunner
 
-    import engine.cli.attributes  # noqa: F401  (registers `attributes`)
-    from engine.cli._app import main
+    import facesearch.cli.attributes  # noqa: F401  (registers `attributes`)
+    from facesearch.cli._app import main
 
     from .test_datasets_celeba import celeba_copy
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import engine.cli.train  # noqa: F401  (registers `train`)
-from engine.cli._app import main
-from model.train import train
-from model.train_config import StageConfig, TrainConfig
+import facesearch.cli.train  # noqa: F401  (registers `train`)
+from facesearch.cli._app import main
+from facesearch.model.train import train
+from facesearch.model.train_config import StageConfig, TrainConfig
 
 from .test_datasets_celeba import celeba_copy
 

@@ -1,0 +1,180 @@
+"""Images/s of ``facesearch embed`` (the Dask pipeline: read, decode, align, infer, write) against the model alone
+(``Embedder.embed_crops`` on pre-aligned crops), on the same machine and the same images.  The reference is the
+faster of the model with all threads in one process and the model on one thread times the worker count (what N
+single-thread workers could do at best; on a shared, loaded machine one multi-threaded process loses much more to
+thread barriers than independent single-thread processes).
+
+    python -m facesearch.benchmarks.speed.embed_speed [--identities 40] [--images-per-identity 10] [--width 0.25]
+    [--input-size 112x96]
+                                     [--detect] [--workers N] [--json out.json]
+
+Images are synthetic faces (``facesearch.model.faces.synth``) with landmarks from their list (``--detect``: YuNet
+instead).  The model is a randomly initialised Fast network (speed does not depend on the weights).  Pipeline overhead
+is
+``model-alone images/s / pipeline images/s - 1``, measured over the whole run (cluster start and worker model builds
+included) and in steady state (from the first finished shard to the last).  The model alone is the best of
+``--repeats`` runs, the pipeline the best of ``--repeats`` fresh runs: the machine is shared.  Per-stage seconds are
+summed over tasks (they overlap: decoding runs beside inference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from facesearch.indexer.embed import EmbedConfig, InputItem, plan_inputs
+from facesearch.indexer.pipeline import run_embed
+from facesearch.model.checkpoint import save_checkpoint
+from facesearch.model.config import preset
+from facesearch.model.faces.align import FaceDetector, prepare_face
+from facesearch.model.faces.synth import SynthConfig, generate_faces
+from facesearch.model.inference import Embedder
+from facesearch.model.network import FaceNet
+
+
+def _data(root: Path, identities: int, per_identity: int) -> Path:
+    generate_faces(SynthConfig(out=root, seed=3, identities=identities, images_per_identity=per_identity,
+                               layouts=("casia",), size=128, workers=1))  # fmt: skip
+    return root / "casia"
+
+
+def _model_alone(ckpt: Path, items: list[InputItem], cfg: EmbedConfig, detector: FaceDetector | None,
+                 repeats: int) -> dict[int, dict[str, Any]]:  # fmt: skip
+    """Best-of-``repeats`` embed_crops throughput on pre-aligned crops with all threads and with one thread."""
+    size = Embedder(ckpt, "cpu").input_size
+    crops = []
+    for it in items:
+        try:
+            crops.append(prepare_face(it.path, it.landmarks, detector, size).crop)
+        except ValueError:
+            continue
+    x = np.stack(crops)
+    embedder = Embedder(ckpt, cfg.device, cfg.precision, cfg.batch_size)
+    out = {}
+    for threads in (torch.get_num_threads(), 1):
+        torch.set_num_threads(threads)
+        embedder.embed_crops(x)  # warm-up: every batch shape once
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            embedder.embed_crops(x)
+            best = min(best, time.perf_counter() - t0)
+        out[threads] = {"images": len(x), "seconds": best, "images_per_s": len(x) / best, "threads": threads}
+    return out
+
+
+def _pipeline(cfg: EmbedConfig) -> dict[str, Any]:
+    shards: list[tuple[float, int]] = []
+
+    def progress(record: Any) -> None:
+        if record["event"] == "shard":
+            shards.append((time.perf_counter(), record["rows"]))
+
+    t0 = time.perf_counter()
+    result = run_embed(cfg, progress)
+    wall = time.perf_counter() - t0
+    n = result.computed_images
+    steady_s = shards[-1][0] - shards[0][0]
+    steady_n = n - shards[0][1]
+    return {"images": n, "ok": result.ok_rows, "wall_s": wall, "images_per_s": n / wall, "steady_s": steady_s,
+            "steady_images": steady_n, "steady_images_per_s": steady_n / steady_s if steady_s > 0 else float("nan"),
+            "stage_seconds": result.stage_seconds}  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="embed_speed_"))
+    h, w = (int(v) for v in args.input_size.split("x"))
+    model_cfg = preset("fast", width=args.width, input_size=(h, w), num_identities=args.identities)
+    torch.manual_seed(0)
+    ckpt = work / "weights.safetensors"
+    save_checkpoint(ckpt, model_cfg, FaceNet(model_cfg).state_dict())
+    casia = _data(work / "synth", args.identities, args.images_per_identity)
+    fmt: dict[str, Any] = {"input": casia, "format": "images"} if args.detect else {
+        "input": casia / "landmarks.csv", "format": "list", "root": casia}  # fmt: skip
+    cfg = EmbedConfig(**fmt, checkpoint=ckpt, out=work / "shards", shard_rows=args.shard_rows,
+                      batch_size=args.batch_size, device="cpu", workers=args.workers,
+                      threads_per_worker=args.threads_per_worker)  # fmt: skip
+    items = plan_inputs(cfg)
+    cores = os.cpu_count() or 1
+    alone_by_threads = _model_alone(ckpt, items, cfg, FaceDetector() if args.detect else None, args.repeats)
+    one = alone_by_threads[1]
+    workers = args.workers or max(1, cores // args.threads_per_worker)
+    ideal = one["images_per_s"] * workers if args.threads_per_worker == 1 else 0.0
+    alone = max(alone_by_threads.values(), key=lambda a: a["images_per_s"])
+    alone = {**alone, "images_per_s": max(alone["images_per_s"], ideal), "one_thread": one, "all_threads":
+             alone_by_threads[max(alone_by_threads)], "ideal_workers": workers}  # fmt: skip
+    runs = [_pipeline(cfg.replace(out=work / f"shards{i}")) for i in range(args.repeats)]
+    pipe = min(runs, key=lambda p: p["wall_s"])
+    infer = pipe["stage_seconds"].get("infer", 0.0)
+    steady_infer = infer * pipe["steady_images"] / max(pipe["images"], 1)
+    return {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "loadavg": os.getloadavg(), "model": f"fast w{args.width} {args.input_size}", "detect": args.detect,
+            "workers": args.workers, "threads_per_worker": args.threads_per_worker, "batch_size": args.batch_size,
+            "model_alone": alone, "pipeline": pipe,
+            "overhead_pct": 100 * (alone["images_per_s"] / pipe["images_per_s"] - 1),
+            "steady_overhead_pct": 100 * (alone["images_per_s"] / pipe["steady_images_per_s"] - 1),
+            "infer_share_pct": 100 * infer / (workers * pipe["wall_s"]),
+            "steady_infer_share_pct": 100 * steady_infer / (workers * pipe["steady_s"])}  # fmt: skip
+
+
+def report(r: dict[str, Any]) -> str:
+    a, p = r["model_alone"], r["pipeline"]
+    lines = [
+        f"Embedding speed: {r['model']}, {'YuNet detection' if r['detect'] else 'landmarks from the list'}, "
+        f"{r['cores']} cores, load average {' / '.join(f'{v:.2f}' for v in r['loadavg'])} (at the end)",
+        "",
+        "| path | images | seconds | images/s | overhead |",
+        "|---|---:|---:|---:|---:|",
+        f"| model alone (embed_crops, {a['all_threads']['threads']} threads) | {a['images']} | "
+        f"{a['all_threads']['seconds']:.2f} | {a['all_threads']['images_per_s']:.1f} | — |",
+        f"| model alone (embed_crops, 1 thread) | {a['images']} | {a['one_thread']['seconds']:.2f} | "
+        f"{a['one_thread']['images_per_s']:.1f} | — |",
+        f"| reference: best of the above (1 thread x {a['ideal_workers']} processes = ideal for the workers) | | | "
+        f"{a['images_per_s']:.1f} | — |",
+        f"| Dask pipeline, {r['workers'] or 'auto'} workers x {r['threads_per_worker']} thread, incl. cluster start | "
+        f"{p['images']} | {p['wall_s']:.2f} | {p['images_per_s']:.1f} | {r['overhead_pct']:+.0f}% |",
+        f"| Dask pipeline, steady state (first to last finished shard) | {p['steady_images']} | {p['steady_s']:.2f} | "
+        f"{p['steady_images_per_s']:.1f} | {r['steady_overhead_pct']:+.0f}% |",
+        "",
+        f"Inference share of worker time (summed infer seconds / ({a['ideal_workers']} workers x wall)): "
+        f"{r['infer_share_pct']:.0f}% over the whole run, {r['steady_infer_share_pct']:.0f}% in steady state "
+        "(approximate: the first shard's inference is counted in both).",
+        "",
+        "| stage (summed over tasks) | seconds |",
+        "|---|---:|",
+        *(f"| {k} | {v:.2f} |" for k, v in r["pipeline"]["stage_seconds"].items()),
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--identities", type=int, default=40)
+    ap.add_argument("--images-per-identity", type=int, default=10)
+    ap.add_argument("--width", type=float, default=0.25)
+    ap.add_argument("--input-size", default="112x96")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--shard-rows", type=int, default=100)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--threads-per-worker", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--detect", action="store_true", help="YuNet detection instead of the list's landmarks")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    result = run(args)
+    print(report(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""``facesearch bench lfw | attributes | lfw-pairs``: LFW verification (protocol §7), per-attribute accuracy on a
+CelebA-format set (the paper's Table 4), and an LFW-format pairs set built from the ORL faces."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from facesearch.benchmarks.attribute_accuracy import (
+    SPLITS,
+    attribute_result,
+    evaluate_attributes,
+    format_attribute_table,
+    predict_celeba,
+)
+from facesearch.benchmarks.lfw import (
+    LFW_KEEP_FACE,
+    embed_lfw_images,
+    evaluate_lfw,
+    format_lfw,
+    load_features,
+    read_pairs,
+    write_orl_pairs,
+)
+from facesearch.cli._app import DEVICE_OPTION, user_errors
+from facesearch.cli.bench import bench
+from facesearch.model.fileio import atomic_write_text
+
+_P = click.Path(path_type=Path)
+
+
+def _write_json(path: Path | None, document: dict[str, Any]) -> None:
+    if path is not None:
+        atomic_write_text(path, json.dumps(document, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+        click.echo(f"\nresult       {path}")
+
+
+@bench.command("lfw")
+@click.option("--pairs", type=_P, required=True, help="LFW-format pairs.txt (header `<folds> <n>`).")
+@click.option("--images", type=_P, help="Image root: <root>/<name>/<name>_<n:04d><ext> (needs --checkpoint).")
+@click.option("--checkpoint", type=_P, help="Trained weights to embed --images with.")
+@click.option("--features", type=_P, help="Precomputed features: .npz (keys, features) or a `facesearch embed` dir.")
+@click.option("--ext", default=".jpg", show_default=True, help="Image file extension under --images.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Crops per forward pass.")
+@click.option("--keep-face", type=click.Choice(list(LFW_KEEP_FACE)), default="center", show_default=True,
+              help="Which face of an image is embedded: the one nearest the centre (LFW images are centred on the "
+                   "named person), the largest, or the best scored.")  # fmt: skip
+@click.option("--out", type=_P, help="Write the result as JSON here.")
+@DEVICE_OPTION
+@user_errors
+def lfw_command(
+    pairs: Path,
+    images: Path | None,
+    checkpoint: Path | None,
+    features: Path | None,
+    ext: str,
+    batch_size: int,
+    keep_face: str,
+    out: Path | None,
+    device: str,
+) -> None:
+    """Ten-fold LFW verification accuracy (thresholds chosen on the other nine folds; mean ± standard error)."""
+    if (features is None) == (images is None) or (images is not None) != (checkpoint is not None):
+        raise click.UsageError("give either --images with --checkpoint, or --features")
+    parsed = read_pairs(pairs)
+    if features is not None:
+        result = evaluate_lfw(parsed, load_features(features), features_from=str(features))
+    else:
+        assert images is not None and checkpoint is not None, "checked above"
+        with tqdm(unit="img", desc="embed", dynamic_ncols=True) as bar:
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            embedded = embed_lfw_images(images, parsed, checkpoint, device, batch_size, ext=ext, progress=progress,
+                                        keep_face=keep_face)  # fmt: skip
+        result = evaluate_lfw(
+            parsed,
+            embedded.features,
+            no_face=len(embedded.no_face),
+            images=str(images),
+            checkpoint=str(checkpoint),
+            keep_face=keep_face,
+            fingerprint=embedded.fingerprint,
+            no_face_images=embedded.no_face[:100],
+        )
+    click.echo(format_lfw(result))
+    _write_json(out, result.to_dict())
+
+
+@bench.command("attributes")
+@click.option("--data", type=_P, required=True, help="CelebA-format root (list_attr_celeba.txt, img_align_celeba/).")
+@click.option("--checkpoint", type=_P, required=True, help="Trained weights whose attribute head is evaluated.")
+@click.option("--split", type=click.Choice(list(SPLITS)), default="test", show_default=True,
+              help="Partition of list_eval_partition.txt to evaluate (all = every labelled image).")  # fmt: skip
+@click.option("--threshold", type=float, default=0.5, show_default=True, help="Positive when probability >= this.")
+@click.option("--limit", type=int, help="Evaluate only the first N images of the split.")
+@click.option("--batch-size", type=int, default=128, show_default=True, help="Crops per forward pass.")
+@click.option("--out", type=_P, help="Write the result as JSON here.")
+@DEVICE_OPTION
+@user_errors
+def attributes_command(
+    data: Path,
+    checkpoint: Path,
+    split: str,
+    threshold: float,
+    limit: int | None,
+    batch_size: int,
+    out: Path | None,
+    device: str,
+) -> None:
+    """Per-attribute accuracy of the predicted attributes against CelebA-format labels (the paper's Table 4)."""
+    predictions = predict_celeba(data, checkpoint, device, batch_size, split, limit)
+    scores = evaluate_attributes(predictions.probabilities, predictions.truth, threshold)
+    click.echo(format_attribute_table(scores))
+    if predictions.skipped_summary:
+        click.echo(f"\n{predictions.skipped_summary}")
+    document = attribute_result(
+        scores,
+        threshold,
+        n=predictions.n,
+        skipped=predictions.skipped,
+        fingerprint=predictions.fingerprint,
+        **predictions.meta,
+    )
+    _write_json(out, document)
+
+
+@bench.command("lfw-pairs")
+@click.option("--orl", type=_P, required=True, help="ORL/AT&T root with s1..s40/1..10.pgm.")
+@click.option("--out", type=_P, required=True, help="Output folder: lfw/<name>/<name>_<n:04d>.jpg and pairs.txt.")
+@click.option("--folds", type=int, default=10, show_default=True, help="Folds (disjoint groups of people).")
+@click.option("--per-fold", type=int, default=100, show_default=True, help="Matched (and mismatched) pairs per fold.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the people split and pair sampling.")
+@user_errors
+def lfw_pairs_command(orl: Path, out: Path, folds: int, per_fold: int, seed: int) -> None:
+    """Build an LFW-format verification set from the ORL faces (for `facesearch bench lfw`)."""
+    if not orl.is_dir():
+        raise click.BadParameter(f"{orl} is not a directory", param_hint="--orl")
+    pairs = write_orl_pairs(orl, out, folds=folds, per_fold=per_fold, seed=seed)
+    click.echo(f"pairs        {pairs} ({folds} folds x {per_fold} matched + {per_fold} mismatched)")
+    click.echo(f"images       {out / 'lfw'}")
