@@ -23,13 +23,15 @@ from typing import Any, NamedTuple
 import cv2
 import numpy as np
 
-from facesearch.model.faces.align import KEEP_FACE, FaceDetector, prepare_face
-from facesearch.model.faces.images import ImageError, read_image
+from facesearch.model.faces.detect import KEEP_FACE, FaceDetector
+from facesearch.model.faces.images import read_image
+from facesearch.model.faces.prepare import FaceFailure, prepare_image
+from facesearch.model.faces.samples import IMAGE_SUFFIXES
 from facesearch.model.fileio import atomic_write_bytes, atomic_write_text
+from facesearch.model.tables import render_table
 
 log = logging.getLogger(__name__)
 
-_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".bmp", ".tif", ".tiff", ".webp"})
 #: Faces :func:`embed_lfw_images` can keep (one per image; ``all`` is not a choice).  ``center`` is the default: LFW's
 #: 250x250 images are centred on the named person, while another face in the frame may be larger or better scored.
 LFW_KEEP_FACE: tuple[str, ...] = tuple(k for k in KEEP_FACE if k != "all")
@@ -112,7 +114,7 @@ def image_key(path: str | os.PathLike[str]) -> str:
     """The image key of a path or key: folder name / file name without an image extension (``.../A/A_0001.jpg`` ->
     ``A/A_0001``)."""
     p = Path(str(path).replace("\\", "/"))
-    stem = p.stem if p.suffix.lower() in _IMAGE_SUFFIXES else p.name
+    stem = p.stem if p.suffix.lower() in IMAGE_SUFFIXES else p.name
     return f"{p.parent.name}/{stem}" if p.parent.name else stem
 
 
@@ -291,7 +293,7 @@ def embed_lfw_images(
     Without ``detector``, YuNet keeps the face ``keep_face`` picks (one of :data:`LFW_KEEP_FACE`; default ``center``,
     the named person of an LFW image).  Raises ``ValueError`` for a bad ``keep_face``, listing missing images (before
     any work) or naming an unreadable one."""
-    from facesearch.model.inference import Embedder  # torch is imported only when embedding
+    from facesearch.model.inference import Embedder, iter_embeddings  # torch is imported only when embedding
 
     if keep_face not in LFW_KEEP_FACE:
         raise ValueError(f"keep_face must be one of {list(LFW_KEEP_FACE)}, got {keep_face!r}")
@@ -304,21 +306,22 @@ def embed_lfw_images(
     embedder = Embedder(checkpoint, device=device, batch_size=batch_size)
     detector = detector if detector is not None else FaceDetector(keep=keep_face)
     size = embedder.input_size
-    features: dict[str, np.ndarray] = {}
     no_face: list[str] = []
-    for lo in range(0, len(keys), batch_size):
-        crops = []
-        for key in keys[lo : lo + batch_size]:
-            image = read_image(paths[key])
-            try:
-                crops.append(prepare_face(image, detector=detector, size=size).crop)
-            except ImageError as e:
-                if e.reason not in ("no_face", "bad_landmarks"):
-                    raise
-                no_face.append(key)
-                crops.append(centre_crop(image, size))
-        emb, _ = embedder.embed_crops(np.stack(crops))
-        features.update(zip(keys[lo : lo + batch_size], emb, strict=True))
+
+    def crop(key: str) -> np.ndarray:
+        prepared = prepare_image(paths[key], detector=detector, size=size, max_faces=1, keep_image=True)
+        face = prepared.faces[0]
+        if not isinstance(face, FaceFailure):
+            return face.crop
+        if face.reason not in ("no_face", "bad_landmarks") or prepared.image is None:
+            raise face.error
+        no_face.append(key)
+        return centre_crop(prepared.image, size)
+
+    features: dict[str, np.ndarray] = {}
+    batches = [keys[lo : lo + batch_size] for lo in range(0, len(keys), batch_size)]
+    for out in iter_embeddings(embedder, batches, crop=crop):
+        features.update(zip(out.items, out.embeddings, strict=True))
         if progress is not None:
             progress(len(features), len(keys))
     if no_face:
@@ -374,24 +377,18 @@ def write_orl_pairs(
 def format_lfw(result: LfwResult) -> str:
     """A short Markdown summary: mean ± standard error, then per-fold accuracies and thresholds."""
     folds = range(1, len(result.fold_accuracies) + 1)
-    lines = [
-        "| LFW verification | value |",
-        "|---|---|",
-        f"| accuracy | {100 * result.mean_accuracy:.2f} % ± {100 * result.standard_error:.2f} (s.e.) |",
-        f"| pairs | {sum(result.fold_sizes)} in {len(result.fold_sizes)} folds |",
+    summary = [
+        ["accuracy", f"{100 * result.mean_accuracy:.2f} % ± {100 * result.standard_error:.2f} (s.e.)"],
+        ["pairs", f"{sum(result.fold_sizes)} in {len(result.fold_sizes)} folds"],
     ]
     if result.no_face:
-        lines.append(f"| no face found (centre crop) | {result.no_face} images |")
-    lines += [
-        "",
-        "| fold | " + " | ".join(str(i) for i in folds) + " |",
-        "|---|" + "---|" * len(folds),
-        "| accuracy % | " + " | ".join(f"{100 * a:.1f}" for a in result.fold_accuracies) + " |",
-        "| threshold | " + " | ".join(f"{t:.3f}" for t in result.thresholds) + " |",
-        "",
-        result.note,
+        summary.append(["no face found (centre crop)", f"{result.no_face} images"])
+    per_fold = [
+        ["accuracy %", *(f"{100 * a:.1f}" for a in result.fold_accuracies)],
+        ["threshold", *(f"{t:.3f}" for t in result.thresholds)],
     ]
-    return "\n".join(lines)
+    tables = (render_table(["LFW verification", "value"], summary, left=2), render_table(["fold", *folds], per_fold))
+    return "\n\n".join([*tables, result.note])
 
 
 __all__ = ["LFW_KEEP_FACE", "LfwFeatures", "LfwResult", "Pair", "Pairs", "embed_lfw_images", "evaluate_lfw",

@@ -28,7 +28,6 @@ forces one (``selector`` and ``postfilter`` work on every kind).
 # ruff: noqa: E741  -- FAISS vocabulary: D (scores) and I (ids), as STYLE.md asks
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -36,16 +35,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from facesearch.engine.filters import Filter, parse_filter
+from facesearch.indexer.faiss_import import faiss
 from facesearch.indexer.index import LoadedIndex, load_index
 from facesearch.indexer.search import ResidentGallery, normalize_queries
 from facesearch.model.device import cpu_has_bf16_units, resolve_device
-from facesearch.model.faces.align import FaceDetector, prepare_face
-from facesearch.model.faces.images import ImageError
-from facesearch.model.inference import Embedder
+from facesearch.model.faces.detect import FaceDetector
+from facesearch.model.faces.prepare import FACE_REASONS, FaceFailure, prepare_image
+from facesearch.model.inference import Embedder, iter_embeddings
 
 SUBSET_MAX, SELECTOR_MAX = 0.10, 0.5  # flat: gather below SUBSET_MAX; FAISS kinds: selector up to SELECTOR_MAX
 AGGREGATES = ("max", "mean")
@@ -88,32 +87,6 @@ class UnknownIdError(KeyError, ValueError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "unknown id"
-
-
-def threshold_from_result(path: Path, far: float) -> float:
-    """The exact score threshold at ``far`` from a ``facesearch bench megaface`` result file (its ROC).  A file
-    that cannot be read, is not JSON, is another kind of file or has no threshold at ``far`` is a ``ValueError``
-    naming it."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read a bench megaface result file: {e}") from e
-    if not isinstance(data, dict) or data.get("kind") != "facesearch.megaface_result":
-        kind = data.get("kind") if isinstance(data, dict) else f"a JSON {type(data).__name__}"
-        raise ValueError(f"{path} is not a facesearch bench megaface result file (kind {kind!r})")
-    roc = data.get("roc")
-    fars, thresholds = (roc.get("far"), roc.get("threshold")) if isinstance(roc, dict) else (None, None)
-    if not isinstance(fars, list) or not isinstance(thresholds, list) or len(fars) != len(thresholds):
-        raise ValueError(f"{path}: its 'roc' has no far / threshold lists of one length (a damaged result file?)")
-    pairs = [(f, t) for f, t in zip(fars, thresholds, strict=True) if _is_number(f) and _is_number(t)]
-    for f, t in pairs:
-        if f == far:
-            return float(t)
-    raise ValueError(f"{path} has no threshold at FAR {far}; it has {[f for f, _ in pairs]}")
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 class SearchEngine:
@@ -192,18 +165,19 @@ class SearchEngine:
         """Detect (YuNet, on the image padded by ``pad`` black pixels: tightly cropped faces need it), align and
         embed probe images in one batch: (embeddings, attribute probabilities in the gallery's order, paths).  A
         file that cannot be read or holds no face is a ``ValueError`` naming it and the reason."""
-        if self.embedder is None:
-            raise ValueError("image queries need the model: open the engine with checkpoint=...")
+        embedder = self._model()
         detector = detector or FaceDetector(pad=pad)
-        crops, names = [], []
-        for path in paths:
-            crops.append(self._crop(Path(path), detector, f"probe {path}"))
-            names.append(str(path))
-        if not crops:
-            return np.zeros((0, self.d), np.float32), np.zeros((0, len(self.attribute_names)), np.float32), names
-        emb, probs = self.embedder.embed_crops(np.stack(crops))
-        order = [list(self.embedder.attributes).index(a) for a in self.attribute_names]
-        return emb, probs[:, order], names
+        names = [str(path) for path in paths]
+
+        def crop(name: str) -> np.ndarray:
+            face = prepare_image(Path(name), detector=detector, size=embedder.input_size, max_faces=1).faces[0]
+            if isinstance(face, FaceFailure):
+                raise ValueError(f"probe {name}: {face.message}")
+            return face.crop
+
+        (out,) = iter_embeddings(embedder, [names], crop=crop)
+        order = [list(embedder.attributes).index(a) for a in self.attribute_names]
+        return out.embeddings, out.probabilities[:, order], names
 
     @property
     def flat_vectors(self) -> np.ndarray | None:
@@ -246,19 +220,24 @@ class SearchEngine:
         except RuntimeError as e:
             raise ValueError(f"this {self.index_kind} index cannot return stored vectors: {e}") from e
 
-    def _crop(self, source: Path | np.ndarray, detector: FaceDetector, what: str) -> np.ndarray:
-        assert self.embedder is not None
-        try:
-            return prepare_face(source, detector=detector, size=self.embedder.input_size).crop
-        except ImageError as e:
-            raise ValueError(f"{what}: {e}") from None
-
-    def embed_array(self, image: np.ndarray, detector: FaceDetector, what: str = "image") -> np.ndarray:
-        """Detect, align and embed one decoded (H, W, 3) RGB image: (1, d)."""
+    def _model(self) -> Embedder:
         if self.embedder is None:
             raise ValueError("image queries need the model: open the engine with checkpoint=...")
-        emb, _ = self.embedder.embed_crops(self._crop(image, detector, what)[None])
-        return emb
+        return self.embedder
+
+    def embed_array(self, image: np.ndarray, detector: FaceDetector, what: str = "image") -> np.ndarray:
+        """Detect, align and embed one decoded (H, W, 3) RGB image: (1, d).  No usable face is a ``ValueError``
+        naming ``what``; an image OpenCV cannot process is an :class:`facesearch.model.faces.images.ImageError`."""
+        embedder = self._model()
+
+        def crop(source: np.ndarray) -> np.ndarray:
+            face = prepare_image(source, detector=detector, size=embedder.input_size, max_faces=1, name=what).faces[0]
+            if isinstance(face, FaceFailure):
+                raise ValueError(face.message) if face.reason in FACE_REASONS else face.error
+            return face.crop
+
+        (out,) = iter_embeddings(embedder, [[image]], crop=crop)
+        return out.embeddings
 
     def _hit(self, row: int, score: float, count: int = 1, rank_score: float | None = None) -> Hit:
         c = self.columns
@@ -310,7 +289,8 @@ class SearchEngine:
             params = faiss.SearchParametersIVF()
             params.nprobe = ivf.nprobe
             return params
-        inner = index.index if isinstance(index, faiss.IndexIDMap2) else index
+        # the wrapped index comes back from FAISS as a plain ``Index``: downcast it to see the HNSW
+        inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
         if isinstance(inner, faiss.IndexHNSW):
             params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # missing from the stubs
             params.efSearch = inner.hnsw.efSearch
@@ -481,7 +461,8 @@ class SearchEngine:
         while short.any() and depth < min(passing, nb):
             depth = min(passing, nb, depth * 4)  # deeper than the passing items would only fetch padding
             todo = np.flatnonzero(short)
-            D2, I2, _, _ = self.retrieve(xq[todo], depth, flt, used)
+            # the strategy the first fetch used, so both fetches agree; unfiltered it reports "none", not a strategy
+            D2, I2, _, _ = self.retrieve(xq[todo], depth, flt, strategy if flt is None else used)
             D2, I2 = _drop(D2, I2, None if exclude is None else exclude[todo])
             D, I = _pad(D, I, depth)
             D[todo], I[todo] = D2, I2
@@ -578,5 +559,4 @@ __all__ = [
     "SearchEngine",
     "UnknownIdError",
     "format_results",
-    "threshold_from_result",
 ]

@@ -52,10 +52,10 @@ from facesearch.engine.http_guard import Refusal, RequestGuard
 from facesearch.engine.search import QueryResult, SearchEngine
 from facesearch.engine.service_limits import CostModel, LimitError, ServiceLimits, calibrate, check_filter, check_query
 from facesearch.indexer.search import normalize_queries
-from facesearch.model.checkpoint import package_version
 from facesearch.model.faces.align import FaceDetector
 from facesearch.model.faces.image_guard import ImageTooLarge, check_image
 from facesearch.model.faces.images import ImageError, decode_image
+from facesearch.model.provenance import our_version
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class _Service:
 
     def health(self, public_docs: bool, token: bool) -> dict[str, Any]:
         info = self.engine.loaded.info
-        return {"status": "ok", "version": package_version(), "index": {"kind": info.kind, "nb": info.nb, "d": info.d,
+        return {"status": "ok", "version": our_version(), "index": {"kind": info.kind, "nb": info.nb, "d": info.d,
                 "fingerprint": info.fingerprint}, "images": self.detector is not None,
                 "images_problem": self.images_problem,
                 "searches": {"requests": self.batcher.requests, "batches": self.batcher.batches,
@@ -262,7 +262,7 @@ def create_app(
     override = {"max_bytes": max_bytes, "max_k": max_k}
     limits = ServiceLimits(**{**limits.to_dict(), **{k: v for k, v in override.items() if v is not None}})
     svc = _Service(engine, limits, cost or calibrate(engine), detector_pad)
-    app = FastAPI(title="facesearch", version=package_version(),
+    app = FastAPI(title="facesearch", version=our_version(),
                   description="Rank-k face identification with attribute filters.")  # fmt: skip
     app.state.batcher, app.state.service = svc.batcher, svc
     open_paths = ("/health", *(DOC_PATHS if public_docs else ()))

@@ -3,7 +3,9 @@
 :func:`plan_inputs` (the input list: :mod:`facesearch.indexer.inputs`) and :func:`plan_shards` are pure and
 deterministic;
 :func:`embed_partition` turns one shard's items into a shard table with an :class:`model.Embedder` and (optionally) a
-YuNet detector built by the caller, once per worker.  Every failure is a row (null embedding, ``status`` reason,
+YuNet detector built by the caller, once per worker: each image through the one face path
+(:func:`facesearch.model.faces.prepare.prepare_image`), each batch through the one embedding loop
+(:func:`facesearch.model.inference.iter_embeddings`).  Every failure is a row (null embedding, ``status`` reason,
 ``error`` message): nothing is dropped.  An ``ok`` row whose JPEG was decoded past damaged data keeps its embedding
 and carries the decoder's warning in ``error``.
 
@@ -20,17 +22,13 @@ detected faces is not known).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pyarrow as pa
 
@@ -38,9 +36,10 @@ from facesearch.indexer.inputs import CELEBA_IMAGES, INPUT_FORMATS, InputItem, l
 from facesearch.indexer.shards import DTYPES, table_from_arrays
 from facesearch.model.config import from_mapping
 from facesearch.model.device import PRECISIONS
-from facesearch.model.faces.align import KEEP_FACE, DetectOptions, FaceDetector, align_face, pose_score
-from facesearch.model.faces.images import ImageError, decode_image, read_image_bytes
-from facesearch.model.inference import Embedder
+from facesearch.model.faces.detect import KEEP_FACE, DetectOptions, FaceDetector, pose_score
+from facesearch.model.faces.prepare import Face, FaceFailure, PreparedImage, prepare_image
+from facesearch.model.inference import Embedder, iter_embeddings
+from facesearch.model.measure import stage
 
 log = logging.getLogger(__name__)
 
@@ -184,86 +183,31 @@ def plan_shards(n_items: int, shard_rows: int) -> list[range]:
     return [range(lo, min(lo + shard_rows, n_items)) for lo in range(0, n_items, shard_rows)]
 
 
-@contextmanager
-def stage(timings: dict[str, float], name: str) -> Iterator[None]:
-    """Add the wall seconds of the block to ``timings[name]``."""
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
-
-
 @dataclass
-class _Prepared:
-    """One item after read/decode/align: a crop or a failure."""
+class _Row:
+    """One output row after embedding: what the table keeps of a face (no crop: a shard's crops would otherwise all
+    stay in memory until it is written)."""
 
-    crop: np.ndarray | None = None
-    landmarks: np.ndarray | None = None
-    score: float = float("nan")
-    status: str = "ok"
-    error: str | None = None
-
-
-def _sidecar_landmarks(item: InputItem) -> np.ndarray:
-    side = item.path.with_name(item.path.name + ".json")
-    try:
-        data = json.loads(read_image_bytes(side, side.name))
-        values = data["landmarks"] if isinstance(data, dict) else data
-        return np.asarray(values, dtype=np.float32).reshape(5, 2)
-    except ImageError as e:
-        if e.reason == "missing":
-            raise ImageError(item.rel, "no_landmarks", f"sidecar {side.name} not found") from None
-        raise ImageError(item.rel, "bad_landmarks", f"sidecar {side.name} {e.detail.split(';')[0]}") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise ImageError(item.rel, "bad_landmarks", f"sidecar {side.name} has no 5 (x, y) landmarks: {e}") from None
+    landmarks: np.ndarray | None
+    score: float
+    status: str
+    error: str | None
 
 
-def _locate(item: InputItem, image: np.ndarray, detector: FaceDetector | None,
-            sidecars: bool) -> list[tuple[Any, float]]:  # fmt: skip
-    """The faces to align, best first: (landmarks, detector score) given, sidecar (score NaN) or detected (one face,
-    or with ``keep == "all"`` up to :data:`FACE_STRIDE`)."""
-    if item.landmarks is not None:
-        return [(item.landmarks, float("nan"))]
-    if sidecars:
-        return [(_sidecar_landmarks(item), float("nan"))]
-    if detector is None:
-        raise ImageError(item.rel, "no_landmarks", "no landmarks given and no detector")
-    found = detector.detect_faces(image)[:FACE_STRIDE]
-    if not found:
-        raise ImageError(item.rel, "no_face", f"no face found in the {image.shape[1]}x{image.shape[0]} image")
-    return [(d.landmarks, d.score) for d in found]
-
-
-def _align(image: np.ndarray, landmarks: Any, score: float, size: tuple[int, int], name: str) -> _Prepared:
-    """One face's crop, or its failed row (so one bad face of several leaves the others and their numbers alone)."""
-    try:
-        crop = align_face(image, landmarks, size, name=name)
-    except ImageError as e:
-        return _Prepared(score=score, status=e.reason, error=str(e))
-    return _Prepared(crop, np.asarray(landmarks, np.float32).reshape(10), score)
-
-
-def _prepare(item: InputItem, detector: FaceDetector | None, size: tuple[int, int], sidecars: bool,
-             timings: dict[str, float]) -> list[_Prepared]:  # fmt: skip
-    """One entry per output row of ``item``: its aligned faces (best first), or one failure.  A JPEG decoded past
+def _rows(image: PreparedImage) -> list[_Row]:
+    """The output rows of one prepared image: one per face, best first, or its one failure.  A JPEG decoded past
     damaged data keeps its rows, with the decoder's warning in ``error`` (see :func:`_with_warnings`)."""
-    warnings: list[str] = []
-    try:
-        with stage(timings, "read"):
-            data = read_image_bytes(item.path, item.rel)  # never blocks: a FIFO is not_a_file
-        with stage(timings, "decode"):
-            image = decode_image(data, item.rel, warnings=warnings)
-        with stage(timings, "align"):
-            faces = [_align(image, lm, score, size, item.rel) for lm, score in _locate(item, image, detector, sidecars)]
-    except ImageError as e:
-        faces = [_Prepared(status=e.reason, error=str(e))]
-    except (OSError, cv2.error) as e:  # one bad file never stops a shard
-        faces = [_Prepared(status="corrupt", error=f"{item.rel}: {e}")]
-    return _with_warnings(faces, item.rel, warnings)
+    rows = []
+    for face in image.faces:
+        score = float("nan") if face.score is None else face.score
+        if isinstance(face, FaceFailure):
+            rows.append(_Row(None, score, face.reason, face.message))
+        else:
+            rows.append(_Row(face.landmarks.reshape(10), score, "ok", None))
+    return _with_warnings(rows, image.name, list(image.warnings))
 
 
-def _with_warnings(faces: list[_Prepared], rel: str, warnings: list[str]) -> list[_Prepared]:
+def _with_warnings(faces: list[_Row], rel: str, warnings: list[str]) -> list[_Row]:
     """Note the decoder's warnings in every row of the image: an ``ok`` row keeps its embedding (libjpeg decodes
     damaged data with the blocks after the damage wrong, and buggy encoders' harmless extra bytes warn alike; the
     MegaFace lists count such images too), and its ``error`` says what the decoder saw."""
@@ -292,10 +236,9 @@ def embed_partition(
     read, decoded and aligned in a background thread while the previous batch is inferred.  ``timings`` receives
     per-stage seconds (``read``, ``decode``, ``align``, ``infer``; the prefetch stages overlap ``infer``)."""
     timings = {} if timings is None else timings
-    d, m = embedder.embedding_dim, len(embedder.attributes)
     embs: list[np.ndarray] = []
     attrs: list[np.ndarray] = []
-    prepared: list[list[_Prepared]] = []
+    rows: list[list[_Row]] = []
     chunks = [items[lo : lo + cfg.batch_size] for lo in range(0, len(items), cfg.batch_size)]
 
     # Decoding and alignment release the GIL, so with landmarks given they run on ``threads_per_worker`` threads
@@ -303,10 +246,13 @@ def embed_partition(
     # not thread-safe, so detection stays on one thread.  Order is kept, so the rows do not depend on the threads.
     decode_threads = 1 if detector is not None else max(1, cfg.threads_per_worker)
 
-    def prepare_one(args: tuple[InputItem, dict[str, float]]) -> list[_Prepared]:
-        return _prepare(args[0], detector, embedder.input_size, cfg.sidecars, args[1])
+    def prepare_one(args: tuple[InputItem, dict[str, float]]) -> PreparedImage:
+        item, local = args
+        return prepare_image(item.path, item.landmarks, detector, size=embedder.input_size, name=item.rel,
+                             sidecar=cfg.sidecars, max_faces=FACE_STRIDE, jpeg_warnings=True,
+                             timings=local)  # fmt: skip
 
-    def prepare(chunk: Sequence[InputItem]) -> list[list[_Prepared]]:
+    def prepare(chunk: Sequence[InputItem]) -> list[PreparedImage]:
         local: list[dict[str, float]] = [{} for _ in chunk]  # per item: no two threads add to one counter
         out = list(decode_pool.map(prepare_one, zip(chunk, local, strict=True)))
         for t in local:
@@ -314,41 +260,33 @@ def embed_partition(
                 timings[k] = timings.get(k, 0.0) + v
         return out
 
+    def prepared_faces() -> Iterator[list[Face]]:
+        """Each chunk's faces, the next chunk read, decoded and aligned in the background meanwhile."""
+        future = pool.submit(prepare, chunks[0]) if chunks else None
+        for i in range(len(chunks)):
+            assert future is not None, "a chunk is always in flight"
+            images = future.result()
+            future = pool.submit(prepare, chunks[i + 1]) if i + 1 < len(chunks) else None
+            rows.extend(_rows(image) for image in images)
+            yield [face for image in images for face in image.faces]
+
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-prefetch") as pool,
         ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="embed-decode") as decode_pool,
     ):
-        future = pool.submit(prepare, chunks[0]) if chunks else None
-        for i in range(len(chunks)):
-            assert future is not None, "a chunk is always in flight"
-            batch = future.result()
-            future = pool.submit(prepare, chunks[i + 1]) if i + 1 < len(chunks) else None
-            rows = [p for faces in batch for p in faces]
-            e, a = _infer(rows, embedder, d, m, timings)
-            embs.append(e)
-            attrs.append(a)
-            for p in rows:
-                p.crop = None  # embedded: a shard's crops would otherwise all stay in memory until it is written
-            prepared += batch
+        for out in iter_embeddings(embedder, prepared_faces(), crop=lambda face: face.crop):
+            embs.append(out.embeddings)
+            attrs.append(out.probabilities)
+            if out.ok.any():
+                timings["infer"] = timings.get("infer", 0.0) + out.seconds
     columns = optional_columns(cfg.keep_face) if columns is None else tuple(columns)
-    return _to_table(items, prepared, embs, attrs, embedder, cfg, columns)
+    return _to_table(items, rows, embs, attrs, embedder, cfg, columns)
 
 
-def _infer(rows: list[_Prepared], embedder: Embedder, d: int, m: int,
-           timings: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """Embeddings (len(rows), d) and attribute probabilities (len(rows), m) of ``rows``; failed rows 0 / NaN."""
-    emb, attrs = np.zeros((len(rows), d), np.float32), np.full((len(rows), m), np.nan, np.float32)
-    ok = [j for j, p in enumerate(rows) if p.crop is not None]
-    if ok:
-        crops = np.stack([rows[j].crop for j in ok])  # type: ignore[misc]
-        with stage(timings, "infer"):
-            emb[ok], attrs[ok] = embedder.embed_crops(crops)
-    return emb, attrs
-
-
-def _to_table(items: Sequence[InputItem], prepared: list[list[_Prepared]], embs: list[np.ndarray],
+def _to_table(items: Sequence[InputItem], prepared: list[list[_Row]], embs: list[np.ndarray],
               attrs: list[np.ndarray], embedder: Embedder, cfg: EmbedConfig,
               columns: tuple[str, ...]) -> pa.Table:  # fmt: skip
+    """The shard table; failed rows' embeddings (NaN here) are stored as nulls."""
     d, m = embedder.embedding_dim, len(embedder.attributes)
     owners = [(it, face) for it, faces in zip(items, prepared, strict=True) for face in range(len(faces))]
     rows = [p for faces in prepared for p in faces]

@@ -2,12 +2,20 @@
 
 :class:`Embedder` is what the indexer builds once per worker from a checkpoint path.  Embeddings are L2-normalised
 here (the one place), always float32, and a crop whose feature is all zero embeds to zero, never NaN.
+
+:func:`iter_embeddings` is the one "embed these images" loop: batches of items in, per batch their embeddings and
+attribute probabilities out, items without a crop (a file that failed :func:`facesearch.model.faces.prepare
+.prepare_image`) as NaN rows.  The dataset pass (:func:`embed_dataset`: training-time evaluation, attribute labelling
+and benchmarks), the indexer's shards, the search engine's image queries and the LFW benchmark all run through it.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -16,8 +24,10 @@ import torch.nn.functional as F
 from facesearch.model.checkpoint import load_checkpoint, model_fingerprint
 from facesearch.model.config import ModelConfig
 from facesearch.model.device import autocast, autocast_dtype, resolve_device
-from facesearch.model.faces.datasets import FaceDataset, SkipReport, collate_faces
+from facesearch.model.faces.datasets import FaceDataset, FaceItem, Failure, SkipReport
 from facesearch.model.network import FaceNet, to_input
+
+T = TypeVar("T")
 
 
 def load_model(
@@ -116,24 +126,63 @@ class Embedder:
         return {name: probabilities[:, i] for i, name in enumerate(self.attributes)}
 
 
+@dataclass(frozen=True)
+class EmbeddedBatch(Generic[T]):
+    """One batch of :func:`iter_embeddings`: its ``items``; ``embeddings`` (B, D) float32 L2-normalised and attribute
+    ``probabilities`` (B, M) float32 in the embedder's attribute order, NaN rows for the items without a crop;
+    ``ok`` (B,) bool, the items with one; ``seconds``, the model's wall time on the batch."""
+
+    items: Sequence[T]
+    embeddings: np.ndarray
+    probabilities: np.ndarray
+    ok: np.ndarray
+    seconds: float
+
+
+def iter_embeddings(
+    embedder: Embedder, batches: Iterable[Sequence[T]], crop: Callable[[T], np.ndarray | None]
+) -> Iterator[EmbeddedBatch[T]]:
+    """Embed a stream of batches: for every batch, ``crop(item)`` gives each item's aligned (h, w, 3) uint8 RGB crop
+    at ``embedder.input_size`` or ``None`` (no crop: the row is NaN), and the batch's crops go through
+    :meth:`Embedder.embed_crops` together (forward passes of at most ``embedder.batch_size``).
+
+    The caller fixes the batches, so rows never depend on scheduling.  Batches are pulled one at a time: memory stays
+    bounded by one batch, and a producer (a DataLoader, a prefetching thread) prepares the next while this one runs
+    on the model.  Yields one :class:`EmbeddedBatch` per batch, in order."""
+    d, m = embedder.embedding_dim, len(embedder.attributes)
+    for items in batches:
+        crops = [crop(item) for item in items]
+        ok = np.array([c is not None for c in crops], dtype=bool)
+        emb = np.full((len(items), d), np.nan, dtype=np.float32)
+        probs = np.full((len(items), m), np.nan, dtype=np.float32)
+        t0 = time.perf_counter()
+        if ok.any():
+            emb[ok], probs[ok] = embedder.embed_crops(np.stack([c for c in crops if c is not None]))
+        yield EmbeddedBatch(items, emb, probs, ok, time.perf_counter() - t0)
+
+
+def _item_crop(item: FaceItem | Failure) -> np.ndarray | None:
+    return item.image if isinstance(item, FaceItem) else None
+
+
 def embed_dataset(
     embedder: Embedder, dataset: FaceDataset, batch_size: int = 128, num_workers: int = 0
 ) -> tuple[np.ndarray, np.ndarray, SkipReport]:
-    """One pass over ``dataset``: embeddings (N, D) float32 (L2-normalised) and attribute probabilities (N, M)
-    float32 in ``embedder``'s attribute order.  Rows of files that could not be read or aligned are NaN and are
-    listed in the returned report."""
+    """One pass over ``dataset`` (read and aligned by ``num_workers`` DataLoader workers, ``batch_size`` items a
+    batch): embeddings (N, D) float32 (L2-normalised) and attribute probabilities (N, M) float32 in ``embedder``'s
+    attribute order.  Rows of files that could not be read or aligned are NaN and are listed in the returned
+    report."""
     emb = np.full((len(dataset), embedder.embedding_dim), np.nan, dtype=np.float32)
     probs = np.full((len(dataset), len(embedder.attributes)), np.nan, dtype=np.float32)
     skips = SkipReport(total=len(dataset))
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_faces
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=list
     )
-    for batch in loader:
-        skips.add(batch.failures)
-        if len(batch.indices):
-            idx = batch.indices.numpy()
-            emb[idx], probs[idx] = embedder.embed_crops(batch.images.numpy())
+    for out in iter_embeddings(embedder, loader, crop=_item_crop):
+        skips.add(item for item in out.items if isinstance(item, Failure))
+        idx = np.array([item.index for item in out.items], dtype=np.int64)
+        emb[idx], probs[idx] = out.embeddings, out.probabilities
     return emb, probs, skips
 
 
-__all__ = ["Embedder", "embed_dataset", "load_model"]
+__all__ = ["EmbeddedBatch", "Embedder", "embed_dataset", "iter_embeddings", "load_model"]

@@ -1,22 +1,26 @@
-"""5-point similarity alignment to the 112x96 template, and :func:`prepare_face` (read, locate, align one image).
+"""5-point similarity alignment onto the 112x96 template: :func:`template`, :func:`similarity_transform`,
+:func:`align_face`.
 
 Landmark convention used everywhere in the project: a float32 (5, 2) array of pixel coordinates (x, y) in the order
 image-left eye centre, image-right eye centre, nose tip, image-left mouth corner, image-right mouth corner.  This is
 YuNet's order (its "right eye" is the subject's right, i.e. image left) and CelebA's aligned-landmark order.
 
-Detection (YuNet, :class:`DetectOptions`, :func:`pose_score`) lives in :mod:`facesearch.model.faces.detect`; its public
-names are re-exported here.
+These are the low-level pieces.  Turning an image into aligned crops (read, decode, find the landmarks, align) is
+:func:`facesearch.model.faces.prepare.prepare_image`, the one path every caller takes; its raising forms
+:func:`prepare_face` / :func:`prepare_faces` and :class:`AlignedFace` stay importable from here.  Detection (YuNet,
+:class:`DetectOptions`, :func:`pose_score`) lives in :mod:`facesearch.model.faces.detect`; its public names are
+re-exported here.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
+from facesearch.model.config import INPUT_SIZE
 from facesearch.model.faces.detect import (
     KEEP_FACE,
     YUNET_ENV,
@@ -27,12 +31,18 @@ from facesearch.model.faces.detect import (
     pose_score,
     select_faces,
 )
-from facesearch.model.faces.images import ImageError, read_image
+from facesearch.model.faces.images import ImageError
+
+if TYPE_CHECKING:  # re-exported lazily (see __getattr__): prepare imports this module
+    from facesearch.model.faces.prepare import AlignedFace, prepare_face, prepare_faces
 
 log = logging.getLogger(__name__)
 
 LANDMARK_NAMES: tuple[str, ...] = ("left_eye", "right_eye", "nose", "left_mouth", "right_mouth")
 
+#: The (height, width) frame of :data:`REFERENCE_112x96`; the default crop size is the model's
+#: :data:`facesearch.model.config.INPUT_SIZE`.
+REFERENCE_SIZE: tuple[int, int] = (112, 96)
 #: SphereFace/CosFace 5-point template for 112x96 (height x width) crops, (x, y) pixels, image-left first.
 REFERENCE_112x96: np.ndarray = np.array(
     [[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366], [33.5493, 92.3655], [62.7299, 92.2041]],
@@ -47,7 +57,7 @@ EYE_WEIGHTS: np.ndarray = np.array([1.0, 1.0, 0.1, 0.1, 0.1])
 EYE_WEIGHTS.setflags(write=False)
 
 
-def template(size: tuple[int, int] = (112, 96)) -> np.ndarray:
+def template(size: tuple[int, int] = INPUT_SIZE) -> np.ndarray:
     """The 5-point template for an aligned crop of ``size`` = (height, width): (5, 2) float32 (x, y).
 
     The 112x96 reference is scaled uniformly by ``min(h / 112, w / 96)`` and centred, so (56, 48) halves it and
@@ -56,8 +66,9 @@ def template(size: tuple[int, int] = (112, 96)) -> np.ndarray:
     h, w = int(size[0]), int(size[1])
     if h < 1 or w < 1:
         raise ValueError(f"size must be (height, width) with positive values, got {size}")
-    s = min(h / 112.0, w / 96.0)
-    offset = np.array([(w - 96.0 * s) / 2.0, (h - 112.0 * s) / 2.0])
+    ref_h, ref_w = REFERENCE_SIZE
+    s = min(h / ref_h, w / ref_w)
+    offset = np.array([(w - ref_w * s) / 2.0, (h - ref_h * s) / 2.0])
     return (REFERENCE_112x96.astype(np.float64) * s + offset).astype(np.float32)
 
 
@@ -94,8 +105,9 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray, weights: np.ndarray |
     return m
 
 
-def _check_landmarks(landmarks: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
-    """Validate landmarks against an image of ``shape``; returns them as (5, 2) float32."""
+def check_landmarks(landmarks: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """Validate landmarks against an image of ``shape`` ((H, W, ...)); returns them as (5, 2) float32.  Raises
+    :class:`ImageError` ``bad_landmarks`` for a wrong shape, non-finite, degenerate or far-away landmarks."""
     pts = np.asarray(landmarks, dtype=np.float64)
     if pts.size != 10:
         raise ImageError(name, "bad_landmarks", f"landmarks must be 5 (x, y) points, got shape {pts.shape}")
@@ -113,7 +125,7 @@ def _check_landmarks(landmarks: np.ndarray, shape: tuple[int, ...], name: str) -
 def align_face(
     image: np.ndarray,
     landmarks: np.ndarray,
-    size: tuple[int, int] = (112, 96),
+    size: tuple[int, int] = INPUT_SIZE,
     weights: np.ndarray | None = EYE_WEIGHTS,
     name: str = "<array>",
 ) -> np.ndarray:
@@ -128,80 +140,29 @@ def align_face(
     Raises :class:`ImageError` ``bad_landmarks`` for a wrong shape, non-finite, degenerate or far-away landmarks.
     """
     image = _as_rgb(image, name)
-    pts = _check_landmarks(landmarks, image.shape, name)
+    pts = check_landmarks(landmarks, image.shape, name)
     m = similarity_transform(pts, template(size), weights)
     h, w = int(size[0]), int(size[1])
     return cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
-@dataclass(frozen=True)
-class AlignedFace:
-    """An aligned crop (h, w, 3) uint8 RGB, the (5, 2) float32 landmarks used, the detector score and box (4,) x, y,
-    w, h if detected."""
-
-    crop: np.ndarray
-    landmarks: np.ndarray
-    score: float | None = None
-    box: np.ndarray | None = None
-
-    @property
-    def pose(self) -> float:
-        """:func:`pose_score` of the landmarks (1 frontal, 0 profile)."""
-        return float(pose_score(self.landmarks))
+_PREPARE_NAMES = ("AlignedFace", "prepare_face", "prepare_faces")
 
 
-def _prepare(source: Path | np.ndarray, landmarks: np.ndarray | None, detector: FaceDetector | None,
-             size: tuple[int, int], weights: np.ndarray | None, every: bool) -> list[AlignedFace]:  # fmt: skip
-    if isinstance(source, np.ndarray):
-        name, image = "<array>", _as_rgb(source, "<array>")
-    else:
-        name, image = str(source), read_image(source)
-    if landmarks is not None:
-        pts = _check_landmarks(landmarks, image.shape, name)
-        return [AlignedFace(crop=align_face(image, pts, size, weights, name), landmarks=pts)]
-    if detector is None:
-        raise ImageError(name, "no_landmarks", "no landmarks given and no detector to find them; pass either")
-    found = detector.detect_faces(image) if every else [d for d in [detector.detect(image)] if d is not None]
-    if not found:
-        raise ImageError(name, "no_face", f"no face found in the {image.shape[1]}x{image.shape[0]} image")
-    pts_list = [_check_landmarks(det.landmarks, image.shape, name) for det in found]
-    return [AlignedFace(align_face(image, pts, size, weights, name), pts, det.score, det.box)
-            for det, pts in zip(found, pts_list, strict=True)]  # fmt: skip
+def __getattr__(name: str) -> Any:
+    """The prepare step's names, importable from here as they were before it had its own module."""
+    if name in _PREPARE_NAMES:
+        from facesearch.model.faces import prepare
 
-
-def prepare_face(
-    source: Path | np.ndarray,
-    landmarks: np.ndarray | None = None,
-    detector: FaceDetector | None = None,
-    size: tuple[int, int] = (112, 96),
-    weights: np.ndarray | None = EYE_WEIGHTS,
-) -> AlignedFace:
-    """Read (if a path), locate and align one face.
-
-    With ``landmarks`` ((5, 2) x, y) they are used as given; otherwise ``detector`` finds the face its
-    ``options.keep`` selects (by default the largest; for ``all`` too).  Raises :class:`ImageError`: any read error,
-    ``no_landmarks`` (neither landmarks nor a detector), ``no_face``, ``bad_landmarks``.
-    """
-    return _prepare(source, landmarks, detector, size, weights, every=False)[0]
-
-
-def prepare_faces(
-    source: Path | np.ndarray,
-    detector: FaceDetector | None = None,
-    *,
-    landmarks: np.ndarray | None = None,
-    size: tuple[int, int] = (112, 96),
-    weights: np.ndarray | None = EYE_WEIGHTS,
-) -> list[AlignedFace]:
-    """Like :func:`prepare_face`, but every face ``detector.options.keep`` keeps (several for ``all``, largest
-    first); with ``landmarks`` the one face they mark.  Never empty: no face is an :class:`ImageError` ``no_face``."""
-    return _prepare(source, landmarks, detector, size, weights, every=True)
+        return getattr(prepare, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
     "EYE_WEIGHTS",
     "KEEP_FACE",
     "LANDMARK_NAMES",
+    "REFERENCE_SIZE",
     "YUNET_ENV",
     "AlignedFace",
     "DetectOptions",
@@ -209,6 +170,7 @@ __all__ = [
     "FaceDetector",
     "REFERENCE_112x96",
     "align_face",
+    "check_landmarks",
     "pose_score",
     "prepare_face",
     "prepare_faces",

@@ -19,15 +19,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeAlias
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from facesearch.model.config import ATTRIBUTES
-from facesearch.model.faces.align import FaceDetector, prepare_face
+from facesearch.model.config import ATTRIBUTES, INPUT_SIZE
 from facesearch.model.faces.celeba import read_celeba, read_identity_file
+from facesearch.model.faces.detect import FaceDetector
 from facesearch.model.faces.images import ImageError
+from facesearch.model.faces.prepare import FaceFailure, prepare_image
 from facesearch.model.faces.samples import (
     IMAGE_SUFFIXES,
     LANDMARK_COLUMNS,
@@ -107,8 +107,9 @@ class Failure:
 class FaceDataset(Dataset["FaceItem | Failure"]):
     """Aligned face crops from ``samples``; ``__getitem__`` returns a ``FaceItem`` or, for a bad file, a ``Failure``.
 
-    Samples with landmarks are aligned directly; the others are detected with a detector built lazily, once per
-    process (DataLoader workers), by ``detector_factory`` — unless ``detections`` (keyed by ``str(sample.path)``)
+    Every sample goes through :func:`facesearch.model.faces.prepare.prepare_image` (the one face path).  Samples with
+    landmarks are aligned directly; the others are detected with a detector built lazily, once per process
+    (DataLoader workers), by ``detector_factory`` — unless ``detections`` (keyed by ``str(sample.path)``)
     already holds what detection found for the file: its (5, 2) float32 landmarks, or ``(reason, message)`` of why it
     has none (see :class:`facesearch.model.faces.detections.DetectionCache`).  ``identity_index`` maps identity names
     to class ids (default: sorted names of ``samples``; names not in it get -1).  ``cache=True`` keeps up to
@@ -118,7 +119,7 @@ class FaceDataset(Dataset["FaceItem | Failure"]):
     def __init__(
         self,
         samples: Sequence[Sample],
-        size: tuple[int, int] = (112, 96),
+        size: tuple[int, int] = INPUT_SIZE,
         identity_index: Mapping[str, int] | None = None,
         attributes: Sequence[str] = ATTRIBUTES,
         detector_factory: Callable[[], FaceDetector] | None = None,
@@ -164,13 +165,10 @@ class FaceDataset(Dataset["FaceItem | Failure"]):
             if isinstance(found, tuple):
                 return Failure(index, str(sample.path), *found)
             landmarks = found
-        try:
-            detector = None if landmarks is not None else self._get_detector()
-            return prepare_face(sample.path, landmarks, detector, self.size).crop
-        except ImageError as exc:
-            return Failure(index, str(sample.path), exc.reason, str(exc))
-        except (OSError, cv2.error) as exc:  # anything the OS or a decoder throws for one file must not stop an epoch
-            return Failure(index, str(sample.path), "corrupt", f"{sample.path}: {exc}")
+        face = prepare_image(sample.path, landmarks, self._get_detector, size=self.size, max_faces=1).faces[0]
+        if isinstance(face, FaceFailure):  # one broken file never stops an epoch
+            return Failure(index, str(sample.path), face.reason, face.message)
+        return face.crop
 
     def __getitem__(self, index: int) -> FaceItem | Failure:
         index = int(index)

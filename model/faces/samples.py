@@ -19,6 +19,8 @@ from facesearch.model.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
+#: File suffixes (lower case) of the formats :func:`facesearch.model.faces.images.decode_image` reads: JPEG, PNG,
+#: PBM/PGM/PPM/PNM, BMP, TIFF and WebP.  The one list: folder walks, probe folders and LFW image keys all use it.
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".pnm", ".bmp", ".tif", ".tiff", ".webp"}
 )

@@ -7,7 +7,8 @@ writes, under D:
 - ``celeba/img_align_celeba/000001.jpg`` (178x218, aligned) + the four CelebA list files (attribute set);
 - ``megaface/facescrub/<First_Last>/<First_Last>_<k>.png`` probes, ``megaface/megaface/<3>/<id>@N00/<n>_<j>.jpg``
   distractors, the devkit ``templatelists/`` JSON files, landmark CSVs and per-image attribute truth;
-- ``synth_manifest.json``: resolved config, package version, counts, attribute base rates, creation time.
+- ``synth_manifest.json``: resolved config, package version, counts, attribute base rates, creation time and the
+  provenance record (:func:`facesearch.model.provenance.provenance`).
 
 The four populations (CASIA, CelebA, FaceScrub probes, MegaFace distractors) are disjoint people.  Every image's
 pixels depend only on (seed, population, identity index, image index), so output is byte-identical for any worker count.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.metadata
 import json
 import logging
 import multiprocessing as mp
@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -43,6 +42,7 @@ from facesearch.model.faces.synth_identity import (
 )
 from facesearch.model.faces.synth_render import CELEBA_SIZE, encode_image, render_face
 from facesearch.model.fileio import atomic_write_bytes
+from facesearch.model.provenance import provenance
 
 log = logging.getLogger(__name__)
 
@@ -389,13 +389,10 @@ def _check_out(cfg: SynthConfig) -> None:
 
 
 def _write_manifest(cfg: SynthConfig, plans: dict[str, _Plan], extra: dict[str, Any]) -> Path:
-    try:
-        version = importlib.metadata.version("facesearch")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
+    record = provenance()
     man = {
         "kind": "facesearch.synth",
-        "version": version,
+        "version": record["facesearch"],
         "seed": cfg.seed,
         "config": cfg.to_dict(),
         "images": cfg.images,
@@ -403,7 +400,8 @@ def _write_manifest(cfg: SynthConfig, plans: dict[str, _Plan], extra: dict[str, 
         "attributes": list(ATTRIBUTES),
         "attribute_base_rates": ATTRIBUTE_BASE_RATES,
         "landmarks": "image-left eye, image-right eye, nose tip, image-left mouth corner, image-right mouth corner",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": record["created"],
+        "provenance": record,
         **extra,
     }
     path = cfg.out / MANIFEST

@@ -101,6 +101,14 @@ def test_batcher_merges_waiting_requests_with_equal_options(engine, monkeypatch)
 
     monkeypatch.setattr(engine, "search", slow_search)
     batcher = SearchBatcher(engine)
+    queued, real_submit = threading.Semaphore(0), batcher.submit
+
+    def submit(*args, **kwargs):
+        future = real_submit(*args, **kwargs)  # returns once the request is in the queue
+        queued.release()
+        return future
+
+    monkeypatch.setattr(batcher, "submit", submit)
     xq = engine.vectors(list(range(12)))
     with ThreadPoolExecutor(12) as pool:
         first = pool.submit(batcher.search, xq[:1], 3)
@@ -108,8 +116,8 @@ def test_batcher_merges_waiting_requests_with_equal_options(engine, monkeypatch)
         same = [pool.submit(batcher.search, xq[i], 3) for i in range(1, 9)]
         other = [pool.submit(batcher.search, xq[i], 3, "Male") for i in range(9, 11)]
         bad = pool.submit(batcher.search, xq[11], 3, "Nosuch > 1")
-        while batcher._queue.qsize() < 11:  # wait until every request is queued
-            threading.Event().wait(0.01)
+        for n in range(1, 13):  # every request queued (the first is already running)
+            assert queued.acquire(timeout=10), f"only {n - 1} of 12 requests reached the queue in 10 s"
         gate.set()
         answers = [first.result(), *(f.result() for f in same), *(f.result() for f in other)]
         with pytest.raises(ValueError, match="Nosuch"):
