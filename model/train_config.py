@@ -231,4 +231,73 @@ def resume_mismatch(saved: Mapping[str, Any], current: TrainConfig) -> list[str]
     return sorted(k for k in set(now) | set(saved) if k not in RESUME_FREE_FIELDS and saved.get(k) != now.get(k))
 
 
-__all__ = ["PAPER_STAGES", "RESUME_FREE_FIELDS", "StageConfig", "TrainConfig", "rescale_stage", "resume_mismatch"]
+class MissingDataError(ValueError):
+    """No training ``data`` in any source of :func:`resolve_train_config`: not among the options, not in the config
+    file, not in the resumed run's ``train_config.json``."""
+
+
+#: The keys of :func:`resolve_train_config`'s options that rescale the schedule instead of naming a field.
+STAGE_OPTIONS = ("stage1_iterations", "stage2_iterations", "lr", "finetune_lr")
+
+
+def resolve_train_config(options: Mapping[str, Any], config_file: str | os.PathLike[str] | None = None) -> TrainConfig:
+    """A run's :class:`TrainConfig` from its settings, later sources winning: the field defaults; the run's own
+    ``train_config.json`` in ``options["out"]`` (only with ``options["resume"]``, and without its ``stop_at``: a stop
+    point belongs to the invocation that set it); the JSON object in ``config_file``; every option that is not None.
+
+    ``options`` holds TrainConfig fields and the :data:`STAGE_OPTIONS`, which rescale the schedule last:
+    ``stage1_iterations`` / ``stage2_iterations`` set a stage's length (milestones scale along, see
+    :func:`rescale_stage`) and ``lr`` / ``finetune_lr`` its base learning rate.  ``identities`` without a
+    ``data_format`` means ``flat`` (a plain folder named by an identity file).  So a run resumes from its directory
+    alone, and a config file is a base the options adjust.
+
+    Raises :class:`MissingDataError` when no source gives ``data``; ``ValueError`` for a JSON file that cannot be read
+    or holds no object, an unknown key (listing the valid ones), a stage the schedule lacks or an invalid value."""
+    merged: dict[str, Any] = {}
+    out = options.get("out")
+    if options.get("resume") and out is not None and (Path(out) / "train_config.json").is_file():
+        merged.update(_read_config_json(Path(out) / "train_config.json", "run config"))
+        merged.pop("stop_at", None)
+    if config_file is not None:
+        merged.update(_read_config_json(Path(config_file), "config"))
+    merged.update({k: v for k, v in options.items() if v is not None and k not in STAGE_OPTIONS})
+    if "data" not in merged:
+        raise MissingDataError("no training data: give data, or resume a run whose train_config.json has it")
+    if merged.get("identities") is not None and "data_format" not in merged:
+        merged["data_format"] = "flat"
+    cfg = TrainConfig.from_dict(merged)
+    stages = list(cfg.stages)
+    for i, (n, lr) in enumerate(((options.get("stage1_iterations"), options.get("lr")),
+                                 (options.get("stage2_iterations"), options.get("finetune_lr")))):  # fmt: skip
+        if n is None and lr is None:
+            continue
+        if i >= len(stages):
+            raise ValueError(f"the schedule has {len(stages)} stage(s); cannot set stage {i + 1}")
+        stages[i] = rescale_stage(stages[i], n, lr)
+    return cfg.replace(stages=tuple(stages))
+
+
+def _read_config_json(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object of TrainConfig fields in ``path``; ``what`` names the file in errors."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path}: {e.strerror}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path} must hold a JSON object of TrainConfig fields")
+    return data
+
+
+__all__ = [
+    "PAPER_STAGES",
+    "RESUME_FREE_FIELDS",
+    "STAGE_OPTIONS",
+    "MissingDataError",
+    "StageConfig",
+    "TrainConfig",
+    "rescale_stage",
+    "resolve_train_config",
+    "resume_mismatch",
+]

@@ -1,8 +1,14 @@
-"""The root click group and the helpers every command module shares."""
+"""The root click group, the lazy group it is made of, and the helpers every command module shares.
+
+Light on purpose: ``facesearch --help`` imports this module and no command module (see :class:`LazyGroup`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
+import inspect
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -12,9 +18,132 @@ import click
 from tqdm import tqdm
 
 F = TypeVar("F", bound=Callable[..., Any])
+_NoSuchCommand: Any = getattr(click.exceptions, "NoSuchCommand", None)  # click >= 8.4: "No such command", with hints
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@dataclasses.dataclass(frozen=True)
+class LazyCommand:
+    """A subcommand that a :class:`LazyGroup` imports only when it is used.
+
+    ``target``: ``"package.module:attribute"``, the click command.  ``summary``: its short help, the first sentence of
+    its docstring (what click's listing shows, shortened to the screen), so that listing the group imports nothing;
+    tests/test_layers.py checks every summary against the loaded command's own."""
+
+    target: str
+    summary: str
+
+    def load(self) -> click.Command:
+        module, _, attribute = self.target.partition(":")
+        command = getattr(importlib.import_module(module), attribute)
+        assert isinstance(command, click.Command), f"{self.target} is not a click command"
+        return command
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use: click's documented ``LazyGroup`` pattern, plus a
+    listing from each command's :class:`LazyCommand` summary.
+
+    ``lazy_subcommands`` maps a command name to its :class:`LazyCommand`.  ``list_commands`` names them with any
+    command added the ordinary way; ``get_command`` imports one module only; ``--help`` shows the summaries without
+    importing anything, so ``facesearch --help`` never pays for torch, FAISS, Arrow or Dask."""
+
+    def __init__(self, *args: Any, lazy_subcommands: Mapping[str, LazyCommand] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy_subcommands = dict(lazy_subcommands or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_subcommands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        lazy = self.lazy_subcommands.get(cmd_name)
+        return lazy.load() if lazy is not None else super().get_command(ctx, cmd_name)
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as e:  # click suggests close names from self.commands: the loaded commands only
+            if _NoSuchCommand is None or not isinstance(e, _NoSuchCommand):
+                raise
+            raise _NoSuchCommand(e.command_name, possibilities=self.list_commands(ctx), ctx=ctx) from None
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """click's own listing, with a stand-in made of its summary for each lazy command (nothing is imported)."""
+        listed = []
+        for name in self.list_commands(ctx):
+            lazy = self.lazy_subcommands.get(name)
+            command = click.Command(name, help=lazy.summary) if lazy is not None else self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                listed.append((name, command))
+        if listed:
+            limit = formatter.width - 6 - max(len(name) for name, _ in listed)
+            with formatter.section("Commands"):
+                formatter.write_dl([(name, command.get_short_help_str(limit)) for name, command in listed])
+
+
+def default_of(owner: Any, name: str) -> Any:
+    """The default of field ``name`` of the dataclass ``owner``, or of parameter ``name`` of the function ``owner``:
+    an option takes its default from the library, which stays its one source (shown by ``show_default``)."""
+    if isinstance(owner, type) and dataclasses.is_dataclass(owner):
+        fields = {f.name: f for f in dataclasses.fields(owner)}
+        if name not in fields:
+            raise ValueError(f"{owner.__name__} has no field {name!r}; its fields: {list(fields)}")
+        field = fields[name]
+        if field.default_factory is not dataclasses.MISSING:
+            return field.default_factory()
+        default = field.default
+    else:
+        parameters = inspect.signature(owner).parameters
+        if name not in parameters:
+            raise ValueError(f"{owner.__qualname__} has no parameter {name!r}; its parameters: {list(parameters)}")
+        default = parameters[name].default
+    if default is dataclasses.MISSING or default is inspect.Parameter.empty:
+        raise ValueError(f"{getattr(owner, '__qualname__', owner)}: {name!r} has no default")
+    return default
+
+
+def config_option(config: Any, *param_decls: str, field: str | None = None, **attrs: Any) -> Callable[[F], F]:
+    """``click.option(*param_decls, **attrs)`` defaulting to the default of a field of ``config`` (a dataclass, or a
+    function's parameter; see :func:`default_of`), shown in ``--help``.  The field is ``field``, else the option's
+    parameter name: a declared one (``"--set", "set_number"``), else the long flag with dashes as underscores."""
+    if field is None:
+        field = next((d for d in param_decls if d.isidentifier()), None)
+    if field is None:
+        field = max((d for d in param_decls if d.startswith("--")), key=len).removeprefix("--").replace("-", "_")
+    attrs.setdefault("show_default", True)
+    return click.option(*param_decls, default=default_of(config, field), **attrs)
+
+
+#: Every ``facesearch`` command, imported when it runs (``facesearch --help`` imports none of them).
+COMMANDS = {
+    "attributes": LazyCommand("facesearch.cli.attributes:attributes_group", "Attribute labels for identity datasets: "
+                              "a MOON-trained classifier + per-identity majority vote."),
+    "bench": LazyCommand("facesearch.cli.bench:bench", "MegaFace-style identification/verification, LFW verification, "
+                         "attribute accuracy, and result plots."),
+    "demo": LazyCommand("facesearch.cli.demo:demo_command", "Synthesise faces, label attributes, train the multi-task "
+                        "network, evaluate, and write a report."),
+    "embed": LazyCommand("facesearch.cli.embed:embed_command", "Embed face images into Parquet shards on Dask "
+                         "(resumable; failures become rows with a reason)."),
+    "index": LazyCommand("facesearch.cli.index:index", "FAISS index directories built from embedding shards: "
+                         "index.faiss, attributes.parquet, index_info.json (in a generation directory that the file "
+                         "CURRENT names; every update switches it at once)."),
+    "search": LazyCommand("facesearch.cli.search:search_command", "Rank-k identification of probe faces (images, "
+                          "embeddings or gallery ids) against an index."),
+    "serve": LazyCommand("facesearch.cli.serve:serve_command", "Serve rank-k identification over HTTP: /health, POST "
+                         "/search/embedding, POST /search/image, /docs."),
+    "synth": LazyCommand("facesearch.cli.synth:synth", "Procedurally rendered synthetic faces in the CASIA, CelebA and "
+                         "MegaFace/FaceScrub on-disk layouts."),
+    "train": LazyCommand("facesearch.cli.train:train_command", "Train the multi-task network (paper §4.4 two-stage "
+                         "schedule by default) and write a checkpoint."),
+}  # fmt: skip
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy_subcommands=COMMANDS,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
 @click.version_option(package_name="facesearch")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import click
 
-from facesearch.cli._app import DEVICE_OPTION, StepBar, main, parse_size, user_errors
+from facesearch.cli._app import DEVICE_OPTION, StepBar, config_option, default_of, parse_size, user_errors
 from facesearch.model.attributes import AttributeTrainConfig, LabelConfig, label_identities, train_attribute_classifier
 from facesearch.model.config import ARCHS
 from facesearch.model.device import PRECISIONS
 from facesearch.model.trainer_data import DATA_FORMATS
 
+_train_option = functools.partial(config_option, AttributeTrainConfig)
+_label_option = functools.partial(config_option, LabelConfig)
 
-@main.group("attributes")
+
+@click.group("attributes")
 def attributes_group() -> None:
     """Attribute labels for identity datasets: a MOON-trained classifier + per-identity majority vote."""
 
@@ -22,31 +26,31 @@ def attributes_group() -> None:
 @click.option(
     "--data", type=click.Path(path_type=Path), required=True, help="CelebA-format root (list_attr_celeba.txt)."
 )
-@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/attributes"), show_default=True,
-              help="Run directory of the classifier.")  # fmt: skip
-@click.option("--arch", type=click.Choice(ARCHS), default="fast", show_default=True, help="Building block.")
-@click.option("--width", type=float, default=1.0, show_default=True, help="Filter-count multiplier.")
-@click.option("--input-size", default="112x96", show_default=True, help="Aligned crop HEIGHTxWIDTH.")
-@click.option("--iterations", type=int, default=20_000, show_default=True, help="Training steps (lr x0.1 at 50/75 %).")
-@click.option("--lr", type=float, default=0.01, show_default=True, help="Base learning rate.")
+@_train_option("--out", type=click.Path(path_type=Path), help="Run directory of the classifier.")
+@_train_option("--arch", type=click.Choice(ARCHS), help="Building block.")
+@_train_option("--width", type=float, help="Filter-count multiplier.")
+@click.option("--input-size", default="{}x{}".format(*default_of(AttributeTrainConfig, "input_size")),
+              show_default=True, help="Aligned crop HEIGHTxWIDTH.")  # fmt: skip
+@_train_option("--iterations", type=int, help="Training steps (lr x0.1 at 50/75 %).")
+@_train_option("--lr", type=float, help="Base learning rate.")
 @click.option("--batch-size", type=int, default=None, help="Images per step [default: 40 full, 48 fast/variant].")
-@click.option("--moon-target", type=float, default=0.5, show_default=True,
-              help="MOON target positive rate per attribute (0.5 = balanced).")  # fmt: skip
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="fp32/bf16/auto.")
+@_train_option("--moon-target", type=float, help="MOON target positive rate per attribute (0.5 = balanced).")
+@_train_option("--precision", type=click.Choice(PRECISIONS), help="fp32/bf16/auto.")
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes [default: min(2, CPUs)].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed.")
+@_train_option("--seed", type=int, help="Seed.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out.")
 @click.option("--detections", type=click.Path(path_type=Path), default=None,
               help="Face detection cache to use and extend [default: OUT/detections.jsonl].")  # fmt: skip
-@click.option("--min-readable", type=float, default=0.9, show_default=True,
-              help="Stop unless this fraction of the listed images is readable.")  # fmt: skip
-@click.option("--max-skipped-steps", type=float, default=0.1, show_default=True,
-              help="Stop when more than this fraction of the steps is skipped (< 2 readable images).")  # fmt: skip
+@_train_option("--min-readable", type=float, help="Stop unless this fraction of the listed images is readable.")
+@_train_option("--max-skipped-steps", type=float,
+               help="Stop when more than this fraction of the steps is skipped (< 2 readable images).")  # fmt: skip
 @DEVICE_OPTION
 @user_errors
 def train_command(input_size: str, workers: int | None, **opts: object) -> None:
     """Train the attribute classifier on CelebA-format data with MOON's re-balanced loss."""
-    cfg = AttributeTrainConfig(input_size=parse_size(input_size) or (112, 96), num_workers=workers, **opts)  # type: ignore[arg-type]
+    size = parse_size(input_size)
+    assert size is not None, "--input-size has a default"
+    cfg = AttributeTrainConfig(input_size=size, num_workers=workers, **opts)  # type: ignore[arg-type]
     bar = StepBar(cfg.iterations)
     try:
         result = train_attribute_classifier(cfg, progress=bar)
@@ -72,14 +76,13 @@ def train_command(input_size: str, workers: int | None, **opts: object) -> None:
 @click.option("--identities", type=click.Path(path_type=Path), default=None,
               help="Identity file ('file identity' lines) naming the images of a flat --data folder.")  # fmt: skip
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Labels CSV to write (identity,<attr>...).")
-@click.option("--threshold", type=float, default=0.5, show_default=True, help="Per-image positive threshold.")
-@click.option("--batch-size", type=int, default=128, show_default=True, help="Images per forward pass.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="fp32/bf16/auto.")
-@click.option("--workers", "num_workers", type=int, default=0, show_default=True, help="Decode/align processes.")
+@_label_option("--threshold", type=float, help="Per-image positive threshold.")
+@_label_option("--batch-size", type=int, help="Images per forward pass.")
+@_label_option("--precision", type=click.Choice(PRECISIONS), help="fp32/bf16/auto.")
+@_label_option("--workers", "num_workers", type=int, help="Decode/align processes.")
 @click.option("--detections", type=click.Path(path_type=Path), default=None,
               help="Face detection cache to use and extend [default: OUT stem + .detections.jsonl].")  # fmt: skip
-@click.option("--min-readable", type=float, default=0.9, show_default=True,
-              help="Stop unless this fraction of the listed images is readable.")  # fmt: skip
+@_label_option("--min-readable", type=float, help="Stop unless this fraction of the listed images is readable.")
 @DEVICE_OPTION
 @user_errors
 def label_command(data_format: str | None, **opts: object) -> None:

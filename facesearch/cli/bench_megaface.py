@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,10 +11,10 @@ from typing import Any
 import click
 
 from facesearch.benchmarks import devkit, report
+from facesearch.benchmarks.devkit_export import export_bins
 from facesearch.benchmarks.megaface_data import AttributeFilter
 from facesearch.benchmarks.megaface_run import BenchConfig, embed_inputs, run_megaface
-from facesearch.cli._app import DEVICE_OPTION, finite, user_errors
-from facesearch.cli.bench import bench
+from facesearch.cli._app import DEVICE_OPTION, config_option, finite, user_errors
 from facesearch.indexer import shards
 from facesearch.model.assets import noise_list
 
@@ -22,6 +23,7 @@ _FILE = click.Path(path_type=Path, dir_okay=False, exists=True)
 
 
 _IN_DIR = click.Path(path_type=Path, file_okay=False, exists=True)
+_option = functools.partial(config_option, BenchConfig)
 
 
 def _sizes(value: str | None) -> tuple[int, ...]:
@@ -100,7 +102,7 @@ def _check_inputs(cfg: BenchConfig) -> None:
                              f"list of set {cfg.set_number} (a devkit distractor root needs them)")  # fmt: skip
 
 
-@bench.command("megaface")
+@click.command("megaface")
 @click.option("--out", type=_DIR, required=True, help="Result folder (JSON, devkit JSON, report, plots).")
 @click.option("--probes", type=_IN_DIR, help="Probe features: a shard directory (facesearch embed / synth features).")
 @click.option("--probe-root", type=_IN_DIR, help="Probe features: a devkit .bin tree (with --probe-list).")
@@ -110,8 +112,7 @@ def _check_inputs(cfg: BenchConfig) -> None:
               help="Distractor features: a devkit .bin tree (with --distractor-lists).")  # fmt: skip
 @click.option("--distractor-lists", type=_IN_DIR, help="Folder of <name>_features_list.json_<size>_<set> files (the "
               "official ones are megaface_features_list.json_<size>_<set>).")  # fmt: skip
-@click.option("--file-ending", default="_facesearch.bin", show_default=True, callback=_file_ending,
-              help="Devkit feature file ending.")  # fmt: skip
+@_option("--file-ending", callback=_file_ending, help="Devkit feature file ending.")
 @click.option(
     "--checkpoint", type=_FILE, help="Embed images first with this model (needs --probe-images, --distractor-images)."
 )
@@ -122,11 +123,10 @@ def _check_inputs(cfg: BenchConfig) -> None:
 @click.option("--distractor-landmarks", type=_FILE, help="Landmarks CSV for the distractor images.")
 @click.option("--sizes", help="Distractor sizes, e.g. 10,100,1000 (default: every listed size and every standard "
               "size the distractors can fill).")  # fmt: skip
-@click.option("--set", "set_number", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Distractor list set number.")  # fmt: skip
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Seed of drawn distractor lists (recorded). A drawn list never holds a probe image or another "
-                   "image of a probe identity.")  # fmt: skip
+@_option("--set", "set_number", type=click.IntRange(min=1), help="Distractor list set number.")
+@_option("--seed", type=click.IntRange(min=0),
+         help="Seed of drawn distractor lists (recorded). A drawn list never holds a probe image or another image of a "
+              "probe identity.")  # fmt: skip
 @click.option("--allow-probe-overlap", is_flag=True, help="Evaluate a given distractor list that holds probe images "
               "(refused by default: each outscores its own mates); reported as a warning.")  # fmt: skip
 @click.option("--probe-name", help="Probe set name in output file names (default: from the --probe-list file name as "
@@ -135,8 +135,8 @@ def _check_inputs(cfg: BenchConfig) -> None:
               "e.g. megaface; else megaface).")  # fmt: skip
 @click.option("--algorithm", callback=_algorithm,
               help="Algorithm name in file names and tables (default: from --file-ending / facesearch).")  # fmt: skip
-@click.option("--tie-rule", type=click.Choice(["mate", "distractor"]), default="mate", show_default=True,
-              help="Who wins a tie between a distractor and the mate (ties are always counted).")  # fmt: skip
+@_option("--tie-rule", type=click.Choice(["mate", "distractor"]),
+         help="Who wins a tie between a distractor and the mate (ties are always counted).")  # fmt: skip
 @click.option("--cleaned", is_flag=True, help="The cleaned (@R) variant: needs --probe-noise and --distractor-noise.")
 @click.option(
     "--probe-noise", type=_FILE, help="facescrub_noises.txt [default: data/megaface/noises/ under the shared folder]."
@@ -148,11 +148,11 @@ def _check_inputs(cfg: BenchConfig) -> None:
 )
 @click.option("--filter", "filter_attrs", help="Attribute-filtered variant too: comma-separated attributes that must "
               "agree between probe and distractor, e.g. Male or Male,Big_Nose.")  # fmt: skip
-@click.option("--filter-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
-              show_default=True, callback=finite, help="Attribute decision threshold (0 < t < 1).")  # fmt: skip
-@click.option("--far-max", type=click.FloatRange(0, 1, min_open=True), default=1e-3, show_default=True,
-              callback=finite, help="Largest FAR of the ROC when the negatives do not all fit in memory (0 < FAR "
-              "<= 1).")  # fmt: skip
+@config_option(AttributeFilter, "--filter-threshold", field="threshold", callback=finite,
+               type=click.FloatRange(0, 1, min_open=True, max_open=True),
+               help="Attribute decision threshold (0 < t < 1).")  # fmt: skip
+@_option("--far-max", type=click.FloatRange(0, 1, min_open=True), callback=finite,
+         help="Largest FAR of the ROC when the negatives do not all fit in memory (0 < FAR <= 1).")  # fmt: skip
 @DEVICE_OPTION
 @user_errors
 def megaface_command(sizes: str | None, filter_attrs: str | None, filter_threshold: float, checkpoint: Path | None,
@@ -191,10 +191,10 @@ def _echo_table(results: Sequence[dict[str, Any]]) -> None:
         click.echo(f"\nWARNING: {warning}")
 
 
-@bench.command("plot")
+@click.command("plot")
 @click.argument("results", nargs=-1, required=True, type=_FILE)
 @click.option("--out", type=_DIR, required=True, help="Folder for the summary table and the PNG plots.")
-@click.option("--stem", default="megaface", show_default=True, callback=_stem, help="File name stem.")
+@config_option(report.write_report, "--stem", callback=_stem, help="File name stem.")
 @user_errors
 def plot_command(results: tuple[Path, ...], out: Path, stem: str) -> None:
     """Overlay one or several result files: CMC (log rank), ROC (log FAR), rank-1 vs size, summary table."""
@@ -217,16 +217,12 @@ def _load_results(paths: Sequence[Path]) -> list[dict[str, Any]]:
     return loaded
 
 
-@bench.command("export-bins")
+@click.command("export-bins")
 @click.option("--shards", "shard_dir", type=_IN_DIR, required=True, help="A shard directory of features.")
 @click.option("--out", type=_DIR, required=True, help="Root of the devkit feature tree to write.")
-@click.option("--file-ending", default="_facesearch.bin", show_default=True, callback=_file_ending,
-              help="e.g. _myalgo.bin")  # fmt: skip
+@config_option(export_bins, "--file-ending", callback=_file_ending, help="e.g. _myalgo.bin")
 @user_errors
 def export_bins_command(shard_dir: Path, out: Path, file_ending: str) -> None:
     """Write a shard directory's features as devkit .bin files (<out>/<path><file-ending>) for the official devkit."""
-    n = 0
-    for block in shards.iter_shards(shard_dir, 65536, columns=["path"]):
-        devkit.write_feature_tree(out, block.meta.column("path").to_pylist(), block.xb.astype("float32"), file_ending)
-        n += len(block)
+    n = export_bins(shard_dir, out, file_ending)
     click.echo(f"wrote {n:,} feature files under {out} (algorithm name {devkit.algorithm_name(file_ending)!r})")

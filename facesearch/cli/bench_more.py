@@ -26,8 +26,7 @@ from facesearch.benchmarks.lfw import (
     read_pairs,
     write_orl_pairs,
 )
-from facesearch.cli._app import DEVICE_OPTION, user_errors
-from facesearch.cli.bench import bench
+from facesearch.cli._app import DEVICE_OPTION, config_option, user_errors
 from facesearch.model.fileio import atomic_write_text
 
 _P = click.Path(path_type=Path)
@@ -39,16 +38,16 @@ def _write_json(path: Path | None, document: dict[str, Any]) -> None:
         click.echo(f"\nresult       {path}")
 
 
-@bench.command("lfw")
+@click.command("lfw")
 @click.option("--pairs", type=_P, required=True, help="LFW-format pairs.txt (header `<folds> <n>`).")
 @click.option("--images", type=_P, help="Image root: <root>/<name>/<name>_<n:04d><ext> (needs --checkpoint).")
 @click.option("--checkpoint", type=_P, help="Trained weights to embed --images with.")
 @click.option("--features", type=_P, help="Precomputed features: .npz (keys, features) or a `facesearch embed` dir.")
-@click.option("--ext", default=".jpg", show_default=True, help="Image file extension under --images.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Crops per forward pass.")
-@click.option("--keep-face", type=click.Choice(list(LFW_KEEP_FACE)), default="center", show_default=True,
-              help="Which face of an image is embedded: the one nearest the centre (LFW images are centred on the "
-                   "named person), the largest, or the best scored.")  # fmt: skip
+@config_option(embed_lfw_images, "--ext", help="Image file extension under --images.")
+@config_option(embed_lfw_images, "--batch-size", type=int, help="Crops per forward pass.")
+@config_option(embed_lfw_images, "--keep-face", type=click.Choice(list(LFW_KEEP_FACE)),
+               help="Which face of an image is embedded: the one nearest the centre (LFW images are centred on the "
+                    "named person), the largest, or the best scored.")  # fmt: skip
 @click.option("--out", type=_P, help="Write the result as JSON here.")
 @DEVICE_OPTION
 @user_errors
@@ -93,14 +92,14 @@ def lfw_command(
     _write_json(out, result.to_dict())
 
 
-@bench.command("attributes")
+@click.command("attributes")
 @click.option("--data", type=_P, required=True, help="CelebA-format root (list_attr_celeba.txt, img_align_celeba/).")
 @click.option("--checkpoint", type=_P, required=True, help="Trained weights whose attribute head is evaluated.")
-@click.option("--split", type=click.Choice(list(SPLITS)), default="test", show_default=True,
-              help="Partition of list_eval_partition.txt to evaluate (all = every labelled image).")  # fmt: skip
-@click.option("--threshold", type=float, default=0.5, show_default=True, help="Positive when probability >= this.")
+@config_option(predict_celeba, "--split", type=click.Choice(list(SPLITS)),
+               help="Partition of list_eval_partition.txt to evaluate (all = every labelled image).")  # fmt: skip
+@config_option(evaluate_attributes, "--threshold", type=float, help="Positive when probability >= this.")
 @click.option("--limit", type=int, help="Evaluate only the first N images of the split.")
-@click.option("--batch-size", type=int, default=128, show_default=True, help="Crops per forward pass.")
+@config_option(predict_celeba, "--batch-size", type=int, help="Crops per forward pass.")
 @click.option("--out", type=_P, help="Write the result as JSON here.")
 @DEVICE_OPTION
 @user_errors
@@ -131,12 +130,12 @@ def attributes_command(
     _write_json(out, document)
 
 
-@bench.command("lfw-pairs")
+@click.command("lfw-pairs")
 @click.option("--orl", type=_P, required=True, help="ORL/AT&T root with s1..s40/1..10.pgm.")
 @click.option("--out", type=_P, required=True, help="Output folder: lfw/<name>/<name>_<n:04d>.jpg and pairs.txt.")
-@click.option("--folds", type=int, default=10, show_default=True, help="Folds (disjoint groups of people).")
-@click.option("--per-fold", type=int, default=100, show_default=True, help="Matched (and mismatched) pairs per fold.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the people split and pair sampling.")
+@config_option(write_orl_pairs, "--folds", type=int, help="Folds (disjoint groups of people).")
+@config_option(write_orl_pairs, "--per-fold", type=int, help="Matched (and mismatched) pairs per fold.")
+@config_option(write_orl_pairs, "--seed", type=int, help="Seed of the people split and pair sampling.")
 @user_errors
 def lfw_pairs_command(orl: Path, out: Path, folds: int, per_fold: int, seed: int) -> None:
     """Build an LFW-format verification set from the ORL faces (for `facesearch bench lfw`)."""

@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import click
 
-from facesearch.cli._app import DEVICE_OPTION, main, user_errors
+from facesearch.cli._app import DEVICE_OPTION, config_option, user_errors
 from facesearch.demo import DemoConfig, run_demo
+
+_option = functools.partial(config_option, DemoConfig)
 
 SMALL_DEMO = {"celeba_images": 240, "distractors": 40, "probe_identities": 4, "probe_images_per_identity": 3,
               "batch_size": 16, "attribute_input_size": (56, 48)}  # fmt: skip
 
 
-@main.command("demo")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True,
-              help="Where the data, runs and report go.")  # fmt: skip
-@click.option("--identities", type=int, default=DemoConfig.identities, show_default=True,
-              help="Training identities (CASIA-style).")  # fmt: skip
-@click.option("--stage1-iterations", type=int, default=DemoConfig.stage1_iterations, show_default=True,
-              help="Multi-task training, stage 1 (identity only).")  # fmt: skip
-@click.option("--stage2-iterations", type=int, default=DemoConfig.stage2_iterations, show_default=True,
-              help="Multi-task training, stage 2 (with the attribute loss).")  # fmt: skip
-@click.option("--attribute-iterations", type=int, default=DemoConfig.attribute_iterations, show_default=True,
-              help="Attribute classifier training steps.")  # fmt: skip
-@click.option("--seed", type=int, default=DemoConfig.seed, show_default=True, help="Seed of data and training.")
+@click.command("demo")
+@_option("--out", type=click.Path(path_type=Path), help="Where the data, runs and report go.")
+@_option("--identities", type=int, help="Training identities (CASIA-style).")
+@_option("--stage1-iterations", type=int, help="Multi-task training, stage 1 (identity only).")
+@_option("--stage2-iterations", type=int, help="Multi-task training, stage 2 (with the attribute loss).")
+@_option("--attribute-iterations", type=int, help="Attribute classifier training steps.")
+@_option("--seed", type=int, help="Seed of data and training.")
 @click.option("--small", is_flag=True, help="A seconds-long smoke run: tiny data sets and batches (for tests).")
 @DEVICE_OPTION
 @user_errors

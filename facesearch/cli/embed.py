@@ -4,6 +4,7 @@ finished output it says so and does nothing."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from facesearch.cli._app import DEVICE_OPTION, main, user_errors
+from facesearch.cli._app import DEVICE_OPTION, config_option, main, user_errors
 from facesearch.indexer.embed import EmbedConfig
 from facesearch.indexer.pipeline import LOW_POSE_SCORE, ClusterError, EmbedResult, run_embed
 from facesearch.indexer.shards import DTYPES
@@ -69,9 +70,10 @@ def _summary(result: EmbedResult) -> None:
 
 
 _P = click.Path(path_type=Path)
+_option = functools.partial(config_option, EmbedConfig)
 
 
-@main.command("embed")
+@click.command("embed")
 @click.option("--input", "input_dir", type=_P, help="Image folder tree (identity = parent folder, or --identities).")
 @click.option("--list", "list_file", type=_P, help="Generic list CSV: path,identity[,x1,y1..x5,y5].")
 @click.option("--devkit", type=_P, help='MegaFace/FaceScrub devkit JSON {"path": [...], "id": [...]} (needs --root).')
@@ -92,33 +94,29 @@ _P = click.Path(path_type=Path)
 @click.option("--sidecars", is_flag=True, help="Read landmarks from <image>.json sidecar files.")
 @click.option("--checkpoint", type=_P, required=True, help="Trained weights (facesearch train output).")
 @click.option("--out", type=_P, required=True, help="Shard directory (created; re-run to resume).")
-@click.option("--shard-rows", type=int, default=50_000, show_default=True, help="Images per Parquet shard.")
-@click.option("--batch-size", type=int, default=128, show_default=True, help="Crops per forward pass.")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True, help="Stored embeddings.")
+@_option("--shard-rows", type=int, help="Images per Parquet shard.")
+@_option("--batch-size", type=int, help="Crops per forward pass.")
+@_option("--dtype", type=click.Choice(DTYPES), help="Stored embeddings.")
 @click.option("--flip-average", is_flag=True, help="Average the embeddings of each crop and its mirror image.")
 @click.option("--workers", type=int, help="Dask worker processes [default: cores / threads, or one per GPU].")
-@click.option("--threads-per-worker", type=int, default=1, show_default=True, help="Threads per Dask worker.")
+@_option("--threads-per-worker", type=int, help="Threads per Dask worker.")
 @click.option(
     "--scheduler",
     help="Address of an existing Dask scheduler (tcp://host:8786) instead of a local cluster. "
     "Its workers open the checkpoint, the images, the YuNet model and --out by this machine's absolute "
     "paths, so those must be on a filesystem every worker sees; every worker is checked before embedding.",
 )
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="Autocast.")
-@click.option("--detector-pad", type=int, default=0, show_default=True, help="Black border for YuNet (ORL: 20).")
-@click.option("--det-threshold", type=float, default=0.6, show_default=True, help="YuNet's minimum face score.")
-@click.option(
+@_option("--precision", type=click.Choice(PRECISIONS), help="Autocast.")
+@_option("--detector-pad", type=int, help="Black border for YuNet (ORL: 20).")
+@_option("--det-threshold", type=float, help="YuNet's minimum face score.")
+@_option(
     "--det-size",
     type=int,
-    default=640,
-    show_default=True,
     help="Longest image side YuNet sees (larger images are downscaled; larger finds smaller faces).",
 )
-@click.option(
+@_option(
     "--keep-face",
     type=click.Choice(KEEP_FACE),
-    default="largest",
-    show_default=True,
     help="Which detected face of a photo is embedded: the largest, the most central, the best scored, or "
     "all (one row each; id = image index * 1000 + face index, faces largest first).",
 )
@@ -149,5 +147,5 @@ def embed_command(input_dir: Path | None, list_file: Path | None, devkit: Path |
     _summary(result)
 
 
-if __name__ == "__main__":  # python -m facesearch.cli.embed, until facesearch.cli imports this module
+if __name__ == "__main__":  # python -m facesearch.cli.embed: the whole command line, as `facesearch`
     main()

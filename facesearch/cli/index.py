@@ -19,6 +19,7 @@ from facesearch.indexer.synth_features import SynthFeaturesConfig, write_synth_f
 _DIR = click.Path(file_okay=False, path_type=Path)
 _EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 _INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
+_ID_MODES = {"offset": "offset given", "fresh": "fresh ids"}  # index_info.json's id_mode, as `index info` says it
 
 
 def _summary(info: IndexInfo, where: Path) -> str:
@@ -70,14 +71,26 @@ def build(shards_dir: Path, out: Path, kind: str, nlist: int, nprobe: int, m: in
               help="Index id = shard row id + N (every embed output numbers its rows from 0).")  # fmt: skip
 @click.option("--fresh-ids", is_flag=True,
               help="Choose the offset: new ids start after the largest id the index ever held.")  # fmt: skip
+@click.option("--shard-ids-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Add only the shard rows with these ids (as in the shards, before the offset): a text file, one "
+                   "per line (or separated by spaces); e.g. to enrol some images of a probe set.")  # fmt: skip
 @user_errors
-def add(index_dir: Path, shards_dir: Path, id_offset: int | None, fresh_ids: bool) -> None:
+def add(index_dir: Path, shards_dir: Path, id_offset: int | None, fresh_ids: bool,
+        shard_ids_file: Path | None) -> None:  # fmt: skip
     """Append new shards (same model fingerprint and d).  Rows already indexed unchanged are skipped; an id taken
     by a different row is an error (add a second gallery with --fresh-ids or --id-offset).  Re-adding the same
-    shard directory keeps its offset and adds only what is missing."""
+    shard directory keeps its offset and adds only what is missing.  --shard-ids-file enrols only the listed rows
+    (e.g. some images of a probe set); the rest of the set can follow later under the same offset."""
     if fresh_ids and id_offset is not None:
         raise click.UsageError("give --id-offset or --fresh-ids, not both")
-    r = add_to_index(index_dir, shards_dir, id_offset=id_offset, fresh_ids=fresh_ids)
+    take = None
+    if shard_ids_file is not None:
+        wanted = _read_ids_file(shard_ids_file, "'--shard-ids-file'")
+        if too_big := [i for i in wanted if not _INT64_MIN <= i <= _INT64_MAX]:
+            raise click.BadParameter(f"{shard_ids_file}: ids are 64-bit integers; {too_big[0]} is out of range",
+                                     param_hint="'--shard-ids-file'")  # fmt: skip
+        take = np.unique(np.asarray(wanted, dtype=np.int64))
+    r = add_to_index(index_dir, shards_dir, id_offset=id_offset, fresh_ids=fresh_ids, shard_ids=take)
     if not r.changed and r.prior is not None:
         click.echo(f"already added: {shards_dir} (manifest SHA-256 {r.prior['manifest_sha256'][:12]}…) went in "
                    f"on {r.prior.get('time', '?')} with id offset {r.id_offset}, and its {r.skipped_present} rows are "
@@ -85,7 +98,8 @@ def add(index_dir: Path, shards_dir: Path, id_offset: int | None, fresh_ids: boo
         return
     where = f"id offset {r.id_offset}: {r.note}" if r.note.startswith("fresh") else f"id offset {r.id_offset}"
     tail = f"; nb = {r.info.nb}" if r.changed else f"; nothing changed (nb = {r.info.nb})"
-    click.echo(f"added {r.added} rows ({r.skipped_present} already present) with {where}{tail}")
+    of = "" if take is None else f" of the {len(take)} selected"
+    click.echo(f"added {r.added}{of} rows ({r.skipped_present} already present) with {where}{tail}")
 
 
 @index.command("remove")
@@ -118,12 +132,12 @@ def remove(index_dir: Path, ids: tuple[int, ...], ids_file: Path | None, missing
     click.echo(f"removed {info.history[-1]['removed']} of {len(requested)} ids{missing}; nb = {info.nb}")
 
 
-def _read_ids_file(path: Path) -> list[int]:
+def _read_ids_file(path: Path, hint: str = "'--ids-file'") -> list[int]:
     """The integer ids of a text file (whitespace-separated); a bad token is a usage error naming its line."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise click.BadParameter(f"{path} is not a text file of ids", param_hint="'--ids-file'") from None
+        raise click.BadParameter(f"{path} is not a text file of ids", param_hint=hint) from None
     out = []
     for n, line in enumerate(text.splitlines(), 1):
         for tok in line.split():
@@ -131,9 +145,9 @@ def _read_ids_file(path: Path) -> list[int]:
                 out.append(int(tok))
             except ValueError:
                 raise click.BadParameter(f"{path} line {n}: {tok[:40]!r} is not an integer id",
-                                         param_hint="'--ids-file'") from None  # fmt: skip
+                                         param_hint=hint) from None  # fmt: skip
     if not out:
-        raise click.BadParameter(f"{path} holds no ids", param_hint="'--ids-file'")
+        raise click.BadParameter(f"{path} holds no ids", param_hint=hint)
     return out
 
 
@@ -159,8 +173,12 @@ def info(index_dir: Path, as_json: bool, verify: bool) -> None:
                + ", ".join(f"{e['op']} {e['time']}" for e in loaded.info.history))  # fmt: skip
     for s in loaded.info.sources:
         ids = s.get("index_ids")
+        how = [_ID_MODES[s["id_mode"]]] if s.get("id_mode") in _ID_MODES else []
+        if s.get("rows_selected") is not None:
+            how.append(f"{s['rows_selected']} rows selected")
         click.echo(f"  source {s.get('shards_dir')} (manifest {str(s.get('manifest_sha256'))[:12]}…): id offset "
-                   f"{s.get('id_offset')}, " + (f"ids {ids[0]}..{ids[1] - 1}" if ids else "no rows"))  # fmt: skip
+                   f"{s.get('id_offset')}, " + (f"ids {ids[0]}..{ids[1] - 1}" if ids else "no rows")
+                   + (f" ({', '.join(how)})" if how else ""))  # fmt: skip
     if not loaded.info.files:
         click.echo("  checksums: none recorded (an index from before them; the next add / remove records them)"
                    + ("; every stored vector finite" if verify else ""))  # fmt: skip

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import click
 
-from facesearch.cli._app import DEVICE_OPTION, SCREEN_OPTION, main, user_errors
+from facesearch.cli._app import DEVICE_OPTION, SCREEN_OPTION, config_option, default_of, user_errors
 from facesearch.engine.search import SearchEngine
 from facesearch.engine.service import create_app, listening_socket, serve
 from facesearch.engine.service_limits import ServiceLimits
 
-_D = ServiceLimits()
+_limit = functools.partial(config_option, ServiceLimits)
 _POSITIVE = click.IntRange(min=1)
 
 
-@main.command("serve")
+@click.command("serve")
 @click.option("--index", "index_dir", type=click.Path(path_type=Path, file_okay=False, exists=True), required=True)
 @click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False, exists=True),
               help="The index's model: enables POST /search/image.")  # fmt: skip
@@ -25,24 +26,21 @@ _POSITIVE = click.IntRange(min=1)
 @click.option("--token-env", default="FACESEARCH_TOKEN", show_default=True,
               help="Environment variable holding the bearer token; unset = no authentication.")  # fmt: skip
 @click.option("--public-docs", is_flag=True, help="Serve /docs, /redoc and /openapi.json without the token.")
-@click.option("--max-bytes", type=_POSITIVE, default=_D.max_bytes, show_default=True, help="Request body limit.")
-@click.option("--max-k", type=_POSITIVE, default=_D.max_k, show_default=True, help="Largest k a request may ask for.")
-@click.option("--max-rows", type=_POSITIVE, default=_D.max_rows, show_default=True, help="Query rows per request.")
-@click.option("--max-hits", type=_POSITIVE, default=_D.max_hits, show_default=True,
-              help="Largest k x rows of a request.")  # fmt: skip
-@click.option("--max-filter-chars", type=_POSITIVE, default=_D.max_filter_chars, show_default=True,
-              help="Longest filter expression.")  # fmt: skip
-@click.option("--max-filter-terms", type=_POSITIVE, default=_D.max_filter_terms, show_default=True,
-              help="Most terms in a filter (names, values, operators; each 'in (...)' item counts).")  # fmt: skip
-@click.option("--max-pixels", type=_POSITIVE, default=_D.max_pixels, show_default=True,
-              help="Largest query image, read from its header before decoding (16-bit, alpha: fewer).")  # fmt: skip
-@click.option("--queue-size", type=_POSITIVE, default=_D.queue_size, show_default=True,
-              help="Requests that may wait for the search thread or the model; more get 503.")  # fmt: skip
-@click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=_D.time_budget,
-              show_default=True, help="Seconds: a search estimated above it is refused (503), one that waits "
-              "longer for its turn is answered 504.")  # fmt: skip
-@click.option("--detector-pad", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Black border before detection.")  # fmt: skip
+@_limit("--max-bytes", type=_POSITIVE, help="Request body limit.")
+@_limit("--max-k", type=_POSITIVE, help="Largest k a request may ask for.")
+@_limit("--max-rows", type=_POSITIVE, help="Query rows per request.")
+@_limit("--max-hits", type=_POSITIVE, help="Largest k x rows of a request.")
+@_limit("--max-filter-chars", type=_POSITIVE, help="Longest filter expression.")
+@_limit("--max-filter-terms", type=_POSITIVE,
+        help="Most terms in a filter (names, values, operators; each 'in (...)' item counts).")  # fmt: skip
+@_limit("--max-pixels", type=_POSITIVE,
+        help="Largest query image, read from its header before decoding (16-bit, alpha: fewer).")  # fmt: skip
+@_limit("--queue-size", type=_POSITIVE,
+        help="Requests that may wait for the search thread or the model; more get 503.")  # fmt: skip
+@_limit("--time-budget", type=click.FloatRange(min=0, min_open=True), help="Seconds: a search estimated above it is "
+        "refused (503), one that waits longer for its turn is answered 504.")  # fmt: skip
+@click.option("--detector-pad", type=click.IntRange(min=0), default=default_of(create_app, "detector_pad"),
+              show_default=True, help="Black border before detection.")  # fmt: skip
 @SCREEN_OPTION
 @DEVICE_OPTION
 @user_errors

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import click
 from tqdm import tqdm
 
-from facesearch.cli._app import main, user_errors
+from facesearch.cli._app import LazyCommand, LazyGroup, config_option, default_of, user_errors
 from facesearch.model.faces.synth import LAYOUTS, SynthConfig, generate_faces
 
+#: ``synth features`` lives with the index commands (it writes shards, not images).
+SYNTH_COMMANDS = {
+    "features": LazyCommand("facesearch.cli.index:features", "Identity-clustered synthetic embeddings + attribute "
+                            "probabilities, in the shard format, at million scale."),
+}  # fmt: skip
 
-@main.group()
+
+_option = functools.partial(config_option, SynthConfig)
+
+
+@click.group(cls=LazyGroup, lazy_subcommands=SYNTH_COMMANDS)
 def synth() -> None:
     """Procedurally rendered synthetic faces in the CASIA, CelebA and MegaFace/FaceScrub on-disk layouts."""
 
@@ -23,22 +33,22 @@ def synth() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Output directory (new or empty, or one made earlier by the same config).",
 )
-@click.option("--seed", default=0, show_default=True, help="Seed; the same config gives byte-identical files.")
-@click.option("--identities", default=50, show_default=True, help="CASIA-style training identities (>= 2).")
-@click.option("--images-per-identity", default=10, show_default=True, help="Images per CASIA identity (>= 1).")
-@click.option("--celeba-images", default=1000, show_default=True, help="CelebA-style aligned images (>= 1).")
-@click.option("--celeba-images-per-identity", default=20, show_default=True, help="CelebA images per identity.")
-@click.option("--probe-identities", default=10, show_default=True, help="FaceScrub-style probe identities (>= 1).")
-@click.option("--probe-images-per-identity", default=10, show_default=True, help="Images per probe identity (>= 2).")
-@click.option("--distractors", default=1000, show_default=True, help="MegaFace-style distractors, one per identity.")
+@_option("--seed", help="Seed; the same config gives byte-identical files.")
+@_option("--identities", help="CASIA-style training identities (>= 2).")
+@_option("--images-per-identity", help="Images per CASIA identity (>= 1).")
+@_option("--celeba-images", help="CelebA-style aligned images (>= 1).")
+@_option("--celeba-images-per-identity", help="CelebA images per identity.")
+@_option("--probe-identities", help="FaceScrub-style probe identities (>= 1).")
+@_option("--probe-images-per-identity", help="Images per probe identity (>= 2).")
+@_option("--distractors", help="MegaFace-style distractors, one per identity.")
 @click.option(
     "--layouts",
-    default=",".join(LAYOUTS),
+    default=",".join(default_of(SynthConfig, "layouts")),
     show_default=True,
     help=f"Comma-separated layouts to write, from {', '.join(LAYOUTS)}.",
 )
-@click.option("--size", default=128, show_default=True, help="Square canvas side for casia/megaface (CelebA: 178x218).")
-@click.option("--nuisance", default=1.0, show_default=True, help="Scale of per-image nuisance; 0 = clean renders.")
+@_option("--size", help="Square canvas side for casia/megaface (CelebA: 178x218).")
+@_option("--nuisance", help="Scale of per-image nuisance; 0 = clean renders.")
 @click.option("--workers", type=click.IntRange(max=1024), default=None,
               help="Worker processes (at most 1024) [default: all CPUs]; 1 = in-process.")  # fmt: skip
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")

@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from facesearch.benchmarks.thresholds import threshold_from_result
 from facesearch.cli import main
-from facesearch.engine.search import SearchEngine, threshold_from_result
+from facesearch.engine.search import SearchEngine
 from facesearch.indexer import shards
 from facesearch.indexer.index import IndexConfig, LoadedIndex, build_index, load_index, remove_ids
 from facesearch.indexer.synth_features import SynthFeaturesConfig, write_synth_features
