@@ -3,6 +3,8 @@
 :func:`evaluate_attributes` is a pure metric on probabilities and boolean truth; :func:`predict_celeba` produces them
 from a checkpoint and a CelebA-format root (aligned images + ``list_landmarks_align_celeba.txt``), aligning each
 image with its landmarks to the model input.  :func:`format_attribute_table` renders the Table-4-style Markdown.
+:func:`balanced_accuracy` is the project's one balanced accuracy (the demo's too), with an explicit rule for a
+class absent from the labels.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from facesearch.model.tables import render_table
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +47,41 @@ class AttributeScore:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
 
 
-def _rate(hits: int, total: int) -> float:
-    return hits / total if total else float("nan")
+#: ``absent`` choices of :func:`balanced_accuracy`.
+ABSENT_CLASS: tuple[str, ...] = ("nan", "ignore")
+
+
+def class_rates(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of (n, m) arrays of 0/1 (or bool) predictions and labels: the true-positive rate (recall of the
+    rows where ``truth == 1``) and the true-negative rate (where ``truth == 0``), each (m,) float64, NaN where that
+    class is absent from the column.  Rows whose truth is neither 0 nor 1 count in neither class."""
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    if pred.shape != truth.shape or pred.ndim != 2:
+        raise ValueError(f"pred and truth must be (n, m) arrays of one shape, got {pred.shape} and {truth.shape}")
+    pos, neg = truth == 1, truth == 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr = ((pred == 1) & pos).sum(0) / pos.sum(0)
+        tnr = ((pred == 0) & neg).sum(0) / neg.sum(0)
+    return np.asarray(tpr, np.float64), np.asarray(tnr, np.float64)
+
+
+def balanced_accuracy(pred: np.ndarray, truth: np.ndarray, absent: str = "nan") -> np.ndarray:
+    """Per column of (n, m) 0/1 (or bool) predictions and labels, the mean of the true-positive and true-negative
+    rates (:func:`class_rates`): (m,) float64.
+
+    A class absent from a column's ``truth`` (no positives, or no negatives) leaves its rate undefined; ``absent``
+    says what the column then scores: ``"nan"`` (the default): NaN, undefined rather than a flattering 1.0 for a
+    constant predictor; ``"ignore"``: the rate of the class that is present alone (NaN only for an empty column).
+    The demo reports the first, :func:`evaluate_attributes` (Table 4) the second."""
+    if absent not in ABSENT_CLASS:
+        raise ValueError(f"absent must be one of {list(ABSENT_CLASS)}, got {absent!r}")
+    tpr, tnr = class_rates(pred, truth)
+    if absent == "nan":
+        return (tpr + tnr) / 2
+    both = np.stack([tpr, tnr])
+    defined = (~np.isnan(both)).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(defined > 0, np.nansum(both, 0) / defined, np.nan)
 
 
 def evaluate_attributes(
@@ -69,10 +106,10 @@ def evaluate_attributes(
         if t.dtype != bool:
             raise ValueError(f"{name}: truth must be a bool array, got {t.dtype}")
         pred = p >= threshold
-        pos, neg = int(t.sum()), int((~t).sum())
-        tpr, tnr = _rate(int((pred & t).sum()), pos), _rate(int((~pred & ~t).sum()), neg)
-        balanced = float(np.nanmean([tpr, tnr]))
-        scores.append(AttributeScore(name, len(p), pos / len(p), float((pred == t).mean()), balanced, tpr, tnr))
+        (tpr,), (tnr,) = class_rates(pred[:, None], t[:, None])
+        (balanced,) = balanced_accuracy(pred[:, None], t[:, None], absent="ignore")
+        scores.append(AttributeScore(name, len(p), int(t.sum()) / len(p), float((pred == t).mean()), float(balanced),
+                                     float(tpr), float(tnr)))  # fmt: skip
     return scores
 
 
@@ -104,8 +141,8 @@ def predict_celeba(
     images of the split (file order).  Images are aligned with their landmarks to the model input (detected with
     YuNet where the landmark file lacks them); images that fail are skipped and counted.  Only the attributes both
     predicted and labelled are returned."""
-    from facesearch.model.faces.align import FaceDetector
     from facesearch.model.faces.datasets import FaceDataset, read_celeba
+    from facesearch.model.faces.detect import FaceDetector
     from facesearch.model.inference import Embedder, embed_dataset
 
     if split not in SPLITS:
@@ -154,18 +191,16 @@ def attribute_result(scores: Sequence[AttributeScore], threshold: float, **meta:
 def format_attribute_table(scores: Sequence[AttributeScore]) -> str:
     """Markdown like the paper's Table 4: one row per attribute (accuracy %, balanced accuracy %, positive rate,
     n) and a final row of unweighted means."""
-    lines = ["| attribute | accuracy % | balanced accuracy % | positive rate | n |", "|---|---:|---:|---:|---:|"]
-    for s in scores:
-        lines.append(f"| {s.attribute} | {100 * s.accuracy:.2f} | {100 * s.balanced_accuracy:.2f} | "
-                     f"{s.positive_rate:.3f} | {s.n} |")  # fmt: skip
+    rows = [[s.attribute, f"{100 * s.accuracy:.2f}", f"{100 * s.balanced_accuracy:.2f}", f"{s.positive_rate:.3f}", s.n]
+            for s in scores]  # fmt: skip
     if scores:
         m = mean_scores(scores)
         ns = {s.n for s in scores}
         n = str(ns.pop()) if len(ns) == 1 else "—"
-        lines.append(f"| **mean** | {100 * m['accuracy']:.2f} | {100 * m['balanced_accuracy']:.2f} | "
-                     f"{m['positive_rate']:.3f} | {n} |")  # fmt: skip
-    return "\n".join(lines)
+        rows.append(["**mean**", f"{100 * m['accuracy']:.2f}", f"{100 * m['balanced_accuracy']:.2f}",
+                     f"{m['positive_rate']:.3f}", n])  # fmt: skip
+    return render_table(["attribute", "accuracy %", "balanced accuracy %", "positive rate", "n"], rows)
 
 
-__all__ = ["SPLITS", "AttributeScore", "CelebaPredictions", "attribute_result", "evaluate_attributes",
-           "format_attribute_table", "mean_scores", "predict_celeba"]  # fmt: skip
+__all__ = ["ABSENT_CLASS", "SPLITS", "AttributeScore", "CelebaPredictions", "attribute_result", "balanced_accuracy",
+           "class_rates", "evaluate_attributes", "format_attribute_table", "mean_scores", "predict_celeba"]  # fmt: skip

@@ -24,12 +24,10 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-import torch
 
 from facesearch.benchmarks import devkit, report
 from facesearch.benchmarks.megaface import NAMED_FARS, Evaluation, ProbeSet, floor_m
@@ -44,9 +42,9 @@ from facesearch.benchmarks.megaface_data import (
 from facesearch.benchmarks.megaface_lists import DEFAULT_SIZES, DistractorLists, ListConfig
 from facesearch.indexer.embed import EmbedConfig
 from facesearch.indexer.pipeline import run_embed
-from facesearch.model.checkpoint import package_version
 from facesearch.model.device import resolve_device
 from facesearch.model.fileio import atomic_write_text
+from facesearch.model.provenance import provenance
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -285,13 +283,7 @@ def _result(
         "filter_stats": None,
         "screen_eps": out["eps"],
         "timings": out["timings"],
-        "provenance": {
-            "probes": probes.provenance,
-            "distractors": src.provenance,
-            "config": cfg.to_dict(),
-            "versions": {"facesearch": package_version(), "torch": torch.__version__, "numpy": np.__version__},
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        },
+        "provenance": provenance(probes=probes.provenance, distractors=src.provenance, config=cfg.to_dict()),
     }
 
 

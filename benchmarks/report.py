@@ -21,13 +21,13 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from facesearch.model.fileio import atomic_write_text, atomic_write_with
+from facesearch.model.tables import FORMATS, render_table
 
 log = logging.getLogger(__name__)
 
 KIND = "facesearch.megaface_result"
 FORMAT_VERSIONS = (1,)
 REPORT_FARS = (1e-6, 1e-5, 1e-4, 1e-3)
-FORMATS = ("markdown", "text")
 _REQUIRED = (
     "kind", "format_version", "label", "size", "cleaned", "filter", "counts", "counts.N", "counts.n_distractors",
     "counts.rank1_hits", "rank1", "cmc", "cmc.ranks", "cmc.rates", "roc", "roc.far", "roc.tar", "tar_at_far",
@@ -138,24 +138,6 @@ def _pct(x: float | None, digits: int = 2) -> str:
     return _DASH if x is None else f"{100.0 * x:.{digits}f} %"
 
 
-def _render(headers: Sequence[str], rows: Sequence[Sequence[str]], fmt: str, left: int = 1) -> str:
-    """A markdown or fixed-width text table; the first ``left`` columns are left-aligned, the others right-aligned."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown table format {fmt!r}; valid: {', '.join(FORMATS)}")
-    if fmt == "markdown":
-        esc = [[c.replace("|", "\\|") for c in row] for row in (headers, *rows)]
-        rule = [":---" if i < left else "---:" for i in range(len(headers))]
-        return "\n".join("| " + " | ".join(row) + " |" for row in (esc[0], rule, *esc[1:]))
-    widths = [max(len(row[i]) for row in (headers, *rows)) for i in range(len(headers))]
-
-    def line(row: Sequence[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        )
-
-    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *(line(row) for row in rows)])
-
-
 def summary_table(results: Sequence[dict[str, Any]], fmt: str = "markdown") -> str:
     """One row per result: label, distractors, rank-1 with its exact count, TAR at each of ``REPORT_FARS``; and,
     when any result is filtered, the fraction of mates the filter excluded, of distractors it removed, its speed-up."""
@@ -173,7 +155,7 @@ def summary_table(results: Sequence[dict[str, Any]], fmt: str = "markdown") -> s
             row += [_pct(fs.get("mates_excluded_fraction"), 1), _pct(fs.get("distractors_removed_fraction"), 1)]
             row += [f"{fs['speedup']:.2f}×" if fs else _DASH]
         rows.append(row)
-    return _render(headers, rows, fmt)
+    return render_table(headers, rows, fmt)
 
 
 def _by_label_and_size(results: Sequence[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
@@ -202,7 +184,7 @@ def size_table(results: Sequence[dict[str, Any]], fmt: str = "markdown") -> str:
             [label, *(_cell(value, cells[s]) if s in cells else _DASH for s in sizes)] for label, cells in table.items()
         ]
         heading = f"**{title}**" if fmt == "markdown" else title
-        blocks.append(f"{heading}\n\n{_render(headers, rows, fmt)}")
+        blocks.append(f"{heading}\n\n{render_table(headers, rows, fmt)}")
     return "\n\n".join(blocks)
 
 

@@ -15,17 +15,14 @@ import dataclasses
 import json
 import logging
 import shutil
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
+from facesearch.benchmarks.attribute_accuracy import balanced_accuracy  # NaN where a class is absent
 from facesearch.benchmarks.megaface_data import AttributeFilter
 from facesearch.benchmarks.megaface_run import BenchConfig, embed_inputs, run_megaface
 from facesearch.benchmarks.report import footnotes, summary_table
@@ -33,11 +30,14 @@ from facesearch.engine.search import SearchEngine, format_results
 from facesearch.indexer import shards
 from facesearch.indexer.index import IndexConfig, add_shards, build_index
 from facesearch.model.attributes import AttributeTrainConfig, LabelConfig, label_identities
-from facesearch.model.checkpoint import package_version
+from facesearch.model.config import INPUT_SIZE
 from facesearch.model.faces.datasets import FaceDataset, Sample, read_attribute_labels, read_casia, split_holdout
 from facesearch.model.faces.synth import SynthConfig, generate_faces
 from facesearch.model.fileio import atomic_write_text
 from facesearch.model.inference import Embedder, embed_dataset
+from facesearch.model.measure import StageTimer
+from facesearch.model.provenance import our_version, provenance
+from facesearch.model.tables import render_table
 from facesearch.model.train import CHECKPOINT, TrainResult, train
 from facesearch.model.train_config import TrainConfig, rescale_stage
 
@@ -62,7 +62,7 @@ class DemoConfig:
     input_size: tuple[int, int] = (56, 48)
     #: The attribute traits are small: at 112x96 the labels' mean balanced accuracy is 0.73 vs 0.61 at 56x48
     #: (600 steps, measured), for ~165 s more on 2 cores.  Identity learning does well at 56x48.
-    attribute_input_size: tuple[int, int] = (112, 96)
+    attribute_input_size: tuple[int, int] = INPUT_SIZE
     attribute_iterations: int = 400
     stage1_iterations: int = 800
     stage2_iterations: int = 300
@@ -76,27 +76,6 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
-
-
-class _Timer:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        yield
-        self.seconds[name] = round(time.perf_counter() - t0, 2)
-
-
-def balanced_accuracy(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Per column, the mean of the true-positive and true-negative rates of 0/1 arrays (N, M); NaN where a class
-    is absent from ``truth``."""
-    pos, neg = truth == 1, truth == 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        tpr = ((pred == 1) & pos).sum(0) / pos.sum(0)
-        tnr = ((pred == 0) & neg).sum(0) / neg.sum(0)
-    return (tpr + tnr) / 2
 
 
 def _embed(embedder: Embedder, samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -136,9 +115,9 @@ def _resumed(cfg: TrainConfig) -> TrainConfig:
 def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every stage and write ``report.json`` / ``report.md`` in ``cfg.out``; returns the report."""
     say = progress or (lambda msg: log.info("%s", msg))
-    timer, data = _Timer(), cfg.out / "data"
+    timer, data = StageTimer(), cfg.out / "data"
     say(f"synthesising faces into {data}")
-    with timer.stage("synthesise"):
+    with timer("synthesise"):
         synth = generate_faces(SynthConfig(
             out=data, seed=cfg.seed, identities=cfg.identities, images_per_identity=cfg.images_per_identity,
             celeba_images=cfg.celeba_images, probe_identities=cfg.probe_identities,
@@ -146,19 +125,19 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> 
         ))  # fmt: skip
     attr_cfg, train_cfg = _train_configs(cfg, data)
     say(f"training the attribute classifier ({attr_cfg.iterations} steps, MOON loss)")
-    with timer.stage("attribute_classifier"):
+    with timer("attribute_classifier"):
         attr_run = train(_resumed(attr_cfg.train_config()))
     assert attr_run.weights is not None, "a complete run exports weights"
     say("labelling the CASIA-style identities by majority vote")
-    with timer.stage("label"):
+    with timer("label"):
         labelled = label_identities(LabelConfig(attr_run.weights, data / "casia", cfg.out / "labels.csv",
                                                 device=cfg.device))  # fmt: skip
     say(f"training the multi-task {cfg.arch} model ({train_cfg.total_steps} steps, two stages)")
-    with timer.stage("train"):
+    with timer("train"):
         model_run = train(_resumed(train_cfg))
     assert model_run.weights is not None, "a complete run exports weights"
     say("embedding the probes and distractors with Dask")
-    with timer.stage("embed"):
+    with timer("embed"):
         probes_dir, distractors_dir = embed_inputs(
             cfg.out, model_run.weights, data / "megaface" / "templatelists" / "facescrub_features_list.json",
             data / "megaface" / "facescrub", data / "megaface" / "facescrub_landmarks.csv",
@@ -166,24 +145,25 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> 
             data / "megaface" / "megaface_landmarks.csv", cfg.device, progress=say,
         )  # fmt: skip
     say("building a flat index of the distractors")
-    with timer.stage("index"):
+    with timer("index"):
         shutil.rmtree(cfg.out / "index", ignore_errors=True)  # derived from the shards in a second: rebuilt each run
         info = build_index(distractors_dir, cfg.out / "index", IndexConfig(kind="flat", recall_sample=100))
     say("MegaFace benchmark at every distractor list size")
-    with timer.stage("megaface"):
+    with timer("megaface"):
         bench = run_megaface(BenchConfig(
             out=cfg.out / "megaface", probes=probes_dir, probe_list=data / "megaface" / "templatelists" /
             "facescrub_features_list.json", distractors=distractors_dir, distractor_lists=data / "megaface" /
             "templatelists", filter=AttributeFilter(cfg.bench_filter), device=cfg.device,
         ), progress=say)  # fmt: skip
     say(f"identification: held-out probe images against the enrolled gallery, filter {cfg.search_filter!r}")
-    with timer.stage("search"):
+    with timer("search"):
         search = _search_demo(cfg, probes_dir, cfg.out / "index", model_run.weights)
     say("evaluating the classifier and the attributes")
-    with timer.stage("evaluate"):
+    with timer("evaluate"):
         evaluation = _evaluate(cfg, data, model_run)
     report = {
-        "version": package_version(),
+        "version": our_version(),
+        "provenance": provenance(),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()},
         "synth": {"images": synth.images, "images_per_s": round(synth.images_per_second, 1)},
         "attribute_classifier": {"fingerprint": attr_run.fingerprint, **attr_run.final},
@@ -231,16 +211,7 @@ def _search_demo(cfg: DemoConfig, probes_dir: Path, index_dir: Path, weights: Pa
     ident = np.asarray(block.meta.column("identity").to_pylist(), dtype=object)
     first = np.unique(ident, return_index=True)[1]
     enrol = np.setdiff1d(np.arange(len(ident)), first)
-    manifest = shards.read_manifest(probes_dir)
-    table = pq.read_table(probes_dir / manifest.shards[0].file)
-    if len(manifest.shards) != 1 or table.num_rows != len(ident):
-        raise ValueError(f"{probes_dir}: the demo expects its probes in one complete shard")
-    ids = table.column("id").to_numpy() + ENROL_ID_OFFSET
-    table = table.set_column(0, "id", pa.array(ids, pa.int64())).take(pa.array(enrol))
-    enrolled = cfg.out / "features" / "enrolled"
-    entry = shards.write_shard(enrolled / shards.shard_name(0), table)
-    shards.write_manifest(enrolled, manifest.replace(shards=(entry,), planned_shards=1, complete=True))
-    add_shards(index_dir, enrolled)
+    add_shards(index_dir, probes_dir, id_offset=ENROL_ID_OFFSET, shard_ids=block.ids[enrol])
     engine = SearchEngine.open(index_dir, checkpoint=weights, device=cfg.device)
     names = [str(p) for p in np.asarray(block.meta.column("path").to_pylist())[first]]
     results = engine.search(block.xb[first], k=5, filter=cfg.search_filter)
@@ -275,17 +246,23 @@ def render_report(r: dict[str, Any]) -> str:
     """The report as Markdown (what `make run` leaves for a person to read)."""
     m, losses, mf = r["model"], r["losses"], r["megaface"]["results"]
     names = list(r["label_balanced_accuracy"])
+    measures = (
+        [["training loss, first -> last logged", f"{losses[0][1]:.3f} -> {losses[-1][1]:.3f}", ""]] if losses else []
+    )
+    measures.append(
+        [
+            f"held-out identification top-1 (classifier, {m.get('val_images', 0)} images)",
+            f"{m.get('val_top1', float('nan')):.3f}",
+            f"{m.get('chance', float('nan')):.4f}",
+        ]
+    )
     lines = [
         f"# facesearch demo report (version {r['version']})",
         "",
         f"Synthetic data: {r['synth']['images']} images ({r['synth']['images_per_s']} images/s).",
         f"Stage seconds: {r['seconds']}.",
         "",
-        "| measure | value | chance |",
-        "|---|---|---|",
-        f"| training loss, first -> last logged | {losses[0][1]:.3f} -> {losses[-1][1]:.3f} | |" if losses else "",
-        f"| held-out identification top-1 (classifier, {m.get('val_images', 0)} images) "
-        f"| {m.get('val_top1', float('nan')):.3f} | {m.get('chance', float('nan')):.4f} |",
+        render_table(["measure", "value", "chance"], measures),
         "",
         f"## MegaFace Challenge 1 on unseen people ({mf[-1]['n_probes']} probes, {mf[-1]['N']:,} mate pairs)",
         "",
@@ -311,13 +288,14 @@ def render_report(r: dict[str, Any]) -> str:
         "Balanced accuracy per attribute (0.5 = chance): labels from the MOON classifier + majority vote, and the "
         "trained multi-task model on held-out images, both against the generator's truth.",
         "",
-        "| attribute | labels (per identity) | multi-task model (held-out images) |",
-        "|---|---|---|",
+        render_table(
+            ["attribute", "labels (per identity)", "multi-task model (held-out images)"],
+            [
+                [a, f"{r['label_balanced_accuracy'][a]:.3f}", f"{r['model_attribute_balanced_accuracy'][a]:.3f}"]
+                for a in names
+            ],
+        ),
     ]
-    for a in names:
-        lines.append(
-            f"| {a} | {r['label_balanced_accuracy'][a]:.3f} | {r['model_attribute_balanced_accuracy'][a]:.3f} |"
-        )
     lines += ["", f"Model fingerprint: `{m['fingerprint']}`; weights: `{m['weights']}`.", ""]
     return "\n".join(line for line in lines if line is not None)
 

@@ -8,9 +8,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-import faiss
 import numpy as np
 import pyarrow as pa
+
+from facesearch.indexer.faiss_import import faiss
 
 KINDS = ("flat", "ivf-flat", "ivf-pq", "hnsw")
 
@@ -62,7 +63,9 @@ class IndexInfo:
     manifest SHA-256, id offset, shard and index id ranges: :func:`facesearch.indexer.index_ids.source_record`);
     ``max_id``: the largest id the index ever held (fresh ids start above it); ``files``: size and SHA-256 of the
     generation's
-    ``index.faiss`` and ``attributes.parquet`` (empty for an index written before checksums)."""
+    ``index.faiss`` and ``attributes.parquet`` (empty for an index written before checksums); ``provenance``: what
+    built it (:func:`facesearch.model.provenance.provenance`; each later ``add`` / ``remove`` event in ``history``
+    carries its own; empty for an index written before it)."""
 
     config: dict[str, Any]
     d: int
@@ -78,6 +81,7 @@ class IndexInfo:
     sources: tuple[dict[str, Any], ...] = ()
     max_id: int | None = None
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def kind(self) -> str:

@@ -60,8 +60,10 @@ def _now() -> str:
 class Manifest:
     """``_manifest.json`` of a shard directory.  ``shards`` are sorted by file name; ``planned_shards`` is how many the
     job will write (``complete`` once all are present).  ``source``: input description (root, list file, format,
-    count); ``config``: the resolved embed config; ``versions``: software versions; ``id_offset``: what the embed job
-    added to every row id (ids = input position + ``id_offset``; 0 when absent: manifests from before it);
+    count); ``config``: the resolved embed config; ``versions``: software versions; ``provenance``: the record of the
+    job that created the directory (:func:`facesearch.model.provenance.provenance`; empty before it); ``id_offset``:
+    what the embed job added to every row id (ids = input position + ``id_offset``; 0 when absent: manifests from
+    before it);
     ``columns``: the optional columns (:data:`facesearch.indexer.shards.OPTIONAL_COLUMNS`) every shard of the directory
     holds (``()`` when absent: manifests from before them; written only when not empty)."""
 
@@ -73,6 +75,7 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
     shards: tuple[ShardEntry, ...] = ()
     planned_shards: int = 0
     complete: bool = False

@@ -20,7 +20,6 @@ them and a directory never mixes two schemas.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import logging
 import time
@@ -72,6 +71,7 @@ from facesearch.model.assets import find_yunet, yunet_path
 from facesearch.model.checkpoint import load_checkpoint
 from facesearch.model.device import resolve_device
 from facesearch.model.faces.align import pose_score
+from facesearch.model.provenance import our_version, provenance, versions
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +122,8 @@ class EmbedResult:
 
 
 def _versions() -> dict[str, str]:
-    out = {}
-    for name in ("facesearch", "torch", "pyarrow", "dask", "distributed", "numpy", "opencv-python-headless"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return out
+    """Our version and the libraries' (the provenance record's ``facesearch`` and ``versions``)."""
+    return {"facesearch": our_version(), **versions()}
 
 
 def _items_sha256(items: Sequence[InputItem]) -> str:
@@ -168,6 +163,7 @@ def _new_manifest(cfg: EmbedConfig, items: Sequence[InputItem], n_shards: int) -
         source=source,
         config=cfg.to_dict(),
         versions=_versions(),
+        provenance=provenance(),
         planned_shards=n_shards,
         columns=optional_columns(cfg.keep_face),
     )
@@ -369,8 +365,8 @@ def _prepare_out(cfg: EmbedConfig, new: Manifest) -> Manifest:
     if is_shard_directory(out):
         old = read_manifest(out)
         _check_compatible(out, old, new, cfg)
-        provenance = {k: new.source[k] for k in ("detection", "ids")}
-        return old.replace(config=new.config, versions=new.versions, source={**old.source, **provenance})
+        detection = {k: new.source[k] for k in ("detection", "ids")}
+        return old.replace(config=new.config, versions=new.versions, source={**old.source, **detection})
     if out.exists() and (not out.is_dir() or any(p.name != LOCK_FILE for p in out.iterdir())):
         raise ValueError(f"--out {out} exists and is not a shard directory (no {MANIFEST}); use an empty folder")
     out.mkdir(parents=True, exist_ok=True)

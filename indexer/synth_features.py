@@ -29,6 +29,7 @@ import numpy as np
 
 from facesearch.indexer import shards
 from facesearch.model.config import ATTRIBUTES
+from facesearch.model.provenance import our_version, provenance, versions
 
 PROBE_ID_OFFSET = 1 << 40  # probe ids never collide with gallery ids (gallery ids are 0 .. rows-1)
 _BLOCK = 16384  # rows generated at a time
@@ -167,8 +168,6 @@ def _block(cfg: SynthFeaturesConfig, lo: int, hi: int, cache: dict[int, Any]) ->
 
 
 def _manifest(cfg: SynthFeaturesConfig, entries: tuple[shards.ShardEntry, ...], planned: int) -> shards.Manifest:
-    import pyarrow as pa
-
     return shards.Manifest(
         fingerprint=cfg.fingerprint,
         d=cfg.dim,
@@ -176,7 +175,8 @@ def _manifest(cfg: SynthFeaturesConfig, entries: tuple[shards.ShardEntry, ...], 
         attributes=ATTRIBUTES,
         source={"synthetic": "features", "role": "probes" if cfg.is_probes else "gallery"},
         config=cfg.to_dict(),
-        versions={"numpy": np.__version__, "pyarrow": pa.__version__},
+        versions={"facesearch": our_version(), **versions()},
+        provenance=provenance(),
         shards=entries,
         planned_shards=planned,
         complete=len(entries) == planned,

@@ -7,26 +7,26 @@ from __future__ import annotations
 
 from facesearch.model.config import ModelConfig, preset
 from facesearch.model.network import FaceNet, count_macs, count_parameters, stage_table
+from facesearch.model.tables import render_table
 
 
 def markdown_stage_table(cfg: ModelConfig) -> str:
     """One row per trunk stage and head: output shape (C x H x W) and parameters."""
-    lines = ["| # | stage | output shape | parameters |", "|---|---|---|---|"]
-    for i, (name, shape, params) in enumerate(stage_table(cfg)):
-        lines.append(f"| {i} | {name} | {' x '.join(str(s) for s in shape)} | {params:,} |")
-    return "\n".join(lines)
+    rows = [
+        [i, name, " x ".join(str(s) for s in shape), f"{params:,}"]
+        for i, (name, shape, params) in enumerate(stage_table(cfg))
+    ]
+    return render_table(["#", "stage", "output shape", "parameters"], rows, left=3)
 
 
 def markdown_summary(num_identities: int = 10575) -> str:
     """Parameters and multiply-accumulates per image for every arch x head configuration at 112x96."""
-    lines = ["| model | head | parameters | MACs / image (conv + FC) |", "|---|---|---|---|"]
+    rows = []
     for arch in ("full", "fast", "variant"):
         for head in (1, 2, 3):
             model = FaceNet(preset(arch, head=head, num_identities=num_identities))
-            lines.append(
-                f"| {arch} | {head} | {count_parameters(model) / 1e6:.2f} M | {count_macs(model) / 1e9:.3f} G |"
-            )
-    return "\n".join(lines)
+            rows.append([arch, head, f"{count_parameters(model) / 1e6:.2f} M", f"{count_macs(model) / 1e9:.3f} G"])
+    return render_table(["model", "head", "parameters", "MACs / image (conv + FC)"], rows, left=2)
 
 
 def render() -> str:

@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 
-from facesearch.model.checkpoint import package_version
 from facesearch.model.config import ATTRIBUTES, INPUT_SIZE, from_mapping
 from facesearch.model.faces.datasets import (
     FaceDataset,
@@ -43,6 +42,8 @@ from facesearch.model.faces.datasets import (
 )
 from facesearch.model.fileio import atomic_write_text
 from facesearch.model.inference import Embedder, embed_dataset
+from facesearch.model.provenance import our_version
+from facesearch.model.provenance import provenance as provenance_record
 from facesearch.model.train import TrainResult, train
 from facesearch.model.train_config import StageConfig, TrainConfig
 from facesearch.model.trainer_data import (
@@ -242,7 +243,8 @@ def label_identities(cfg: LabelConfig) -> LabelResult:
         "skipped": len(skips),
         "skipped_summary": skips.summary(),
         "positive_rate": rate,
-        "version": package_version(),
+        "version": our_version(),
+        "provenance": provenance_record(),
         "seconds": round(time.perf_counter() - t0, 3),
     }
     atomic_write_text(provenance, json.dumps(record, indent=2) + "\n")

@@ -7,7 +7,8 @@ hyper-parameters, step) is JSON in its string metadata.  Layout of one file:
   ``optim.<param id>.<state key>`` (optimizer state tensors, e.g. SGD momentum buffers) and
   ``rng.torch`` / ``rng.cuda.<i>`` (generator states as uint8 tensors);
 * metadata ``format = "facesearch.checkpoint"`` (the marker), ``format_version``, ``kind`` (``training`` or
-  ``weights``), ``step``, ``version`` (package), ``fingerprint`` (:func:`model_fingerprint`), and the JSON strings
+  ``weights``), ``step``, ``version`` (package), ``fingerprint`` (:func:`model_fingerprint`), ``provenance`` (the
+  record of :func:`facesearch.model.provenance.provenance`: versions, machine, command, time), and the JSON strings
   ``model_config``, ``train_config``, ``identities`` (index -> name), ``attributes``, ``optimizer`` (param groups and
   non-tensor state), ``extra``;
 * ``checksum``: SHA-256 over every tensor (name, dtype, shape, bytes, in sorted name order) and the other metadata,
@@ -19,7 +20,6 @@ Files are written atomically (``*.tmp``, fsync, ``os.replace``): a crash mid-wri
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -35,19 +35,13 @@ from torch import Tensor
 
 from facesearch.model.config import ModelConfig
 from facesearch.model.fileio import atomic_write_with
+from facesearch.model.provenance import our_version, provenance
 
 log = logging.getLogger(__name__)
 
 FORMAT = "facesearch.checkpoint"
 FORMAT_VERSION = 1
 _JSON_KEYS = ("model_config", "train_config", "identities", "attributes", "optimizer", "extra")
-
-
-def package_version() -> str:
-    try:
-        return importlib.metadata.version("facesearch")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 @dataclass(frozen=True)
@@ -206,8 +200,9 @@ def save_checkpoint(
         format_version=str(FORMAT_VERSION),
         kind="training" if training else "weights",
         step=str(int(step)),
-        version=package_version(),
+        version=our_version(),
         fingerprint=fingerprint,
+        provenance=json.dumps(provenance(), sort_keys=True),
     )
     metadata["checksum"] = _checksum(tensors, metadata)
     atomic_write_safetensors(path, tensors, metadata)
@@ -310,7 +305,6 @@ __all__ = [
     "export_weights",
     "load_checkpoint",
     "model_fingerprint",
-    "package_version",
     "restore_rng_state",
     "save_checkpoint",
 ]

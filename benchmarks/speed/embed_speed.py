@@ -7,6 +7,7 @@ thread barriers than independent single-thread processes).
     python -m facesearch.benchmarks.speed.embed_speed [--identities 40] [--images-per-identity 10] [--width 0.25]
     [--input-size 112x96]
                                      [--detect] [--workers N] [--json out.json]
+    facesearch bench speed embed ...   (the same options)
 
 Images are synthetic faces (``facesearch.model.faces.synth``) with landmarks from their list (``--detect``: YuNet
 instead).  The model is a randomly initialised Fast network (speed does not depend on the weights).  Pipeline overhead
@@ -20,11 +21,14 @@ summed over tasks (they overlap: decoding runs beside inference).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +43,25 @@ from facesearch.model.faces.align import FaceDetector, prepare_face
 from facesearch.model.faces.synth import SynthConfig, generate_faces
 from facesearch.model.inference import Embedder
 from facesearch.model.network import FaceNet
+from facesearch.model.provenance import provenance
+from facesearch.model.tables import render_table
+
+
+@dataclass(frozen=True)
+class EmbedSpeedConfig:
+    """The options of the run (one field per command-line option)."""
+
+    identities: int = 40
+    images_per_identity: int = 10
+    width: float = 0.25
+    input_size: str = "112x96"
+    batch_size: int = 64
+    shard_rows: int = 100
+    workers: int | None = None
+    threads_per_worker: int = 1
+    repeats: int = 2
+    detect: bool = False
+    json: Path | None = None
 
 
 def _data(root: Path, identities: int, per_identity: int) -> Path:
@@ -90,8 +113,20 @@ def _pipeline(cfg: EmbedConfig) -> dict[str, Any]:
             "stage_seconds": result.stage_seconds}  # fmt: skip
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(cfg: EmbedSpeedConfig) -> dict[str, Any]:
+    """Model alone vs the Dask pipeline on the same synthetic images (in a temporary folder, removed after);
+    writes ``cfg.json`` when set."""
     work = Path(tempfile.mkdtemp(prefix="embed_speed_"))
+    try:
+        result = _measure(cfg, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return result
+
+
+def _measure(args: EmbedSpeedConfig, work: Path) -> dict[str, Any]:
     h, w = (int(v) for v in args.input_size.split("x"))
     model_cfg = preset("fast", width=args.width, input_size=(h, w), num_identities=args.identities)
     torch.manual_seed(0)
@@ -116,6 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pipe = min(runs, key=lambda p: p["wall_s"])
     infer = pipe["stage_seconds"].get("infer", 0.0)
     steady_infer = infer * pipe["steady_images"] / max(pipe["images"], 1)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(args).items()}
     return {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "loadavg": os.getloadavg(), "model": f"fast w{args.width} {args.input_size}", "detect": args.detect,
             "workers": args.workers, "threads_per_worker": args.threads_per_worker, "batch_size": args.batch_size,
@@ -123,40 +159,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "overhead_pct": 100 * (alone["images_per_s"] / pipe["images_per_s"] - 1),
             "steady_overhead_pct": 100 * (alone["images_per_s"] / pipe["steady_images_per_s"] - 1),
             "infer_share_pct": 100 * infer / (workers * pipe["wall_s"]),
-            "steady_infer_share_pct": 100 * steady_infer / (workers * pipe["steady_s"])}  # fmt: skip
+            "steady_infer_share_pct": 100 * steady_infer / (workers * pipe["steady_s"]),
+            "provenance": provenance(config=config)}  # fmt: skip
 
 
-def report(r: dict[str, Any]) -> str:
+def format_report(r: dict[str, Any]) -> str:
+    """The markdown report of a :func:`run` result: the paths compared, the inference share, the stage seconds."""
     a, p = r["model_alone"], r["pipeline"]
+    paths = [
+        [f"model alone (embed_crops, {a['all_threads']['threads']} threads)", a["images"],
+         f"{a['all_threads']['seconds']:.2f}", f"{a['all_threads']['images_per_s']:.1f}", "—"],
+        ["model alone (embed_crops, 1 thread)", a["images"], f"{a['one_thread']['seconds']:.2f}",
+         f"{a['one_thread']['images_per_s']:.1f}", "—"],
+        [f"reference: best of the above (1 thread x {a['ideal_workers']} processes = ideal for the workers)", "", "",
+         f"{a['images_per_s']:.1f}", "—"],
+        [f"Dask pipeline, {r['workers'] or 'auto'} workers x {r['threads_per_worker']} thread, incl. cluster start",
+         p["images"], f"{p['wall_s']:.2f}", f"{p['images_per_s']:.1f}", f"{r['overhead_pct']:+.0f}%"],
+        ["Dask pipeline, steady state (first to last finished shard)", p["steady_images"], f"{p['steady_s']:.2f}",
+         f"{p['steady_images_per_s']:.1f}", f"{r['steady_overhead_pct']:+.0f}%"],
+    ]  # fmt: skip
+    stages = [[k, f"{v:.2f}"] for k, v in r["pipeline"]["stage_seconds"].items()]
     lines = [
         f"Embedding speed: {r['model']}, {'YuNet detection' if r['detect'] else 'landmarks from the list'}, "
         f"{r['cores']} cores, load average {' / '.join(f'{v:.2f}' for v in r['loadavg'])} (at the end)",
         "",
-        "| path | images | seconds | images/s | overhead |",
-        "|---|---:|---:|---:|---:|",
-        f"| model alone (embed_crops, {a['all_threads']['threads']} threads) | {a['images']} | "
-        f"{a['all_threads']['seconds']:.2f} | {a['all_threads']['images_per_s']:.1f} | — |",
-        f"| model alone (embed_crops, 1 thread) | {a['images']} | {a['one_thread']['seconds']:.2f} | "
-        f"{a['one_thread']['images_per_s']:.1f} | — |",
-        f"| reference: best of the above (1 thread x {a['ideal_workers']} processes = ideal for the workers) | | | "
-        f"{a['images_per_s']:.1f} | — |",
-        f"| Dask pipeline, {r['workers'] or 'auto'} workers x {r['threads_per_worker']} thread, incl. cluster start | "
-        f"{p['images']} | {p['wall_s']:.2f} | {p['images_per_s']:.1f} | {r['overhead_pct']:+.0f}% |",
-        f"| Dask pipeline, steady state (first to last finished shard) | {p['steady_images']} | {p['steady_s']:.2f} | "
-        f"{p['steady_images_per_s']:.1f} | {r['steady_overhead_pct']:+.0f}% |",
+        render_table(["path", "images", "seconds", "images/s", "overhead"], paths),
         "",
         f"Inference share of worker time (summed infer seconds / ({a['ideal_workers']} workers x wall)): "
         f"{r['infer_share_pct']:.0f}% over the whole run, {r['steady_infer_share_pct']:.0f}% in steady state "
         "(approximate: the first shard's inference is counted in both).",
         "",
-        "| stage (summed over tasks) | seconds |",
-        "|---|---:|",
-        *(f"| {k} | {v:.2f} |" for k, v in r["pipeline"]["stage_seconds"].items()),
+        render_table(["stage (summed over tasks)", "seconds"], stages),
     ]
     return "\n".join(lines)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--identities", type=int, default=40)
     ap.add_argument("--images-per-identity", type=int, default=10)
@@ -169,11 +207,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--detect", action="store_true", help="YuNet detection instead of the list's landmarks")
     ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
-    result = run(args)
-    print(report(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    result = run(EmbedSpeedConfig(**vars(build_parser().parse_args(argv))))
+    print(format_report(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 
     # a synthetic gallery under --work, its own vectors as queries
     python -m facesearch.benchmarks.speed.search_latency --rows 100000
+    facesearch bench speed latency ...   (the same options)
 
 The gallery is a shard directory (``facesearch synth features`` writes one); the filters pass 1 %, 10 % and 50 % of
 it by thresholds on an attribute probability (scattered over the gallery, like real filters), and ``Male``.  Queries
@@ -21,24 +22,26 @@ latency percentiles, with the server's count of merged batches.
 
 The hardware reference: a single flat query reads the whole gallery once (nb x d x 2 bytes in the bf16 screen), so
 its floor is that over the memory bandwidth (measured here with a large copy); a batch is bounded by the bf16 GEMM
-rate (measured: 2 nq nb d / FLOP/s).
+rate (measured: 2 nq nb d / FLOP/s).  ``<work>/latency.json`` holds every row, the machine and the provenance
+record; ``<work>/latency.md`` the tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
 import platform
 import re
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,31 @@ from facesearch.indexer import shards
 from facesearch.indexer.index import IndexConfig, build_index, is_index_directory
 from facesearch.indexer.search import ResidentGallery
 from facesearch.indexer.synth_features import SynthFeaturesConfig, write_synth_features
+from facesearch.model.measure import copy_bandwidth, gemm_flops, peak_rss_bytes
+from facesearch.model.provenance import provenance
+from facesearch.model.tables import render_table
+
+
+@dataclass(frozen=True)
+class SearchLatencyConfig:
+    """The options of the run (one field per command-line option)."""
+
+    shards: Path | None = None
+    probes: Path | None = None
+    rows: int = 100_000
+    dim: int = 1024
+    kinds: str = "flat,ivf-flat"
+    single: int = 100
+    batch: int = 256
+    k: int = 10
+    http: bool = False
+    concurrency: tuple[int, ...] = (1, 4, 16)
+    http_seconds: int = 20
+    work: Path = Path("runs/search_latency")
+
+
+GEMM_N = 4096  # side of the square product whose rate is the batch's bound
+COPY_BYTES = 1 << 30  # buffer of the bandwidth measurement: far beyond the last-level cache
 
 _KIND_CONFIG = {
     "flat": {},
@@ -89,29 +117,6 @@ def _time_batch(eng: SearchEngine, xq: np.ndarray, k: int, expr: str | None, str
     return {"batch_qps": len(xq) / dt, "batch_s": dt}
 
 
-def _bandwidth_gbs() -> float:
-    """Memory copy bandwidth (read + write) of a 1 GiB buffer, GB/s, best of 3."""
-    a = torch.empty(1 << 28, dtype=torch.float32).fill_(1.0)
-    b = torch.empty_like(a)
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        b.copy_(a)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * a.numel() * 4 / best / 1e9
-
-
-def _gemm_tflops(dtype: torch.dtype, n: int = 4096) -> float:
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e12
-
-
 def _ensure_index(shards_dir: Path, work: Path, kind: str) -> Path:
     index_dir = work / kind
     if not is_index_directory(index_dir):
@@ -135,7 +140,7 @@ def _queries(probes: Path | None, eng: SearchEngine | None, n: int, d: int = 0) 
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def _bench_kind(args: argparse.Namespace, kind: str, index_dir: Path) -> list[dict[str, Any]]:
+def _bench_kind(args: SearchLatencyConfig, kind: str, index_dir: Path) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     eng = SearchEngine.open(index_dir)
     open_s = time.perf_counter() - t0
@@ -201,7 +206,7 @@ def _wrk(url: str, body: str, concurrency: int, seconds: int) -> dict[str, Any]:
             "p99_ms": ms(pct["99"]), "errors": int(non2xx.group(1)) if non2xx else 0}  # fmt: skip
 
 
-def _bench_http(args: argparse.Namespace, index_dir: Path) -> list[dict[str, Any]]:
+def _bench_http(args: SearchLatencyConfig, index_dir: Path) -> list[dict[str, Any]]:
     if shutil.which("wrk") is None:
         print("wrk not found (apt install wrk): HTTP load test skipped", file=sys.stderr)
         return []
@@ -239,24 +244,49 @@ def _bench_http(args: argparse.Namespace, index_dir: Path) -> list[dict[str, Any
 def markdown(result: dict[str, Any]) -> str:
     """The tables of a ``latency.json``: per kind and filter, then HTTP."""
     m = result["machine"]
-    lines = [f"{m['cores']} cores, torch {m['torch']}; copy bandwidth {m['bandwidth_gbs']:.1f} GB/s, GEMM fp32 "
-             f"{m['gemm_fp32_tflops']:.2f} / bf16 {m['gemm_bf16_tflops']:.2f} TFLOP/s.", "",
-             "| index | filter | passing | strategy | one query p50 ms | p99 ms | batch queries/s |",
-             "|---|---|---:|---|---:|---:|---:|"]  # fmt: skip
-    for r in result["rows"]:
-        lines.append(f"| {r['kind']} | {r['filter']} | {r['passing']:,} | {r['strategy']} | {r['p50_ms']:.1f} | "
-                     f"{r['p99_ms']:.1f} | {r['batch_qps']:.0f} |")  # fmt: skip
+    head = (f"{m['cores']} cores, torch {m['torch']}; copy bandwidth {m['bandwidth_gbs']:.1f} GB/s, GEMM fp32 "
+            f"{m['gemm_fp32_tflops']:.2f} / bf16 {m['gemm_bf16_tflops']:.2f} TFLOP/s.")  # fmt: skip
+    rows = [[r["kind"], r["filter"], f"{r['passing']:,}", r["strategy"], f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",
+             f"{r['batch_qps']:.0f}"] for r in result["rows"]]  # fmt: skip
+    headers = ["index", "filter", "passing", "strategy", "one query p50 ms", "p99 ms", "batch queries/s"]
+    lines = [head, "", render_table(headers, rows, left=2)]
     if result.get("http"):
-        head = "| HTTP filter | clients | requests/s | p50 ms | p90 ms | p99 ms | requests per batch | errors |"
-        lines += ["", head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for h in result["http"]:
-            cells = [h["filter"], h["concurrency"], f"{h['rps']:.1f}", *(f"{h[c]:.0f}" for c in ("p50_ms", "p90_ms",
-                     "p99_ms")), f"{h['requests_per_batch']:.1f}", h["errors"]]  # fmt: skip
-            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        http = [[h["filter"], h["concurrency"], f"{h['rps']:.1f}", *(f"{h[c]:.0f}" for c in ("p50_ms", "p90_ms",
+                 "p99_ms")), f"{h['requests_per_batch']:.1f}", h["errors"]] for h in result["http"]]  # fmt: skip
+        headers = ["HTTP filter", "clients", "requests/s", "p50 ms", "p90 ms", "p99 ms", "requests per batch", "errors"]
+        lines += ["", render_table(headers, http)]
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def run(args: SearchLatencyConfig) -> dict[str, Any]:
+    """Measure the machine, then every index kind (built under ``args.work`` once) and, with ``args.http``, the
+    server; writes ``latency.json`` and ``latency.md`` under ``args.work`` and returns the result."""
+    args.work.mkdir(parents=True, exist_ok=True)
+    shards_dir = args.shards
+    if shards_dir is None:
+        shards_dir = args.work / f"shards_{args.rows}_{args.dim}"
+        if not shards.is_shard_directory(shards_dir):
+            write_synth_features(SynthFeaturesConfig(out=shards_dir, rows=args.rows, dim=args.dim,
+                                                     identities=max(10, args.rows // 100), seed=5))  # fmt: skip
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+               "bandwidth_gbs": copy_bandwidth(COPY_BYTES) / 1e9, "gemm_fp32_tflops": gemm_flops(GEMM_N) / 1e12,
+               "gemm_bf16_tflops": gemm_flops(GEMM_N, dtype="bf16") / 1e12}  # fmt: skip
+    print(json.dumps({"machine": machine}), flush=True)
+    rows = []
+    for kind in [k for k in args.kinds.split(",") if k]:
+        rows += _bench_kind(args, kind, _ensure_index(shards_dir, args.work, kind))
+        gc.collect()  # the engine of this kind is gone before the next one loads
+    http = _bench_http(args, _ensure_index(shards_dir, args.work, "flat")) if args.http else []
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(args).items()}
+    result = {"machine": machine, "rows": rows, "http": http, "peak_rss_gib": peak_rss_bytes() / 2**30,
+              "provenance": provenance(config=config)}  # fmt: skip
+    (args.work / "latency.json").write_text(json.dumps(result, indent=1))
+    (args.work / "latency.md").write_text(markdown(result))
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shards", type=Path, help="gallery shard directory; default: a synthetic one under --work")
     ap.add_argument("--probes", type=Path, help="probe shard directory (queries); default: gallery vectors")
@@ -267,34 +297,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256, help="queries in the batched call")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--http", action="store_true", help="load `facesearch serve` on the flat index with wrk")
-    ap.add_argument("--concurrency", type=lambda s: [int(c) for c in s.split(",")], default=[1, 4, 16])
+    ap.add_argument("--concurrency", type=lambda s: tuple(int(c) for c in s.split(",")), default=(1, 4, 16))
     ap.add_argument("--http-seconds", type=int, default=20)
     ap.add_argument("--work", type=Path, default=Path("runs/search_latency"))
-    args = ap.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
-    shards_dir = args.shards
-    if shards_dir is None:
-        shards_dir = args.work / f"shards_{args.rows}_{args.dim}"
-        if not shards.is_shard_directory(shards_dir):
-            write_synth_features(SynthFeaturesConfig(out=shards_dir, rows=args.rows, dim=args.dim,
-                                                     identities=max(10, args.rows // 100), seed=5))  # fmt: skip
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-               "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-               "bandwidth_gbs": _bandwidth_gbs(), "gemm_fp32_tflops": _gemm_tflops(torch.float32),
-               "gemm_bf16_tflops": _gemm_tflops(torch.bfloat16)}  # fmt: skip
-    print(json.dumps({"machine": machine}), flush=True)
-    rows = []
-    for kind in [k for k in args.kinds.split(",") if k]:
-        rows += _bench_kind(args, kind, _ensure_index(shards_dir, args.work, kind))
-        gc.collect()  # the engine of this kind is gone before the next one loads
-    http = _bench_http(args, _ensure_index(shards_dir, args.work, "flat")) if args.http else []
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    out = args.work / "latency.json"
-    result = {"machine": machine, "rows": rows, "http": http, "peak_rss_gib": peak}
-    out.write_text(json.dumps(result, indent=1))
-    (args.work / "latency.md").write_text(markdown(result))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = SearchLatencyConfig(**vars(build_parser().parse_args(argv)))
+    result = run(args)
     print(markdown(result))
-    print(f"wrote {out} and latency.md")
+    print(f"wrote {args.work / 'latency.json'} and latency.md")
+    return result
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python -m facesearch.benchmarks.speed.search_speed [--rows 1000000] [--queries 3530] [--dim 1024] [--device
     cpu|cuda]
                                       [--backends faiss:none,torch:none,torch:bf16] [--tile-rows 65536]
+    facesearch bench speed search ...   (the same options)
 
 Data: identity-clustered unit vectors stored as float16 (as in our shards), streamed to ``search_exact`` in blocks
 of ``--block-rows``; queries are new rows of the same identities.  The floor is ``2 nq nb d / FLOP/s`` of a
@@ -14,13 +15,34 @@ float32 exact).  Every back-end's ids are compared with the first one's (exact-s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from facesearch.indexer.search import search_exact
+from facesearch.model.measure import gemm_flops
+from facesearch.model.provenance import provenance
+from facesearch.model.tables import render_table
+
+
+@dataclass(frozen=True)
+class SearchSpeedConfig:
+    """The options of the run (one field per command-line option)."""
+
+    rows: int = 1_000_000
+    queries: int = 3530
+    dim: int = 1024
+    identities: int = 10_000
+    k: int = 10
+    device: str = "cpu"
+    backends: str = "faiss:none,torch:none,torch:bf16"
+    tile_rows: int = 65536
+    block_rows: int = 262144
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -46,22 +68,42 @@ def blocks(xb: np.ndarray, block_rows: int) -> Iterator[tuple[np.ndarray, np.nda
         yield np.arange(lo, hi, dtype=np.int64), xb[lo:hi]
 
 
-def gemm_flops(device: str, dtype: torch.dtype, m: int, k: int, n: int) -> float:
-    a = torch.randn(m, k, device=device).to(dtype)
-    b = torch.randn(k, n, device=device).to(dtype)
-    best = float("inf")
-    for _ in range(8):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+def run(cfg: SearchSpeedConfig) -> dict[str, Any]:
+    """Search the synthetic data with every back-end: per back-end seconds, the GEMM floor and its rate, and the
+    fraction of ids equal to the first back-end's."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    xb, xq = make_data(cfg.rows, cfg.queries, cfg.dim, cfg.identities)
+    cuda = cfg.device.startswith("cuda")
+    name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    rows = []
+    first: np.ndarray | None = None
+    for spec in cfg.backends.split(","):
+        backend, screen = spec.split(":")
+        device = "cpu" if backend == "faiss" else cfg.device
+        flops = gemm_flops(cfg.queries, cfg.dim, cfg.tile_rows, "bf16" if screen == "bf16" else "fp32", device)
+        floor = 2 * cfg.queries * cfg.rows * cfg.dim / flops
         t0 = time.perf_counter()
-        a @ b
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * m * k * n / best
+        _, I = search_exact(xq, blocks(xb, cfg.block_rows), cfg.k, backend, device, cfg.tile_rows, screen)
+        sec = time.perf_counter() - t0
+        first = I if first is None else first
+        rows.append({"backend": backend, "device": device, "screen": screen, "seconds": sec, "floor_s": floor,
+                     "gemm_flops": flops, "ids_equal_to_first": float((I == first).mean())})  # fmt: skip
+    return {"on": name, "rows": rows, "provenance": provenance(config=dataclasses.asdict(cfg)),
+            **{k: getattr(cfg, k) for k in ("queries", "dim", "k")}, "nb": cfg.rows}  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> None:
+def format_report(result: dict[str, Any]) -> str:
+    """The shape line and the markdown table of a :func:`run` result."""
+    r = result
+    cells = [[x["backend"], x["device"], x["screen"], f"{x['seconds']:.2f}",
+              f"{x['floor_s']:.2f} ({x['gemm_flops'] / 1e12:.2f} T)", f"{x['seconds'] / x['floor_s']:.2f}",
+              f"{x['ids_equal_to_first']:.5f}"] for x in r["rows"]]  # fmt: skip
+    headers = ["back-end", "device", "screen", "seconds", "GEMM floor s (FLOP/s)", "x floor", "ids equal to first"]
+    head = f"{r['queries']} queries x {r['nb']} rows x d={r['dim']}, k={r['k']}, on {r['on']}"
+    return head + "\n" + render_table(headers, cells, left=3)
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--queries", type=int, default=3530)
@@ -72,27 +114,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backends", default="faiss:none,torch:none,torch:bf16")
     ap.add_argument("--tile-rows", type=int, default=65536)
     ap.add_argument("--block-rows", type=int, default=262144)
-    args = ap.parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    xb, xq = make_data(args.rows, args.queries, args.dim, args.identities)
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{args.queries} queries x {args.rows} rows x d={args.dim}, k={args.k}, on {name}")
-    print("| back-end | device | screen | seconds | GEMM floor s (FLOP/s) | x floor | ids equal to first |")
-    print("|---|---|---|---|---|---|---|")
-    first: np.ndarray | None = None
-    for spec in args.backends.split(","):
-        backend, screen = spec.split(":")
-        device = "cpu" if backend == "faiss" else args.device
-        flops = gemm_flops(device, torch.bfloat16 if screen == "bf16" else torch.float32, args.queries, args.dim,
-                           args.tile_rows)  # fmt: skip
-        floor = 2 * args.queries * args.rows * args.dim / flops
-        t0 = time.perf_counter()
-        _, I = search_exact(xq, blocks(xb, args.block_rows), args.k, backend, device, args.tile_rows, screen)
-        sec = time.perf_counter() - t0
-        first = I if first is None else first
-        same = float((I == first).mean())
-        print(f"| {backend} | {device} | {screen} | {sec:.2f} | {floor:.2f} ({flops / 1e12:.2f} T) "
-              f"| {sec / floor:.2f} | {same:.5f} |")  # fmt: skip
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    result = run(SearchSpeedConfig(**vars(build_parser().parse_args(argv))))
+    print(format_report(result))
+    return result
 
 
 if __name__ == "__main__":
