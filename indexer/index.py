@@ -23,8 +23,7 @@ Id mapping: FAISS itself stores our int64 ids, so a search returns them directly
 in ``IndexIDMap2``; ``ivf-flat`` / ``ivf-pq`` store ids natively (``add_with_ids``; wrapping an IVF in an id map
 would break on removal, because IVF does not renumber its internal ids).  ``attributes.parquet`` lists the same id
 set and is what ``LoadedIndex.ids`` reads.  Index id = shard id + the source's id offset
-(:mod:`facesearch.indexer.index_ids`:
-``id_offset``, ``fresh_ids``, collisions).
+(:mod:`facesearch.indexer.index_ids`: ``id_offset``, ``fresh_ids``, ``shard_ids`` subsets, collisions).
 
 Recall (:mod:`facesearch.indexer.recall`): queries are ``recall_sample`` rows drawn from the data (deterministic
 priority sampling by hashed id); each query's own id is removed from both result lists, so recall measures the
@@ -39,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import resource
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,14 +45,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from facesearch.indexer import shards
+from facesearch.indexer.faiss_import import faiss
 from facesearch.indexer.index_check import check_block_finite, check_consistency, check_finite, check_shards
-from facesearch.indexer.index_ids import IdCheck, check_id_range, known_sources, next_free_id, plan_add, source_record
+from facesearch.indexer.index_ids import (
+    IdCheck,
+    RowSelection,
+    check_id_range,
+    known_sources,
+    next_free_id,
+    plan_add,
+    shard_span,
+    source_record,
+)
 from facesearch.indexer.index_info import KINDS, IndexConfig, IndexInfo, LoadedIndex, apply_search_params, new_index
 from facesearch.indexer.index_store import (
     ATTR_FILE,
@@ -72,6 +79,8 @@ from facesearch.indexer.index_store import (
 )
 from facesearch.indexer.locks import directory_lock
 from facesearch.indexer.recall import measure_recall, recall_at
+from facesearch.model.measure import peak_rss_bytes
+from facesearch.model.provenance import our_version, provenance, versions
 
 log = logging.getLogger(__name__)
 _FLAT_RECALL_SAMPLE = 100  # flat is exact by construction: a small sanity-check sample is enough
@@ -82,14 +91,9 @@ def _now() -> str:
 
 
 def _versions() -> dict[str, str]:
-    import torch
-
-    return {"faiss": faiss.__version__, "numpy": np.__version__, "pyarrow": pa.__version__, "torch": torch.__version__}
-
-
-def _peak_rss() -> int:
-    """Peak resident set size of this process so far, bytes (Linux reports KiB)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    """Our version and the libraries' (the provenance record's, by distribution name), plus ``faiss`` under the name
+    ``index_info.json`` always had it."""
+    return {"facesearch": our_version(), **versions(), "faiss": faiss.__version__}
 
 
 def _hash_keys(ids: np.ndarray, seed: int) -> np.ndarray:
@@ -145,12 +149,6 @@ def _source(shards_dir: Path) -> dict[str, Any]:
     return {"shards_dir": str(Path(shards_dir).resolve()), "manifest_sha256": shards.manifest_sha256(shards_dir)}
 
 
-def _id_span(manifest: shards.Manifest) -> tuple[int, int] | None:
-    """[smallest, largest] planned shard id of the shards that hold rows (None when none does)."""
-    full = [e for e in manifest.shards if e.rows]
-    return (min(e.id_lo for e in full), max(e.id_hi for e in full) - 1) if full else None
-
-
 def _build_into(
     gen: NewGeneration, shards_dir: Path, manifest: shards.Manifest, cfg: IndexConfig, id_offset: int, t0: float
 ) -> IndexInfo:
@@ -189,13 +187,14 @@ def _build_into(
         fingerprint=manifest.fingerprint,
         source=_source(shards_dir),
         build_seconds=round(time.perf_counter() - t0, 3),
-        peak_rss_bytes=_peak_rss(),
+        peak_rss_bytes=peak_rss_bytes(),
         recall=recall,
         versions=_versions(),
         history=({"op": "build", "time": now, "rows": nb, "source": str(shards_dir), "id_offset": id_offset},),
         sources=(source_record(shards_dir, sha, manifest, id_offset, span, nb, 0, "build", now),),
         max_id=hi if hi >= 0 else None,
         files=dict(gen.records),
+        provenance=provenance(),
     )
 
 
@@ -214,7 +213,7 @@ def build_index(shards_dir: Path, out_dir: Path, cfg: IndexConfig, id_offset: in
     shards_dir, out_dir = Path(shards_dir), Path(out_dir)
     manifest = shards.read_manifest(shards_dir)
     _refuse_non_empty(out_dir)
-    span = _id_span(manifest)
+    span = shard_span(manifest)
     if span is not None:
         check_id_range(span[0], span[1], id_offset, shards_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -303,7 +302,7 @@ def _save(index_dir: Path, loaded: LoadedIndex, attrs: pa.Table, event: dict[str
         info = dataclasses.replace(
             loaded.info,
             nb=int(loaded.index.ntotal),
-            history=(*loaded.info.history, event),
+            history=(*loaded.info.history, {**event, "provenance": provenance()}),
             sources=tuple(known_sources(loaded.info) if sources is None else sources),
             max_id=top if top >= 0 else None,
             files=dict(gen.records),
@@ -328,12 +327,13 @@ class AddResult:
 
 
 def _append(loaded: LoadedIndex, shards_dir: Path, manifest: shards.Manifest, offset: int, block_rows: int,
-            index_dir: Path) -> tuple[list[np.ndarray], int, pa.Table]:  # fmt: skip
-    """Add the shard rows not yet indexed to ``loaded.index`` (in memory); (added id arrays, skipped, attrs)."""
+            index_dir: Path, take: RowSelection) -> tuple[list[np.ndarray], int, pa.Table]:  # fmt: skip
+    """Add the selected shard rows not yet indexed to ``loaded.index`` (in memory); (added id arrays, skipped,
+    attrs)."""
     names = loaded.attributes.column_names
     check = IdCheck(loaded.ids, loaded.attributes, loaded.index)
     tables, added = [loaded.attributes], []
-    for b in _blocks(shards_dir, block_rows, [c for c in names if c != "id"]):
+    for b in map(take.take, _blocks(shards_dir, block_rows, [c for c in names if c != "id"])):
         check_block_finite(b, manifest, shards_dir)
         ids = b.ids + offset
         new = check.new_rows(ids, b.meta, b.xb)
@@ -343,19 +343,22 @@ def _append(loaded: LoadedIndex, shards_dir: Path, manifest: shards.Manifest, of
         meta = b.meta.filter(pa.array(new)).add_column(0, "id", pa.array(ids[new], pa.int64()))
         tables.append(meta.select(names).cast(loaded.attributes.schema))
         added.append(ids[new])
+    take.raise_if_missing(shards_dir)
     check.raise_if_bad(shards_dir, index_dir, offset, next_free_id(loaded.info, loaded.ids))
     return added, check.same, pa.concat_tables(tables)
 
 
 def add_to_index(index_dir: Path, shards_dir: Path, block_rows: int = 65536, *, id_offset: int | None = None,
-                 fresh_ids: bool = False) -> AddResult:  # fmt: skip
+                 fresh_ids: bool = False, shard_ids: np.ndarray | None = None) -> AddResult:  # fmt: skip
     """Append a shard directory's rows to an index (same fingerprint and d), as index id = shard id + offset.
 
-    The offset: ``id_offset``, or with ``fresh_ids`` one that puts the new ids after every id the index ever held,
-    else 0; a shard set added before keeps its offset (:func:`facesearch.indexer.index_ids.plan_add`).  Rows already
-    indexed unchanged (same id, path, identity and embedding) are skipped; a taken id of a different row is a
-    ``ValueError`` naming the ids, and nothing is written.  The shards are verified against their manifest and
-    NaN / inf embeddings refused first.  Nothing to add: nothing is written (``changed`` False)."""
+    The offset: ``id_offset``, or with ``fresh_ids`` one that puts the first new id right after every id the index
+    ever held (the rest follow in shard id order), else 0; a shard set added before keeps its offset
+    (:func:`facesearch.indexer.index_ids.plan_add`).  ``shard_ids`` (int64, ids as in the shards): add only those
+    rows (enrolling part of a set); one the shards lack is a ``ValueError``.  Rows already indexed unchanged (same
+    id, path, identity and embedding) are skipped; a taken id of a different row, or an id twice in the shards, is a
+    ``ValueError`` naming the shard directory and the ids, and nothing is written.  The shards are verified against
+    their manifest and NaN / inf embeddings refused first.  Nothing to add: nothing is written (``changed`` False)."""
     index_dir, shards_dir = Path(index_dir), Path(shards_dir)
     manifest = shards.read_manifest(shards_dir)
     current_layout(index_dir)  # "not an index directory" before anything else
@@ -367,12 +370,10 @@ def add_to_index(index_dir: Path, shards_dir: Path, block_rows: int = 65536, *, 
             raise ValueError(f"{shards_dir} was made by model {manifest.fingerprint!r} (d={manifest.d}) but the "
                              f"index {index_dir} by {loaded.info.fingerprint!r} (d={loaded.info.d}); refusing to "
                              "mix embeddings of different models")  # fmt: skip
-        sha, span = shards.manifest_sha256(shards_dir), _id_span(manifest)
-        plan = plan_add(loaded.info, loaded.ids, span[0] if span else None, shards_dir, sha, id_offset, fresh_ids)
-        if span is not None:
-            check_id_range(span[0], span[1], plan.offset, shards_dir)
+        take, sha = RowSelection(shard_ids), shards.manifest_sha256(shards_dir)
+        plan = plan_add(loaded.info, loaded.ids, manifest, shards_dir, sha, id_offset, fresh_ids, take)
         check_shards(shards_dir)
-        parts, skipped, attrs = _append(loaded, shards_dir, manifest, plan.offset, block_rows, index_dir)
+        parts, skipped, attrs = _append(loaded, shards_dir, manifest, plan.offset, block_rows, index_dir, take)
         new_ids = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         if not len(new_ids):
             log.info("%s: nothing to add from %s (%d rows already indexed; %s)", index_dir, shards_dir, skipped,
@@ -380,17 +381,19 @@ def add_to_index(index_dir: Path, shards_dir: Path, block_rows: int = 65536, *, 
             return AddResult(loaded.info, 0, skipped, plan.offset, plan.note, False, plan.prior)
         now = _now()
         span_new = (int(new_ids.min()), int(new_ids.max()) + 1)
-        record = source_record(shards_dir, sha, manifest, plan.offset, span_new, len(new_ids), skipped, "add", now)
-        event = {"op": "add", "time": now, "added": len(new_ids), "skipped_present": skipped,
-                 "id_offset": plan.offset, "source": _source(shards_dir)}  # fmt: skip
+        record = source_record(shards_dir, sha, manifest, plan.offset, span_new, len(new_ids), skipped, "add", now,
+                               plan.mode, take.selected)  # fmt: skip
+        event = {"op": "add", "time": now, "added": len(new_ids), "skipped_present": skipped, "id_mode": plan.mode,
+                 "id_offset": plan.offset, "rows_selected": take.selected, "source": _source(shards_dir)}  # fmt: skip
         info = _save(index_dir, loaded, attrs, event, (*known_sources(loaded.info), record))
     return AddResult(info, len(new_ids), skipped, plan.offset, plan.note, True, plan.prior)
 
 
 def add_shards(index_dir: Path, shards_dir: Path, block_rows: int = 65536, *, id_offset: int | None = None,
-               fresh_ids: bool = False) -> IndexInfo:  # fmt: skip
+               fresh_ids: bool = False, shard_ids: np.ndarray | None = None) -> IndexInfo:  # fmt: skip
     """:func:`add_to_index`, returning only the index's info afterwards."""
-    return add_to_index(index_dir, shards_dir, block_rows, id_offset=id_offset, fresh_ids=fresh_ids).info
+    return add_to_index(index_dir, shards_dir, block_rows, id_offset=id_offset, fresh_ids=fresh_ids,
+                        shard_ids=shard_ids).info  # fmt: skip
 
 
 def remove_ids(index_dir: Path, ids: np.ndarray) -> IndexInfo:

@@ -386,6 +386,13 @@ INDEX_CASES = [
     ("index info --index {a_file}", 2, ("a_file",)),
     ("index info --index {root}/nowhere", 2, ("nowhere",)),
     ("index remove --index {index} --ids-file {shards}", 2, ("shards",)),
+    ("index add --index {index} --shards {shards} --id-offset 99999999999999999999", 1, ("99999999999999999999",)),
+    ("index add --index {index} --shards {probes} --shard-ids-file {queries.txt}", 1, ("probes", "1, 2, 3")),
+    ("index add --index {index} --shards {shards} --shard-ids-file {ids_garbage.txt}", 2, ("ids_garbage.txt", "3")),
+    ("index add --index {index} --shards {shards} --shard-ids-file {ids_empty.txt}", 2, ("--shard-ids-file",)),
+    ("index add --index {index} --shards {shards} --shard-ids-file {ids_binary.txt}", 2, ("ids_binary.txt",)),
+    ("index add --index {index} --shards {shards} --shard-ids-file {root}/nowhere", 2, ("nowhere",)),
+    ("index add --index {index} --shards {shards} --shard-ids-file {shards}", 2, ("--shard-ids-file",)),
 ]
 _MF = "bench megaface --out {tmp}/mf"
 BENCH_CASES = [
@@ -514,6 +521,7 @@ def _console() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-c", "from facesearch.cli import main; main()"]
 
 
+@pytest.mark.slow  # a real process per case (~4 s each: the interpreter and torch start)
 @pytest.mark.parametrize(
     ("line", "status", "name"),
     [("search --index {index} --ids 12345", 1, "12345"),
