@@ -13,13 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from faiss.contrib.inspect_tools import get_invlist
 
 from facesearch.indexer import shards
+from facesearch.indexer.faiss_import import faiss
 
 METRICS = {faiss.METRIC_INNER_PRODUCT: "inner_product", faiss.METRIC_L2: "l2"}
 _SCAN_ROWS = 65536

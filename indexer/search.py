@@ -127,7 +127,7 @@ def _faiss_block(xq: np.ndarray, ids: np.ndarray, xb: np.ndarray, k: int, device
 
     FAISS orders equal scores arbitrarily, so k+1 results are fetched; rows whose k-th and last fetched scores tie are
     searched again with a doubled width until every item tied with the k-th is in view (then ids break the tie)."""
-    import faiss
+    from facesearch.indexer.faiss_import import faiss
 
     index: Any = faiss.IndexFlatIP(xb.shape[1])
     if device.startswith("cuda"):
@@ -173,7 +173,7 @@ def _scores(xq32: torch.Tensor, xb32: torch.Tensor, pad_queries: bool = True) ->
 
 def _gpu_resources() -> Any:
     """One ``faiss.StandardGpuResources`` per process (allocating it per block would be slow)."""
-    import faiss
+    from facesearch.indexer.faiss_import import faiss
 
     if not _GPU_RES:
         _GPU_RES.append(faiss.StandardGpuResources())
@@ -442,14 +442,14 @@ def resolve_backend(backend: str, device: str) -> str:
         raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
     if backend != "auto":
         if backend == "faiss" and device.startswith("cuda"):
-            import faiss
+            from facesearch.indexer.faiss_import import faiss
 
             if faiss.get_num_gpus() == 0:
                 raise ValueError("backend 'faiss' on cuda needs faiss with GPU support (pip install faiss-gpu-cu12)")
         return backend
     if device == "cpu":
         return "faiss"
-    import faiss
+    from facesearch.indexer.faiss_import import faiss
 
     return "faiss" if faiss.get_num_gpus() > 0 else "torch"
 

@@ -108,12 +108,12 @@ def _stuck_fifo(path: Path, patience: float = 10.0) -> Iterator[list[float]]:
     def watchdog() -> None:
         if stop.wait(patience):
             return
-        while not stop.wait(0.1):
-            try:  # succeeds only while a reader has the pipe open
-                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        while not stop.is_set():
+            fd = os.open(path, os.O_WRONLY)  # blocks until a reader has the pipe open (or the teardown below opens it)
+            if not stop.is_set():
                 released.append(time.monotonic())
-            except OSError:
-                pass
+            os.close(fd)  # no writer left: the reader sees end-of-file
+            stop.wait(0.1)  # a released reader closes the pipe meanwhile; without this pause the loop would spin
 
     thread = threading.Thread(target=watchdog, daemon=True)
     thread.start()
@@ -121,7 +121,12 @@ def _stuck_fifo(path: Path, patience: float = 10.0) -> Iterator[list[float]]:
         yield released
     finally:
         stop.set()
-        thread.join()
+        unblock = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # lets a watchdog waiting in open() return
+        try:
+            thread.join(10)
+            assert not thread.is_alive(), f"the watchdog of {path} did not stop"
+        finally:
+            os.close(unblock)
 
 
 @pytest.fixture(scope="session")

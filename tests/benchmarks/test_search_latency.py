@@ -10,6 +10,7 @@ import pytest
 from facesearch.benchmarks.speed import search_latency
 
 
+@pytest.mark.slow  # builds and times two indexes (~10 s on 2 cores)
 def test_small_run_reports_every_kind_filter_and_strategy(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     argv = ["search_latency", "--rows", "3000", "--dim", "32", "--kinds", "flat,ivf-flat", "--single", "3",
             "--batch", "8", "--work", str(tmp_path)]  # fmt: skip

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from facesearch.cli import main
@@ -25,6 +26,7 @@ def test_balanced_accuracy_matches_definition() -> None:
     assert np.isnan(balanced_accuracy(np.ones((3, 1)), np.ones((3, 1))))[0], "no negatives: undefined, not 1.0"
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_through_the_cli(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--identities", "12", "--stage1-iterations", "30", "--stage2-iterations", "10",

@@ -36,6 +36,7 @@ REMOVED = [3, 150, 299, 12345]
 DRIVER = r"""
 import json, os, sys
 from facesearch.cli import main
+import facesearch.cli.index  # the lazy CLI would import it (FAISS, Arrow) again in every forked child
 
 results = []
 for job in json.loads(sys.argv[1]):
@@ -129,6 +130,7 @@ def _only_one_generation(idx: Path) -> None:
     assert len(names) == 3 and names[0] == ".lock" and names[1] == POINTER and names[2].startswith("gen-"), names
 
 
+@pytest.mark.slow
 def test_update_killed_at_every_step_is_before_or_after_and_reruns(setup: dict[str, Any]) -> None:
     root = setup["root"]
     cases = [("add", s) for s in KILL_STEPS if s != "old-layout-partly-removed"]
@@ -156,6 +158,7 @@ def test_update_killed_at_every_step_is_before_or_after_and_reruns(setup: dict[s
         _only_one_generation(idx)  # what the killed writer left is gone
 
 
+@pytest.mark.slow
 def test_build_killed_at_every_step_can_be_run_again(setup: dict[str, Any]) -> None:
     root = setup["root"]
     steps = KILL_STEPS[: SWITCH + 1]  # a build has no old generation to remove
@@ -175,6 +178,7 @@ def test_build_killed_at_every_step_can_be_run_again(setup: dict[str, Any]) -> N
         _only_one_generation(idx)
 
 
+@pytest.mark.slow
 def test_the_hook_kills_a_real_cli_process(setup: dict[str, Any]) -> None:
     root = setup["root"]
     idx = root / "cli-kill"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -54,21 +55,23 @@ def test_a_held_lock_names_its_holder_and_is_released_after(tmp_path: Path) -> N
 
 
 HOLDER = r"""
-import sys, time
+import sys
 from pathlib import Path
 from facesearch.indexer.locks import directory_lock
 with directory_lock(Path(sys.argv[1])):
     print("locked", flush=True)
-    time.sleep(120)
+    sys.stdin.read()  # hold the lock until the test kills this process (or, if the test dies, closes the pipe)
 """
 
 
 def test_a_killed_holder_releases_the_lock_and_the_error_names_its_command(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), "--marker"], stdout=subprocess.PIPE,
-                            text=True, cwd=REPO, env=env)  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), "--marker"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)  # fmt: skip
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        assert proc.stdout is not None
+        assert select.select([proc.stdout], [], [], 60)[0], "the lock holder said nothing within 60 s"
+        assert proc.stdout.readline().strip() == "locked"
         with pytest.raises(DirectoryLocked, match=rf"is locked by pid {proc.pid} \(-c {tmp_path} --marker, since "):
             with directory_lock(tmp_path):
                 pass

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -69,6 +70,7 @@ def _tables(out: Path) -> list[pa.Table]:
     return [pq.read_table(out / e.file) for e in read_manifest(out).shards]
 
 
+@pytest.mark.slow
 def test_cluster_embed(clean: Path, images: Path, ckpt: Path) -> None:
     man = read_manifest(clean)
     items = plan_inputs(_cfg(images, ckpt, clean))
@@ -103,20 +105,48 @@ def _cli(images: Path, ckpt: Path, out: Path) -> list[str]:
             "--workers", "2", "--threads-per-worker", "1"]  # fmt: skip
 
 
+# The embed command with every file it atomically replaces (tmp + os.replace, as all project writes are) reported
+# on the pipe whose fd is argv[1]: the test wakes when the manifest changes instead of polling for it.
+REPORTING_EMBED = r"""
+import os, sys
+from facesearch.cli.embed import main
+notes, real_replace = int(sys.argv.pop(1)), os.replace
+def replace(src, dst, *args, **kwargs):
+    real_replace(src, dst, *args, **kwargs)
+    os.write(notes, os.path.basename(os.fsdecode(dst)).encode() + b"\n")
+os.replace = replace
+main()
+"""
+
+
+def _wait_for_shards(proc: subprocess.Popen[bytes], notes: int, out: Path, count: int, timeout: float) -> None:
+    """Block until the running embed has recorded ``count`` shards in its manifest (woken by each file it
+    replaces); a clear failure if it takes longer than ``timeout`` seconds or exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ready, _, _ = select.select([notes], [], [], max(deadline - time.monotonic(), 0))
+        assert ready, f"the embed recorded fewer than {count} shards in {timeout:g} s"
+        names = os.read(notes, 65536).split()
+        assert names, f"the embed exited (status {proc.wait(30)}) before recording {count} shards"  # end-of-file
+        if MANIFEST.encode() in names and len(read_manifest(out).shards) >= count:
+            return
+
+
+@pytest.mark.slow
 def test_sigkill_and_resume(tmp_path: Path, clean: Path, images: Path, ckpt: Path, yunet_path: Path) -> None:
     out = tmp_path / "shards"
     env = {**os.environ, "FACESEARCH_YUNET": str(yunet_path)}
-    proc = subprocess.Popen(_cli(images, ckpt, out), cwd=REPO, start_new_session=True, env=env,
+    notes, write_end = os.pipe()
+    command = [sys.executable, "-c", REPORTING_EMBED, str(write_end), *_cli(images, ckpt, out)[3:]]
+    proc = subprocess.Popen(command, cwd=REPO, start_new_session=True, env=env, pass_fds=(write_end,),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 120
+    os.close(write_end)  # the child holds the only writer: end-of-file when it exits
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (out / MANIFEST).is_file() and len(read_manifest(out).shards) >= 2:
-                break
-            time.sleep(0.05)
+        _wait_for_shards(proc, notes, out, 2, timeout=120)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the command, its scheduler and its worker processes
         proc.wait()
+        os.close(notes)
     killed = read_manifest(out)
     assert not killed.complete and 2 <= len(killed.shards) < 11, "the kill should land mid-run"
     run = subprocess.run(_cli(images, ckpt, out), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -128,6 +158,7 @@ def test_sigkill_and_resume(tmp_path: Path, clean: Path, images: Path, ckpt: Pat
     assert again.returncode == 0 and "already complete" in again.stdout
 
 
+@pytest.mark.slow
 def test_adopt_repair_and_refuse(
     tmp_path: Path, clean: Path, images: Path, ckpt: Path, cluster: str, make_checkpoint: Callable[..., Path]
 ) -> None:
@@ -165,11 +196,13 @@ def read_fp(path: Path) -> str:
     return load_checkpoint(path).fingerprint
 
 
+@pytest.mark.slow
 def test_manifest_is_json(clean: Path) -> None:
     data = json.loads((clean / MANIFEST).read_text())
     assert data["kind"] == "facesearch.shards" and data["totals"]["rows"] == 107 and data["complete"] is True
 
 
+@pytest.mark.slow
 def test_one_gpu_per_worker_cluster(tmp_path: Path, orl_dir: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU layout (a SpecCluster of Nannies, each with its own CUDA_VISIBLE_DEVICES) runs; without GPUs the
     workers' ``auto`` device is the CPU, so this checks the wiring, not CUDA."""
@@ -183,6 +216,7 @@ def test_one_gpu_per_worker_cluster(tmp_path: Path, orl_dir: Path, ckpt: Path, m
     assert result.manifest.complete and result.rows == 10 and result.computed_shards == 1
 
 
+@pytest.mark.slow
 def test_relative_paths_reach_the_workers(tmp_path: Path, orl_dir: Path, ckpt: Path, cluster: str,
                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """Worker processes keep their own working directory (on another machine, surely): paths relative to the driver's

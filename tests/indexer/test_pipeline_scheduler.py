@@ -59,6 +59,7 @@ def _cli(args: list[str]) -> tuple[int, str]:
     return res.exit_code, res.output
 
 
+@pytest.mark.slow
 def test_same_rows_as_a_local_run(images: Path, ckpt: Path, yunet_path: Path, inproc: tuple[str, str],
                                   tmp_path: Path) -> None:  # fmt: skip
     local = run_embed(_cfg(images, ckpt, tmp_path / "local", yunet_path, None))

@@ -73,6 +73,7 @@ def test_generated_faces_align_onto_the_template(synth_data: Path, layout: str) 
         assert np.abs(moved[:2] - template()[:2]).max() < 2.0
 
 
+@pytest.mark.slow
 def test_short_training_on_synthetic_faces_learns_identities(synth_data: Path, tmp_path: Path) -> None:
     """A small Fast-Model (width 0.25, 56x48) for 160 steps on 24 synthetic identities x 7 training images.
 

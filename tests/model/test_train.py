@@ -213,6 +213,7 @@ def test_batch_order_is_a_pure_function_of_seed_and_step() -> None:
 # ---------------------------------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 def test_short_run_learns(casia: Path, tmp_path: Path) -> None:
     """60 steps (stage 1: 48, stage 2: 12) on 8 synthetic identities, 2 held out per identity.  Stated bars: the
     training loss falls by >= 30 % from the first to the last window, and held-out top-1 is >= 3x chance (0.375);
