@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from faiss.contrib.inspect_tools import get_invlist
 
 from facesearch.indexer import shards
 from facesearch.indexer.faiss_import import faiss
@@ -55,13 +54,20 @@ def _flat_storage(index: Any) -> np.ndarray | None:
     return faiss.rev_swig_ptr(inner.get_xb(), n * d).reshape(n, d) if n else np.zeros((0, d), np.float32)
 
 
+def _invlist(invlists: Any, lno: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, codes) of inverted list ``lno`` (FAISS's contrib helper, imported after :mod:`faiss_import`)."""
+    from faiss.contrib.inspect_tools import get_invlist as _get
+
+    return _get(invlists, lno)  # type: ignore[no-any-return]
+
+
 def _ivf_lists(index: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, list numbers, offsets) of every vector of an IVF index."""
     ids, lists, offsets = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for lno in range(int(index.nlist)):
         n = int(index.invlists.list_size(lno))
         if n:
-            ids.append(get_invlist(index.invlists, lno)[0].astype(np.int64))
+            ids.append(_invlist(index.invlists, lno)[0].astype(np.int64))
             lists.append(np.full(n, lno, np.int64))
             offsets.append(np.arange(n, dtype=np.int64))
     return np.concatenate(ids), np.concatenate(lists), np.concatenate(offsets)
@@ -204,7 +210,7 @@ def check_finite(index: Any, where: Path) -> None:
         invlists: Any = index.invlists
         for lno in range(int(index.nlist)):
             if invlists.list_size(lno):
-                ids, codes = get_invlist(invlists, lno)
+                ids, codes = _invlist(invlists, lno)
                 bad = _first_bad(codes.view(np.float32).reshape(len(ids), int(index.d)))
                 if bad is not None:
                     raise ValueError(f"{where}: the stored vector of id {int(ids[bad])} has NaN or infinite "

@@ -60,7 +60,7 @@ PAPER_STAGES: tuple[StageConfig, ...] = (
 
 def rescale_stage(stage: StageConfig, iterations: int | None = None, lr: float | None = None) -> StageConfig:
     """``stage`` with a new length and/or base lr; milestones keep their relative position (40k and 58k of 70k
-    become 114 and 165 of 200), so a shortened run keeps the paper's shape."""
+    become 114 and 166 of 200), so a shortened run keeps the paper's shape."""
     changes: dict[str, Any] = {}
     if lr is not None:
         changes["lr"] = lr
