@@ -177,7 +177,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> 
             "results": [_bench_row(r) for r in bench],
         },
         "search": search,
-        "seconds": timer.seconds,
+        "seconds": {k: round(v, 2) for k, v in timer.seconds.items()},
     }
     report["losses"] = _loss_curve(model_run)
     atomic_write_text(cfg.out / "report.json", json.dumps(report, indent=2, default=float) + "\n")
