@@ -7,12 +7,9 @@ written; a killed enrolment leaves the index as it was before or after."""
 # ruff: noqa: E741  -- FAISS vocabulary: D (scores) and I (ids)
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +22,7 @@ from facesearch.cli import main
 from facesearch.indexer import shards
 from facesearch.indexer.index import IndexConfig, add_shards, add_to_index, build_index, load_index, remove_ids
 from facesearch.indexer.index_ids import RowSelection, trace_id
-from facesearch.indexer.index_store import KILL_ENV, KILL_STEPS, current_layout
+from facesearch.indexer.index_store import KILL_STEPS, current_layout
 
 D = 16
 NB = 400  # gallery rows: enough to train the small IVF below
@@ -231,29 +228,6 @@ def test_cli_enrol_with_a_shard_ids_file(data: dict[str, Any], tmp_path: Path) -
 # One interpreter imports the CLI and the ``index`` commands once and forks a child per step (as in
 # test_index_atomic, which explains why); the command module is imported before forking because the CLI loads its
 # commands lazily, and importing FAISS and Arrow again in every child would cost seconds each.
-DRIVER = r"""
-import json, os, sys
-import facesearch.cli.index
-from facesearch.cli import main
-
-results = []
-for job in json.loads(sys.argv[1]):
-    pid = os.fork()
-    if pid == 0:
-        os.environ["FACESEARCH_TEST_KILL_AT"] = job["step"]
-        try:
-            main.main(args=job["args"], prog_name="facesearch", standalone_mode=False)
-            code = 0
-        except SystemExit as e:
-            code = int(e.code or 0)
-        except BaseException as e:
-            sys.stderr.write(f"{job}: {e!r}\n")
-            code = 3
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    results.append(-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
-print(json.dumps(results))
-"""
 
 
 def _state(idx: Path) -> dict[str, Any]:
@@ -264,7 +238,9 @@ def _state(idx: Path) -> dict[str, Any]:
             "sources": sources}  # fmt: skip
 
 
-def test_enrolment_killed_at_every_step_is_before_or_after_and_reruns(data: dict[str, Any], tmp_path: Path) -> None:
+def test_enrolment_killed_at_every_step_is_before_or_after_and_reruns(
+    data: dict[str, Any], tmp_path: Path, kill_driver: Callable[..., tuple[list[int], str]]
+) -> None:
     (tmp_path / "take.txt").write_text("1\n5\n6\n")
     args = ["index", "add", "--shards", str(data["probes"]), "--id-offset", str(ENROL), "--shard-ids-file",
             str(tmp_path / "take.txt")]  # fmt: skip
@@ -277,15 +253,10 @@ def test_enrolment_killed_at_every_step_is_before_or_after_and_reruns(data: dict
     for step in steps:
         shutil.copytree(data["built"]["flat"], tmp_path / step)
         jobs.append({"step": step, "args": [*args[:2], "--index", str(tmp_path / step), *args[2:]]})
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop(KILL_ENV, None)
-    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(jobs)], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    codes = json.loads(proc.stdout.strip().splitlines()[-1])
+    codes, stderr = kill_driver(jobs)
     for step, code in zip(steps, codes, strict=True):
         idx = tmp_path / step
-        assert code == -signal.SIGKILL, f"not killed at {step} (exit {code}): {proc.stderr[-2000:]}"
+        assert code == -signal.SIGKILL, f"not killed at {step} (exit {code}): {stderr[-2000:]}"
         assert _state(idx) == (after if KILL_STEPS.index(step) >= SWITCH else before), step
         add_shards(idx, data["probes"], id_offset=ENROL, shard_ids=np.array([1, 5, 6]))  # the re-run completes
         assert _state(idx) == after, step

@@ -5,7 +5,6 @@ equals exactly the state before or the state after, and re-running the command c
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -33,29 +32,6 @@ REMOVED = [3, 150, 299, 12345]
 # One interpreter imports the CLI once and forks a child per job, which runs the real ``facesearch`` command with
 # the kill hook set (a fresh interpreter per job would spend ~5 s importing torch, 31 times).  The parent never
 # touches FAISS or torch before forking, so no thread pool is copied half-initialised.
-DRIVER = r"""
-import json, os, sys
-from facesearch.cli import main
-import facesearch.cli.index  # the lazy CLI would import it (FAISS, Arrow) again in every forked child
-
-results = []
-for job in json.loads(sys.argv[1]):
-    pid = os.fork()
-    if pid == 0:
-        os.environ["FACESEARCH_TEST_KILL_AT"] = job["step"]
-        try:
-            main.main(args=job["args"], prog_name="facesearch", standalone_mode=False)
-            code = 0
-        except SystemExit as e:
-            code = int(e.code or 0)
-        except BaseException as e:
-            sys.stderr.write(f"{job}: {e!r}\n")
-            code = 3
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    results.append(-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
-print(json.dumps(results))
-"""
 
 
 def write_dir(directory: Path, ids: np.ndarray, seed: int) -> None:
@@ -116,22 +92,15 @@ def _args(op: str, idx: Path, root: Path) -> list[str]:
     return ["index", "add", "--index", str(idx), "--shards", str(root / "b")]
 
 
-def _run_driver(jobs: list[dict[str, Any]]) -> list[int]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop(KILL_ENV, None)
-    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(jobs)], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return list(json.loads(proc.stdout.strip().splitlines()[-1]))
-
-
 def _only_one_generation(idx: Path) -> None:
     names = sorted(p.name for p in idx.iterdir())
     assert len(names) == 3 and names[0] == ".lock" and names[1] == POINTER and names[2].startswith("gen-"), names
 
 
 @pytest.mark.slow
-def test_update_killed_at_every_step_is_before_or_after_and_reruns(setup: dict[str, Any]) -> None:
+def test_update_killed_at_every_step_is_before_or_after_and_reruns(
+    setup: dict[str, Any], kill_driver: Callable[..., tuple[list[int], str]]
+) -> None:
     root = setup["root"]
     cases = [("add", s) for s in KILL_STEPS if s != "old-layout-partly-removed"]
     cases += [("remove", s) for s in KILL_STEPS if s != "old-layout-partly-removed"]
@@ -141,7 +110,7 @@ def test_update_killed_at_every_step_is_before_or_after_and_reruns(setup: dict[s
         idx = root / f"{op}-{step}"
         shutil.copytree(root / ("legacy" if op == "migrate" else "pristine"), idx)
         jobs.append({"step": step, "args": _args(op, idx, root)})
-    codes = _run_driver(jobs)
+    codes = kill_driver(jobs)[0]
     for (op, step), code in zip(cases, codes, strict=True):
         idx = root / f"{op}-{step}"
         assert code == -signal.SIGKILL, f"{op} was not killed at {step} (exit {code})"
@@ -159,11 +128,13 @@ def test_update_killed_at_every_step_is_before_or_after_and_reruns(setup: dict[s
 
 
 @pytest.mark.slow
-def test_build_killed_at_every_step_can_be_run_again(setup: dict[str, Any]) -> None:
+def test_build_killed_at_every_step_can_be_run_again(
+    setup: dict[str, Any], kill_driver: Callable[..., tuple[list[int], str]]
+) -> None:
     root = setup["root"]
     steps = KILL_STEPS[: SWITCH + 1]  # a build has no old generation to remove
     jobs = [{"step": s, "args": _args("build", root / f"build-{s}", root)} for s in steps]
-    codes = _run_driver(jobs)
+    codes = kill_driver(jobs)[0]
     for step, code in zip(steps, codes, strict=True):
         idx = root / f"build-{step}"
         assert code == -signal.SIGKILL, f"build was not killed at {step} (exit {code})"
