@@ -57,6 +57,25 @@ EYE_WEIGHTS: np.ndarray = np.array([1.0, 1.0, 0.1, 0.1, 0.1])
 EYE_WEIGHTS.setflags(write=False)
 
 
+#: The margin crop of attribute predictors (ATTRIBUTE_MODELS.md, "Crop with margin"): a 128x112 canvas holding the
+#: unchanged 112x96 template shifted by MARGIN_OFFSET = (+8, +4) px (x, y), so the chin (y ~ 111 in the identity
+#: crop) and a double chin's lower fold (y ~ 118) fit.  Other crop sizes scale both with the template.
+MARGIN_SIZE: tuple[int, int] = (128, 112)
+MARGIN_OFFSET: tuple[int, int] = (8, 4)
+
+
+def margin_geometry(size: tuple[int, int] = INPUT_SIZE) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((height, width) of the margin canvas, (x, y) offset of the ``size`` crop's window inside it) for a face
+    crop of ``size``: :data:`MARGIN_SIZE` and :data:`MARGIN_OFFSET` scaled as :func:`template` scales the face (to
+    whole pixels, so the window is an exact slice)."""
+    h, w = int(size[0]), int(size[1])
+    s = min(h / REFERENCE_SIZE[0], w / REFERENCE_SIZE[1])
+    dx, dy = round(MARGIN_OFFSET[0] * s), round(MARGIN_OFFSET[1] * s)
+    extra_h = round((MARGIN_SIZE[0] - REFERENCE_SIZE[0]) * s)
+    extra_w = round((MARGIN_SIZE[1] - REFERENCE_SIZE[1]) * s)
+    return (h + extra_h, w + extra_w), (dx, dy)
+
+
 def template(size: tuple[int, int] = INPUT_SIZE) -> np.ndarray:
     """The 5-point template for an aligned crop of ``size`` = (height, width): (5, 2) float32 (x, y).
 
@@ -128,8 +147,13 @@ def align_face(
     size: tuple[int, int] = INPUT_SIZE,
     weights: np.ndarray | None = EYE_WEIGHTS,
     name: str = "<array>",
+    margin: bool = False,
 ) -> np.ndarray:
     """Warp ``image`` ((H, W, 3) uint8 RGB) so ``landmarks`` ((5, 2) x, y) land on :func:`template` of ``size``.
+
+    ``margin``: the margin crop of attribute predictors instead: the same warp on a larger canvas
+    (:func:`margin_geometry`: 128x112 for 112x96) with the ``size`` crop's window at offset (+8, +4), so
+    ``crop[4:116, 8:104]`` of a margin crop is the standard crop.
 
     Returns the (h, w, 3) uint8 crop.  Bilinear interpolation; pixels from outside the image are black
     (``BORDER_CONSTANT`` 0), as in the SphereFace/insightface reference crops and the detector's padding, so our crops
@@ -143,6 +167,11 @@ def align_face(
     pts = check_landmarks(landmarks, image.shape, name)
     m = similarity_transform(pts, template(size), weights)
     h, w = int(size[0]), int(size[1])
+    if margin:  # the same fit, translated by a whole-pixel offset: the window is the standard crop
+        (h, w), (dx, dy) = margin_geometry(size)
+        m = m.astype(np.float64)
+        m[0, 2] += dx
+        m[1, 2] += dy
     return cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
@@ -162,6 +191,8 @@ __all__ = [
     "EYE_WEIGHTS",
     "KEEP_FACE",
     "LANDMARK_NAMES",
+    "MARGIN_OFFSET",
+    "MARGIN_SIZE",
     "REFERENCE_SIZE",
     "YUNET_ENV",
     "AlignedFace",
@@ -171,6 +202,7 @@ __all__ = [
     "REFERENCE_112x96",
     "align_face",
     "check_landmarks",
+    "margin_geometry",
     "pose_score",
     "prepare_face",
     "prepare_faces",

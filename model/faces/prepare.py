@@ -177,11 +177,12 @@ def _locate(source: Source, image: np.ndarray, landmarks: np.ndarray | None, det
 
 
 def _align(image: np.ndarray, landmarks: np.ndarray, score: float | None, box: np.ndarray | None, face: int,
-           size: tuple[int, int], weights: np.ndarray | None, name: str) -> AlignedFace | FaceFailure:  # fmt: skip
+           size: tuple[int, int], weights: np.ndarray | None, name: str,
+           margin: bool = False) -> AlignedFace | FaceFailure:  # fmt: skip
     """One face's crop, or its failure (so one bad face of several leaves the others and their numbers alone)."""
     try:
         pts = check_landmarks(landmarks, image.shape, name)
-        return AlignedFace(align_face(image, pts, size, weights, name), pts, score, box, face)
+        return AlignedFace(align_face(image, pts, size, weights, name, margin), pts, score, box, face)
     except ImageError as e:
         return FaceFailure(e, score, face)
 
@@ -198,6 +199,7 @@ def prepare_image(
     *,
     size: tuple[int, int] = INPUT_SIZE,
     weights: np.ndarray | None = EYE_WEIGHTS,
+    margin: bool = False,
     name: str | None = None,
     sidecar: bool = False,
     max_faces: int | None = None,
@@ -212,7 +214,8 @@ def prepare_image(
     Landmarks: ``landmarks`` ((5, 2) x, y) as given; else with ``sidecar`` the file's ``<image>.json``; else
     ``detector`` (or a function building it on first need) finds the faces its ``options.keep`` keeps, at most
     ``max_faces`` (``None``: all it keeps; ``keep="all"`` keeps every face, largest first).  Crops are ``size`` =
-    (height, width), aligned with ``weights`` (see :func:`facesearch.model.faces.align.align_face`).  ``name`` (default:
+    (height, width), aligned with ``weights`` (see :func:`facesearch.model.faces.align.align_face`); ``margin``: the
+    attribute predictors' margin crop around them (128x112 for 112x96).  ``name`` (default:
     the path, ``<bytes>`` or ``<array>``) names the image in messages.  ``max_pixels``: the decoder's pixel guard
     (``None``: no limit).  ``jpeg_warnings``: collect libjpeg's warnings about damaged but decodable data into
     ``warnings`` (decodes take turns for it).  ``timings`` receives per-stage seconds: ``read``, ``decode`` and
@@ -230,7 +233,7 @@ def prepare_image(
         image = _decode(source, name, max_pixels, warnings if jpeg_warnings else None, timings)
         with stage(timings, "align"):
             found = _locate(source, image, landmarks, detector, sidecar, max_faces, name)
-            faces = tuple(_align(image, lm, score, box, i, size, weights, name)
+            faces = tuple(_align(image, lm, score, box, i, size, weights, name, margin)
                           for i, (lm, score, box) in enumerate(found))  # fmt: skip
     except ImageError as e:
         faces = (FaceFailure(e),)
