@@ -80,7 +80,7 @@ from facesearch.indexer.index_store import (
 from facesearch.indexer.locks import directory_lock
 from facesearch.indexer.recall import measure_recall, recall_at
 from facesearch.model.measure import peak_rss_bytes
-from facesearch.model.provenance import our_version, provenance, versions
+from facesearch.model.provenance import provenance, versions
 
 log = logging.getLogger(__name__)
 _FLAT_RECALL_SAMPLE = 100  # flat is exact by construction: a small sanity-check sample is enough
@@ -93,7 +93,7 @@ def _now() -> str:
 def _versions() -> dict[str, str]:
     """Our version and the libraries' (the provenance record's, by distribution name), plus ``faiss`` under the name
     ``index_info.json`` always had it."""
-    return {"facesearch": our_version(), **versions(), "faiss": faiss.__version__}
+    return {**versions(), "faiss": faiss.__version__}
 
 
 def _hash_keys(ids: np.ndarray, seed: int) -> np.ndarray:

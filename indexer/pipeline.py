@@ -71,7 +71,7 @@ from facesearch.model.assets import find_yunet, yunet_path
 from facesearch.model.checkpoint import load_checkpoint
 from facesearch.model.device import resolve_device
 from facesearch.model.faces.align import pose_score
-from facesearch.model.provenance import our_version, provenance, versions
+from facesearch.model.provenance import provenance, versions
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +121,6 @@ class EmbedResult:
         return self.computed_images / self.seconds if self.seconds > 0 else 0.0
 
 
-def _versions() -> dict[str, str]:
-    """Our version and the libraries' (the provenance record's ``facesearch`` and ``versions``)."""
-    return {"facesearch": our_version(), **versions()}
-
-
 def _items_sha256(items: Sequence[InputItem]) -> str:
     h = hashlib.sha256()
     for it in items:
@@ -162,7 +157,7 @@ def _new_manifest(cfg: EmbedConfig, items: Sequence[InputItem], n_shards: int) -
         model_config=ckpt.model_config.to_dict(),
         source=source,
         config=cfg.to_dict(),
-        versions=_versions(),
+        versions=versions(),
         provenance=provenance(),
         planned_shards=n_shards,
         columns=optional_columns(cfg.keep_face),

@@ -29,7 +29,7 @@ import numpy as np
 
 from facesearch.indexer import shards
 from facesearch.model.config import ATTRIBUTES
-from facesearch.model.provenance import our_version, provenance, versions
+from facesearch.model.provenance import provenance, versions
 
 PROBE_ID_OFFSET = 1 << 40  # probe ids never collide with gallery ids (gallery ids are 0 .. rows-1)
 _BLOCK = 16384  # rows generated at a time
@@ -175,7 +175,7 @@ def _manifest(cfg: SynthFeaturesConfig, entries: tuple[shards.ShardEntry, ...], 
         attributes=ATTRIBUTES,
         source={"synthetic": "features", "role": "probes" if cfg.is_probes else "gallery"},
         config=cfg.to_dict(),
-        versions={"facesearch": our_version(), **versions()},
+        versions=versions(),
         provenance=provenance(),
         shards=entries,
         planned_shards=planned,

@@ -47,8 +47,8 @@ def our_version() -> str:
 
 
 def versions(packages: Sequence[str] = PACKAGES) -> dict[str, str]:
-    """{distribution: version} for those of ``packages`` that are installed, plus python."""
-    out = {"python": platform.python_version()}
+    """{distribution: version}: ours (``facesearch``), python, and those of ``packages`` that are installed."""
+    out = {"facesearch": our_version(), "python": platform.python_version()}
     for name in packages:
         if (v := package_version(name)) is not None:
             out[name] = v
