@@ -41,7 +41,8 @@ from facesearch.model.faces.datasets import (
     write_attribute_labels,
 )
 from facesearch.model.fileio import atomic_write_text
-from facesearch.model.inference import Embedder, embed_dataset
+from facesearch.model.predictors import InputSpec, load_predictor
+from facesearch.model.predictors.base import predict_dataset
 from facesearch.model.provenance import our_version
 from facesearch.model.provenance import provenance as provenance_record
 from facesearch.model.train import TrainResult, train
@@ -60,9 +61,22 @@ from facesearch.model.trainer_data import (
 log = logging.getLogger(__name__)
 
 
+#: ``facesearch attributes train --method`` choices (the trainable keys of the predictor registry).
+METHODS: tuple[str, ...] = ("moon", "icmr", "lnets-anet")
+#: The crop each method reads by default (see ``TrainConfig.crop``).
+DEFAULT_CROP: dict[str, str] = {"moon": "margin", "icmr": "template", "lnets-anet": "views"}
+
+
 @dataclass(frozen=True)
 class AttributeTrainConfig:
-    """The attribute classifier's run: CelebA-format ``data``, MOON loss, one stage of ``iterations`` steps."""
+    """An attribute predictor's run on CelebA-format ``data`` (see :mod:`facesearch.model.predictors.training`).
+
+    ``method``: :data:`METHODS`; ``crop``: what the networks see (default per method, :data:`DEFAULT_CROP`);
+    ``iterations``: the attribute stage's steps (lr x0.1 at 50 % and 75 %); ``identity_iterations``: the identity
+    stage of ``icmr`` / ``lnets-anet`` (default: ``iterations``).  LNets+ANet: ``pretrained`` starts the attribute
+    fine-tuning from that identity checkpoint instead of pretraining here; ``pretrain=False`` fine-tunes from
+    scratch (the paper's ablation); ``views``: ``ten`` patch views or the ``centre`` one (ablation);
+    ``svm_images``: at most this many training images (identity-stratified at random) fit the SVMs."""
 
     data: Path
     out: Path = Path("runs/attributes")
@@ -82,6 +96,38 @@ class AttributeTrainConfig:
     detections: Path | None = None
     min_readable: float = 0.9
     max_skipped_steps: float = 0.1
+    method: str = "moon"
+    crop: str | None = None
+    identity_iterations: int | None = None
+    pretrained: Path | None = None
+    pretrain: bool = True
+    views: str = "ten"
+    svm_images: int = 20_000
+
+    def __post_init__(self) -> None:
+        for name in ("data", "out", "detections", "pretrained"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
+        if self.views not in ("ten", "centre"):
+            raise ValueError(f"views must be 'ten' or 'centre', got {self.views!r}")
+        if self.method == "lnets-anet" and self.resolved_crop != "views":
+            raise ValueError("lnets-anet reads patch views of the margin crop (crop 'views')")
+        if self.iterations < 1 or (self.identity_iterations is not None and self.identity_iterations < 1):
+            raise ValueError("iterations and identity_iterations must be >= 1")
+        if self.svm_images < 2:
+            raise ValueError(f"svm_images must be >= 2, got {self.svm_images}")
+        if self.pretrained is not None and not self.pretrained.is_file():
+            raise FileNotFoundError(f"pretrained checkpoint {self.pretrained} does not exist")
+
+    @property
+    def resolved_crop(self) -> str:
+        return self.crop or DEFAULT_CROP[self.method]
+
+    @property
+    def resolved_workers(self) -> int:
+        return self.train_config().resolved_workers
 
     def train_config(self) -> TrainConfig:
         """The equivalent :class:`TrainConfig`: attribute loss only, lr ×0.1 at 50 % and 75 % of the run."""
@@ -110,6 +156,7 @@ class AttributeTrainConfig:
             detections=self.detections,
             min_readable=self.min_readable,
             max_skipped_steps=self.max_skipped_steps,
+            crop=self.resolved_crop,
         )
 
 
@@ -196,13 +243,14 @@ class LabelResult:
 
 
 def _dataset(
-    cfg: LabelConfig, samples: Sequence[Sample], size: tuple[int, int], attributes: Sequence[str]
+    cfg: LabelConfig, samples: Sequence[Sample], spec: InputSpec, attributes: Sequence[str]
 ) -> tuple[FaceDataset, list[Failure]]:
     """The dataset to label, its faces detected through the cache; also the files known to be unusable."""
     known = stat_failures(samples)
     check_readable(known, len(samples), cfg.min_readable, listed=True)
     factory = detector_factory(samples) if cfg.detect else None
-    dataset = FaceDataset(samples, size=size, attributes=attributes, detector_factory=factory)
+    dataset = FaceDataset(samples, size=spec.size, attributes=attributes, detector_factory=factory,
+                          margin=spec.margin)  # fmt: skip
     if factory is not None:
         path = cfg.detections or cfg.out.with_suffix(".detections.jsonl")
         stats = attach_detections([dataset], DetectionCache(path, detector_identity()), cfg.num_workers)
@@ -216,28 +264,29 @@ def _dataset(
 def label_identities(cfg: LabelConfig) -> LabelResult:
     """Predict attributes on ``cfg.data``, vote per identity, write ``cfg.out`` (labels CSV) and a provenance JSON."""
     t0 = time.perf_counter()
-    embedder = Embedder(cfg.classifier, device=cfg.device, precision=cfg.precision, batch_size=cfg.batch_size)
-    mcfg = embedder.model_config
+    predictor = load_predictor(cfg.classifier, device=cfg.device, precision=cfg.precision, batch_size=cfg.batch_size)
+    names = predictor.attributes
     samples = read_samples(cfg.data, cfg.data_format, cfg.identities)
     unnamed = sum(s.identity is None for s in samples)
     if unnamed:
         raise ValueError(f"{cfg.data}: {unnamed} images have no identity; labelling needs identity folders or column")
-    dataset, known = _dataset(cfg, samples, mcfg.input_size, mcfg.attributes)
-    _, probs, skips = embed_dataset(embedder, dataset, cfg.batch_size, cfg.num_workers)
+    dataset, known = _dataset(cfg, samples, predictor.input_spec, names)
+    probs, skips = predict_dataset(predictor, dataset, cfg.batch_size, cfg.num_workers)
     skips.add(known)
     votes = majority_vote([str(s.identity) for s in samples], probs, cfg.threshold)
-    labels = {k: {a: float(v[j]) for j, a in enumerate(mcfg.attributes)} for k, v in votes.items()}
+    labels = {k: {a: float(v[j]) for j, a in enumerate(names)} for k, v in votes.items()}
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    write_attribute_labels(cfg.out, labels, mcfg.attributes)
+    write_attribute_labels(cfg.out, labels, names)
     skipped_path = cfg.out.with_suffix(".skipped.jsonl")
     skips.write_jsonl(skipped_path)
     rate = {a: float(np.mean([v[j] for v in votes.values()])) if votes else float("nan") for j, a in
-            enumerate(mcfg.attributes)}  # fmt: skip
+            enumerate(names)}  # fmt: skip
     provenance = cfg.out.with_suffix(".json")
     record = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()},
-        "classifier_fingerprint": embedder.fingerprint,
-        "attributes": list(mcfg.attributes),
+        "classifier_fingerprint": predictor.fingerprint,
+        "predictor": predictor.key,
+        "attributes": list(names),
         "identities": len(votes),
         "images": len(samples),
         "skipped": len(skips),

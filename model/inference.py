@@ -102,24 +102,32 @@ class Embedder:
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast(self.device, self.dtype):
             out = self.model(x)
-        return out.features.float(), torch.sigmoid(out.attribute_logits.float())
+        return out.features.float(), out.attribute_logits.float()
 
     @torch.inference_mode()
-    def embed_crops(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (B, h, w, 3) RGB aligned crops -> (embeddings (B, D) float32 L2-normalised, attribute
-        probabilities (B, M) float32).  B may be 0.  Raises ``ValueError`` for a wrong dtype or crop size."""
+    def forward_crops(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (B, h, w, 3) RGB aligned crops -> (embeddings (B, D) float32 L2-normalised, attribute logits (B, M)
+        float32, before the sigmoid).  B may be 0.  With ``flip_average`` the features are summed and the logits
+        averaged over the crop and its mirror image.  Raises ``ValueError`` for a wrong dtype or crop size."""
         self._check(crops)
         n, d, m = crops.shape[0], self.embedding_dim, len(self.attributes)
-        emb, attr = np.zeros((n, d), np.float32), np.zeros((n, m), np.float32)
+        emb, logits = np.zeros((n, d), np.float32), np.zeros((n, m), np.float32)
         for lo in range(0, n, self.batch_size):
             images = torch.from_numpy(np.ascontiguousarray(crops[lo : lo + self.batch_size])).to(self.device)
-            features, probs = self._forward(to_input(images))
+            features, z = self._forward(to_input(images))
             if self.flip_average:
-                f2, p2 = self._forward(to_input(images.flip(2)))
-                features, probs = features + f2, (probs + p2) / 2
+                f2, z2 = self._forward(to_input(images.flip(2)))
+                features, z = features + f2, (z + z2) / 2
             emb[lo : lo + len(images)] = F.normalize(features, dim=1, eps=1e-12).cpu().numpy()
-            attr[lo : lo + len(images)] = probs.cpu().numpy()
-        return emb, attr
+            logits[lo : lo + len(images)] = z.cpu().numpy()
+        return emb, logits
+
+    def embed_crops(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (B, h, w, 3) RGB aligned crops -> (embeddings (B, D) float32 L2-normalised, attribute
+        probabilities (B, M) float32).  B may be 0.  Raises ``ValueError`` for a wrong dtype or crop size.
+        With ``flip_average`` the probabilities are the sigmoid of the averaged logits."""
+        emb, logits = self.forward_crops(crops)
+        return emb, torch.sigmoid(torch.from_numpy(logits)).numpy()
 
     def attribute_dict(self, probabilities: np.ndarray) -> dict[str, np.ndarray]:
         """(B, M) probabilities -> {attribute name: (B,) float32}."""

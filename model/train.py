@@ -42,6 +42,7 @@ from facesearch.model.checkpoint import (
     save_checkpoint,
 )
 from facesearch.model.device import autocast, autocast_dtype, resolve_device
+from facesearch.model.faces.align import window_offsets
 from facesearch.model.faces.datasets import FaceBatch, SkipReport
 from facesearch.model.faces.detections import (
     DETECTIONS,
@@ -59,6 +60,7 @@ from facesearch.model.trainer_data import (
     StepBatchSampler,
     TrainingData,
     check_readable,
+    derive_seed,
     listed_failures,
     prepare_data,
     train_loader,
@@ -131,7 +133,41 @@ def make_optimizer(model: FaceNet, cfg: TrainConfig, stage: StageConfig) -> torc
     return torch.optim.SGD(groups, lr=stage.lr, momentum=cfg.momentum)
 
 
-def train_step(run: _Run, batch: FaceBatch, stage: StageConfig) -> dict[str, Tensor] | None:
+def init_from(model: FaceNet, checkpoint: Path) -> list[str]:
+    """Copy ``checkpoint``'s weights into ``model`` wherever a name and shape match (an identity-pretrained trunk
+    into an attribute network: the identity classifier and a differently sized head stay as initialised).  Returns
+    the names left as initialised; raises ``ValueError`` when the trunk does not match (a different arch, width or
+    input size)."""
+    state = load_checkpoint(checkpoint).model_state
+    own = model.state_dict()
+    same = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    trunk = [k for k in own if k.startswith("trunk.")]
+    if not trunk or any(k not in same for k in trunk):
+        raise ValueError(f"cannot initialise from {checkpoint}: its trunk does not match this network's (arch, width "
+                         f"and input size must be the same)")  # fmt: skip
+    model.load_state_dict(same, strict=False)
+    kept = sorted(set(own) - set(same))
+    log.info("initialised %d tensors from %s; %d as new (%s)", len(same), checkpoint, len(kept), ", ".join(kept[:4]))
+    return kept
+
+
+def training_views(images: Tensor, size: tuple[int, int], seed: int, step: int) -> Tensor:
+    """One LNets+ANet window per image of a batch of margin crops (B, H, W, 3), chosen uniformly among
+    :func:`facesearch.model.faces.align.window_offsets` by a pure function of (seed, step)."""
+    offsets = window_offsets(size)
+    gen = torch.Generator().manual_seed(derive_seed("view", seed, step))
+    pick = torch.randint(len(offsets), (images.shape[0],), generator=gen).tolist()
+    h, w = size
+    return torch.stack([images[i, y : y + h, x : x + w] for i, (x, y) in enumerate(offsets[p] for p in pick)])
+
+
+def centre_view(images: Tensor, size: tuple[int, int]) -> Tensor:
+    """The centred window (the standard aligned crop) of a batch of margin crops."""
+    (x, y), (h, w) = window_offsets(size)[-1], size
+    return images[:, y : y + h, x : x + w]
+
+
+def train_step(run: _Run, batch: FaceBatch, stage: StageConfig, step: int = 0) -> dict[str, Tensor] | None:
     """One SGD step on ``batch`` (bf16 autocast forward if enabled, float32 loss).  Returns detached float32
     scalars ``loss``, ``loss_attribute`` / ``loss_identity``, ``correct``, ``known``; None if the batch has fewer than
     2 usable images (BatchNorm needs 2; the step still counts, so the schedule stays a function of the step)."""
@@ -139,7 +175,10 @@ def train_step(run: _Run, batch: FaceBatch, stage: StageConfig) -> dict[str, Ten
         log.warning("step skipped: only %d readable images in the batch", batch.images.shape[0])
         return None
     assert run.optimizer is not None, "the optimizer is created before the first step"
-    x = to_input(batch.images.to(run.device, non_blocking=True))
+    images = batch.images
+    if run.cfg.crop == "views":
+        images = training_views(images, run.cfg.input_size, run.cfg.seed, step)
+    x = to_input(images.to(run.device, non_blocking=True))
     ids = batch.identities.to(run.device, non_blocking=True)
     attrs = batch.attributes.to(run.device, non_blocking=True)
     with autocast(run.device, run.dtype):
@@ -170,8 +209,9 @@ def evaluate(run: _Run, loader: torch.utils.data.DataLoader) -> dict[str, Any]:
             run.skips.add(batch.failures)
             if batch.images.shape[0] == 0:
                 continue
+            images = centre_view(batch.images, run.cfg.input_size) if run.cfg.crop == "views" else batch.images
             with autocast(run.device, run.dtype):
-                out = run.model(to_input(batch.images.to(run.device)))
+                out = run.model(to_input(images.to(run.device)))
             ids, attrs = batch.identities.to(run.device), batch.attributes.to(run.device)
             if out.identity_logits is not None:
                 known = ids >= 0
@@ -236,7 +276,7 @@ def _new_run(cfg: TrainConfig, progress: Progress | None) -> _Run:
     dtype = autocast_dtype(device, cfg.precision)
     data = prepare_data(
         cfg.data, cfg.data_format, cfg.labels, cfg.input_size, cfg.attributes, cfg.holdout_per_identity, cfg.seed,
-        cfg.detect, cfg.identities,
+        cfg.detect, cfg.identities, margin=cfg.crop != "template", partition=cfg.partition,
     )  # fmt: skip
     if not data.identities and any(s.lambda2 > 0 for s in cfg.stages):
         raise ValueError(f"{cfg.data} has no identities, but the schedule trains the identity loss (lambda2 > 0)")
@@ -246,7 +286,10 @@ def _new_run(cfg: TrainConfig, progress: Progress | None) -> _Run:
     if not data.has_attribute_labels and any(s.lambda1 > 0 for s in cfg.stages):
         log.warning("no attribute labels in %s (pass labels=...): the attribute loss will be 0", cfg.data)
     torch.manual_seed(cfg.seed)  # model initialisation, then dropout's stream
-    model = FaceNet(cfg.model_config(len(data.identities))).to(device)
+    model = FaceNet(cfg.model_config(len(data.identities)))
+    if cfg.init is not None and not cfg.resume:
+        init_from(model, cfg.init)
+    model = model.to(device)
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     cfg.out.mkdir(parents=True, exist_ok=True)
     return _Run(cfg, device, dtype, data, model, cfg.out / "metrics.jsonl", skips, progress)
@@ -319,7 +362,7 @@ def _loop(run: _Run, start: int, stop: int) -> int:
     for batch in loader:
         stage_idx, stage, lr = _set_stage(run, step)
         run.skips.add(batch.failures)
-        stats = train_step(run, batch, stage)
+        stats = train_step(run, batch, stage, step)
         if stats is not None:
             window.add(stats, int(batch.images.shape[0]))
         else:
@@ -399,8 +442,11 @@ __all__ = [
     "StageConfig",
     "TrainConfig",
     "TrainResult",
+    "centre_view",
     "evaluate",
+    "init_from",
     "make_optimizer",
     "train",
     "train_step",
+    "training_views",
 ]

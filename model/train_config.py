@@ -18,6 +18,7 @@ from typing import Any
 
 from facesearch.model.config import ATTRIBUTES, INPUT_SIZE, ModelConfig, from_mapping
 from facesearch.model.device import PRECISIONS
+from facesearch.model.faces.align import margin_geometry
 from facesearch.model.losses import ATTRIBUTE_LOSSES
 from facesearch.model.trainer_data import DATA_FORMATS
 
@@ -73,6 +74,9 @@ def rescale_stage(stage: StageConfig, iterations: int | None = None, lr: float |
 
 
 #: TrainConfig fields that may differ between a run and its ``resume`` (where and how it runs, not what it computes).
+#: ``TrainConfig.crop`` choices: what the network sees (see :class:`TrainConfig`).
+CROPS: tuple[str, ...] = ("template", "margin", "views")
+
 RESUME_FREE_FIELDS: frozenset[str] = frozenset(
     {"data", "labels", "identities", "out", "resume", "stop_at", "device", "precision", "deterministic", "num_workers",
      "val_every", "checkpoint_every", "log_every", "detections", "min_readable", "max_skipped_steps"}
@@ -100,7 +104,13 @@ class TrainConfig:
     ``num_workers`` None = min(2, CPUs).  ``stop_at`` ends this invocation after that global step (checkpointed,
     resumable with ``resume``).
     ``deterministic`` makes cuDNN pick deterministic kernels (CUDA only; CPU runs are deterministic anyway): needed
-    for bit-exact resume on a GPU, where the default autotuned fp32 kernels differ from run to run."""
+    for bit-exact resume on a GPU, where the default autotuned fp32 kernels differ from run to run.
+    ``crop`` (:data:`CROPS`): ``template`` trains on the ``input_size`` aligned crop; ``margin`` on the attribute
+    predictors' margin crop around it (the model's input is then the margin canvas, 128x112 for 112x96); ``views``
+    reads margin crops and trains on ``input_size`` windows of them, one of the five LNets+ANet windows per image and
+    step (:func:`facesearch.model.faces.align.window_offsets`; validation uses the centred one).  ``partition``: only
+    that ``list_eval_partition.txt`` split of a CelebA root (0 train, 1 val, 2 test).  ``init``: start from the
+    weights of this checkpoint where names and shapes match (e.g. an identity-pretrained trunk)."""
 
     data: Path
     out: Path = Path("runs/train")
@@ -137,12 +147,15 @@ class TrainConfig:
     stop_at: int | None = None
     min_readable: float = 0.9
     max_skipped_steps: float = 0.1
+    crop: str = "template"
+    partition: int | None = None
+    init: Path | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "data", Path(self.data))
         set_(self, "out", Path(self.out))
-        for name in ("labels", "identities", "detections"):
+        for name in ("labels", "identities", "detections", "init"):
             set_(self, name, None if getattr(self, name) is None else Path(getattr(self, name)))
         set_(self, "input_size", tuple(int(v) for v in self.input_size))
         set_(self, "attributes", tuple(self.attributes))
@@ -150,7 +163,8 @@ class TrainConfig:
         self._validate()
 
     def _validate(self) -> None:
-        choices = {"data_format": DATA_FORMATS, "attribute_loss": ATTRIBUTE_LOSSES, "precision": PRECISIONS}
+        choices = {"data_format": DATA_FORMATS, "attribute_loss": ATTRIBUTE_LOSSES, "precision": PRECISIONS,
+                   "crop": CROPS}  # fmt: skip
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name} must be one of {list(valid)}, got {getattr(self, name)!r}")
@@ -172,6 +186,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1] (a fraction), got {getattr(self, name)}")
         if self.data_format == "flat" and self.identities is None:
             raise ValueError("data_format flat needs an identity file (identities=..., --identities FILE)")
+        if self.partition is not None and (self.data_format != "celeba" or self.partition not in (0, 1, 2)):
+            raise ValueError(f"partition (0 train, 1 val, 2 test) selects a CelebA split; got {self.partition!r} with "
+                             f"data_format {self.data_format!r}")  # fmt: skip
         if self.identities is not None and self.data_format not in ("flat", "celeba"):
             raise ValueError(f"an identity file is read with data_format flat or celeba, not {self.data_format!r}")
         self.model_config(1)  # arch, head, width, input size, dropout: ModelConfig validates them
@@ -203,7 +220,7 @@ class TrainConfig:
             num_identities=num_identities,
             attributes=self.attributes,
             width=self.width,
-            input_size=self.input_size,
+            input_size=margin_geometry(self.input_size)[0] if self.crop == "margin" else self.input_size,
             embedding_dim=self.embedding_dim,
             attribute_hidden=self.attribute_hidden,
             dropout=self.dropout,
@@ -217,7 +234,7 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d.update(data=str(self.data), out=str(self.out))
         d.update({k: None if getattr(self, k) is None else str(getattr(self, k)) for k in
-                  ("labels", "identities", "detections")})  # fmt: skip
+                  ("labels", "identities", "detections", "init")})  # fmt: skip
         return json.loads(json.dumps(d))
 
     @classmethod
@@ -291,6 +308,7 @@ def _read_config_json(path: Path, what: str) -> dict[str, Any]:
 
 
 __all__ = [
+    "CROPS",
     "PAPER_STAGES",
     "RESUME_FREE_FIELDS",
     "STAGE_OPTIONS",

@@ -67,9 +67,12 @@ def derive_seed(*parts: int | str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def read_samples(data: Path, data_format: str, identities: Path | None = None) -> list[Sample]:
+def read_samples(
+    data: Path, data_format: str, identities: Path | None = None, partition: int | None = None
+) -> list[Sample]:
     """Samples of a ``casia`` folder, a generic ``list`` CSV, a ``celeba`` root (``identities`` replaces its
-    ``identity_CelebA.txt``) or a ``flat`` image folder named by the identity file ``identities``."""
+    ``identity_CelebA.txt``; ``partition`` 0/1/2 keeps that split only) or a ``flat`` image folder named by the
+    identity file ``identities``."""
     if data_format not in DATA_FORMATS:
         raise ValueError(f"unknown data format {data_format!r}; valid: {list(DATA_FORMATS)}")
     if identities is not None and data_format not in ("celeba", "flat"):
@@ -81,7 +84,7 @@ def read_samples(data: Path, data_format: str, identities: Path | None = None) -
             raise FileNotFoundError(f"list CSV {data} does not exist")
         return read_list(Path(data))
     if data_format == "celeba":
-        return read_celeba(Path(data), identities=identities)
+        return read_celeba(Path(data), partition, identities=identities)
     if identities is None:
         raise ValueError(
             f"data format flat needs an identity file (--identities FILE: 'file identity' lines) for {data}"
@@ -140,11 +143,16 @@ def prepare_data(
     seed: int = 0,
     detect: bool = True,
     identity_file: Path | None = None,
+    margin: bool = False,
+    partition: int | None = None,
 ) -> TrainingData:
     """Read, label, split and wrap the samples.  Faces without landmarks are detected with YuNet when ``detect``
     and the model file exists (see :func:`attach_detections`); otherwise they become ``no_landmarks`` failures
-    (skipped, counted)."""
-    samples = read_samples(data, data_format, identity_file)
+    (skipped, counted).  ``margin``: the datasets give margin crops around ``input_size`` (see
+    :class:`FaceDataset`); ``partition``: a CelebA root's split (see :func:`read_samples`)."""
+    if partition is not None and data_format != "celeba":
+        raise ValueError(f"a partition selects a CelebA split; data format {data_format!r} has none")
+    samples = read_samples(data, data_format, identity_file, partition)
     if labels is not None:
         if not Path(labels).is_file():
             raise FileNotFoundError(f"attribute labels CSV {labels} does not exist")
@@ -154,7 +162,8 @@ def prepare_data(
     train, val = split_holdout(samples, per_identity=holdout_per_identity, seed=seed)
     factory = detector_factory(samples) if detect else None
     rates = positive_rates(train, attributes)
-    kwargs = {"size": input_size, "identity_index": index, "attributes": attributes, "detector_factory": factory}
+    kwargs = {"size": input_size, "identity_index": index, "attributes": attributes, "detector_factory": factory,
+              "margin": margin}  # fmt: skip
     return TrainingData(
         train=FaceDataset(train, **kwargs),  # type: ignore[arg-type]
         val=FaceDataset(val, **kwargs),  # type: ignore[arg-type]

@@ -117,8 +117,8 @@ def config_option(config: Any, *param_decls: str, field: str | None = None, **at
 
 #: Every ``facesearch`` command, imported when it runs (``facesearch --help`` imports none of them).
 COMMANDS = {
-    "attributes": LazyCommand("facesearch.cli.attributes:attributes_group", "Attribute labels for identity datasets: "
-                              "a MOON-trained classifier + per-identity majority vote."),
+    "attributes": LazyCommand("facesearch.cli.attributes:attributes_group", "Attribute predictors (icmr, moon, "
+                              "lnets-anet) and attribute labels for identity datasets."),
     "bench": LazyCommand("facesearch.cli.bench:bench", "MegaFace-style identification/verification, LFW verification, "
                          "attribute accuracy, and result plots."),
     "demo": LazyCommand("facesearch.cli.demo:demo_command", "Synthesise faces, label attributes, train the multi-task "
@@ -220,16 +220,26 @@ def parse_size(value: str | None) -> tuple[int, int] | None:
 class StepBar:
     """Draws the training library's progress records as a tqdm bar (the library itself never prints).
 
-    The bar appears with the first record, so a run that fails while checking its input prints only the error."""
+    The bar appears with the first record, so a run that fails while checking its input prints only the error.
+    ``total`` None: each training run's own total (a job of several runs, e.g. pretraining then fine-tuning, draws
+    one bar per run)."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int | None) -> None:
         self.total = total
         self.bar: tqdm | None = None
         self.post: dict[str, str] = {}
 
     def __call__(self, record: Mapping[str, Any]) -> None:
+        run_total = record.get("total") if self.total is None else self.total
+        new_run = self.bar is not None and self.total is None and record.get("event") == "train" and (
+            run_total != self.bar.total or int(record["step"]) < self.bar.n)  # fmt: skip
+        if new_run and self.bar is not None:
+            self.bar.close()
+            self.bar, self.post = None, {}
         if self.bar is None:
-            self.bar = tqdm(total=self.total, unit="step", dynamic_ncols=True, leave=True)
+            if self.total is None and record.get("event") != "train":
+                return  # a run's closing validation before its bar exists
+            self.bar = tqdm(total=run_total, unit="step", dynamic_ncols=True, leave=True)
         if record.get("event") == "train":
             self.bar.update(max(0, int(record["step"]) - self.bar.n))
             self.post.update(loss=f"{record.get('loss', float('nan')):.4f}", lr=f"{record['lr']:.2g}")

@@ -8,9 +8,11 @@ from pathlib import Path
 import click
 
 from facesearch.cli._app import DEVICE_OPTION, StepBar, config_option, default_of, parse_size, user_errors
-from facesearch.model.attributes import AttributeTrainConfig, LabelConfig, label_identities, train_attribute_classifier
+from facesearch.model.attributes import METHODS, AttributeTrainConfig, LabelConfig, label_identities
 from facesearch.model.config import ARCHS
 from facesearch.model.device import PRECISIONS
+from facesearch.model.tables import render_table
+from facesearch.model.train_config import CROPS
 from facesearch.model.trainer_data import DATA_FORMATS
 
 _train_option = functools.partial(config_option, AttributeTrainConfig)
@@ -19,26 +21,39 @@ _label_option = functools.partial(config_option, LabelConfig)
 
 @click.group("attributes")
 def attributes_group() -> None:
-    """Attribute labels for identity datasets: a MOON-trained classifier + per-identity majority vote."""
+    """Attribute predictors (icmr, moon, lnets-anet) and attribute labels for identity datasets."""
 
 
 @attributes_group.command("train")
 @click.option(
     "--data", type=click.Path(path_type=Path), required=True, help="CelebA-format root (list_attr_celeba.txt)."
 )
-@_train_option("--out", type=click.Path(path_type=Path), help="Run directory of the classifier.")
+@_train_option("--method", type=click.Choice(METHODS),
+               help="Predictor: moon (MOON classifier), icmr (multi-task network's head), lnets-anet.")  # fmt: skip
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Run directory [default: runs/attributes/METHOD].")  # fmt: skip
 @_train_option("--arch", type=click.Choice(ARCHS), help="Building block.")
 @_train_option("--width", type=float, help="Filter-count multiplier.")
 @click.option("--input-size", default="{}x{}".format(*default_of(AttributeTrainConfig, "input_size")),
-              show_default=True, help="Aligned crop HEIGHTxWIDTH.")  # fmt: skip
-@_train_option("--iterations", type=int, help="Training steps (lr x0.1 at 50/75 %).")
+              show_default=True, help="Aligned template HEIGHTxWIDTH (the margin crop is larger).")  # fmt: skip
+@click.option("--crop", type=click.Choice(CROPS), default=None,
+              help="What the network sees [default: margin (moon), template (icmr), views (lnets-anet)].")  # fmt: skip
+@_train_option("--iterations", type=int, help="Attribute-stage steps (lr x0.1 at 50/75 %).")
+@click.option("--identity-iterations", type=int, default=None,
+              help="Identity-stage steps of icmr / lnets-anet [default: --iterations].")  # fmt: skip
 @_train_option("--lr", type=float, help="Base learning rate.")
 @click.option("--batch-size", type=int, default=None, help="Images per step [default: 40 full, 48 fast/variant].")
 @_train_option("--moon-target", type=float, help="MOON target positive rate per attribute (0.5 = balanced).")
+@click.option("--pretrained", type=click.Path(path_type=Path), default=None,
+              help="lnets-anet: fine-tune from this identity checkpoint instead of pretraining.")  # fmt: skip
+@click.option("--no-pretrain", "pretrain", flag_value=False, default=True,
+              help="lnets-anet ablation: no identity pretraining.")  # fmt: skip
+@_train_option("--views", type=click.Choice(["ten", "centre"]),
+               help="lnets-anet: ten patch views, or the centred one (ablation).")  # fmt: skip
+@_train_option("--svm-images", type=int, help="lnets-anet: at most this many training images fit the SVMs.")
 @_train_option("--precision", type=click.Choice(PRECISIONS), help="fp32/bf16/auto.")
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes [default: min(2, CPUs)].")
 @_train_option("--seed", type=int, help="Seed.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out.")
 @click.option("--detections", type=click.Path(path_type=Path), default=None,
               help="Face detection cache to use and extend [default: OUT/detections.jsonl].")  # fmt: skip
 @_train_option("--min-readable", type=float, help="Stop unless this fraction of the listed images is readable.")
@@ -46,30 +61,42 @@ def attributes_group() -> None:
                help="Stop when more than this fraction of the steps is skipped (< 2 readable images).")  # fmt: skip
 @DEVICE_OPTION
 @user_errors
-def train_command(input_size: str, workers: int | None, **opts: object) -> None:
-    """Train the attribute classifier on CelebA-format data with MOON's re-balanced loss."""
+def train_command(input_size: str, workers: int | None, out: Path | None, **opts: object) -> None:
+    """Train an attribute predictor on CelebA-format data, calibrated on its val split (resumes an unfinished run
+    in --out)."""
+    from facesearch.model.predictors.training import train_attribute_predictor
+
     size = parse_size(input_size)
     assert size is not None, "--input-size has a default"
-    cfg = AttributeTrainConfig(input_size=size, num_workers=workers, **opts)  # type: ignore[arg-type]
-    bar = StepBar(cfg.iterations)
+    out = out or Path("runs/attributes") / str(opts["method"])
+    cfg = AttributeTrainConfig(input_size=size, num_workers=workers, out=out, **opts)  # type: ignore[arg-type]
+    bar = StepBar(None)
     try:
-        result = train_attribute_classifier(cfg, progress=bar)
+        result = train_attribute_predictor(cfg, progress=bar)
     finally:
         bar.close()
-    for key in ("val_attribute_acc",):
-        if key in result.final:
-            click.echo(f"{key:<22} {result.final[key]:.3f}")
-    if result.skipped_summary:
-        click.echo(f"{result.skipped_summary} (see {result.skipped})")
-    if result.skipped_steps:
-        click.echo(f"skipped steps {result.skipped_steps} of {result.step} (fewer than 2 readable images in the batch)")
-    click.echo(f"classifier   {result.weights or result.checkpoint}")
-    click.echo(f"fingerprint  {result.fingerprint}")
+    report = result.validation
+    rows = [[a, _pct(report["balanced_accuracy"][a]), _num(report["ece_uncalibrated"][a]),
+             _num(report["attributes"][a]["ece"]), report["attributes"][a]["n_pos"], report["attributes"][a]["n_neg"]]
+            for a in result.predictor.attributes]  # fmt: skip
+    click.echo(f"validation ({report['split']} split, {report['images']} images)")
+    click.echo(render_table(["attribute", "balanced acc %", "ECE raw", "ECE calibrated", "n+", "n-"], rows))
+    click.echo("seconds      " + ", ".join(f"{k} {v:g}" for k, v in result.seconds.items()))
+    click.echo(f"predictor    {result.path}")
+    click.echo(f"fingerprint  {result.predictor.fingerprint}")
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.1f}"
+
+
+def _num(v: float | None) -> str:
+    return "—" if v is None or v != v else f"{v:.3f}"
 
 
 @attributes_group.command("label")
 @click.option("--classifier", type=click.Path(path_type=Path), required=True,
-              help="Attribute classifier checkpoint (from `facesearch attributes train`).")  # fmt: skip
+              help="Attribute predictor (`attributes train`, any method) or network checkpoint.")  # fmt: skip
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Identity dataset to label.")
 @click.option("--format", "data_format", type=click.Choice(DATA_FORMATS), default=None,
               help="Layout of --data [default: casia; flat with --identities].")  # fmt: skip

@@ -11,8 +11,9 @@ from facesearch.cli._app import LazyCommand, LazyGroup
 
 #: The ``facesearch bench`` commands, imported when they run (see :class:`facesearch.cli._app.LazyGroup`).
 BENCH_COMMANDS = {
-    "attributes": LazyCommand("facesearch.cli.bench_more:attributes_command", "Per-attribute accuracy of the "
-                              "predicted attributes against CelebA-format labels (the paper's Table 4)."),
+    "attributes": LazyCommand("facesearch.cli.bench_more:attributes_command", "Per-attribute accuracy of predicted "
+                              "attributes: one network against CelebA-format labels (the paper's Table 4), or "
+                              "several attribute predictors side by side on one identity-disjoint split."),
     "export-bins": LazyCommand("facesearch.cli.bench_megaface:export_bins_command", "Write a shard directory's "
                                "features as devkit .bin files (<out>/<path><file-ending>) for the official devkit."),
     "lfw": LazyCommand("facesearch.cli.bench_more:lfw_command", "Ten-fold LFW verification accuracy (thresholds "

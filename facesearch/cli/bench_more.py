@@ -17,6 +17,7 @@ from facesearch.benchmarks.attribute_accuracy import (
     format_attribute_table,
     predict_celeba,
 )
+from facesearch.benchmarks.attribute_compare import DATA_FORMATS
 from facesearch.benchmarks.lfw import (
     LFW_KEEP_FACE,
     embed_lfw_images,
@@ -92,28 +93,79 @@ def lfw_command(
     _write_json(out, result.to_dict())
 
 
+def _predictor_specs(specs: str) -> dict[str, Path]:
+    """``KEY``, ``NAME=PATH`` or ``PATH`` items -> {name: predictor file}; a bare key means the default output of
+    ``facesearch attributes train --method KEY`` (runs/attributes/KEY/predictor.safetensors)."""
+    from facesearch.model.predictors import PREDICTORS
+
+    out: dict[str, Path] = {}
+    for item in (x.strip() for x in specs.split(",")):
+        if not item:
+            continue
+        name, _, target = item.partition("=")
+        if target:
+            path = Path(target)
+        elif name in PREDICTORS:
+            path = Path("runs/attributes") / name / "predictor.safetensors"
+            if not path.is_file():
+                hint = f"run `facesearch attributes train --method {name} --data ...` first, or give {name}=PATH"
+                raise click.BadParameter(f"no trained {name} predictor at {path}: {hint}", param_hint="--predictors")
+        else:
+            path, name = Path(name), Path(name).parent.name or Path(name).stem
+        if not path.is_file():
+            raise click.BadParameter(f"{path} does not exist", param_hint="--predictors")
+        if name in out:
+            raise click.BadParameter(f"{name!r} is named twice (use NAME=PATH)", param_hint="--predictors")
+        out[name] = path
+    if not out:
+        raise click.BadParameter("name at least one predictor", param_hint="--predictors")
+    return out
+
+
 @click.command("attributes")
-@click.option("--data", type=_P, required=True, help="CelebA-format root (list_attr_celeba.txt, img_align_celeba/).")
-@click.option("--checkpoint", type=_P, required=True, help="Trained weights whose attribute head is evaluated.")
+@click.option("--data", type=_P, required=True,
+              help="CelebA-format root, or a list CSV with attribute columns (--format list).")  # fmt: skip
+@click.option("--checkpoint", type=_P, default=None, help="One network whose attribute head is evaluated (Table 4).")
+@click.option("--predictors", default=None,
+              help="Predictors side by side, comma-separated: KEY (runs/attributes/KEY), NAME=PATH, PATH.")  # fmt: skip
+@click.option("--format", "data_format", type=click.Choice(DATA_FORMATS), default="celeba", show_default=True,
+              help="Layout of --data (list: people split 80/10/10 by identity hash).")  # fmt: skip
 @config_option(predict_celeba, "--split", type=click.Choice(list(SPLITS)),
                help="Partition of list_eval_partition.txt to evaluate (all = every labelled image).")  # fmt: skip
 @config_option(evaluate_attributes, "--threshold", type=float, help="Positive when probability >= this.")
 @click.option("--limit", type=int, help="Evaluate only the first N images of the split.")
 @config_option(predict_celeba, "--batch-size", type=int, help="Crops per forward pass.")
-@click.option("--out", type=_P, help="Write the result as JSON here.")
+@click.option("--bootstrap", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="--predictors: identity-bootstrap resamples of the intervals.")  # fmt: skip
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Decode/align processes.")
+@click.option("--out", type=_P, help="Write the result as JSON here (--predictors: also .md and .png beside it).")
 @DEVICE_OPTION
 @user_errors
 def attributes_command(
     data: Path,
-    checkpoint: Path,
+    checkpoint: Path | None,
+    predictors: str | None,
+    data_format: str,
     split: str,
     threshold: float,
     limit: int | None,
     batch_size: int,
+    bootstrap: int,
+    workers: int,
     out: Path | None,
     device: str,
 ) -> None:
-    """Per-attribute accuracy of the predicted attributes against CelebA-format labels (the paper's Table 4)."""
+    """Per-attribute accuracy of predicted attributes: one network against CelebA-format labels (the paper's
+    Table 4), or several attribute predictors side by side on one identity-disjoint split."""
+    if (checkpoint is None) == (predictors is None):
+        raise click.UsageError("give exactly one of --checkpoint (one network) or --predictors (a comparison)")
+    if predictors is not None:
+        _compare(data, _predictor_specs(predictors), data_format, split, limit, batch_size, bootstrap, workers, out,
+                 device)  # fmt: skip
+        return
+    if data_format != "celeba":
+        raise click.UsageError("--checkpoint evaluates a CelebA-format root; use --predictors for a list CSV")
+    assert checkpoint is not None
     predictions = predict_celeba(data, checkpoint, device, batch_size, split, limit)
     scores = evaluate_attributes(predictions.probabilities, predictions.truth, threshold)
     click.echo(format_attribute_table(scores))
@@ -128,6 +180,30 @@ def attributes_command(
         **predictions.meta,
     )
     _write_json(out, document)
+
+
+def _compare(data: Path, specs: dict[str, Path], data_format: str, split: str, limit: int | None, batch_size: int,
+             bootstrap: int, workers: int, out: Path | None, device: str) -> None:  # fmt: skip
+    from facesearch.benchmarks.attribute_compare import (
+        compare_predictors,
+        plot_comparison,
+        read_split,
+        render_comparison,
+    )
+    from facesearch.model.predictors import load_predictor
+    from facesearch.model.provenance import provenance
+
+    samples = read_split(data, data_format, split)[:limit]
+    loaded = {name: load_predictor(path, device=device, batch_size=batch_size) for name, path in specs.items()}
+    result = compare_predictors(loaded, samples, batch_size, workers, bootstrap)
+    result.meta.update(data=str(data), format=data_format, split=split, limit=limit, provenance=provenance())
+    text = render_comparison(result)
+    click.echo(text)
+    if out is not None:
+        atomic_write_text(out.with_suffix(".md"), text)
+        plot = plot_comparison(result, out.with_suffix(".png"))
+        click.echo(f"table        {out.with_suffix('.md')}\nchart        {plot}")
+        _write_json(out, result.to_dict())
 
 
 @click.command("lfw-pairs")

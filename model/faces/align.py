@@ -15,6 +15,7 @@ re-exported here.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import cv2
@@ -74,6 +75,28 @@ def margin_geometry(size: tuple[int, int] = INPUT_SIZE) -> tuple[tuple[int, int]
     extra_h = round((MARGIN_SIZE[0] - REFERENCE_SIZE[0]) * s)
     extra_w = round((MARGIN_SIZE[1] - REFERENCE_SIZE[1]) * s)
     return (h + extra_h, w + extra_w), (dx, dy)
+
+
+def window_offsets(size: tuple[int, int] = INPUT_SIZE) -> tuple[tuple[int, int], ...]:
+    """The LNets+ANet patch windows (ATTRIBUTE_MODELS.md §1): (x, y) offsets of ``size`` windows inside the margin
+    canvas of ``size`` — its four corners, then the centred window (the standard aligned crop, pixel for pixel).
+    For 112x96: (0, 0), (16, 0), (0, 16), (16, 16), (8, 4)."""
+    (ch, cw), centre = margin_geometry(size)
+    dx, dy = cw - int(size[1]), ch - int(size[0])
+    return (0, 0), (dx, 0), (0, dy), (dx, dy), centre
+
+
+def cut_windows(crops: np.ndarray, size: tuple[int, int], offsets: Sequence[tuple[int, int]]) -> np.ndarray:
+    """``size`` windows of margin crops: (B, H, W, C) and one (x, y) offset per crop -> (B, h, w, C), a copy."""
+    h, w = int(size[0]), int(size[1])
+    if len(offsets) != len(crops):
+        raise ValueError(f"{len(offsets)} offsets for {len(crops)} crops")
+    out = np.empty((len(crops), h, w, *crops.shape[3:]), dtype=crops.dtype)
+    for i, (x, y) in enumerate(offsets):
+        if not (0 <= x <= crops.shape[2] - w and 0 <= y <= crops.shape[1] - h):
+            raise ValueError(f"window ({x}, {y}) of {h}x{w} does not fit a {crops.shape[1]}x{crops.shape[2]} crop")
+        out[i] = crops[i, y : y + h, x : x + w]
+    return out
 
 
 def template(size: tuple[int, int] = INPUT_SIZE) -> np.ndarray:
@@ -202,6 +225,7 @@ __all__ = [
     "REFERENCE_112x96",
     "align_face",
     "check_landmarks",
+    "cut_windows",
     "margin_geometry",
     "pose_score",
     "prepare_face",
@@ -209,4 +233,5 @@ __all__ = [
     "select_faces",
     "similarity_transform",
     "template",
+    "window_offsets",
 ]

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from facesearch.model.config import ATTRIBUTES, INPUT_SIZE
+from facesearch.model.faces.align import margin_geometry
 from facesearch.model.faces.celeba import read_celeba, read_identity_file
 from facesearch.model.faces.detect import FaceDetector
 from facesearch.model.faces.images import ImageError
@@ -114,6 +115,8 @@ class FaceDataset(Dataset["FaceItem | Failure"]):
     has none (see :class:`facesearch.model.faces.detections.DetectionCache`).  ``identity_index`` maps identity names
     to class ids (default: sorted names of ``samples``; names not in it get -1).  ``cache=True`` keeps up to
     ``cache_size`` results (crops and failures) in a per-process LRU; with ``persistent_workers=True`` it spans epochs.
+    ``margin``: the attribute predictors' margin crop around the ``size`` template (:attr:`crop_size`, 128x112 for
+    112x96) instead of the template crop itself.
     """
 
     def __init__(
@@ -126,9 +129,11 @@ class FaceDataset(Dataset["FaceItem | Failure"]):
         cache: bool = False,
         cache_size: int = 4096,
         detections: Mapping[str, Detected] | None = None,
+        margin: bool = False,
     ) -> None:
         self.samples = list(samples)
         self.size = (int(size[0]), int(size[1]))
+        self.margin = margin
         if identity_index is None:
             names = sorted({s.identity for s in self.samples if s.identity is not None})
             identity_index = {name: i for i, name in enumerate(names)}
@@ -143,6 +148,11 @@ class FaceDataset(Dataset["FaceItem | Failure"]):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def crop_size(self) -> tuple[int, int]:
+        """(height, width) of the crops this dataset gives: ``size``, or its margin canvas with ``margin``."""
+        return margin_geometry(self.size)[0] if self.margin else self.size
 
     def __getstate__(self) -> dict[str, object]:
         # Live OpenCV detectors cannot be pickled; each worker builds its own.
@@ -165,7 +175,9 @@ class FaceDataset(Dataset["FaceItem | Failure"]):
             if isinstance(found, tuple):
                 return Failure(index, str(sample.path), *found)
             landmarks = found
-        face = prepare_image(sample.path, landmarks, self._get_detector, size=self.size, max_faces=1).faces[0]
+        face = prepare_image(
+            sample.path, landmarks, self._get_detector, size=self.size, max_faces=1, margin=self.margin
+        ).faces[0]
         if isinstance(face, FaceFailure):  # one broken file never stops an epoch
             return Failure(index, str(sample.path), face.reason, face.message)
         return face.crop
