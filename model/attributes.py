@@ -76,7 +76,8 @@ class AttributeTrainConfig:
     stage of ``icmr`` / ``lnets-anet`` (default: ``iterations``).  LNets+ANet: ``pretrained`` starts the attribute
     fine-tuning from that identity checkpoint instead of pretraining here; ``pretrain=False`` fine-tunes from
     scratch (the paper's ablation); ``views``: ``ten`` patch views or the ``centre`` one (ablation);
-    ``svm_images``: at most this many training images (identity-stratified at random) fit the SVMs."""
+    ``svm_images``: at most this many training images (identity-stratified at random) fit the SVMs;
+    ``similarity_loss``: weight of DeepID2's same-identity distance term in the identity pretraining."""
 
     data: Path
     out: Path = Path("runs/attributes")
@@ -103,6 +104,7 @@ class AttributeTrainConfig:
     pretrain: bool = True
     views: str = "ten"
     svm_images: int = 20_000
+    similarity_loss: float = 0.01
 
     def __post_init__(self) -> None:
         for name in ("data", "out", "detections", "pretrained"):
@@ -116,6 +118,8 @@ class AttributeTrainConfig:
             raise ValueError("lnets-anet reads patch views of the margin crop (crop 'views')")
         if self.iterations < 1 or (self.identity_iterations is not None and self.identity_iterations < 1):
             raise ValueError("iterations and identity_iterations must be >= 1")
+        if self.similarity_loss < 0:
+            raise ValueError(f"similarity_loss must be >= 0, got {self.similarity_loss}")
         if self.svm_images < 2:
             raise ValueError(f"svm_images must be >= 2, got {self.svm_images}")
         if self.pretrained is not None and not self.pretrained.is_file():

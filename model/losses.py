@@ -91,6 +91,28 @@ def identity_cross_entropy(identity_logits: Tensor, identities: Tensor) -> Tenso
     return total / known.sum().clamp_min(1)
 
 
+#: Margin of :func:`similarity_loss` between the L2-normalised features of different people (distances lie in
+#: [0, 2]; 1.0 asks them to be at least as far apart as orthogonal vectors).
+SIMILARITY_MARGIN = 1.0
+
+
+def similarity_loss(features: Tensor, identities: Tensor, margin: float = SIMILARITY_MARGIN) -> Tensor:
+    """DeepID2's verification signal, as LNets+ANet's identity pretraining uses it (ATTRIBUTE_MODELS.md §1): over
+    the pairs of a batch with known identities, ``d²/2`` for two images of one person and ``max(0, margin - d)²/2``
+    for two people, ``d`` the distance of the L2-normalised features; the mean over pairs (0 without a pair).  Float32
+    whatever the autocast dtype."""
+    f = F.normalize(features.float(), dim=1, eps=1e-12)
+    known = identities >= 0
+    f, ids = f[known], identities[known]
+    if f.shape[0] < 2:
+        return features.float().sum() * 0.0
+    d = torch.cdist(f, f).clamp_min(0)
+    same = ids[:, None] == ids[None, :]
+    upper = torch.triu(torch.ones_like(same), diagonal=1)
+    per_pair = torch.where(same, 0.5 * d**2, 0.5 * (margin - d).clamp_min(0) ** 2)
+    return per_pair[upper].mean()
+
+
 def multitask_loss(
     outputs: Outputs,
     identities: Tensor,
@@ -100,6 +122,7 @@ def multitask_loss(
     attribute_loss: str = "mse",
     source_positive_rate: Tensor | None = None,
     target_positive_rate: float = 0.5,
+    similarity: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The paper's eq. 2: ``λ1 · L_attr + λ2 · L_identity``.
 
@@ -108,6 +131,8 @@ def multitask_loss(
     classifier.  ``identities``: (B,) int64 with -1 unknown; ``attributes``: (B, M) float32 with NaN unknown.  A term
     whose λ is 0 is not computed at all (stage 1 trains identity only).  Returns ``(total, parts)`` where ``parts`` maps
     ``"attribute"`` / ``"identity"`` to the unweighted float32 scalar of each computed term (detached).
+    ``similarity`` > 0 adds ``similarity · lambda2 ·`` :func:`similarity_loss` to the identity term (part
+    ``"similarity"``).
     """
     if attribute_loss not in ATTRIBUTE_LOSSES:
         raise ValueError(f"unknown attribute_loss {attribute_loss!r}; valid: {list(ATTRIBUTE_LOSSES)}")
@@ -128,7 +153,13 @@ def multitask_loss(
         li = identity_cross_entropy(outputs.identity_logits, identities)
         terms.append(lambda2 * li)
         parts["identity"] = li.detach()
-    total = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+        if similarity > 0:
+            ls = similarity_loss(outputs.features, identities)
+            terms.append(similarity * lambda2 * ls)
+            parts["similarity"] = ls.detach()
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
     return total, parts
 
 
@@ -139,4 +170,5 @@ __all__ = [
     "moon_loss",
     "moon_weights",
     "multitask_loss",
+    "similarity_loss",
 ]

@@ -185,7 +185,7 @@ def train_step(run: _Run, batch: FaceBatch, stage: StageConfig, step: int = 0) -
         out = run.model(x)
     total, parts = multitask_loss(
         out, ids, attrs, stage.lambda1, stage.lambda2, run.cfg.attribute_loss, run.data.positive_rate,
-        run.cfg.moon_target,
+        run.cfg.moon_target, run.cfg.similarity_loss,
     )  # fmt: skip
     run.optimizer.zero_grad(set_to_none=True)
     total.backward()

@@ -110,7 +110,9 @@ class TrainConfig:
     reads margin crops and trains on ``input_size`` windows of them, one of the five LNets+ANet windows per image and
     step (:func:`facesearch.model.faces.align.window_offsets`; validation uses the centred one).  ``partition``: only
     that ``list_eval_partition.txt`` split of a CelebA root (0 train, 1 val, 2 test).  ``init``: start from the
-    weights of this checkpoint where names and shapes match (e.g. an identity-pretrained trunk)."""
+    weights of this checkpoint where names and shapes match (e.g. an identity-pretrained trunk).
+    ``similarity_loss``: weight of DeepID2's same-identity feature-distance term added to the identity loss
+    (:func:`facesearch.model.losses.similarity_loss`; LNets+ANet's pretraining)."""
 
     data: Path
     out: Path = Path("runs/train")
@@ -150,6 +152,7 @@ class TrainConfig:
     crop: str = "template"
     partition: int | None = None
     init: Path | None = None
+    similarity_loss: float = 0.0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -177,6 +180,8 @@ class TrainConfig:
         for name in ("val_every", "checkpoint_every", "log_every", "holdout_per_identity"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.similarity_loss < 0:
+            raise ValueError(f"similarity_loss must be >= 0, got {self.similarity_loss}")
         if not 0 < self.moon_target < 1 or not 0 <= self.momentum < 1 or self.weight_decay < 0:
             raise ValueError("need 0 < moon_target < 1, 0 <= momentum < 1 and weight_decay >= 0")
         if self.stop_at is not None and self.stop_at < 1:

@@ -51,6 +51,8 @@ def attributes_group() -> None:
 @_train_option("--views", type=click.Choice(["ten", "centre"]),
                help="lnets-anet: ten patch views, or the centred one (ablation).")  # fmt: skip
 @_train_option("--svm-images", type=int, help="lnets-anet: at most this many training images fit the SVMs.")
+@_train_option("--similarity-loss", type=float,
+               help="lnets-anet: weight of the same-identity distance term in the identity pretraining.")  # fmt: skip
 @_train_option("--precision", type=click.Choice(PRECISIONS), help="fp32/bf16/auto.")
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes [default: min(2, CPUs)].")
 @_train_option("--seed", type=int, help="Seed.")

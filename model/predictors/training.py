@@ -5,7 +5,8 @@
 - ``moon``: one stage of the attribute loss (MOON's re-balanced mixed objective) on the margin crop;
 - ``icmr``: the paper's two stages scaled to the budget — identity only, then identity + attributes (λ1 = 0.1, MSE,
   lr ÷ 10) — on the standard 112x96 crop, Configuration-1 head;
-- ``lnets-anet``: identity pretraining of the trunk on the data's own identities (skipped with ``pretrain=False``,
+- ``lnets-anet``: identity pretraining of the trunk on the data's own identities (softmax + DeepID2's same-identity
+  distance term, weight ``similarity_loss``; skipped with ``pretrain=False``,
   the paper's "without identity pretraining" row, or replaced by a given ``pretrained`` checkpoint), attribute
   fine-tuning from it (MOON loss, random patch windows), then one linear SVM per attribute on the features of the
   ten views of the training images (:func:`facesearch.model.predictors.lnets.fit_svms`).
@@ -179,7 +180,8 @@ def _train_networks(cfg: AttributeTrainConfig, progress: Progress | None, second
     else:  # lnets-anet
         init = cfg.pretrained
         if init is None and cfg.pretrain:
-            tc = _network_config(cfg, cfg.out / "identity", stages=(_stage(cfg, n_id, cfg.lr, 0.0, 1.0),))
+            tc = _network_config(cfg, cfg.out / "identity", stages=(_stage(cfg, n_id, cfg.lr, 0.0, 1.0),),
+                                 similarity_loss=cfg.similarity_loss)  # fmt: skip
             init = _run(tc, progress, seconds, "identity_pretraining").weights
         tc = _network_config(cfg, cfg.out / "finetune", init=init)
         run = _run(tc, progress, seconds, "attribute_finetuning")

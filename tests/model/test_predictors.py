@@ -244,3 +244,16 @@ def test_margin_training_reads_the_margin_canvas(tmp_path: Path) -> None:
         TrainConfig(data=tmp_path, crop="wide")
     with pytest.raises(ValueError, match="partition"):
         TrainConfig(data=tmp_path, partition=0)  # casia has no partitions
+
+
+def test_similarity_loss_pulls_one_person_together_and_pushes_people_apart() -> None:
+    from facesearch.model.losses import similarity_loss
+
+    ids = torch.tensor([0, 0, 1, 1, -1])
+    apart = torch.tensor([[1.0, 0, 0], [2.0, 0, 0], [0, 1.0, 0], [0, 3.0, 0], [5.0, 5.0, 5.0]])
+    assert float(similarity_loss(apart, ids)) == 0.0  # same person identical, people orthogonal (d = sqrt 2 > 1)
+    f = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.01], [0.0, 1.0]], requires_grad=True)
+    loss = similarity_loss(f, torch.tensor([0, 0, 1, 2]))
+    loss.backward()
+    assert loss.item() > 0 and f.grad is not None and float(f.grad.abs().sum()) > 0
+    assert float(similarity_loss(torch.ones(1, 3), torch.tensor([0]))) == 0.0  # no pair
