@@ -77,15 +77,18 @@ def train_command(input_size: str, workers: int | None, out: Path | None, **opts
         result = train_attribute_predictor(cfg, progress=bar)
     finally:
         bar.close()
-    report = result.validation
-    rows = [[a, _pct(report["balanced_accuracy"][a]), _num(report["ece_uncalibrated"][a]),
-             _num(report["attributes"][a]["ece"]), report["attributes"][a]["n_pos"], report["attributes"][a]["n_neg"]]
-            for a in result.predictor.attributes]  # fmt: skip
-    click.echo(f"validation ({report['split']} split, {report['images']} images)")
-    click.echo(render_table(["attribute", "balanced acc %", "ECE raw", "ECE calibrated", "n+", "n-"], rows))
+    _validation_table(result.validation, result.predictor.attributes)
     click.echo("seconds      " + ", ".join(f"{k} {v:g}" for k, v in result.seconds.items()))
     click.echo(f"predictor    {result.path}")
     click.echo(f"fingerprint  {result.predictor.fingerprint}")
+
+
+def _validation_table(report: dict, attributes: tuple[str, ...]) -> None:
+    rows = [[a, _pct(report["balanced_accuracy"][a]), _num(report["ece_uncalibrated"][a]),
+             _num(report["attributes"][a]["ece"]), report["attributes"][a]["n_pos"], report["attributes"][a]["n_neg"]]
+            for a in attributes]  # fmt: skip
+    click.echo(f"validation ({report['split']} split, {report['images']} images)")
+    click.echo(render_table(["attribute", "balanced acc %", "ECE raw", "ECE calibrated", "n+", "n-"], rows))
 
 
 def _pct(v: float | None) -> str:
@@ -125,3 +128,32 @@ def label_command(data_format: str | None, **opts: object) -> None:
     click.echo(f"positive     {rates}")
     click.echo(f"labels       {result.labels}")
     click.echo(f"provenance   {result.provenance}")
+
+
+@attributes_group.command("calibrate")
+@click.option("--classifier", type=click.Path(path_type=Path), required=True,
+              help="Attribute predictor or network checkpoint (e.g. a `facesearch train` network).")  # fmt: skip
+@click.option("--data", type=click.Path(path_type=Path), required=True,
+              help="CelebA-format root, or a list CSV with attribute columns (--format list).")  # fmt: skip
+@click.option("--format", "data_format", type=click.Choice(["celeba", "list"]), default="celeba", show_default=True,
+              help="Layout of --data (list: people split 80/10/10 by identity hash).")  # fmt: skip
+@click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="val", show_default=True,
+              help="The people to fit the calibration on (never the ones you test on).")  # fmt: skip
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Calibrated predictor file to write.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Decode/align processes.")
+@DEVICE_OPTION
+@user_errors
+def calibrate_command(classifier: Path, data: Path, data_format: str, split: str, out: Path, workers: int,
+                      device: str) -> None:  # fmt: skip
+    """Fit Platt scaling of any predictor on labelled people and write it as a calibrated predictor."""
+    from facesearch.benchmarks.attribute_compare import read_split
+    from facesearch.model.predictors import load_predictor
+    from facesearch.model.predictors.training import calibrate
+
+    predictor = load_predictor(classifier, device=device)
+    calibrated, report = calibrate(predictor, read_split(data, data_format, split), workers, split)
+    calibrated.meta["calibrated_on"] = {"data": str(data), "format": data_format, "split": split}
+    calibrated.save(out)
+    _validation_table(report, calibrated.attributes)
+    click.echo(f"predictor    {out} ({calibrated.key})")
+    click.echo(f"fingerprint  {calibrated.fingerprint}")

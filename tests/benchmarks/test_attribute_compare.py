@@ -123,3 +123,23 @@ def test_list_csv_split_by_person(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no labelled image"):
         (tmp_path / "e.csv").write_text("path,identity,Male\na.jpg,x,\n")
         read_split(tmp_path / "e.csv", "list", "all")
+
+
+def test_calibrate_any_network_on_held_out_people(ckpt: Path, synth_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cal.safetensors"
+    args = ["attributes", "calibrate", "--classifier", str(ckpt), "--data", str(synth_data / "celeba"),
+            "--out", str(out), "--device", "cpu"]  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "validation (val split" in res.output and "ECE calibrated" in res.output
+    p, raw = load_predictor(out), load_predictor(ckpt)
+    assert p.key == "icmr" and p.calibration.method == "platt" and raw.calibration.method == "identity"
+    assert p.fingerprint != raw.fingerprint and p.meta["calibrated_on"]["split"] == "val"
+    val = read_split(synth_data / "celeba", "celeba", "val")
+    probs = p.predict([s.path for s in val], [s.landmarks for s in val])
+    y = np.array([[s.attributes[a] for a in p.attributes] for s in val])
+    # Platt's fit on these same people: the calibrated mean probability follows the positive rate closely (where
+    # both classes are present; a one-class attribute keeps the identity map)
+    both = (y.min(0) == 0) & (y.max(0) == 1)
+    assert both.any() and np.abs(probs.mean(0) - y.mean(0))[both].max() < 0.1
+    assert (p.calibration.scale[~both] == 1).all()
