@@ -13,6 +13,13 @@ Row ids: the image's position in the planned input list, or with ``keep_face="al
 ``image_index * FACE_STRIDE + face_index`` (:func:`row_id`), faces numbered largest first from 0; an image without a
 face keeps one failed row with face index 0.  Ids are so unique, deterministic and independent of other shards.
 
+Attribute columns: the identity network's own attribute-head probabilities, or with ``attributes_from`` those of an
+attribute predictor (:func:`facesearch.model.predictors.load_predictor`, built once per worker like the Embedder) on
+its own crop of the same face: the prepare step keeps the decoded image just long enough to align the predictor's crop
+from it (:func:`predictor_crops`: :func:`~facesearch.model.faces.prepare.prepare_image` on the pixels, with the same
+landmarks, at the predictor's :class:`~facesearch.model.predictors.base.InputSpec`), so no image is decoded twice.
+The embedding is unchanged.
+
 Optional columns (:func:`optional_columns`): every row gets ``pose_score``
 (:func:`facesearch.model.faces.align.pose_score` of its landmarks; null for a failed row, which has none), and with
 ``keep_face="all"`` ``face``, the face index of its id (the other modes keep one face per image, whose number among the
@@ -40,6 +47,7 @@ from facesearch.model.faces.detect import KEEP_FACE, DetectOptions, FaceDetector
 from facesearch.model.faces.prepare import Face, FaceFailure, PreparedImage, prepare_image
 from facesearch.model.inference import Embedder, iter_embeddings
 from facesearch.model.measure import stage
+from facesearch.model.predictors import AttributePredictor, InputSpec, load_predictor
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +72,9 @@ class EmbedConfig:
     path), ``sidecars`` (``<image>.json`` holding 5 (x, y) points, or ``{"landmarks": ...}``), else YuNet detection on
     a ``detector_pad``-padded image, downscaled to at most ``det_size`` pixels, keeping faces scored >=
     ``det_threshold`` and of those ``keep_face`` (``largest``, ``center``, ``score`` or ``all``: see
-    :class:`facesearch.model.faces.align.DetectOptions` and the module's note on ids)."""
+    :class:`facesearch.model.faces.align.DetectOptions` and the module's note on ids).  ``attributes_from``: an
+    attribute predictor file (or checkpoint) whose probabilities fill the attribute columns instead of the identity
+    network's own head (``None``)."""
 
     input: Path
     checkpoint: Path
@@ -85,12 +95,14 @@ class EmbedConfig:
     flip_average: bool = False
     device: str = "auto"
     precision: str = "auto"
+    attributes_from: Path | None = None
     workers: int | None = None
     threads_per_worker: int = 1
     scheduler: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("input", "checkpoint", "out", "root", "landmarks", "identities", "detector_model"):
+        paths = ("input", "checkpoint", "out", "root", "landmarks", "identities", "detector_model", "attributes_from")
+        for name in paths:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value))
@@ -226,15 +238,19 @@ def embed_partition(
     cfg: EmbedConfig,
     timings: dict[str, float] | None = None,
     columns: Sequence[str] | None = None,
+    predictor: AttributePredictor | None = None,
 ) -> pa.Table:
     """Embed one shard's ``items`` -> a shard table: one row per item in item order, or with ``keep_face="all"`` one
     row per face (ids from :func:`row_id`; an image without a usable face keeps one failed row).  ``columns``: the
     optional columns to write (``None``: those of a new output, :func:`optional_columns`; a resumed directory's own,
-    so that all its shards have one schema).
+    so that all its shards have one schema).  ``predictor``: fills the attribute columns (named by its attributes)
+    with its probabilities on its own crop of each face (:func:`predictor_crops`); ``None``: the embedder's own
+    attribute head.
 
     Batches of ``cfg.batch_size`` consecutive items (fixed per shard, so the rows never depend on scheduling) are
     read, decoded and aligned in a background thread while the previous batch is inferred.  ``timings`` receives
-    per-stage seconds (``read``, ``decode``, ``align``, ``infer``; the prefetch stages overlap ``infer``)."""
+    per-stage seconds (``read``, ``decode``, ``align``, ``infer``; the prefetch stages overlap ``infer``; the
+    predictor's crops count in ``align``, its forward passes in ``infer``)."""
     timings = {} if timings is None else timings
     embs: list[np.ndarray] = []
     attrs: list[np.ndarray] = []
@@ -246,13 +262,18 @@ def embed_partition(
     # not thread-safe, so detection stays on one thread.  Order is kept, so the rows do not depend on the threads.
     decode_threads = 1 if detector is not None else max(1, cfg.threads_per_worker)
 
-    def prepare_one(args: tuple[InputItem, dict[str, float]]) -> PreparedImage:
+    def prepare_one(args: tuple[InputItem, dict[str, float]]) -> tuple[PreparedImage, list[np.ndarray | None]]:
         item, local = args
-        return prepare_image(item.path, item.landmarks, detector, size=embedder.input_size, name=item.rel,
-                             sidecar=cfg.sidecars, max_faces=FACE_STRIDE, jpeg_warnings=True,
-                             timings=local)  # fmt: skip
+        image = prepare_image(item.path, item.landmarks, detector, size=embedder.input_size, name=item.rel,
+                              sidecar=cfg.sidecars, max_faces=FACE_STRIDE, jpeg_warnings=True,
+                              keep_image=predictor is not None, timings=local)  # fmt: skip
+        if predictor is None:
+            return image, [None] * len(image.faces)
+        with stage(local, "align"):
+            attr_crops = predictor_crops(image, predictor.input_spec, embedder.input_size)
+        return dataclasses.replace(image, image=None), attr_crops  # the decoded pixels are not kept past here
 
-    def prepare(chunk: Sequence[InputItem]) -> list[PreparedImage]:
+    def prepare(chunk: Sequence[InputItem]) -> list[tuple[PreparedImage, list[np.ndarray | None]]]:
         local: list[dict[str, float]] = [{} for _ in chunk]  # per item: no two threads add to one counter
         out = list(decode_pool.map(prepare_one, zip(chunk, local, strict=True)))
         for t in local:
@@ -260,34 +281,70 @@ def embed_partition(
                 timings[k] = timings.get(k, 0.0) + v
         return out
 
-    def prepared_faces() -> Iterator[list[Face]]:
-        """Each chunk's faces, the next chunk read, decoded and aligned in the background meanwhile."""
+    def prepared_faces() -> Iterator[list[tuple[Face, np.ndarray | None]]]:
+        """Each chunk's faces (each with the predictor's crop, if any), the next chunk read, decoded and aligned in
+        the background meanwhile."""
         future = pool.submit(prepare, chunks[0]) if chunks else None
         for i in range(len(chunks)):
             assert future is not None, "a chunk is always in flight"
             images = future.result()
             future = pool.submit(prepare, chunks[i + 1]) if i + 1 < len(chunks) else None
-            rows.extend(_rows(image) for image in images)
-            yield [face for image in images for face in image.faces]
+            rows.extend(_rows(image) for image, _ in images)
+            yield [pair for image, attr_crops in images for pair in zip(image.faces, attr_crops, strict=True)]
 
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-prefetch") as pool,
         ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="embed-decode") as decode_pool,
     ):
-        for out in iter_embeddings(embedder, prepared_faces(), crop=lambda face: face.crop):
+        for out in iter_embeddings(embedder, prepared_faces(), crop=lambda pair: pair[0].crop):
             embs.append(out.embeddings)
-            attrs.append(out.probabilities)
             if out.ok.any():
                 timings["infer"] = timings.get("infer", 0.0) + out.seconds
+            if predictor is None:
+                attrs.append(out.probabilities)
+            else:
+                with stage(timings, "infer"):
+                    attrs.append(_predict(predictor, [attr_crop for _, attr_crop in out.items]))
     columns = optional_columns(cfg.keep_face) if columns is None else tuple(columns)
-    return _to_table(items, rows, embs, attrs, embedder, cfg, columns)
+    names = embedder.attributes if predictor is None else predictor.attributes
+    return _to_table(items, rows, embs, attrs, embedder.embedding_dim, tuple(names), cfg, columns)
+
+
+def predictor_crops(image: PreparedImage, spec: InputSpec, input_size: tuple[int, int]) -> list[np.ndarray | None]:
+    """Per face of ``image`` (prepared with ``keep_image``), the crop an attribute predictor of input ``spec`` reads,
+    or ``None`` for a failed face: the one face path (:func:`facesearch.model.faces.prepare.prepare_image`) again,
+    on the already decoded pixels (not the file: nothing is read or decoded twice) with the face's own landmarks, at
+    ``spec``'s size and margin.  When ``spec`` asks for the identity crop itself (``input_size``, no margin), that crop
+    is reused."""
+    out: list[np.ndarray | None] = []
+    for face in image.faces:
+        if isinstance(face, FaceFailure) or image.image is None:
+            out.append(None)
+        elif not spec.margin and spec.size == tuple(input_size):
+            out.append(face.crop)
+        else:
+            again = prepare_image(image.image, face.landmarks, size=spec.size, margin=spec.margin,
+                                  name=image.name).faces[0]  # fmt: skip
+            if isinstance(again, FaceFailure):  # not expected: the same landmarks aligned this image's identity crop
+                log.warning("%s: no attribute crop: %s", image.name, again.message)
+            out.append(again.crop)
+    return out
+
+
+def _predict(predictor: AttributePredictor, crops: Sequence[np.ndarray | None]) -> np.ndarray:
+    """(N, M) probabilities of the faces that have a crop; NaN rows (stored as nulls) for the others."""
+    probs = np.full((len(crops), len(predictor.attributes)), np.nan, np.float32)
+    ok = [i for i, c in enumerate(crops) if c is not None]
+    if ok:
+        probs[ok] = predictor.predict_crops(np.stack([crops[i] for i in ok]))  # type: ignore[misc]
+    return probs
 
 
 def _to_table(items: Sequence[InputItem], prepared: list[list[_Row]], embs: list[np.ndarray],
-              attrs: list[np.ndarray], embedder: Embedder, cfg: EmbedConfig,
+              attrs: list[np.ndarray], d: int, attribute_names: tuple[str, ...], cfg: EmbedConfig,
               columns: tuple[str, ...]) -> pa.Table:  # fmt: skip
     """The shard table; failed rows' embeddings (NaN here) are stored as nulls."""
-    d, m = embedder.embedding_dim, len(embedder.attributes)
+    m = len(attribute_names)
     owners = [(it, face) for it, faces in zip(items, prepared, strict=True) for face in range(len(faces))]
     rows = [p for faces in prepared for p in faces]
     lm = np.full((len(rows), 10), np.nan, np.float32)
@@ -304,7 +361,7 @@ def _to_table(items: Sequence[InputItem], prepared: list[list[_Row]], embs: list
         paths=[it.rel for it, _ in owners],
         identities=[it.identity for it, _ in owners],
         embeddings=np.concatenate(embs) if embs else np.zeros((0, d), np.float32),
-        attributes={name: attr[:, k] for k, name in enumerate(embedder.attributes)},
+        attributes={name: attr[:, k] for k, name in enumerate(attribute_names)},
         det_score=np.array([p.score for p in rows], dtype=np.float32),
         landmarks=lm,
         status=[p.status for p in rows],
@@ -324,6 +381,21 @@ def build_embedder(cfg: EmbedConfig, device: str | None = None) -> Embedder:
     return Embedder(cfg.checkpoint, device or cfg.device, cfg.precision, cfg.batch_size, cfg.flip_average)
 
 
+def build_predictor(cfg: EmbedConfig, device: str | None = None) -> AttributePredictor:
+    """The attribute predictor of ``cfg.attributes_from`` (on ``device``, default ``cfg.device``; one per worker).
+    ``FileNotFoundError`` / ``ValueError`` naming the file when it is missing or not a predictor or checkpoint."""
+    if cfg.attributes_from is None:
+        raise ValueError("the config names no attribute predictor (attributes_from)")
+    path = cfg.attributes_from
+    try:
+        return load_predictor(path, device or cfg.device, cfg.precision, cfg.batch_size)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"attribute predictor {path} not found (--attributes-from)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"--attributes-from {path} is not an attribute predictor or checkpoint: {detail}") from e
+
+
 ProgressFn = Callable[[Mapping[str, Any]], object]
 
 __all__ = [
@@ -337,10 +409,12 @@ __all__ = [
     "ProgressFn",
     "build_detector",
     "build_embedder",
+    "build_predictor",
     "embed_partition",
     "optional_columns",
     "plan_inputs",
     "plan_shards",
+    "predictor_crops",
     "row_id",
     "shard_id_range",
     "stage",

@@ -4,20 +4,25 @@ Files of a generation (layout, atomic updates, the pointer ``CURRENT``: :mod:`fa
 
     index.faiss         faiss.write_index output
     attributes.parquet  id, path, identity, one float32 column per attribute; one row per indexed vector
-    index_info.json     kind, parameters, metric, d, nb, fingerprint, sources (shard directories and their id
-                        offsets), build time, peak RSS, recall, history, size + SHA-256 of the two files above
+    index_info.json     kind, parameters, metric, d, nb, fingerprint, attribute_source (where the attribute
+                        columns came from: the model's own head or an attribute predictor), sources (shard
+                        directories and their id offsets), build time, peak RSS, recall, history, size + SHA-256 of
+                        the two files above
 
 Every build and update writes a whole new generation and switches ``CURRENT`` to it in one rename, so a killed
 ``add`` / ``remove`` leaves the index as it was before or after, never in between; the directory's lock
 (:mod:`facesearch.indexer.locks`) keeps a second writer out and names the one inside.
 
-Checks: shards are verified against their manifest (size, SHA-256) before they are read, and a NaN or infinite
-embedding is refused naming its shard and id.  :func:`load_index` refuses, with one line naming the file, an index
-whose files disagree: sizes (and SHA-256 of ``index_info.json`` and ``attributes.parquet``, read anyway) against
-the records, the FAISS header (kind, d, metric, nlist, ntotal) against ``index_info.json``, the attribute table's
-rows and ids against the index (:mod:`facesearch.indexer.index_check`).  ``verify=True`` adds the SHA-256 of
-``index.faiss`` and a NaN / inf scan of the stored vectors (measured at 1M x 1024 float32, a 4.1 GB file, on this
-2-core machine: read_index 5.0 s, SHA-256 5.5 s, scan 1.1 s, so they are not run at every open).
+Checks: shards are verified against their manifest (size, SHA-256) before they are read, and a NaN or infinite embedding
+is refused naming its shard and id.  ``add`` refuses shards of another model (fingerprint, d) and shards whose attribute
+columns came from another filler than the index's (another predictor fingerprint, or a predictor vs the model's own
+head: :attr:`facesearch.indexer.manifest.Manifest.attribute_provenance`), naming both.  :func:`load_index` refuses, with
+one line naming the file, an index whose files disagree: sizes (and SHA-256 of ``index_info.json`` and
+``attributes.parquet``, read anyway) against the records, the FAISS header (kind, d, metric, nlist, ntotal) against
+``index_info.json``, the attribute table's rows and ids against the index (:mod:`facesearch.indexer.index_check`).
+``verify=True`` adds the SHA-256 of ``index.faiss`` and a NaN / inf scan of the stored vectors (measured at 1M x 1024
+float32, a 4.1 GB file, on this 2-core machine: read_index 5.0 s, SHA-256 5.5 s, scan 1.1 s, so they are not run at
+every open).
 
 Id mapping: FAISS itself stores our int64 ids, so a search returns them directly: ``flat`` and ``hnsw`` are wrapped
 in ``IndexIDMap2``; ``ivf-flat`` / ``ivf-pq`` store ids natively (``add_with_ids``; wrapping an IVF in an id map
@@ -78,6 +83,7 @@ from facesearch.indexer.index_store import (
     remove_leftovers,
 )
 from facesearch.indexer.locks import directory_lock
+from facesearch.indexer.manifest import describe_attribute_source, same_attribute_source
 from facesearch.indexer.recall import measure_recall, recall_at
 from facesearch.model.measure import peak_rss_bytes
 from facesearch.model.provenance import provenance, versions
@@ -195,6 +201,7 @@ def _build_into(
         max_id=hi if hi >= 0 else None,
         files=dict(gen.records),
         provenance=provenance(),
+        attribute_source=manifest.attribute_provenance,
     )
 
 
@@ -370,6 +377,7 @@ def add_to_index(index_dir: Path, shards_dir: Path, block_rows: int = 65536, *, 
             raise ValueError(f"{shards_dir} was made by model {manifest.fingerprint!r} (d={manifest.d}) but the "
                              f"index {index_dir} by {loaded.info.fingerprint!r} (d={loaded.info.d}); refusing to "
                              "mix embeddings of different models")  # fmt: skip
+        _check_attribute_source(manifest, loaded.info, shards_dir, index_dir)
         take, sha = RowSelection(shard_ids), shards.manifest_sha256(shards_dir)
         plan = plan_add(loaded.info, loaded.ids, manifest, shards_dir, sha, id_offset, fresh_ids, take)
         check_shards(shards_dir)
@@ -387,6 +395,18 @@ def add_to_index(index_dir: Path, shards_dir: Path, block_rows: int = 65536, *, 
                  "id_offset": plan.offset, "rows_selected": take.selected, "source": _source(shards_dir)}  # fmt: skip
         info = _save(index_dir, loaded, attrs, event, (*known_sources(loaded.info), record))
     return AddResult(info, len(new_ids), skipped, plan.offset, plan.note, True, plan.prior)
+
+
+def _check_attribute_source(manifest: shards.Manifest, info: IndexInfo, shards_dir: Path, index_dir: Path) -> None:
+    """Refuse shards whose attribute columns came from another filler than the index's (the probabilities of two
+    predictors, or of a predictor and the model's head, are not comparable in one filter)."""
+    theirs, ours = manifest.attribute_provenance, info.attribute_provenance
+    if not same_attribute_source(theirs, ours):
+        hint = (f"embed them with --attributes-from {ours['path']}" if ours.get("source") == "predictor"
+                and ours.get("path") else "embed them again the way the index's were")  # fmt: skip
+        raise ValueError(f"{shards_dir}'s attribute columns come from {describe_attribute_source(theirs)} but the "
+                         f"index {index_dir}'s from {describe_attribute_source(ours)}; refusing to mix attribute "
+                         f"probabilities of different predictors ({hint}, or build a new index)")  # fmt: skip
 
 
 def add_shards(index_dir: Path, shards_dir: Path, block_rows: int = 65536, *, id_offset: int | None = None,

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from facesearch.indexer.faiss_import import faiss
+from facesearch.indexer.manifest import model_source
 
 KINDS = ("flat", "ivf-flat", "ivf-pq", "hnsw")
 
@@ -65,7 +66,10 @@ class IndexInfo:
     generation's
     ``index.faiss`` and ``attributes.parquet`` (empty for an index written before checksums); ``provenance``: what
     built it (:func:`facesearch.model.provenance.provenance`; each later ``add`` / ``remove`` event in ``history``
-    carries its own; empty for an index written before it)."""
+    carries its own; empty for an index written before it); ``attribute_source``: where the attribute columns came
+    from, the shard manifest's record (:attr:`facesearch.indexer.manifest.Manifest.attribute_provenance`: the
+    identity model's own head or an attribute predictor's key, fingerprint, path, input and calibration; empty for an
+    index written before it, read through :attr:`attribute_provenance`)."""
 
     config: dict[str, Any]
     d: int
@@ -82,14 +86,23 @@ class IndexInfo:
     max_id: int | None = None
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    attribute_source: dict[str, Any] = field(default_factory=dict)
 
     @property
     def kind(self) -> str:
         return str(self.config["kind"])
 
+    @property
+    def attribute_provenance(self) -> dict[str, Any]:
+        """Where the attribute columns came from: the recorded ``attribute_source``, else (an index from before the
+        record) the model's own head, :func:`facesearch.indexer.manifest.model_source` of ``fingerprint``."""
+        return dict(self.attribute_source) if self.attribute_source else model_source(self.fingerprint)
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data.update(kind=self.kind, history=list(self.history), sources=list(self.sources))
+        if not self.attribute_source:
+            del data["attribute_source"]  # an index from before the record reads as before
         return data
 
     @classmethod

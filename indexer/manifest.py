@@ -2,6 +2,12 @@
 :class:`ShardEntry` per shard (rows, SHA-256, id range), whether the set is complete, and the config and versions
 that made it.
 
+Attribute provenance (``attribute_source``): where the shards' attribute columns came from, either the identity
+network's own attribute head, ``{"source": "model", "fingerprint": <the checkpoint's>}``, or an attribute predictor
+(``facesearch embed --attributes-from``), ``{"source": "predictor", "key", "fingerprint", "path", "input",
+"calibration"}`` (:func:`predictor_source`).  A manifest from before the record (or of synthetic features) has none:
+:attr:`Manifest.attribute_provenance` reads it as the model's own head.
+
 Names: ``_manifest.json`` (:data:`MANIFEST`), so that Parquet dataset readers, which skip names starting with ``_``
 or ``.``, read the directory of ``part-*.parquet`` files as is.  Directories written before hold ``manifest.json``
 (:data:`LEGACY_MANIFEST`); they stay readable, resumable and appendable.  Every reader goes through
@@ -29,6 +35,43 @@ LEGACY_MANIFEST = "manifest.json"  # the first name: Parquet dataset readers tri
 KIND = "facesearch.shards"
 FORMAT_VERSION = 1
 DTYPES: tuple[str, ...] = ("float16", "float32")
+#: ``attribute_source["source"]`` values: the identity network's own attribute head, or an attribute predictor.
+ATTRIBUTE_SOURCES: tuple[str, ...] = ("model", "predictor")
+
+
+def model_source(fingerprint: str) -> dict[str, Any]:
+    """The attribute provenance of columns filled by the identity network's own head (model ``fingerprint``)."""
+    return {"source": "model", "fingerprint": fingerprint}
+
+
+def predictor_source(description: Mapping[str, Any]) -> dict[str, Any]:
+    """The attribute provenance of columns filled by an attribute predictor, from its
+    :meth:`facesearch.model.predictors.base.AttributePredictor.describe`: key, fingerprint, path (absolute), input
+    crop and calibration method."""
+    path = description.get("path")
+    return {
+        "source": "predictor",
+        "key": str(description["key"]),
+        "fingerprint": str(description["fingerprint"]),
+        "path": None if path is None else str(Path(path).absolute()),
+        "input": dict(description.get("input") or {}),
+        "calibration": description.get("calibration"),
+    }
+
+
+def same_attribute_source(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two attribute provenance records describe the same filler (kind and fingerprint; not the path)."""
+    return (a.get("source"), a.get("fingerprint")) == (b.get("source"), b.get("fingerprint"))
+
+
+def describe_attribute_source(record: Mapping[str, Any]) -> str:
+    """One phrase naming where attribute columns came from, e.g. ``the moon predictor 3f2a... (/w/moon.safetensors)``
+    or ``the model's own attribute head (model 9c1e...)``."""
+    fp = str(record.get("fingerprint") or "?")[:16]
+    if record.get("source") == "predictor":
+        where = f" ({record['path']})" if record.get("path") else ""
+        return f"the {record.get('key', '?')} predictor {fp}{where}"
+    return f"the model's own attribute head (model {fp})"
 
 
 @dataclass(frozen=True)
@@ -65,7 +108,9 @@ class Manifest:
     what the embed job added to every row id (ids = input position + ``id_offset``; 0 when absent: manifests from
     before it);
     ``columns``: the optional columns (:data:`facesearch.indexer.shards.OPTIONAL_COLUMNS`) every shard of the directory
-    holds (``()`` when absent: manifests from before them; written only when not empty)."""
+    holds (``()`` when absent: manifests from before them; written only when not empty); ``attribute_source``: where
+    the attribute columns came from (module docstring; ``{}`` when absent: read through
+    :attr:`attribute_provenance`; written only when not empty)."""
 
     fingerprint: str
     d: int
@@ -82,6 +127,7 @@ class Manifest:
     normalized: bool = True
     id_offset: int = 0
     columns: tuple[str, ...] = ()
+    attribute_source: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=_now)
     updated: str = field(default_factory=_now)
 
@@ -96,6 +142,11 @@ class Manifest:
         if len(set(self.columns)) != len(self.columns):
             raise ValueError(f"columns must be distinct, got {list(self.columns)}")
         object.__setattr__(self, "columns", tuple(self.columns))
+        src = self.attribute_source
+        if not isinstance(src, dict) or (src and (src.get("source") not in ATTRIBUTE_SOURCES
+                                                  or not isinstance(src.get("fingerprint"), str))):  # fmt: skip
+            raise ValueError(f"attribute_source must be {{'source': one of {list(ATTRIBUTE_SOURCES)}, "
+                             f"'fingerprint': ..., ...}}, got {src!r}")  # fmt: skip
         object.__setattr__(self, "shards", tuple(sorted(self.shards, key=lambda e: e.file)))
 
     @property
@@ -103,6 +154,12 @@ class Manifest:
         rows = sum(e.rows for e in self.shards)
         ok = sum(e.ok_rows for e in self.shards)
         return {"shards": len(self.shards), "rows": rows, "ok_rows": ok, "failed_rows": rows - ok}
+
+    @property
+    def attribute_provenance(self) -> dict[str, Any]:
+        """Where the attribute columns came from: the recorded ``attribute_source``, else (a manifest from before
+        the record, or of synthetic features) the model's own head, :func:`model_source` of ``fingerprint``."""
+        return dict(self.attribute_source) if self.attribute_source else model_source(self.fingerprint)
 
     def entry(self, file: str) -> ShardEntry | None:
         return next((e for e in self.shards if e.file == file), None)
@@ -123,6 +180,8 @@ class Manifest:
             data["columns"] = list(self.columns)
         else:
             del data["columns"]  # the manifest of a directory without optional columns reads as before them
+        if not self.attribute_source:
+            del data["attribute_source"]
         return json.loads(json.dumps(data))
 
     @classmethod
@@ -219,6 +278,7 @@ def migrate_manifest(directory: Path) -> Path:
 
 
 __all__ = [
+    "ATTRIBUTE_SOURCES",
     "DTYPES",
     "FORMAT_VERSION",
     "KIND",
@@ -226,10 +286,14 @@ __all__ = [
     "MANIFEST",
     "Manifest",
     "ShardEntry",
+    "describe_attribute_source",
     "is_shard_directory",
     "manifest_path",
     "manifest_sha256",
     "migrate_manifest",
+    "model_source",
+    "predictor_source",
     "read_manifest",
+    "same_attribute_source",
     "write_manifest",
 ]

@@ -12,6 +12,13 @@ each, :func:`facesearch.indexer.inputs.inputs_digest`) in the manifest's ``sourc
 compares every shard it finds with the state of its files now, and deletes and recomputes those whose inputs changed.
 A shard with no recorded state (written before this check existed) is trusted as it is.
 
+Attribute predictor (``attributes_from``): the driver opens it once before any Dask work (a missing file or one that
+is no predictor fails there, naming it) for its fingerprint and attribute names; the manifest records where the
+attribute columns came from (``attribute_source``: :func:`facesearch.indexer.manifest.predictor_source`, or the
+model's own head); each worker loads it once, like the Embedder, and refuses a file whose fingerprint is no longer
+the one the job started with.  Resuming into an output whose attribute columns came from another predictor (another
+fingerprint, or the model's head) is refused like another model's checkpoint; the predictor's path alone may change.
+
 Optional columns: a new output's manifest names them (``columns``: :func:`facesearch.indexer.embed.optional_columns`)
 and every shard has them; a resumed output keeps writing its manifest's, so an output from before them stays without
 them and a directory never mixes two schemas.
@@ -43,6 +50,7 @@ from facesearch.indexer.embed import (
     ProgressFn,
     build_detector,
     build_embedder,
+    build_predictor,
     embed_partition,
     optional_columns,
     plan_inputs,
@@ -52,6 +60,12 @@ from facesearch.indexer.embed import (
 )
 from facesearch.indexer.inputs import inputs_digest
 from facesearch.indexer.locks import LOCK_FILE, directory_lock
+from facesearch.indexer.manifest import (
+    describe_attribute_source,
+    model_source,
+    predictor_source,
+    same_attribute_source,
+)
 from facesearch.indexer.shards import (
     MANIFEST,
     Manifest,
@@ -143,7 +157,26 @@ def _provenance(cfg: EmbedConfig, items: Sequence[InputItem]) -> dict[str, Any]:
     return {"detection": detection, "ids": ids}
 
 
-def _new_manifest(cfg: EmbedConfig, items: Sequence[InputItem], n_shards: int) -> Manifest:
+@dataclass(frozen=True)
+class _AttributeFiller:
+    """What the driver learnt of the attribute predictor: its provenance record and attribute names (column order)."""
+
+    source: dict[str, Any]
+    attributes: tuple[str, ...]
+
+
+def _open_predictor(cfg: EmbedConfig) -> _AttributeFiller | None:
+    """Open ``cfg.attributes_from`` once in the driver (on the CPU): fails fast naming the file when it is missing
+    or not a predictor; ``None`` without one."""
+    if cfg.attributes_from is None:
+        return None
+    predictor = build_predictor(cfg, device="cpu")
+    source = predictor_source({**predictor.describe(), "path": str(cfg.attributes_from)})
+    return _AttributeFiller(source, tuple(predictor.attributes))
+
+
+def _new_manifest(cfg: EmbedConfig, items: Sequence[InputItem], n_shards: int,
+                  filler: _AttributeFiller | None = None) -> Manifest:  # fmt: skip
     ckpt = load_checkpoint(cfg.checkpoint)
     source = {"format": cfg.format, "input": str(cfg.input), "root": str(cfg.image_root),
               "landmarks": None if cfg.landmarks is None else str(cfg.landmarks), "sidecars": cfg.sidecars,
@@ -153,7 +186,7 @@ def _new_manifest(cfg: EmbedConfig, items: Sequence[InputItem], n_shards: int) -
         fingerprint=ckpt.fingerprint,
         d=ckpt.model_config.embedding_dim,
         dtype=cfg.dtype,
-        attributes=ckpt.model_config.attributes,
+        attributes=ckpt.model_config.attributes if filler is None else filler.attributes,
         model_config=ckpt.model_config.to_dict(),
         source=source,
         config=cfg.to_dict(),
@@ -161,6 +194,7 @@ def _new_manifest(cfg: EmbedConfig, items: Sequence[InputItem], n_shards: int) -
         provenance=provenance(),
         planned_shards=n_shards,
         columns=optional_columns(cfg.keep_face),
+        attribute_source=model_source(ckpt.fingerprint) if filler is None else filler.source,
     )
 
 
@@ -171,12 +205,20 @@ def _check_compatible(out: Path, old: Manifest, new: Manifest, cfg: EmbedConfig)
             f"{out} holds embeddings of model {old.fingerprint[:16]}, but {cfg.checkpoint} is model "
             f"{new.fingerprint[:16]}; use another --out (or delete {out}) to embed with this model"
         )
+    old_attrs, new_attrs = old.attribute_provenance, new.attribute_provenance
+    if not same_attribute_source(old_attrs, new_attrs):
+        raise ValueError(
+            f"{out} holds attribute columns from {describe_attribute_source(old_attrs)}, but this run fills them "
+            f"from {describe_attribute_source(new_attrs)}; use another --out (or delete {out}) to embed with "
+            + ("this predictor" if new_attrs["source"] == "predictor" else "the model's own attribute head")
+        )
     if old.source.get("items_sha256") != new.source["items_sha256"]:
         raise ValueError(
             f"{out} was embedded from another input ({old.source.get('count')} images from "
             f"{old.source.get('input')}; now {new.source['count']} from {cfg.input}); use another --out"
         )
-    ignore = {"checkpoint", "out", "workers", "threads_per_worker", "scheduler"}
+    # the checkpoint's and the predictor's files are compared by fingerprint above: their paths may change
+    ignore = {"checkpoint", "attributes_from", "out", "workers", "threads_per_worker", "scheduler"}
     if not new.source["detection"]["used"]:
         ignore |= set(DETECTION_FIELDS)  # every image has landmarks: how YuNet would choose cannot change a row
     keys = sorted((set(old.config) | set(new.config)) - ignore)
@@ -253,8 +295,9 @@ def _reconcile(out: Path, manifest: Manifest, ranges: Sequence[range], keep_face
     return manifest.replace(shards=tuple(valid)), todo, changed, damaged
 
 
-def _worker_models(cfg: EmbedConfig, fingerprint: str, need_detector: bool) -> tuple[Any, Any]:
-    """This worker process's Embedder (and detector), built on first use and cached."""
+def _worker_models(cfg: EmbedConfig, fingerprint: str, need_detector: bool,
+                   attributes_fingerprint: str | None = None) -> tuple[Any, Any, Any]:  # fmt: skip
+    """This worker process's Embedder (and detector, and attribute predictor), built on first use and cached."""
     key = ("embedder", str(cfg.checkpoint), fingerprint, cfg.device, cfg.precision, cfg.batch_size, cfg.flip_average)
     if key not in _WORKER_CACHE:
         embedder = build_embedder(cfg)
@@ -268,7 +311,21 @@ def _worker_models(cfg: EmbedConfig, fingerprint: str, need_detector: bool) -> t
         if dkey not in _WORKER_CACHE:
             _WORKER_CACHE[dkey] = build_detector(cfg)
         detector = _WORKER_CACHE[dkey]
-    return _WORKER_CACHE[key], detector
+    predictor = None
+    if cfg.attributes_from is not None:
+        if attributes_fingerprint is None:
+            raise ValueError("an embed task with an attribute predictor needs its fingerprint")
+        embedder = _WORKER_CACHE[key]
+        pkey = ("predictor", str(cfg.attributes_from), attributes_fingerprint, str(embedder.device), cfg.precision,
+                cfg.batch_size)  # fmt: skip
+        if pkey not in _WORKER_CACHE:
+            built = build_predictor(cfg, device=str(embedder.device))
+            if built.fingerprint != attributes_fingerprint:
+                raise ValueError(f"{cfg.attributes_from} changed during the job (predictor {built.fingerprint[:16]}, "
+                                 f"the job started with {attributes_fingerprint[:16]})")  # fmt: skip
+            _WORKER_CACHE[pkey] = built
+        predictor = _WORKER_CACHE[pkey]
+    return _WORKER_CACHE[key], detector, predictor
 
 
 def embed_shard(
@@ -278,18 +335,21 @@ def embed_shard(
     cfg: EmbedConfig,
     fingerprint: str,
     columns: Sequence[str] | None = None,
+    attributes_fingerprint: str | None = None,
 ) -> tuple[ShardEntry, dict[str, float]]:
     """The Dask task: embed shard ``index`` and write it atomically into ``cfg.out``; returns its manifest entry and
     per-stage seconds.  ``columns``: the optional columns of the directory (``Manifest.columns``; ``None``: those of a
-    new output).  Runs in a worker with the model cached per process."""
+    new output); ``attributes_fingerprint``: the fingerprint ``cfg.attributes_from`` had when the job started (needed
+    with a predictor).  Runs in a worker with the models cached per process."""
     import cv2
     import torch
 
     torch.set_num_threads(cfg.threads_per_worker)
     cv2.setNumThreads(cfg.threads_per_worker)
-    embedder, detector = _worker_models(cfg, fingerprint, _needs_detector(cfg, items))
+    embedder, detector, predictor = _worker_models(cfg, fingerprint, _needs_detector(cfg, items),
+                                                   attributes_fingerprint)  # fmt: skip
     timings: dict[str, float] = {}
-    table = embed_partition(items, embedder, detector, cfg, timings, columns)
+    table = embed_partition(items, embedder, detector, cfg, timings, columns, predictor)
     with stage(timings, "write"):
         entry = write_shard(cfg.out / shard_name(index), table, shard_id_range(ids, cfg.keep_face))
     return entry, timings
@@ -299,7 +359,8 @@ def _for_workers(cfg: EmbedConfig, items: Sequence[InputItem]) -> EmbedConfig:
     """``cfg`` as the workers need it: absolute paths (a worker does not share the driver's working directory) and
     the YuNet model resolved here, so every worker uses the same file."""
     model = yunet_path(cfg.detector_model) if _needs_detector(cfg, items) else cfg.detector_model
-    return cfg.replace(checkpoint=cfg.checkpoint.absolute(), out=cfg.out.absolute(),
+    attrs = None if cfg.attributes_from is None else cfg.attributes_from.absolute()
+    return cfg.replace(checkpoint=cfg.checkpoint.absolute(), out=cfg.out.absolute(), attributes_from=attrs,
                        detector_model=None if model is None else model.absolute())  # fmt: skip
 
 
@@ -310,13 +371,14 @@ def _compute(cfg: EmbedConfig, items: Sequence[InputItem], ranges: Sequence[rang
     total = sum(len(ranges[i]) for i in todo)
     done, t0, stages = 0, time.perf_counter(), Counter[str]()
     wcfg = _for_workers(cfg, items)
+    attrs_fp = manifest.attribute_source["fingerprint"] if cfg.attributes_from is not None else None
     with cluster_client(cfg) as client:
         if cfg.scheduler:
             probe_workers(client, wcfg, items)
         if progress is not None:  # only now: a cluster that fails to start or to see the files prints just the error
             progress({"event": "start", "total": total, "shards": len(todo), "reused_shards": len(ranges) - len(todo)})
         futures = {client.submit(embed_shard, i, items[ranges[i].start : ranges[i].stop], ranges[i], wcfg,
-                                 manifest.fingerprint, manifest.columns,
+                                 manifest.fingerprint, manifest.columns, attrs_fp,
                                  key=f"embed-shard-{i:05d}-{manifest.fingerprint[:8]}",
                                  pure=False): i for i in todo}  # fmt: skip
         for future in as_completed(futures):
@@ -361,7 +423,9 @@ def _prepare_out(cfg: EmbedConfig, new: Manifest) -> Manifest:
         old = read_manifest(out)
         _check_compatible(out, old, new, cfg)
         detection = {k: new.source[k] for k in ("detection", "ids")}
-        return old.replace(config=new.config, versions=new.versions, source={**old.source, **detection})
+        # the same attribute filler (checked above), its path perhaps new
+        return old.replace(config=new.config, versions=new.versions, source={**old.source, **detection},
+                           attribute_source=new.attribute_source)  # fmt: skip
     if out.exists() and (not out.is_dir() or any(p.name != LOCK_FILE for p in out.iterdir())):
         raise ValueError(f"--out {out} exists and is not a shard directory (no {MANIFEST}); use an empty folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -371,23 +435,26 @@ def _prepare_out(cfg: EmbedConfig, new: Manifest) -> Manifest:
 def run_embed(cfg: EmbedConfig, progress: ProgressFn | None = None) -> EmbedResult:
     """Embed ``cfg``'s images into the shard directory ``cfg.out``, computing only missing or invalid shards.
 
-    Raises ``ValueError`` when ``cfg.out`` holds shards of another model (naming both fingerprints), input or
-    config, and ``FileNotFoundError`` for a missing input, checkpoint or detector model."""
+    Raises ``ValueError`` when ``cfg.out`` holds shards of another model (naming both fingerprints), attribute
+    predictor, input or config, or ``cfg.attributes_from`` is no predictor, and ``FileNotFoundError`` for a missing
+    input, checkpoint, attribute predictor or detector model."""
     t0 = time.perf_counter()
     resolve_device(cfg.device)  # a requested GPU that is absent fails here, before any worker starts
     items = plan_inputs(cfg)
     if _needs_detector(cfg, items):
         yunet_path(cfg.detector_model)  # a missing detector model fails here, before any Dask work starts
+    filler = _open_predictor(cfg)  # so does a missing or wrong attribute predictor
     if cfg.out.exists() and not cfg.out.is_dir():
         raise ValueError(f"--out {cfg.out} is a file; expected a shard directory (new or empty, or one to resume)")
     cfg.out.mkdir(parents=True, exist_ok=True)
     with directory_lock(cfg.out):  # a second job into the same --out is refused, naming this one
-        return _run_locked(cfg, items, progress, t0)
+        return _run_locked(cfg, items, progress, t0, filler)
 
 
-def _run_locked(cfg: EmbedConfig, items: Sequence[InputItem], progress: ProgressFn | None, t0: float) -> EmbedResult:
+def _run_locked(cfg: EmbedConfig, items: Sequence[InputItem], progress: ProgressFn | None, t0: float,
+                filler: _AttributeFiller | None = None) -> EmbedResult:  # fmt: skip
     ranges = plan_shards(len(items), cfg.shard_rows)
-    manifest = _prepare_out(cfg, _new_manifest(cfg, items, len(ranges)))
+    manifest = _prepare_out(cfg, _new_manifest(cfg, items, len(ranges), filler))
     remove_temporaries(cfg.out)  # left by a killed job
     states = [inputs_digest(items[r.start : r.stop], cfg.sidecars) for r in ranges]
     manifest, todo, changed, damaged = _reconcile(cfg.out, manifest, ranges, cfg.keep_face, states)

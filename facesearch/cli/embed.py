@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from facesearch.cli._app import DEVICE_OPTION, config_option, main, user_errors
 from facesearch.indexer.embed import EmbedConfig
+from facesearch.indexer.manifest import describe_attribute_source
 from facesearch.indexer.pipeline import LOW_POSE_SCORE, ClusterError, EmbedResult, run_embed
 from facesearch.indexer.shards import DTYPES
 from facesearch.model.device import PRECISIONS
@@ -38,11 +39,18 @@ class _Bar:
             self.bar.close()
 
 
+def _attributes_line(result: EmbedResult) -> str:
+    """Which predictor filled the attribute columns (the manifest's record)."""
+    n = len(result.manifest.attributes)
+    return f"attributes   {n} columns from {describe_attribute_source(result.manifest.attribute_provenance)}"
+
+
 def _summary(result: EmbedResult) -> None:
     totals = result.manifest.totals
     if result.already_complete:
         done = f"{totals['shards']} shards, {totals['rows']} rows"
         click.echo(f"{result.out} is already complete ({done}): nothing to do")
+        click.echo(_attributes_line(result))
         return
     click.echo(f"shards       {totals['shards']} in {result.out} ({result.computed_shards} embedded now, "
                f"{result.reused_shards} already done)")  # fmt: skip
@@ -67,6 +75,7 @@ def _summary(result: EmbedResult) -> None:
     click.echo(f"speed        {result.images_per_s:.1f} images/s ({result.computed_images} images in "
                f"{result.seconds:.1f} s)")  # fmt: skip
     click.echo(f"model        {result.manifest.fingerprint}")
+    click.echo(_attributes_line(result))
 
 
 _P = click.Path(path_type=Path)
@@ -94,6 +103,12 @@ _option = functools.partial(config_option, EmbedConfig)
 @click.option("--sidecars", is_flag=True, help="Read landmarks from <image>.json sidecar files.")
 @click.option("--checkpoint", type=_P, required=True, help="Trained weights (facesearch train output).")
 @click.option("--out", type=_P, required=True, help="Shard directory (created; re-run to resume).")
+@click.option(
+    "--attributes-from",
+    type=_P,
+    help="Attribute predictor whose probabilities fill the attribute columns (from `facesearch attributes train`) "
+    "[default: the identity model's own head].",
+)
 @_option("--shard-rows", type=int, help="Images per Parquet shard.")
 @_option("--batch-size", type=int, help="Crops per forward pass.")
 @_option("--dtype", type=click.Choice(DTYPES), help="Stored embeddings.")

@@ -14,6 +14,7 @@ from facesearch.cli._app import C_INT, finite, main, user_errors
 from facesearch.cli.synth import synth
 from facesearch.indexer.index import KINDS, IndexConfig, IndexInfo, add_to_index, build_index, load_index, remove_ids
 from facesearch.indexer.index_store import ATTR_FILE, current_layout
+from facesearch.indexer.manifest import describe_attribute_source
 from facesearch.indexer.synth_features import SynthFeaturesConfig, write_synth_features
 
 _DIR = click.Path(file_okay=False, path_type=Path)
@@ -171,6 +172,7 @@ def info(index_dir: Path, as_json: bool, verify: bool) -> None:
     click.echo(_summary(loaded.info, index_dir))
     click.echo(f"  fingerprint {loaded.info.fingerprint}; history: "
                + ", ".join(f"{e['op']} {e['time']}" for e in loaded.info.history))  # fmt: skip
+    click.echo(f"  attributes from {describe_attribute_source(loaded.info.attribute_provenance)}")
     for s in loaded.info.sources:
         ids = s.get("index_ids")
         how = [_ID_MODES[s["id_mode"]]] if s.get("id_mode") in _ID_MODES else []
