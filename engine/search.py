@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from facesearch.engine.filters import Filter, parse_filter
+from facesearch.indexer.embed import predictor_crops
 from facesearch.indexer.faiss_import import faiss
 from facesearch.indexer.index import LoadedIndex, load_index
 from facesearch.indexer.search import ResidentGallery, normalize_queries
@@ -45,6 +46,7 @@ from facesearch.model.device import cpu_has_bf16_units, resolve_device
 from facesearch.model.faces.detect import FaceDetector
 from facesearch.model.faces.prepare import FACE_REASONS, FaceFailure, prepare_image
 from facesearch.model.inference import Embedder, iter_embeddings
+from facesearch.model.predictors import AttributePredictor, load_predictor
 
 SUBSET_MAX, SELECTOR_MAX = 0.10, 0.5  # flat: gather below SUBSET_MAX; FAISS kinds: selector up to SELECTOR_MAX
 AGGREGATES = ("max", "mean")
@@ -81,6 +83,28 @@ class QueryResult:
                 "exact": self.exact, "passing": self.passing, "accepted": self.accepted}  # fmt: skip
 
 
+def _index_predictor(
+    loaded: LoadedIndex, index_dir: Path, attributes_from: Path | None, device: str
+) -> AttributePredictor | None:
+    """The attribute predictor that filled the index's attribute columns (``None``: the model's own head)."""
+    record = loaded.info.attribute_provenance
+    if record.get("source") != "predictor":
+        if attributes_from is not None:
+            raise ValueError(f"index {index_dir}'s attribute columns come from the model's own head, not a predictor; "
+                             "drop --attributes-from")  # fmt: skip
+        return None
+    path = Path(attributes_from) if attributes_from is not None else Path(str(record.get("path", "")))
+    if not path.is_file():
+        raise FileNotFoundError(f"index {index_dir}'s attribute columns come from the {record.get('key')} predictor "
+                                f"{path}, which does not exist here: give its file with --attributes-from")  # fmt: skip
+    predictor = load_predictor(path, device=device)
+    if predictor.fingerprint != record.get("fingerprint"):
+        raise ValueError(f"attribute predictor {path} is {predictor.fingerprint[:16]}… but index {index_dir}'s "
+                         f"attributes came from {str(record.get('fingerprint'))[:16]}…: probe and gallery "
+                         "probabilities would not be comparable")  # fmt: skip
+    return predictor
+
+
 class UnknownIdError(KeyError, ValueError):
     """A gallery id that is not in the index: a ``KeyError`` (a missing key) and a ``ValueError`` (bad input), whose
     text is the message itself (``KeyError`` would quote it)."""
@@ -93,9 +117,14 @@ class SearchEngine:
     """A loaded index plus its metadata columns (for filters and hits)."""
 
     def __init__(
-        self, loaded: LoadedIndex, embedder: Embedder | None = None, device: str = "auto", screen: str = "auto"
+        self,
+        loaded: LoadedIndex,
+        embedder: Embedder | None = None,
+        device: str = "auto",
+        screen: str = "auto",
+        predictor: AttributePredictor | None = None,
     ) -> None:
-        self.loaded, self.embedder = loaded, embedder
+        self.loaded, self.embedder, self.predictor = loaded, embedder, predictor
         self.index_kind = loaded.info.kind
         self.exact = self.index_kind == "flat"
         attrs = loaded.attributes
@@ -139,6 +168,7 @@ class SearchEngine:
         device: str = "auto",
         screen: str = "auto",
         verify: bool = False,
+        attributes_from: Path | None = None,
     ) -> SearchEngine:
         """Load ``index_dir``; with ``checkpoint`` (needed for image queries) its model must be the one that built
         the index: another fingerprint is refused, since its embeddings would not be comparable.  ``device`` runs
@@ -148,16 +178,22 @@ class SearchEngine:
         A damaged or inconsistent index directory is a one-line ``ValueError`` naming the file and what disagrees
         (:func:`facesearch.indexer.index.load_index`: sizes, checksums of the small files, FAISS header vs
         ``index_info.json`` vs attribute table); ``verify`` adds the SHA-256 of ``index.faiss`` and a NaN / inf scan of
-        the vectors."""
+        the vectors.
+
+        When an attribute predictor filled the gallery's attribute columns (``index_info.json``'s attribute source),
+        image queries get their attributes from the same predictor, so probe and gallery probabilities are
+        comparable: the file recorded there, or ``attributes_from`` (its fingerprint must match the record)."""
         loaded = load_index(Path(index_dir), verify=verify)
         embedder = None
+        predictor = None
         if checkpoint is not None:
             embedder = Embedder(Path(checkpoint), device=device)
             if embedder.fingerprint != loaded.info.fingerprint:
                 raise ValueError(f"checkpoint {checkpoint} is model {embedder.fingerprint[:16]}… but the index "
                                  f"{index_dir} was built with model {loaded.info.fingerprint[:16]}…: their embeddings "
                                  "are not comparable; use the checkpoint that embedded the gallery")  # fmt: skip
-        return cls(loaded, embedder, device=device, screen=screen)
+            predictor = _index_predictor(loaded, Path(index_dir), attributes_from, device)
+        return cls(loaded, embedder, device=device, screen=screen, predictor=predictor)
 
     def embed_images(
         self, paths: Sequence[Path], detector: FaceDetector | None = None, pad: int = 0
@@ -168,16 +204,29 @@ class SearchEngine:
         embedder = self._model()
         detector = detector or FaceDetector(pad=pad)
         names = [str(path) for path in paths]
+        attribute_crops: dict[str, np.ndarray | None] = {}
+        predictor = self.predictor
 
         def crop(name: str) -> np.ndarray:
-            face = prepare_image(Path(name), detector=detector, size=embedder.input_size, max_faces=1).faces[0]
+            image = prepare_image(Path(name), detector=detector, size=embedder.input_size, max_faces=1,
+                                  keep_image=predictor is not None)  # fmt: skip
+            face = image.faces[0]
             if isinstance(face, FaceFailure):
                 raise ValueError(f"probe {name}: {face.message}")
+            if predictor is not None:  # the predictor's own crop of the same face, from the same pixels
+                attribute_crops[name] = predictor_crops(image, predictor.input_spec, embedder.input_size)[0]
             return face.crop
 
         (out,) = iter_embeddings(embedder, [names], crop=crop)
-        order = [list(embedder.attributes).index(a) for a in self.attribute_names]
-        return out.embeddings, out.probabilities[:, order], names
+        if predictor is None:
+            order = [list(embedder.attributes).index(a) for a in self.attribute_names]
+            return out.embeddings, out.probabilities[:, order], names
+        order = [list(predictor.attributes).index(a) for a in self.attribute_names]
+        crops = [attribute_crops[n] for n in names]
+        if any(c is None for c in crops):
+            raise ValueError(f"probe {names[crops.index(None)]}: no attribute crop for the index's predictor")
+        probs = predictor.predict_crops(np.stack([c for c in crops if c is not None]))
+        return out.embeddings, probs[:, order], names
 
     @property
     def flat_vectors(self) -> np.ndarray | None:

@@ -4,8 +4,9 @@ scheduler (``--scheduler``) whose workers are probed before any shard is submitt
 With the pipeline (:mod:`facesearch.indexer.pipeline`), the only code that imports dask / distributed (inside
 functions, so that importing the package needs neither).  With ``scheduler``, the workers open the checkpoint, the
 images and ``out`` by the driver's (absolute) paths, so those must be on a filesystem every worker sees: every
-connected worker is probed (:func:`probe_worker`) and the first one that cannot read the checkpoint, the YuNet model, a
-sample image or the driver's marker in ``out``, or cannot write there, stops the job with a one-line
+connected worker is probed (:func:`probe_worker`) and the first one that cannot read the checkpoint, the YuNet model,
+the attribute predictor (``--attributes-from``), a sample image or the driver's marker in ``out``, or cannot write
+there, stops the job with a one-line
 :class:`ClusterError` naming the worker and the path.  An unreachable scheduler, or one without workers, is a one-line
 error after
 :data:`CONNECT_TIMEOUT_S`.
@@ -116,6 +117,7 @@ class ProbeSpec:
     images: tuple[str, ...]
     out: str
     marker: str
+    attributes_from: str | None = None
 
 
 def _unreadable(path: str) -> str | None:
@@ -152,6 +154,7 @@ def probe_worker(spec: ProbeSpec) -> str | None:
     """Run on a worker: what it cannot do of the job's file access (one phrase), or ``None`` when it can do it all."""
     checks = [("the checkpoint", spec.checkpoint)]
     checks += [("the YuNet model", spec.detector_model)] if spec.detector_model else []
+    checks += [("the attribute predictor", spec.attributes_from)] if spec.attributes_from else []
     checks += [("the input image", path) for path in spec.images]
     for what, path in checks:
         why = _unreadable(path)
@@ -173,7 +176,7 @@ def probe_workers(client: Any, cfg: EmbedConfig, items: Sequence[InputItem]) -> 
     ends = sorted({0, len(items) - 1}) if items else []
     sample = [str(items[i].path) for i in ends if _unreadable(str(items[i].path)) is None]
     spec = ProbeSpec(str(cfg.checkpoint), str(cfg.detector_model) if cfg.detector_model else None, tuple(sample),
-                     str(cfg.out), marker)  # fmt: skip
+                     str(cfg.out), marker, str(cfg.attributes_from) if cfg.attributes_from else None)  # fmt: skip
     try:
         results = client.run(probe_worker, spec, on_error="return")
     finally:

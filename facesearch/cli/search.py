@@ -72,6 +72,8 @@ def _summary(results: list[QueryResult], out: Path) -> str:
                    "is left out, its identity still ranks by its other items).")  # fmt: skip
 @click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False, exists=True),
               help="The model that built the index (needed for --probes; another model is refused).")  # fmt: skip
+@click.option("--attributes-from", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="The predictor that filled the index's attributes, if not at its recorded path.")  # fmt: skip
 @click.option("--detector-pad", type=click.IntRange(min=0), default=default_of(SearchEngine.embed_images, "pad"),
               show_default=True, help="Black border added around probe images before detection (tightly cropped "
               "faces).")  # fmt: skip
@@ -109,7 +111,8 @@ def _summary(results: list[QueryResult], out: Path) -> str:
 @DEVICE_OPTION
 @user_errors
 def search_command(index_dir: Path, probes: Path | None, embeddings: Path | None, ids: str | None,
-                   exclude_self: bool, checkpoint: Path | None, detector_pad: int, k: int, expr: str | None,
+                   exclude_self: bool, checkpoint: Path | None, attributes_from: Path | None, detector_pad: int,
+                   k: int, expr: str | None,
                    group_by: str | None, agg: str, soft_weight: float, threshold: float | None,
                    threshold_from: Path | None, far: float, strategy: str, screen: str, as_json: bool,
                    out: Path | None, device: str) -> None:  # fmt: skip
@@ -135,7 +138,9 @@ def search_command(index_dir: Path, probes: Path | None, embeddings: Path | None
     wanted = _parse_ids(ids) if ids is not None else []
     images = query_images(probes) if probes is not None else []
     x, names = read_query_embeddings(embeddings) if embeddings is not None else (None, [])
-    engine = SearchEngine.open(index_dir, checkpoint=checkpoint, device=device, screen=screen)
+    engine = SearchEngine.open(
+        index_dir, checkpoint=checkpoint, device=device, screen=screen, attributes_from=attributes_from
+    )
     probe_attrs, exclude = None, None
     if probes is not None:
         xq, probe_attrs, names = engine.embed_images(images, pad=detector_pad)

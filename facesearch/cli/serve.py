@@ -21,6 +21,8 @@ _POSITIVE = click.IntRange(min=1)
 @click.option("--index", "index_dir", type=click.Path(path_type=Path, file_okay=False, exists=True), required=True)
 @click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False, exists=True),
               help="The index's model: enables POST /search/image.")  # fmt: skip
+@click.option("--attributes-from", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="The predictor that filled the index's attributes, if not at its recorded path.")  # fmt: skip
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (0.0.0.0 exposes it).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="TCP port.")
 @click.option("--token-env", default="FACESEARCH_TOKEN", show_default=True,
@@ -44,7 +46,8 @@ _POSITIVE = click.IntRange(min=1)
 @SCREEN_OPTION
 @DEVICE_OPTION
 @user_errors
-def serve_command(index_dir: Path, checkpoint: Path | None, host: str, port: int, token_env: str, public_docs: bool,
+def serve_command(index_dir: Path, checkpoint: Path | None, attributes_from: Path | None, host: str, port: int,
+                  token_env: str, public_docs: bool,
                   detector_pad: int, screen: str, device: str, **limits: int | float) -> None:  # fmt: skip
     """Serve rank-k identification over HTTP: /health, POST /search/embedding, POST /search/image, /docs.
 
@@ -57,7 +60,9 @@ def serve_command(index_dir: Path, checkpoint: Path | None, host: str, port: int
         raise click.ClickException(str(e)) from e
     with sock:
         try:
-            engine = SearchEngine.open(index_dir, checkpoint=checkpoint, device=device, screen=screen)
+            engine = SearchEngine.open(
+                index_dir, checkpoint=checkpoint, device=device, screen=screen, attributes_from=attributes_from
+            )
         except (OSError, RuntimeError) as e:
             raise click.ClickException(f"cannot read the index {index_dir}: {e}") from e
         token = os.environ.get(token_env) or None

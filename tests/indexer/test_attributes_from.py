@@ -220,3 +220,33 @@ def test_identity_crop_predictor_reuses_the_crop(listed: Path, ckpt: Path, tmp_p
     for name in predictor.attributes:
         np.testing.assert_allclose(got.column(name).to_numpy(), base.column(name).to_numpy(), atol=1e-6)
     assert {"read", "decode", "align", "infer"} <= set(timings)
+
+
+def test_image_queries_take_their_attributes_from_the_index_predictor(
+    embedded: tuple[EmbedConfig, EmbedConfig, str], ckpt: Path, predictor_path: Path, tmp_path: Path,
+    yunet_path: Path,
+) -> None:  # fmt: skip
+    """Probe and gallery probabilities must come from one source: the engine opens the predictor recorded in
+    index_info.json and runs it on its own crop of each probe face."""
+    from facesearch.engine.search import SearchEngine
+    from facesearch.model.faces.detect import FaceDetector
+
+    with_p, plain, _ = embedded
+    build_index(with_p.out, tmp_path / "idx", IndexConfig(kind="flat", recall_sample=0))
+    engine = SearchEngine.open(tmp_path / "idx", checkpoint=ckpt, device="cpu")
+    assert engine.predictor is not None and engine.attribute_names == ATTRS
+    probes = [it.path for it in plan_inputs(with_p)[:3]]
+    xq, attrs, _ = engine.embed_images(probes)
+    detector = FaceDetector(pad=0)
+    crops = np.stack([prepare_image(p, detector=detector, size=(56, 48), max_faces=1, margin=True).first().crop
+                      for p in probes])  # fmt: skip
+    np.testing.assert_allclose(attrs, load_predictor(predictor_path).predict_crops(crops), atol=1e-5)
+    plain_engine = SearchEngine.open(tmp_path / "idx", checkpoint=ckpt, device="cpu", attributes_from=predictor_path)
+    np.testing.assert_array_equal(plain_engine.embed_images(probes)[0], xq)
+    other = _save_predictor(tmp_path / "other.safetensors", seed=9)
+    with pytest.raises(ValueError, match="would not be comparable"):
+        SearchEngine.open(tmp_path / "idx", checkpoint=ckpt, device="cpu", attributes_from=other)
+    build_index(plain.out, tmp_path / "idx2", IndexConfig(kind="flat", recall_sample=0))
+    assert SearchEngine.open(tmp_path / "idx2", checkpoint=ckpt, device="cpu").predictor is None
+    with pytest.raises(ValueError, match="model's own head"):
+        SearchEngine.open(tmp_path / "idx2", checkpoint=ckpt, device="cpu", attributes_from=predictor_path)

@@ -109,6 +109,8 @@ def test_probe_on_real_files(tmp_path: Path, ckpt: Path, yunet_path: Path, image
         probe_worker(ProbeSpec(str(ckpt), "/nonexistent/yunet.onnx", (), str(out), ".marker")))  # fmt: skip
     assert f"cannot read the input image {images}/s3/99.pgm" in str(
         probe_worker(ProbeSpec(str(ckpt), None, (str(images / "s3/99.pgm"),), str(out), ".marker")))  # fmt: skip
+    assert "cannot read the attribute predictor /nonexistent/moon.safetensors" in str(
+        probe_worker(ProbeSpec(str(ckpt), None, (), str(out), ".marker", "/nonexistent/moon.safetensors")))  # fmt: skip
     other = tmp_path / "other"  # a folder at the same path on the worker, but not the driver's
     other.mkdir()
     assert f"does not see the --out folder {other} the job created" in str(
