@@ -2,10 +2,24 @@
 
 An :class:`Identity` is drawn deterministically from (seed, population, index).  Its 0/1 attribute labels follow
 realistic base rates (with CelebA-like dependencies: Big_Nose is commoner in men, Double_Chin mostly comes with Chubby)
-and each label drives a continuous trait (nose width and length, tip shape, eye aperture, face width and fullness,
-second-chin depth, cheekbone geometry, sex-linked jaw/brow/hair/stubble) with mild noise, so the classes are learnable
-but overlap in their tails.  Units are face units (mean inter-ocular distance = 1); see
-:mod:`facesearch.model.faces.synth_render`.
+and each label drives continuous traits with mild noise, so the classes are learnable but overlap in their tails.
+What they look like (drawn by :mod:`facesearch.model.faces.synth_render`, sized to stay visible in the attribute
+predictors' margin crop):
+
+- Male: a wider face, squarer jaw, heavier and flatter brows, short or receding hair, often stubble; no make-up.
+- Big_Nose: wider alae and nostrils (``nose_w`` about +45 %) and a longer nose (tip and mouth lower).
+- Pointy_Nose (``nose_point``): a narrow tip hanging below the nostrils in a V, under a lit ridge down the nose;
+  otherwise a broad, shiny, round bulb.
+- Narrow_Eyes (``eye_ap``): the lids about half as far apart.
+- Chubby (``fullness``, plus face and jaw width): a rounder, wider lower face with lighter cheek pads beside the mouth,
+  a jowl crease under each, a slightly lower chin and a wider neck.
+- Double_Chin (``double_chin``): a second chin: a fold of skin hanging below the chin with a dark crease between the
+  two and a shadow under it on the neck.
+- High_Cheekbones (``cheek_bone``): a face wider at the cheekbones and hollow below them, a highlight along each
+  cheekbone over a contour shadow from in front of the ear towards the mouth corner; otherwise flat cheeks with a
+  low, rosy blush.
+
+Units are face units (mean inter-ocular distance = 1); see :mod:`facesearch.model.faces.synth_render`.
 
 Also here: the made-up names of FaceScrub-style probes and the Flickr-style paths of MegaFace-style distractors.
 """
@@ -66,9 +80,9 @@ class Identity:
     chin_y: float
     jaw_w: float  # jaw width as a fraction of face_w
     jaw_sq: float  # superellipse exponent of the jaw (2 = round, larger = square)
-    cheek_bone: float  # 0..1: outline bump, highlight and hollow (High_Cheekbones)
-    fullness: float  # 0..1: lower-cheek fullness (Chubby)
-    double_chin: float  # 0 = none, ~1 = a full second chin contour (Double_Chin)
+    cheek_bone: float  # 0..1: outline bump and hollow, cheekbone highlight and contour shadow (High_Cheekbones)
+    fullness: float  # 0..1: lower-cheek fullness, cheek pads and jowl creases (Chubby)
+    double_chin: float  # < 0.15 none, ~1 a full second chin: fold, crease and shadow (Double_Chin)
     skin: Colour
     hair: Colour
     hair_style: int  # 0 short, 1 long, 2 receding
@@ -84,7 +98,7 @@ class Identity:
     makeup: float
     nose_y: float  # nose tip height (longer with Big_Nose)
     nose_w: float  # half alar width (Big_Nose)
-    nose_point: float  # 0 round .. 1 pointed tip (Pointy_Nose)
+    nose_point: float  # 0 round shiny bulb .. 1 narrow point hanging in a V under a lit ridge (Pointy_Nose)
     mouth_y: float
     mouth_w: float
     lip_up: float

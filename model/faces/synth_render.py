@@ -6,6 +6,20 @@ affine (in-plane rotation, scale, yaw-like horizontal squeeze, translation) maps
 filled straight at the target size and the five landmarks are exact: they are the same canonical points pushed
 through the same affine.  Yaw also shifts each part sideways in proportion to its depth (the nose most).
 
+The seven attributes' traits (see :mod:`facesearch.model.faces.synth_identity`) are shapes several pixels across with
+shading contrast, so they survive blur, noise and JPEG at the scale attribute predictors see them (the margin crop of
+:func:`facesearch.model.faces.align.align_face`, ~35 px between the eyes, down to ~2 face units below the eye line):
+
+- Pointy_Nose: a narrow tip hanging below the nostrils in a V, outlined by its shadow, under a lit ridge down the
+  nose; a round nose has a broad, shiny bulb over a U-shaped shadow and no ridge (``_draw_nose``).
+- Chubby: a fuller, rounder lower face outline, lighter cheek pads beside the mouth with a jowl crease under each, a
+  wider neck (``_face_outline``, ``_draw_face``).
+- Double_Chin: a fold of skin hanging below the chin, a dark crease between the two and its shadow on the neck
+  (``_draw_body``, ``_draw_face``).
+- High_Cheekbones: the outline widens at the cheekbones and hollows below; a highlight along each cheekbone over a
+  contour shadow running from in front of the ear towards the mouth corner.  Low cheekbones: a low, rosy blush.
+- Big_Nose, Narrow_Eyes, Male: wider and longer nose; narrower lid opening; jaw, brows, hair and stubble.
+
 Colours are BGR (OpenCV order); images are ``(height, width, 3) uint8``; landmarks ``(5, 2) float32`` in the order
 image-left eye, image-right eye, nose tip, image-left mouth corner, image-right mouth corner.
 """
@@ -37,7 +51,24 @@ _RED: Colour = (70.0, 60.0, 200.0)
 _U13 = np.linspace(0.0, 1.0, 13)  # parameter along lids and brows
 _T17 = np.linspace(np.pi, 2.0 * np.pi, 17)  # upper half circle (hair)
 _SIDES = (-1.0, 1.0)  # image-left, image-right
+_FLIP = (np.array((-1.0, 1.0)), np.array((1.0, 1.0)))  # multiply a right-side part by these for both sides
+
 Polys = np.ndarray | list[np.ndarray]  # one (n, 2) polygon or several drawn in one call
+
+
+def _taper(a: tuple[float, float], b: tuple[float, float], c: tuple[float, float], w0: float, n: int = 9) -> np.ndarray:
+    """A band along the quadratic Bezier a-b-c, ``w0`` wide at ``a`` narrowing to a point at ``c``: ``(2n, 2)``."""
+    t = np.linspace(0.0, 1.0, n)[:, None]
+    pa, pb, pc = np.array(a), np.array(b), np.array(c)
+    mid = (1 - t) ** 2 * pa + 2 * (1 - t) * t * pb + t**2 * pc
+    d = 2 * (1 - t) * (pb - pa) + 2 * t * (pc - pb)
+    nrm = np.stack([-d[:, 1], d[:, 0]], axis=1) / np.linalg.norm(d, axis=1, keepdims=True)
+    off = nrm * (0.5 * w0 * (1.0 - t) ** 0.8)
+    return np.concatenate([mid + off, (mid - off)[::-1]])
+
+
+#: The shadow under a cheekbone (right side; x in face half-widths): from in front of the ear towards the mouth.
+_CONTOUR = _taper((0.99, 0.4), (0.72, 0.58), (0.46, 0.88), 0.15)
 
 
 class _Expr(NamedTuple):
@@ -91,6 +122,7 @@ class _Canvas:
         self.yaw_s = yaw_s
         self.unit_px = float(math.sqrt(abs(np.linalg.det(affine[:, :2]))))
         self._mats: dict[tuple[float, float], np.ndarray] = {}
+        self._fixed: dict[float, np.ndarray] = {}  # per depth: the fixed-point affine of ``fixed``
 
     def _mat(self, depth: float, scale: float) -> np.ndarray:
         """The affine of a part at ``depth`` (yaw shifts it by depth * sin(yaw) first), times ``scale``."""
@@ -110,7 +142,9 @@ class _Canvas:
 
         ``cv2.transform`` is several times cheaper than numpy matrix maths on a few dozen points.
         """
-        m = self._mat(depth, 16.0) + np.array([[0.0, 0.0, 0.5], [0.0, 0.0, 0.5]])  # +0.5 then truncate = round
+        m = self._fixed.get(depth)
+        if m is None:  # +0.5 then truncate = round
+            m = self._fixed[depth] = self._mat(depth, 16.0) + np.array([[0.0, 0.0, 0.5], [0.0, 0.0, 0.5]])
         polys = [polys] if isinstance(polys, np.ndarray) else polys
         return [cv2.transform(np.asarray(p, np.float64).reshape(-1, 1, 2), m).astype(np.int32) for p in polys]
 
@@ -166,21 +200,31 @@ def _draw_background(cv: _Canvas, rng: np.random.Generator) -> None:
         cv2.fillPoly(cv.img, [np.rint(quad * 16).astype(np.int32)], tuple(rng.uniform(0, 255, 3).tolist()), 8, 4)
 
 
+@functools.lru_cache(maxsize=64)
 def _face_outline(idn: Identity, n: int = 64) -> np.ndarray:
-    """``(n, 2)`` outline: an ellipse on top, a superellipse jaw below, cheekbone and fullness bumps."""
+    """``(n, 2)`` outline (read-only, cached per person): an ellipse on top, a superellipse jaw below, the cheekbone
+    bump with the hollow under it (High_Cheekbones) and lower-cheek fullness (Chubby)."""
     c, s = _unit_circle(n).T
     lower = s > 0
     x = np.where(lower, np.sign(c) * np.abs(c) ** (2.0 / idn.jaw_sq), 0.97 * c) * idn.face_w
     y = np.where(lower, idn.chin_y * s, idn.face_top * s)
     yl = np.clip(y / idn.chin_y, 0.0, 1.0)
     x = x * (1.0 - (1.0 - idn.jaw_w) * yl**1.5)
-    x = x * (1.0 + 0.05 * idn.cheek_bone * np.exp(-(((y - 0.25) / 0.25) ** 2)))
-    x = x * (1.0 + 0.08 * idn.fullness * np.exp(-(((y - 0.95) / 0.35) ** 2)))
-    return np.stack([x, y], axis=1)
+    cb, f = idn.cheek_bone, idn.fullness
+    x = x * (1.0 + 0.07 * cb * np.exp(-(((y - 0.3) / 0.22) ** 2)) - 0.04 * cb * np.exp(-(((y - 0.95) / 0.25) ** 2)))
+    x = x * (1.0 + 0.12 * f * np.exp(-(((y - 1.0) / 0.4) ** 2)))
+    out = np.stack([x, y], axis=1)
+    out.setflags(write=False)
+    return out
+
+
+def _chin_fold(idn: Identity) -> float:
+    """Size of the second chin, 0 (none) .. ~1.3, from ``double_chin`` (values under 0.15 draw nothing)."""
+    return min(1.3, max(0.0, (idn.double_chin - 0.15) / 0.7))
 
 
 def _draw_body(cv: _Canvas, idn: Identity, rng: np.random.Generator) -> None:
-    """Shoulders, hair behind the head, neck, ears and the second-chin fold (everything the face covers)."""
+    """Shoulders, hair behind the head, neck, ears and the second chin (everything the face covers)."""
     w, c, skin = idn.face_w, idn.chin_y, idn.skin
     cv.fill(_ellipse(0.0, c + 1.5, 2.4, 1.0), tuple(rng.uniform(20.0, 235.0, 3).tolist()))
     if idn.hair_style == 1:
@@ -188,31 +232,44 @@ def _draw_body(cv: _Canvas, idn: Identity, rng: np.random.Generator) -> None:
     nw = 0.45 * w * (1.0 + 0.2 * idn.fullness)
     cv.fill(np.array([(-nw, 0.6), (nw, 0.6), (nw * 1.1, c + 0.9), (-nw * 1.1, c + 0.9)]), _shade(skin, 0.78))
     cv.fill([_ellipse(sx * 0.97 * w, 0.22, 0.13 * idn.ear, 0.28 * idn.ear, n=14) for sx in _SIDES], _shade(skin, 0.9))
-    if idn.double_chin > 0.0:
-        ax, ay = 0.62 * idn.jaw_w * w, 0.1 + 0.12 * idn.double_chin
-        cv.fill(_ellipse(0.0, c - 0.05, ax, ay, n=24), _shade(skin, 0.96))
-        arc = _ellipse(0.0, c - 0.05, ax, ay, n=24)[3:10]
-        cv.line(arc, _shade(skin, 0.72), 0.03)
+    k = _chin_fold(idn)
+    if k > 0.0:  # the second chin: a fold of lit skin hanging below the chin, casting a shadow on the neck
+        ax, top, bottom = (0.5 + 0.12 * k) * idn.jaw_w * w, c - 0.3, c + 0.05 + 0.13 * k
+        fold = _ellipse(0.0, 0.5 * (top + bottom), ax, 0.5 * (bottom - top), n=24)
+        cv.fill(fold + np.array((0.0, 0.045)), _shade(skin, 0.6))
+        cv.fill(fold, _shade(skin, 0.94))
 
 
 def _draw_face(cv: _Canvas, idn: Identity, rng: np.random.Generator) -> None:
-    """Skin, cheek geometry, chin crease, stubble and moles."""
+    """Skin, stubble tone, cheeks (blush, Chubby's pads and jowls, High_Cheekbones' contour), chin crease, moles.
+
+    The shaped features are drawn over the stubble's tone and under its dots, so a beard does not hide them.
+    """
     skin, outline = idn.skin, _face_outline(idn)
     cv.fill(outline, skin)
-    cb, x0 = idn.cheek_bone, 0.6 * idn.face_w
-    if cb > 0.3:  # hollow under a high cheekbone
-        hollow = [_ellipse(sx * x0 * 1.15, 0.78, 0.11, 0.26, sx * 0.25, 14) for sx in _SIDES]
-        cv.fill(hollow, _shade(skin, 1.0 - 0.08 * cb), _D_CHEEK)
-    cheeks = [
-        _ellipse(sx * x0 * 0.95, 0.62 - 0.3 * cb, 0.17 + 0.08 * cb, 0.17 - 0.06 * cb, -sx * 0.2, 16) for sx in _SIDES
-    ]
-    cv.fill(cheeks, _mix(skin, (245.0, 245.0, 250.0) if cb > 0.3 else _RED, 0.08 + 0.1 * cb), _D_CHEEK)
-    if idn.double_chin > 0.0:
-        cv.line(outline[12:21], _shade(skin, 0.8), 0.025)
+    region = None
     if idn.stubble > 0.0:
         region = outline[: len(outline) // 2]
         region = region[region[:, 1] > idn.nose_y + 0.14]
         cv.fill(region, _shade(skin, 1.0 - 0.12 * idn.stubble))
+    cb, f, w = idn.cheek_bone, idn.fullness, idn.face_w
+    cheeks = [_ellipse(sx * 0.57 * w, 0.62 - 0.3 * cb, 0.17, 0.15, -sx * 0.2, 16) for sx in _SIDES]
+    cv.fill(cheeks, _mix(skin, _RED, 0.12 * (1.0 - cb)), _D_CHEEK)
+    if f > 0.05:  # full cheeks: a rounded pad beside the mouth, bounded below by a jowl crease
+        mx, my = idn.mouth_w, idn.mouth_y
+        pad = _ellipse(mx + 0.22, my - 0.15, 0.26, 0.2, -0.3, 16)
+        cv.fill([pad * s for s in _FLIP], _mix(skin, (245.0, 245.0, 250.0), 0.13 * f), _D_CHEEK)
+        jowl = np.array([(mx + 0.5, my - 0.12), (mx + 0.38, my + 0.06), (mx + 0.2, my + 0.17), (mx + 0.02, my + 0.2)])
+        cv.line([jowl * s for s in _FLIP], _shade(skin, 1.0 - 0.26 * f), 0.045, _D_CHEEK)
+    if cb > 0.05:  # cheekbone contour: shadow from the ear towards the mouth corner under a lit cheekbone ridge
+        contour = _CONTOUR * (w, 1.0)
+        cv.fill([contour * s for s in _FLIP], _shade(skin, 1.0 - 0.2 * cb), _D_CHEEK)
+        ridge = _ellipse(0.7 * w, 0.4, 0.18, 0.065, -0.7, 14)
+        cv.fill([ridge * s for s in _FLIP], _mix(skin, (245.0, 245.0, 250.0), 0.32 * cb), _D_CHEEK)
+    k = _chin_fold(idn)
+    if k > 0.0:  # the crease between the chin and the second chin
+        cv.line(outline[11:22], _shade(skin, 1.0 - 0.3 * min(1.0, k)), 0.05)
+    if region is not None:  # stubble dots
         h, w = cv.img.shape[:2]
         mask = np.zeros((h, w), np.uint8)
         cv2.fillPoly(mask, cv.fixed(region), 255, cv2.LINE_8, 4)
@@ -274,24 +331,28 @@ def _draw_eyes(cv: _Canvas, idn: Identity, ex: _Expr) -> None:
 
 
 def _draw_nose(cv: _Canvas, idn: Identity) -> None:
-    """Bridge shadows, alae, a tip whose shape goes from round to pointed with ``nose_point``, nostrils, highlight."""
+    """Bridge shadows, alae, nostrils, then the tip (``nose_point``: 0 a broad shiny bulb, 1 a narrow point hanging
+    over the nostrils) over its shadow, the lit ridge of a pointed nose and the tip highlight."""
     ny, nw, p, skin = idn.nose_y, idn.nose_w, idn.nose_point, idn.skin
-    flip = [np.array((sx, 1.0)) for sx in _SIDES]
     bridge = np.array([(0.1, 0.02), (0.12, 0.6 * ny), (0.75 * nw, ny - 0.1)])
-    cv.line([bridge * f for f in flip], _shade(skin, 0.86), 0.03, _D_NOSE)
+    cv.line([bridge * f for f in _FLIP], _shade(skin, 0.86), 0.03, _D_NOSE)
     ala = _ellipse(0.0, 0.0, 0.34 * nw, 0.42 * nw, n=14)
     centre = np.array((0.82 * nw, ny - 0.01))
-    cv.fill([(ala + centre) * f for f in flip], _shade(skin, 0.88), _D_NOSE)
-    cv.line([(ala[[9, 10, 11, 12, 13, 0, 1, 2]] + centre) * f for f in flip], _shade(skin, 0.66), 0.022, _D_NOSE)
-    rx, ry = 0.55 * nw * (1.0 - 0.35 * p), 0.5 * nw * (1.0 + 0.7 * p)
-    tip = _ellipse(0.0, 0.0, rx, ry, n=20)
-    tip[:, 0] *= 1.0 - 0.9 * p * np.clip(tip[:, 1] / ry, 0.0, 1.0)  # pinch the lower half into a point
-    cv.fill(tip + np.array((0.0, ny + 0.02 - ry)), _shade(skin, 0.9), _D_NOSE)
+    cv.fill([(ala + centre) * f for f in _FLIP], _shade(skin, 0.88), _D_NOSE)
+    cv.line([(ala[[9, 10, 11, 12, 13, 0, 1, 2]] + centre) * f for f in _FLIP], _shade(skin, 0.66), 0.022, _D_NOSE)
     nx, nrx = 0.45 * nw, 0.28 * nw * (1.0 - 0.3 * p)
     nost = [_ellipse(sx * nx, ny + 0.035, nrx, 0.12 * nw, sx * (0.2 + 0.5 * p), 14) for sx in _SIDES]
     cv.fill(nost, _shade(skin, 0.35), _D_NOSE)
+    rx, ry = nw * (0.6 - 0.3 * p), nw * (0.5 + 0.4 * p)
+    tip = _ellipse(0.0, 0.0, rx, ry, n=20)
+    tip[:, 0] *= 1.0 - 0.9 * p * np.clip(tip[:, 1] / ry, 0.0, 1.0)  # pinch the lower half into a point
+    tip += np.array((0.0, ny + 0.02 + 0.08 * p - ry))
+    cv.fill(tip * (1.2, 1.0) + (0.0, 0.035), _shade(skin, 0.55), _D_NOSE)
+    cv.fill(tip, _mix(skin, (250.0, 250.0, 250.0), 0.18 * (1.0 - p)), _D_NOSE)  # a shiny bulb when round
+    ridge = np.array([(0.0, 0.12), (0.0, ny - 0.6 * ry)])  # a sharp lit ridge down to a pointed tip
+    cv.line(ridge, _mix(skin, (250.0, 250.0, 250.0), 0.55 * p), 0.06, _D_NOSE)
     hl = 0.03 + 0.1 * nw * (1.0 - 0.5 * p)
-    cv.fill(_ellipse(0.0, ny - 0.04 - 0.04 * p, hl, hl * (1.0 + p), n=12), _shade(skin, 1.16), _D_NOSE)
+    cv.fill(_ellipse(0.0, ny - 0.04 + 0.03 * p, hl, hl * (1.0 + p), n=12), _shade(skin, 1.16), _D_NOSE)
 
 
 def _mouth_corners(idn: Identity, ex: _Expr) -> tuple[float, float]:
