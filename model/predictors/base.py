@@ -95,6 +95,18 @@ class AttributePredictor(ABC):
     def macs(self) -> int:
         """Multiply-accumulates per image (every view)."""
 
+    @abstractmethod
+    def _state_fingerprint(self) -> str:
+        """The fingerprint of the current tensors (network, predictor's own, calibration)."""
+
+    def with_calibration(self, calibration: Calibration, meta: dict[str, Any] | None = None) -> Any:
+        """The same predictor with ``calibration`` (and ``meta`` merged in); a new fingerprint."""
+        out = type(self).__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        out.calibration, out.meta = calibration, {**self.meta, **(meta or {})}
+        out.fingerprint = out._state_fingerprint()
+        return out
+
     def check_crops(self, crops: np.ndarray) -> None:
         h, w = self.input_spec.crop_size
         if not isinstance(crops, np.ndarray) or crops.dtype != np.uint8 or crops.ndim != 4:

@@ -45,6 +45,16 @@ def calibration_tensors(cal: Calibration) -> dict[str, torch.Tensor]:
     }
 
 
+def open_network(ckpt: Checkpoint) -> tuple[dict[str, Any], FaceNet, dict[str, torch.Tensor]]:
+    """A predictor checkpoint -> (its ``extra["predictor"]`` record, the network loaded, the predictor's own
+    tensors)."""
+    info = dict(ckpt.extra.get("predictor") or {})
+    net, own = split_state(ckpt.model_state)
+    model = FaceNet(ckpt.model_config)
+    model.load_state_dict(net)
+    return info, model, own
+
+
 def crop_of(train_config: dict[str, Any] | None) -> str:
     return str((train_config or {}).get("crop", "template"))
 
@@ -107,14 +117,6 @@ class FaceNetPredictor(AttributePredictor):
     def macs(self) -> int:
         return count_macs(self.model)
 
-    def with_calibration(self, calibration: Calibration, meta: dict[str, Any] | None = None) -> FaceNetPredictor:
-        """The same network with ``calibration`` (and ``meta`` merged in); a new fingerprint."""
-        out = type(self).__new__(type(self))
-        out.__dict__.update(self.__dict__)
-        out.calibration, out.meta = calibration, {**self.meta, **(meta or {})}
-        out.fingerprint = out._state_fingerprint()
-        return out
-
     def save(self, path: str | os.PathLike[str]) -> str:
         info = {"key": self.key, "input": self.input_spec.to_dict(), "calibration": self.calibration.method,
                 "meta": self.meta}  # fmt: skip
@@ -127,10 +129,7 @@ class FaceNetPredictor(AttributePredictor):
     def from_checkpoint(
         cls, ckpt: Checkpoint, device: str | torch.device = "cpu", precision: str = "auto", batch_size: int = 256
     ) -> FaceNetPredictor:
-        info = dict(ckpt.extra.get("predictor") or {})
-        net, own = split_state(ckpt.model_state)
-        model = FaceNet(ckpt.model_config)
-        model.load_state_dict(net)
+        info, model, own = open_network(ckpt)
         if "input" in info:
             spec = InputSpec.from_dict(info["input"])
         elif crop_of(ckpt.train_config) == "margin":
@@ -158,4 +157,4 @@ class MoonPredictor(FaceNetPredictor):
 
 
 __all__ = ["FaceNetPredictor", "IcmrPredictor", "MoonPredictor", "calibration_from", "calibration_tensors",
-           "split_state"]  # fmt: skip
+           "open_network", "split_state"]  # fmt: skip

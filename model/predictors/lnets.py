@@ -32,7 +32,7 @@ from facesearch.model.inference import Embedder
 from facesearch.model.network import FaceNet, count_macs, count_parameters
 from facesearch.model.predictors.base import PREDICTOR_PREFIX, AttributePredictor, InputSpec
 from facesearch.model.predictors.calibration import Calibration
-from facesearch.model.predictors.facenet import calibration_from, calibration_tensors, split_state
+from facesearch.model.predictors.facenet import calibration_from, calibration_tensors, open_network
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class LNetsPredictor(AttributePredictor):
         self.calibration = calibration or Calibration.identity(m)
         self.meta = dict(meta or {})
         self.train_config = train_config
-        self.fingerprint = fingerprint or model_fingerprint(model.cfg, self._state())
+        self.fingerprint = fingerprint or self._state_fingerprint()
 
     def _state(self) -> dict[str, torch.Tensor]:
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
@@ -213,12 +213,8 @@ class LNetsPredictor(AttributePredictor):
     def macs(self) -> int:
         return len(view_list(self.model.cfg.input_size, self.views)) * (count_macs(self.model) + self.svm_weight.size)
 
-    def with_calibration(self, calibration: Calibration, meta: dict[str, Any] | None = None) -> LNetsPredictor:
-        out = type(self).__new__(type(self))
-        out.__dict__.update(self.__dict__)
-        out.calibration, out.meta = calibration, {**self.meta, **(meta or {})}
-        out.fingerprint = model_fingerprint(self.model.cfg, out._state())
-        return out
+    def _state_fingerprint(self) -> str:
+        return model_fingerprint(self.model.cfg, self._state())
 
     def save(self, path: str | os.PathLike[str]) -> str:
         info = {"key": self.key, "input": self.input_spec.to_dict(), "views": self.views,
@@ -232,12 +228,9 @@ class LNetsPredictor(AttributePredictor):
     def from_checkpoint(
         cls, ckpt: Checkpoint, device: str | torch.device = "cpu", precision: str = "auto", batch_size: int = 256
     ) -> LNetsPredictor:
-        info = dict(ckpt.extra.get("predictor") or {})
-        net, own = split_state(ckpt.model_state)
+        info, model, own = open_network(ckpt)
         if "svm.weight" not in own:
             raise ValueError(f"{ckpt.path}: an lnets-anet predictor without SVM weights (corrupt or not one)")
-        model = FaceNet(ckpt.model_config)
-        model.load_state_dict(net)
         cal = calibration_from(own, info, len(ckpt.model_config.attributes))
         out = cls(model, own["svm.weight"].numpy(), own["svm.bias"].numpy(), str(info.get("views", "ten")), cal,
                   dict(info.get("meta") or {}), train_config=ckpt.train_config, fingerprint=ckpt.fingerprint,

@@ -136,7 +136,7 @@ def calibrate(
         **calibration_report(probs, y[ok], predictor.attributes),
         "platt": cal.to_dict(),
     }
-    calibrated = predictor.with_calibration(cal, {"validation": report})  # type: ignore[attr-defined]
+    calibrated = predictor.with_calibration(cal, {"validation": report})
     return calibrated, report
 
 
