@@ -129,15 +129,32 @@ def _balanced_columns(prob: np.ndarray, y: np.ndarray, weights: np.ndarray | Non
     return np.where((wp > 0) & (wn > 0), (tpr + tnr) / 2, np.nan)
 
 
-def compare_predictors(
-    predictors: Mapping[str, AttributePredictor],
-    samples: Sequence[Sample],
-    batch_size: int = 128,
-    num_workers: int = 0,
-    bootstrap: int = 1000,
-    seed: int = 0,
-) -> Comparison:
-    """Every predictor on ``samples`` (see the module docstring)."""
+@dataclass(frozen=True)
+class ScoredFaces:
+    """Every predictor's calibrated probabilities on the faces all of them could read: ``attributes`` (the labelled
+    ones, first predictor's order first), ``labels`` (n, m) 0/1/NaN, ``people`` (n,) person index per face,
+    ``probabilities`` name -> (n, m) (NaN where a predictor lacks the attribute), ``skipped`` name -> count."""
+
+    attributes: list[str]
+    labels: np.ndarray
+    people: np.ndarray
+    probabilities: dict[str, np.ndarray]
+    skipped: dict[str, int]
+
+    @property
+    def n_people(self) -> int:
+        return int(self.people.max()) + 1 if len(self.people) else 0
+
+    def draws(self, bootstrap: int, seed: int = 0) -> list[np.ndarray]:
+        """``bootstrap`` identity resamples as per-face multiplicities (people drawn with replacement)."""
+        rng, n = np.random.default_rng(seed), self.n_people
+        return [np.bincount(rng.integers(0, n, n), minlength=n)[self.people] for _ in range(bootstrap)]
+
+
+def score_faces(
+    predictors: Mapping[str, AttributePredictor], samples: Sequence[Sample], batch_size: int = 128, num_workers: int = 0
+) -> ScoredFaces:
+    """Run every predictor on ``samples`` (each on its own crop of the same landmarks); see :class:`ScoredFaces`."""
     if not predictors:
         raise ValueError("no predictor to compare")
     labelled = sorted({a for s in samples for a in (s.attributes or {})})
@@ -157,22 +174,43 @@ def compare_predictors(
     kept = [s for s, good in zip(samples, ok, strict=True) if good]
     y = np.array([[(s.attributes or {}).get(a, np.nan) for a in names] for s in kept], np.float64)
     people = np.unique(np.array([str(s.identity) for s in kept], dtype=object).astype(str), return_inverse=True)[1]
-    n_people = int(people.max()) + 1 if len(people) else 0
-    rng = np.random.default_rng(seed)
-    draws = [np.bincount(rng.integers(0, n_people, n_people), minlength=n_people)[people] for _ in range(bootstrap)]
+    columns = {}
+    for name, p in predictors.items():
+        cols = [p.attributes.index(a) if a in p.attributes else -1 for a in names]
+        columns[name] = np.stack([probs[name][ok][:, c] if c >= 0 else np.full(len(kept), np.nan) for c in cols], 1)
+    return ScoredFaces(names, y.reshape(len(kept), len(names)), people, columns, skipped)
+
+
+def mean_balanced(prob: np.ndarray, y: np.ndarray, draws: Sequence[np.ndarray]) -> np.ndarray:
+    """The mean over attributes of the balanced accuracy under each bootstrap draw (attributes without both classes
+    in a draw are left out of that draw's mean)."""
+    with warnings.catch_warnings():  # a resample may lack a class of an attribute: NaN, dropped by nanmean
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.array([np.nanmean(_balanced_columns(prob, y, w)) for w in draws])
+
+
+def compare_predictors(
+    predictors: Mapping[str, AttributePredictor],
+    samples: Sequence[Sample],
+    batch_size: int = 128,
+    num_workers: int = 0,
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> Comparison:
+    """Every predictor on ``samples`` (see the module docstring)."""
+    scored = score_faces(predictors, samples, batch_size, num_workers)
+    names, y = scored.attributes, scored.labels
+    draws = scored.draws(bootstrap, seed)
     rows: list[PredictorScores] = []
     reference: np.ndarray | None = None
     for name, p in predictors.items():
-        cols = [p.attributes.index(a) if a in p.attributes else -1 for a in names]
-        prob = np.stack([probs[name][ok][:, c] if c >= 0 else np.full(len(kept), np.nan) for c in cols], axis=1)
+        prob = scored.probabilities[name]
         bal = _balanced_columns(prob, y)
         known = np.isfinite(y) & np.isfinite(prob)
         acc = np.where(known.any(0), ((prob > 0.5) == (y > 0.5)).sum(0, where=known) / np.maximum(1, known.sum(0)),
                        np.nan)  # fmt: skip
         ece = expected_calibration_error(np.nan_to_num(prob, nan=0.5), np.where(np.isfinite(prob), y, np.nan))
-        with warnings.catch_warnings():  # a resample may lack a class of every attribute: NaN, dropped below
-            warnings.simplefilter("ignore", RuntimeWarning)
-            boot = np.array([np.nanmean(_balanced_columns(prob, y, w)) for w in draws]) if draws else np.array([])
+        boot = mean_balanced(prob, y, draws)
         mean = float(np.nanmean(bal))
         ci = (float(np.nanpercentile(boot, 2.5)), float(np.nanpercentile(boot, 97.5))) if len(boot) else (mean, mean)
         diff = None
@@ -190,7 +228,7 @@ def compare_predictors(
         rows.append(PredictorScores(name, p.key, p.fingerprint, p.parameters, p.macs, seconds, per, mean, ci, diff,
                                     {"path": None if p.path is None else str(p.path), "input": p.input_spec.to_dict(),
                                      "calibration": p.calibration.method}))  # fmt: skip
-    return Comparison(names, len(kept), n_people, skipped, rows, bootstrap)
+    return Comparison(names, len(y), scored.n_people, scored.skipped, rows, bootstrap)
 
 
 def _pct(v: float | None) -> str:
@@ -252,5 +290,6 @@ def plot_comparison(c: Comparison, path: Path) -> Path:
     return path
 
 
-__all__ = ["DATA_FORMATS", "SPLITS", "Comparison", "PredictorScores", "compare_predictors", "identity_bucket",
-           "plot_comparison", "read_split", "render_comparison"]  # fmt: skip
+__all__ = ["DATA_FORMATS", "SPLITS", "Comparison", "PredictorScores", "ScoredFaces", "compare_predictors",
+           "identity_bucket", "mean_balanced", "plot_comparison", "read_split", "render_comparison",
+           "score_faces"]  # fmt: skip

@@ -62,9 +62,9 @@ log = logging.getLogger(__name__)
 
 
 #: ``facesearch attributes train --method`` choices (the trainable keys of the predictor registry).
-METHODS: tuple[str, ...] = ("moon", "icmr", "lnets-anet")
+METHODS: tuple[str, ...] = ("moon", "icmr", "lnets-anet", "mgmtn")
 #: The crop each method reads by default (see ``TrainConfig.crop``).
-DEFAULT_CROP: dict[str, str] = {"moon": "margin", "icmr": "template", "lnets-anet": "views"}
+DEFAULT_CROP: dict[str, str] = {"moon": "margin", "icmr": "template", "lnets-anet": "views", "mgmtn": "margin"}
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,10 @@ class AttributeTrainConfig:
     fine-tuning from that identity checkpoint instead of pretraining here; ``pretrain=False`` fine-tunes from
     scratch (the paper's ablation); ``views``: ``ten`` patch views or the ``centre`` one (ablation);
     ``svm_images``: at most this many training images (identity-stratified at random) fit the SVMs;
-    ``similarity_loss``: weight of DeepID2's same-identity distance term in the identity pretraining."""
+    ``similarity_loss``: weight of DeepID2's same-identity distance term in the identity pretraining.
+    MGMTN: ``masks`` ``analytic`` (drawn from the template's landmarks) or ``learned`` (a mask network first trained
+    ``mask_iterations`` steps on per-image analytic masks, then frozen); ``fusion`` ``g2ff`` | ``groups`` |
+    ``global``; ``pretrained`` initialises its trunk from an identity checkpoint."""
 
     data: Path
     out: Path = Path("runs/attributes")
@@ -105,6 +108,9 @@ class AttributeTrainConfig:
     views: str = "ten"
     svm_images: int = 20_000
     similarity_loss: float = 0.01
+    masks: str = "analytic"
+    fusion: str = "g2ff"
+    mask_iterations: int = 300
 
     def __post_init__(self) -> None:
         for name in ("data", "out", "detections", "pretrained"):
@@ -116,6 +122,14 @@ class AttributeTrainConfig:
             raise ValueError(f"views must be 'ten' or 'centre', got {self.views!r}")
         if self.method == "lnets-anet" and self.resolved_crop != "views":
             raise ValueError("lnets-anet reads patch views of the margin crop (crop 'views')")
+        if self.method == "mgmtn" and self.resolved_crop not in ("template", "margin"):
+            raise ValueError("mgmtn reads the template or the margin crop")
+        if self.masks not in ("analytic", "learned"):
+            raise ValueError(f"masks must be 'analytic' or 'learned', got {self.masks!r}")
+        if self.fusion not in ("g2ff", "groups", "global"):
+            raise ValueError(f"fusion must be one of g2ff, groups, global, got {self.fusion!r}")
+        if self.mask_iterations < 1:
+            raise ValueError(f"mask_iterations must be >= 1, got {self.mask_iterations}")
         if self.iterations < 1 or (self.identity_iterations is not None and self.identity_iterations < 1):
             raise ValueError("iterations and identity_iterations must be >= 1")
         if self.similarity_loss < 0:
@@ -161,6 +175,8 @@ class AttributeTrainConfig:
             min_readable=self.min_readable,
             max_skipped_steps=self.max_skipped_steps,
             crop=self.resolved_crop,
+            network="mgmtn" if self.method == "mgmtn" else "facenet",
+            fusion=self.fusion,
         )
 
 

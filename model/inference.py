@@ -65,10 +65,10 @@ class Embedder:
         self.dtype = autocast_dtype(self.device, precision)
         self.batch_size = batch_size
         self.flip_average = flip_average
-        if isinstance(source, FaceNet):
+        if isinstance(source, torch.nn.Module):  # a FaceNet, or any network returning its Outputs (MGMTN)
             model = source.to(self.device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             self.model: FaceNet = model.eval()
-            self.model_config = source.cfg
+            self.model_config: ModelConfig = source.cfg  # type: ignore[assignment]
             self.meta: dict[str, Any] = {"fingerprint": model_fingerprint(source.cfg, source.state_dict())}
         else:
             self.model, self.model_config, self.meta = load_model(source, self.device)

@@ -286,13 +286,26 @@ def _new_run(cfg: TrainConfig, progress: Progress | None) -> _Run:
     if not data.has_attribute_labels and any(s.lambda1 > 0 for s in cfg.stages):
         log.warning("no attribute labels in %s (pass labels=...): the attribute loss will be 0", cfg.data)
     torch.manual_seed(cfg.seed)  # model initialisation, then dropout's stream
-    model = FaceNet(cfg.model_config(len(data.identities)))
+    model = build_network(cfg, len(data.identities))
     if cfg.init is not None and not cfg.resume:
         init_from(model, cfg.init)
     model = model.to(device)
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     cfg.out.mkdir(parents=True, exist_ok=True)
     return _Run(cfg, device, dtype, data, model, cfg.out / "metrics.jsonl", skips, progress)
+
+
+def build_network(cfg: TrainConfig, num_identities: int) -> FaceNet:
+    """The network ``cfg`` trains: a :class:`FaceNet` with ``num_identities`` classes, or (``network="mgmtn"``)
+    an :class:`facesearch.model.mgmtn.MGMTN`, which returns the same :class:`Outputs` (so it is typed as one)."""
+    if cfg.network != "mgmtn":
+        return FaceNet(cfg.model_config(num_identities))
+    from facesearch.model.mgmtn import MGMTN, MgmtnConfig, load_mask_net, mgmtn_config
+
+    mcfg = MgmtnConfig(cfg.fusion, "learned" if cfg.mask_net is not None else "analytic", cfg.input_size,
+                       cfg.crop == "margin")  # fmt: skip
+    mask_net = load_mask_net(cfg.mask_net) if cfg.mask_net is not None else None
+    return MGMTN(mgmtn_config(cfg.model_config(0)), mcfg, mask_net)  # type: ignore[return-value]
 
 
 def _start(run: _Run) -> int:

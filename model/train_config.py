@@ -76,6 +76,9 @@ def rescale_stage(stage: StageConfig, iterations: int | None = None, lr: float |
 #: TrainConfig fields that may differ between a run and its ``resume`` (where and how it runs, not what it computes).
 #: ``TrainConfig.crop`` choices: what the network sees (see :class:`TrainConfig`).
 CROPS: tuple[str, ...] = ("template", "margin", "views")
+#: The networks :func:`facesearch.model.train.train` can train: the multi-task FaceNet, or MGMTN
+#: (:mod:`facesearch.model.mgmtn`, attributes only).
+NETWORKS: tuple[str, ...] = ("facenet", "mgmtn")
 
 RESUME_FREE_FIELDS: frozenset[str] = frozenset(
     {"data", "labels", "identities", "out", "resume", "stop_at", "device", "precision", "deterministic", "num_workers",
@@ -112,7 +115,10 @@ class TrainConfig:
     that ``list_eval_partition.txt`` split of a CelebA root (0 train, 1 val, 2 test).  ``init``: start from the
     weights of this checkpoint where names and shapes match (e.g. an identity-pretrained trunk).
     ``similarity_loss``: weight of DeepID2's same-identity feature-distance term added to the identity loss
-    (:func:`facesearch.model.losses.similarity_loss`; LNets+ANet's pretraining)."""
+    (:func:`facesearch.model.losses.similarity_loss`; LNets+ANet's pretraining).
+    ``network``: :data:`NETWORKS`; ``mgmtn`` trains MGMTN (attributes only: every stage needs lambda2 = 0; crop
+    ``template`` or ``margin``) with ``fusion`` and the frozen mask network ``mask_net`` (a file of
+    :func:`facesearch.model.predictors.mgmtn_train.train_mask_net`; None = the analytic masks)."""
 
     data: Path
     out: Path = Path("runs/train")
@@ -153,12 +159,15 @@ class TrainConfig:
     partition: int | None = None
     init: Path | None = None
     similarity_loss: float = 0.0
+    network: str = "facenet"
+    fusion: str = "g2ff"
+    mask_net: Path | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "data", Path(self.data))
         set_(self, "out", Path(self.out))
-        for name in ("labels", "identities", "detections", "init"):
+        for name in ("labels", "identities", "detections", "init", "mask_net"):
             set_(self, name, None if getattr(self, name) is None else Path(getattr(self, name)))
         set_(self, "input_size", tuple(int(v) for v in self.input_size))
         set_(self, "attributes", tuple(self.attributes))
@@ -167,7 +176,7 @@ class TrainConfig:
 
     def _validate(self) -> None:
         choices = {"data_format": DATA_FORMATS, "attribute_loss": ATTRIBUTE_LOSSES, "precision": PRECISIONS,
-                   "crop": CROPS}  # fmt: skip
+                   "crop": CROPS, "network": NETWORKS}  # fmt: skip
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name} must be one of {list(valid)}, got {getattr(self, name)!r}")
@@ -196,6 +205,16 @@ class TrainConfig:
                              f"data_format {self.data_format!r}")  # fmt: skip
         if self.identities is not None and self.data_format not in ("flat", "celeba"):
             raise ValueError(f"an identity file is read with data_format flat or celeba, not {self.data_format!r}")
+        if self.network == "mgmtn":
+            if any(s.lambda2 > 0 for s in self.stages) or self.crop == "views":
+                raise ValueError("network mgmtn predicts attributes only (every stage lambda2 = 0) from the template "
+                                 "or margin crop")  # fmt: skip
+            from facesearch.model.mgmtn import FUSIONS
+
+            if self.fusion not in FUSIONS:
+                raise ValueError(f"fusion must be one of {list(FUSIONS)}, got {self.fusion!r}")
+        elif self.mask_net is not None:
+            raise ValueError("mask_net belongs to network mgmtn")
         self.model_config(1)  # arch, head, width, input size, dropout: ModelConfig validates them
 
     @property
@@ -239,7 +258,7 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d.update(data=str(self.data), out=str(self.out))
         d.update({k: None if getattr(self, k) is None else str(getattr(self, k)) for k in
-                  ("labels", "identities", "detections", "init")})  # fmt: skip
+                  ("labels", "identities", "detections", "init", "mask_net")})  # fmt: skip
         return json.loads(json.dumps(d))
 
     @classmethod
@@ -250,7 +269,12 @@ class TrainConfig:
 def resume_mismatch(saved: Mapping[str, Any], current: TrainConfig) -> list[str]:
     """Names of the fields that differ between a checkpoint's config and ``current`` but must match for a resume."""
     now = current.to_dict()
-    return sorted(k for k in set(now) | set(saved) if k not in RESUME_FREE_FIELDS and saved.get(k) != now.get(k))
+    # A field the checkpoint predates had its default then (e.g. ``network`` before MGMTN existed).
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    plain = {k: v for k, v in defaults.items() if v is None or isinstance(v, str | int | float)}
+    defaults = json.loads(json.dumps(plain))
+    return sorted(k for k in set(now) | set(saved)
+                  if k not in RESUME_FREE_FIELDS and saved.get(k, defaults.get(k)) != now.get(k))  # fmt: skip
 
 
 class MissingDataError(ValueError):
@@ -314,6 +338,7 @@ def _read_config_json(path: Path, what: str) -> dict[str, Any]:
 
 __all__ = [
     "CROPS",
+    "NETWORKS",
     "PAPER_STAGES",
     "RESUME_FREE_FIELDS",
     "STAGE_OPTIONS",

@@ -11,6 +11,7 @@ from facesearch.cli._app import DEVICE_OPTION, StepBar, config_option, default_o
 from facesearch.model.attributes import METHODS, AttributeTrainConfig, LabelConfig, label_identities
 from facesearch.model.config import ARCHS
 from facesearch.model.device import PRECISIONS
+from facesearch.model.mgmtn import FUSIONS, MASK_SOURCES
 from facesearch.model.tables import render_table
 from facesearch.model.train_config import CROPS
 from facesearch.model.trainer_data import DATA_FORMATS
@@ -21,7 +22,7 @@ _label_option = functools.partial(config_option, LabelConfig)
 
 @click.group("attributes")
 def attributes_group() -> None:
-    """Attribute predictors (icmr, moon, lnets-anet) and attribute labels for identity datasets."""
+    """Attribute predictors (icmr, moon, lnets-anet, mgmtn) and attribute labels for identity datasets."""
 
 
 @attributes_group.command("train")
@@ -29,7 +30,8 @@ def attributes_group() -> None:
     "--data", type=click.Path(path_type=Path), required=True, help="CelebA-format root (list_attr_celeba.txt)."
 )
 @_train_option("--method", type=click.Choice(METHODS),
-               help="Predictor: moon (MOON classifier), icmr (multi-task network's head), lnets-anet.")  # fmt: skip
+               help="Predictor: moon (MOON classifier), icmr (multi-task network's head), lnets-anet, "
+                    "mgmtn.")  # fmt: skip
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Run directory [default: runs/attributes/METHOD].")  # fmt: skip
 @_train_option("--arch", type=click.Choice(ARCHS), help="Building block.")
@@ -37,7 +39,8 @@ def attributes_group() -> None:
 @click.option("--input-size", default="{}x{}".format(*default_of(AttributeTrainConfig, "input_size")),
               show_default=True, help="Aligned template HEIGHTxWIDTH (the margin crop is larger).")  # fmt: skip
 @click.option("--crop", type=click.Choice(CROPS), default=None,
-              help="What the network sees [default: margin (moon), template (icmr), views (lnets-anet)].")  # fmt: skip
+              help="What the network sees [default: margin (moon, mgmtn), template (icmr), views "
+                   "(lnets-anet)].")  # fmt: skip
 @_train_option("--iterations", type=int, help="Attribute-stage steps (lr x0.1 at 50/75 %).")
 @click.option("--identity-iterations", type=int, default=None,
               help="Identity-stage steps of icmr / lnets-anet [default: --iterations].")  # fmt: skip
@@ -45,7 +48,8 @@ def attributes_group() -> None:
 @click.option("--batch-size", type=int, default=None, help="Images per step [default: 40 full, 48 fast/variant].")
 @_train_option("--moon-target", type=float, help="MOON target positive rate per attribute (0.5 = balanced).")
 @click.option("--pretrained", type=click.Path(path_type=Path), default=None,
-              help="lnets-anet: fine-tune from this identity checkpoint instead of pretraining.")  # fmt: skip
+              help="lnets-anet: fine-tune from this identity checkpoint instead of pretraining; mgmtn: start the "
+                   "trunk from it.")  # fmt: skip
 @click.option("--no-pretrain", "pretrain", flag_value=False, default=True,
               help="lnets-anet ablation: no identity pretraining.")  # fmt: skip
 @_train_option("--views", type=click.Choice(["ten", "centre"]),
@@ -53,6 +57,12 @@ def attributes_group() -> None:
 @_train_option("--svm-images", type=int, help="lnets-anet: at most this many training images fit the SVMs.")
 @_train_option("--similarity-loss", type=float,
                help="lnets-anet: weight of the same-identity distance term in the identity pretraining.")  # fmt: skip
+@_train_option("--masks", type=click.Choice(MASK_SOURCES),
+               help="mgmtn: group masks drawn from the template's landmarks, or predicted by a mask "
+                    "network.")  # fmt: skip
+@_train_option("--fusion", type=click.Choice(FUSIONS),
+               help="mgmtn: group + global features (G2FF), group features only, or global only.")  # fmt: skip
+@_train_option("--mask-iterations", type=int, help="mgmtn --masks learned: mask-network training steps.")
 @_train_option("--precision", type=click.Choice(PRECISIONS), help="fp32/bf16/auto.")
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes [default: min(2, CPUs)].")
 @_train_option("--seed", type=int, help="Seed.")
@@ -157,3 +167,48 @@ def calibrate_command(classifier: Path, data: Path, data_format: str, split: str
     _validation_table(report, calibrated.attributes)
     click.echo(f"predictor    {out} ({calibrated.key})")
     click.echo(f"fingerprint  {calibrated.fingerprint}")
+
+
+@attributes_group.command("masks")
+@click.option("--image", type=click.Path(path_type=Path), required=True, help="A face image (any size; detected).")
+@click.option("--landmarks", default=None,
+              help="The face's five landmarks 'x1,y1,...,x5,y5' (eyes, nose, mouth corners, image-left first) "
+                   "[default: <image>.json sidecar, else YuNet].")  # fmt: skip
+@click.option("--classifier", type=click.Path(path_type=Path), default=None,
+              help="An mgmtn predictor: its crop, and its mask network's masks when they are learned.")  # fmt: skip
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="PNG picture to write.")
+@user_errors
+def masks_command(image: Path, landmarks: str | None, classifier: Path | None, out: Path) -> None:
+    """Draw MGMTN's eight group masks over the aligned face of one image (and the learned masks with --classifier)."""
+    import cv2
+    import numpy as np
+
+    from facesearch.model.faces.detect import FaceDetector
+    from facesearch.model.fileio import atomic_write_bytes
+    from facesearch.model.predictors import load_predictor
+    from facesearch.model.predictors.mgmtn import MgmtnPredictor, mask_picture
+
+    size, margin, mask_net = default_of(AttributeTrainConfig, "input_size"), True, None
+    if classifier is not None:
+        predictor = load_predictor(classifier)
+        if not isinstance(predictor, MgmtnPredictor):
+            raise click.BadParameter(
+                f"{classifier} is a {predictor.key} predictor, not mgmtn", param_hint="--classifier"
+            )
+        size, margin, mask_net = predictor.input_spec.size, predictor.input_spec.margin, predictor.mgmtn.mask_net
+    lm = None
+    if landmarks is not None:
+        try:
+            lm = np.array([float(v) for v in landmarks.split(",")], np.float32).reshape(5, 2)
+        except ValueError:
+            raise click.BadParameter(f"expected ten numbers 'x1,y1,...,x5,y5', got {landmarks!r}",
+                                     param_hint="--landmarks") from None  # fmt: skip
+    sidecar = image.with_suffix(image.suffix + ".json")
+    detector = None if lm is not None or sidecar.is_file() else FaceDetector
+    picture = mask_picture(image, lm, detector, size=size, margin=margin, mask_net=mask_net)
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise click.ClickException(f"could not encode {out} as PNG")
+    atomic_write_bytes(out, buf.tobytes())
+    click.echo(f"masks        {out} ({picture.shape[1]}x{picture.shape[0]}, {'learned + ' if mask_net else ''}"
+               "from landmarks)")  # fmt: skip

@@ -7,6 +7,7 @@ key             predictor
 ``moon``        the attribute-only network trained with MOON's re-balanced loss (Rudd et al., ECCV 2016)
 ``lnets-anet``  identity-pretrained ANet features of ten patch views, one linear SVM per attribute (Liu et al.,
                 ICCV 2015)
+``mgmtn``       face-region group masks gate multi-scale trunk features, fused with global ones (Gao et al., 2026)
 ==============  ==============================================================================================
 
 :func:`load_predictor` opens any predictor file (and any checkpoint of ``facesearch train`` or of the attribute
@@ -26,12 +27,14 @@ from facesearch.model.predictors.base import AttributePredictor, InputSpec
 from facesearch.model.predictors.calibration import Calibration
 from facesearch.model.predictors.facenet import IcmrPredictor, MoonPredictor
 from facesearch.model.predictors.lnets import LNetsPredictor
+from facesearch.model.predictors.mgmtn import MgmtnPredictor
 
-#: Registry: key -> predictor class (MGMTN and MTL-CNN join here).
+#: Registry: key -> predictor class (MTL-CNN joins here).
 PREDICTORS: dict[str, type[Any]] = {
     IcmrPredictor.key: IcmrPredictor,
     MoonPredictor.key: MoonPredictor,
     LNetsPredictor.key: LNetsPredictor,
+    MgmtnPredictor.key: MgmtnPredictor,
 }
 
 

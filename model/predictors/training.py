@@ -5,6 +5,9 @@
 - ``moon``: one stage of the attribute loss (MOON's re-balanced mixed objective) on the margin crop;
 - ``icmr``: the paper's two stages scaled to the budget — identity only, then identity + attributes (λ1 = 0.1, MSE,
   lr ÷ 10) — on the standard 112x96 crop, Configuration-1 head;
+- ``mgmtn``: MGMTN (:mod:`facesearch.model.mgmtn`) with the attribute loss on the margin crop (or 112x96), from
+  scratch or from the trunk of a ``pretrained`` identity checkpoint; with learned masks its mask network trains
+  first (:func:`facesearch.model.predictors.mgmtn_train.train_mask_net`) and is frozen inside it;
 - ``lnets-anet``: identity pretraining of the trunk on the data's own identities (softmax + DeepID2's same-identity
   distance term, weight ``similarity_loss``; skipped with ``pretrain=False``,
   the paper's "without identity pretraining" row, or replaced by a given ``pretrained`` checkpoint), attribute
@@ -43,8 +46,10 @@ from facesearch.model.predictors.base import AttributePredictor, InputSpec
 from facesearch.model.predictors.calibration import calibration_report, expected_calibration_error, fit_platt
 from facesearch.model.predictors.facenet import FaceNetPredictor, IcmrPredictor, MoonPredictor
 from facesearch.model.predictors.lnets import LNetsPredictor, fit_svms, view_features
+from facesearch.model.predictors.mgmtn import MgmtnPredictor
+from facesearch.model.predictors.mgmtn_train import train_mask_net
 from facesearch.model.provenance import provenance
-from facesearch.model.train import TrainResult, train
+from facesearch.model.train import TrainResult, build_network, train
 from facesearch.model.train_config import StageConfig, TrainConfig
 from facesearch.model.trainer_data import read_samples
 
@@ -158,7 +163,7 @@ def _run(tc: TrainConfig, progress: Progress | None, seconds: dict[str, float], 
 
 def _load_net(path: Path) -> FaceNet:
     ckpt = load_checkpoint(path)
-    model = FaceNet(ckpt.model_config)
+    model = build_network(TrainConfig.from_dict(ckpt.train_config or {}), ckpt.model_config.num_identities)
     model.load_state_dict(ckpt.model_state)
     return model
 
@@ -176,6 +181,14 @@ def _train_networks(cfg: AttributeTrainConfig, progress: Progress | None, second
     elif cfg.method == "icmr":
         stages = (_stage(cfg, n_id, cfg.lr, 0.0, 1.0), _stage(cfg, cfg.iterations, cfg.lr / 10, 0.1, 1.0))
         tc = _network_config(cfg, cfg.out / "network", head=1, attribute_loss="mse", stages=stages)
+        run = _run(tc, progress, seconds, "network")
+    elif cfg.method == "mgmtn":
+        mask_net = None
+        if cfg.masks == "learned":
+            t0 = time.perf_counter()
+            mask_net = train_mask_net(cfg, split_samples(cfg, 0), cfg.out / "masks")
+            seconds["mask_network"] = round(time.perf_counter() - t0, 2)
+        tc = _network_config(cfg, cfg.out / "network", init=cfg.pretrained, mask_net=mask_net)
         run = _run(tc, progress, seconds, "network")
     else:  # lnets-anet
         init = cfg.pretrained
@@ -229,7 +242,7 @@ def train_attribute_predictor(cfg: AttributeTrainConfig, progress: Progress | No
     if cfg.method == "lnets-anet":
         predictor = _svm_stage(cfg, model, train_samples, seconds)
     else:
-        cls: type[FaceNetPredictor] = MoonPredictor if cfg.method == "moon" else IcmrPredictor
+        cls: type[FaceNetPredictor] = {"moon": MoonPredictor, "mgmtn": MgmtnPredictor}.get(cfg.method, IcmrPredictor)
         crop = "margin" if cfg.resolved_crop == "margin" else "template"
         predictor = cls(model, InputSpec(cfg.input_size, margin=crop == "margin"), device=cfg.device,
                         precision=cfg.precision)  # fmt: skip

@@ -28,10 +28,12 @@ TRAIN = ["--arch", "fast", "--width", "0.125", "--input-size", "56x48", "--itera
 
 @pytest.fixture(scope="module")
 def trained(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """moon and lnets-anet trained a few steps each through the CLI (lnets: pretraining, fine-tuning, SVMs)."""
+    """moon, lnets-anet and mgmtn trained a few steps each through the CLI (lnets: pretraining, fine-tuning, SVMs;
+    mgmtn: its mask network, then the network with the learned masks)."""
     out = tmp_path_factory.mktemp("predictors")
     paths = {}
-    for method, extra in (("moon", []), ("lnets-anet", ["--identity-iterations", "6", "--svm-images", "120"])):
+    for method, extra in (("moon", []), ("lnets-anet", ["--identity-iterations", "6", "--svm-images", "120"]),
+                          ("mgmtn", ["--masks", "learned", "--mask-iterations", "3"])):  # fmt: skip
         args = ["attributes", "train", "--data", str(synth_data / "celeba"), "--method", method,
                 "--out", str(out / method), *TRAIN, *extra]  # fmt: skip
         res = CliRunner().invoke(main, args)
@@ -53,6 +55,35 @@ def test_trained_predictors_record_what_made_them(trained: dict[str, Path]) -> N
     moon = load_predictor(trained["moon"])
     assert moon.key == "moon" and moon.input_spec.crop_size == (64, 56)
     assert moon.meta["options"]["method"] == "moon"
+    mgmtn = load_predictor(trained["mgmtn"])
+    assert mgmtn.key == "mgmtn" and mgmtn.input_spec.crop_size == (64, 56)
+    assert mgmtn.describe()["mgmtn"] == {"fusion": "g2ff", "masks": "learned", "template": [56, 48], "margin": True}
+    assert {"mask_network", "network", "calibration"} <= set(mgmtn.meta["train_seconds"])
+    assert (Path(trained["mgmtn"]).parent / "masks" / "mask_net.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_mask_picture_shows_landmark_and_learned_masks(trained: dict[str, Path], synth_data: Path,
+                                                       tmp_path: Path) -> None:  # fmt: skip
+    import cv2
+
+    from facesearch.model.faces.celeba import read_celeba
+
+    sample = next(s for s in read_celeba(synth_data / "celeba") if s.landmarks is not None)
+    marks = ",".join(f"{v:.2f}" for v in np.asarray(sample.landmarks).reshape(-1))
+    out = tmp_path / "masks.png"
+    args = ["attributes", "masks", "--image", str(sample.path), "--landmarks", marks, "--out", str(out)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    alone = cv2.imread(str(out))
+    res = CliRunner().invoke(main, [*args, "--classifier", str(trained["mgmtn"])])
+    assert res.exit_code == 0 and "learned + from landmarks" in res.output, res.output
+    both = cv2.imread(str(out))
+    assert both.shape[0] / both.shape[1] > 1.5 * alone.shape[0] / alone.shape[1]  # a second row: the learned masks
+    res = CliRunner().invoke(main, [*args[:-2], "--landmarks", "1,2,3", "--out", str(out)])
+    assert res.exit_code != 0 and "ten numbers" in res.output
+    res = CliRunner().invoke(main, [*args, "--classifier", str(trained["moon"])])
+    assert res.exit_code != 0 and "not mgmtn" in res.output
 
 
 @pytest.mark.slow

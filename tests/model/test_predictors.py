@@ -111,6 +111,15 @@ def _make(key: str, tmp_path: Path) -> Path:
         net = _net(margin_geometry(SIZE)[0], 1)
         cal = Calibration(np.full(len(net.cfg.attributes), 0.7), np.full(len(net.cfg.attributes), 0.1))
         MoonPredictor(net, InputSpec(SIZE, margin=True), cal).save(path)
+    elif key == "mgmtn":
+        from facesearch.model.mgmtn import MGMTN, MgmtnConfig, mgmtn_config
+        from facesearch.model.predictors.mgmtn import MgmtnPredictor
+
+        torch.manual_seed(2)
+        cfg = mgmtn_config(preset("fast", width=0.125, input_size=margin_geometry(SIZE)[0], num_identities=0))
+        mnet = MGMTN(cfg, MgmtnConfig(template=SIZE, margin=True)).eval()
+        cal = Calibration(np.full(len(cfg.attributes), 0.9), np.full(len(cfg.attributes), -0.1))
+        MgmtnPredictor(mnet, InputSpec(SIZE, margin=True), cal).save(path)
     else:
         _lnets().save(path)
     return path
