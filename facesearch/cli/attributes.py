@@ -203,9 +203,9 @@ def masks_command(image: Path, landmarks: str | None, classifier: Path | None, o
         except ValueError:
             raise click.BadParameter(f"expected ten numbers 'x1,y1,...,x5,y5', got {landmarks!r}",
                                      param_hint="--landmarks") from None  # fmt: skip
-    sidecar = image.with_suffix(image.suffix + ".json")
-    detector = None if lm is not None or sidecar.is_file() else FaceDetector
-    picture = mask_picture(image, lm, detector, size=size, margin=margin, mask_net=mask_net)
+    sidecar = lm is None and image.with_suffix(image.suffix + ".json").is_file()
+    detector = None if lm is not None or sidecar else FaceDetector
+    picture = mask_picture(image, lm, detector, size=size, margin=margin, mask_net=mask_net, sidecar=sidecar)
     ok, buf = cv2.imencode(".png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
     if not ok:
         raise click.ClickException(f"could not encode {out} as PNG")

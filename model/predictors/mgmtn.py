@@ -76,12 +76,14 @@ def mask_picture(
     size: tuple[int, int] = (112, 96),
     margin: bool = True,
     mask_net: MaskNet | None = None,
+    sidecar: bool = False,
 ) -> np.ndarray:
     """The picture of ``facesearch attributes masks``: one image's best face, aligned to the ``size`` template
     (inside the margin crop with ``margin``), with MGMTN's eight group masks drawn from its own landmarks over it,
-    one panel per group; with ``mask_net`` (a learned-mask MGMTN's) a second row shows that network's masks.
+    one panel per group (landmarks: ``landmarks``, else the ``<image>.json`` sidecar with ``sidecar``, else
+    ``detector``); with ``mask_net`` (a learned-mask MGMTN's) a second row shows that network's masks.
     uint8 RGB.  Raises the face's ``ImageError`` when the image gives no usable face."""
-    face = prepare_image(source, landmarks, detector, size=size, margin=margin, max_faces=1, sidecar=True).faces[0]
+    face = prepare_image(source, landmarks, detector, size=size, margin=margin, max_faces=1, sidecar=sidecar).faces[0]
     if isinstance(face, FaceFailure):
         raise face.error
     marks = crop_landmarks(face.landmarks, size, margin)

@@ -174,3 +174,17 @@ def test_calibrate_any_network_on_held_out_people(ckpt: Path, synth_data: Path, 
     both = (y.min(0) == 0) & (y.max(0) == 1)
     assert both.any() and np.abs(probs.mean(0) - y.mean(0))[both].max() < 0.1
     assert (p.calibration.scale[~both] == 1).all()
+
+
+def test_mask_picture_of_a_real_face_found_by_the_detector(orl_dir: Path, tmp_path: Path) -> None:
+    import cv2
+
+    out = tmp_path / "orl_masks.png"
+    res = CliRunner().invoke(main, ["attributes", "masks", "--image", str(orl_dir / "s1" / "1.pgm"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    picture = cv2.imread(str(out))
+    assert picture is not None and picture.shape[0] > 2 * 128 and picture.shape[1] > 4 * 112  # 2 rows x 4 panels
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.zeros((200, 200, 3), np.uint8))
+    res = CliRunner().invoke(main, ["attributes", "masks", "--image", str(blank), "--out", str(tmp_path / "x.png")])
+    assert res.exit_code != 0 and "no_face" in res.output and not (tmp_path / "x.png").exists()
