@@ -164,6 +164,21 @@ def check_landmarks(landmarks: np.ndarray, shape: tuple[int, ...], name: str) ->
     return pts.astype(np.float32)
 
 
+def alignment_matrix(
+    landmarks: np.ndarray, size: tuple[int, int] = INPUT_SIZE, weights: np.ndarray | None = EYE_WEIGHTS,
+    margin: bool = False,
+) -> np.ndarray:  # fmt: skip
+    """The (2, 3) float64 map :func:`align_face` warps with: the similarity fit of ``landmarks`` ((5, 2) source
+    pixels) onto :func:`template` of ``size``, translated by the margin canvas's whole-pixel offset with ``margin``
+    (so the window is the standard crop).  ``M @ [x, y, 1]`` is where a source point lands in the crop."""
+    m = similarity_transform(np.asarray(landmarks, np.float64), template(size), weights).astype(np.float64)
+    if margin:
+        dx, dy = margin_geometry(size)[1]
+        m[0, 2] += dx
+        m[1, 2] += dy
+    return m
+
+
 def align_face(
     image: np.ndarray,
     landmarks: np.ndarray,
@@ -188,13 +203,8 @@ def align_face(
     """
     image = _as_rgb(image, name)
     pts = check_landmarks(landmarks, image.shape, name)
-    m = similarity_transform(pts, template(size), weights)
-    h, w = int(size[0]), int(size[1])
-    if margin:  # the same fit, translated by a whole-pixel offset: the window is the standard crop
-        (h, w), (dx, dy) = margin_geometry(size)
-        m = m.astype(np.float64)
-        m[0, 2] += dx
-        m[1, 2] += dy
+    m = alignment_matrix(pts, size, weights, margin)
+    h, w = margin_geometry(size)[0] if margin else (int(size[0]), int(size[1]))
     return cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
@@ -224,6 +234,7 @@ __all__ = [
     "FaceDetector",
     "REFERENCE_112x96",
     "align_face",
+    "alignment_matrix",
     "check_landmarks",
     "cut_windows",
     "margin_geometry",

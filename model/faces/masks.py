@@ -44,7 +44,7 @@ import cv2
 import numpy as np
 import torch
 
-from facesearch.model.faces.align import EYE_WEIGHTS, margin_geometry, similarity_transform, template
+from facesearch.model.faces.align import EYE_WEIGHTS, alignment_matrix, margin_geometry, template
 
 #: The eight attribute groups of MGMTN, in mask-channel order.
 GROUPS: tuple[str, ...] = ("Mouth", "Ear", "Lower_Face", "Cheeks", "Nose", "Eyes", "Hair", "Object")
@@ -208,18 +208,17 @@ def _margin_offset(size: tuple[int, int], margin: bool) -> np.ndarray:
 
 
 def crop_landmarks(landmarks: np.ndarray, size: tuple[int, int], margin: bool = False) -> np.ndarray:
-    """Where ``align_face(image, landmarks, size, margin=margin)`` puts the source landmarks: the same similarity
-    fit (:func:`similarity_transform` onto :func:`template` with :data:`EYE_WEIGHTS`), shifted by the margin
-    crop's offset when ``margin``.  (5, 2) (x, y) source pixels -> (5, 2) float32 crop pixels."""
+    """Where ``align_face(image, landmarks, size, margin=margin)`` puts the source landmarks: its own map
+    (:func:`alignment_matrix`: the similarity fit onto :func:`template` with :data:`EYE_WEIGHTS`, shifted by the
+    margin crop's offset when ``margin``).  (5, 2) (x, y) source pixels -> (5, 2) float32 crop pixels."""
     size = _check_size(size)
     pts = np.asarray(landmarks, dtype=np.float64)
     if pts.shape != (5, 2):
         raise ValueError(f"landmarks must be 5 (x, y) points of shape (5, 2), got shape {pts.shape}")
     if not np.isfinite(pts).all():
         raise ValueError("landmarks contain NaN or infinity")
-    m = similarity_transform(pts, template(size), EYE_WEIGHTS)
-    out = pts @ m[:, :2].T + m[:, 2] + _margin_offset(size, margin)
-    return out.astype(np.float32)
+    m = alignment_matrix(pts, size, EYE_WEIGHTS, margin)
+    return (pts @ m[:, :2].T + m[:, 2]).astype(np.float32)
 
 
 def template_landmarks(size: tuple[int, int], margin: bool = False) -> np.ndarray:
