@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from facesearch.model.config import ModelConfig
 from facesearch.model.faces.masks import GROUPS, group_masks, template_landmarks
-from facesearch.model.network import ConvBNAct, Outputs, build_trunk
+from facesearch.model.network import ConvBNAct, Outputs, build_trunk, init_conv_linear
 
 #: ``fusion`` choices: group + global (the paper's G2FF), group features only, global features only.
 FUSIONS: tuple[str, ...] = ("g2ff", "groups", "global")
@@ -225,15 +225,7 @@ class MGMTN(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for name, mod in self.named_modules():
-            if name.startswith("mask_net"):
-                continue
-            if isinstance(mod, nn.Conv2d):
-                nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(mod, nn.Linear):
-                nn.init.xavier_uniform_(mod.weight)
-                if mod.bias is not None:
-                    nn.init.zeros_(mod.bias)
+        init_conv_linear(mod for name, mod in self.named_modules() if not name.startswith("mask_net"))
 
     def train(self, mode: bool = True) -> MGMTN:
         super().train(mode)
@@ -258,10 +250,11 @@ class MGMTN(nn.Module):
         return out
 
     def group_vectors(self, taps: list[Tensor], masks: Tensor) -> Tensor:
-        """Mask-weighted averages of every tap, concatenated: (B, G, sum of tap channels), float32."""
+        """Mask-weighted averages of every tap, concatenated: (B, G, sum of tap channels), float32.  ``masks`` is
+        (B, G, H, W), or (1, G, H, W) for one set shared by the batch (pooled once, not once per face)."""
         parts = []
         for feat, tap in zip(taps, self.taps, strict=True):
-            m = masks_at(masks.float(), tap)
+            m = masks_at(masks.float(), tap).expand(feat.shape[0], -1, -1, -1)
             area = m.sum((2, 3)).clamp_min(1e-6)
             parts.append(torch.einsum("bchw,bghw->bgc", feat.float(), m) / area[..., None])
         return torch.cat(parts, 2)
@@ -273,7 +266,9 @@ class MGMTN(nn.Module):
         g = self.global_fc(torch.cat(pooled, 1)) if self.global_fc is not None else None
         e: dict[int, Tensor] = {}
         if self.group_fc:
-            vectors = self.group_vectors(taps, self.masks(x) if masks is None else masks)
+            if masks is None:  # the fixed analytic set is pooled once for the batch
+                masks = self.masks(x) if self.mask_net is not None else self.get_buffer("fixed_masks")
+            vectors = self.group_vectors(taps, masks)
             e = {j: fc(vectors[:, j]) for j, fc in zip(self.used_groups, self.group_fc, strict=True)}
         logits = []
         for j, head in zip(self.attribute_groups, self.heads, strict=True):

@@ -9,6 +9,7 @@ followed by BatchNorm then PReLU; dropout follows the FC layers.  See ``ARCHITEC
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
@@ -113,6 +114,17 @@ def _fc(cin: int, cout: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(cin, cout, bias=False), nn.BatchNorm1d(cout), nn.PReLU(cout), nn.Dropout(dropout))
 
 
+def init_conv_linear(modules: Iterable[nn.Module]) -> None:
+    """He (fan-out) initialisation of convolutions, Xavier of fully connected layers with zero biases."""
+    for mod in modules:
+        if isinstance(mod, nn.Conv2d):
+            nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(mod, nn.Linear):
+            nn.init.xavier_uniform_(mod.weight)
+            if mod.bias is not None:
+                nn.init.zeros_(mod.bias)
+
+
 class FaceNet(nn.Module):
     """The multi-task network.  Input: float (B, 3, H, W) from :func:`to_input`; see :class:`Outputs`."""
 
@@ -139,13 +151,7 @@ class FaceNet(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for mod in self.modules():
-            if isinstance(mod, nn.Conv2d):
-                nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(mod, nn.Linear):
-                nn.init.xavier_uniform_(mod.weight)
-                if mod.bias is not None:
-                    nn.init.zeros_(mod.bias)
+        init_conv_linear(self.modules())
         # Zero-init the last BN of each residual main road so every block starts as (nearly) its bypass.
         for mod in self.modules():
             if isinstance(mod, ResidualBlock):
@@ -229,4 +235,4 @@ def stage_table(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...], int]]:
     return rows
 
 
-__all__ = ["FaceNet", "Outputs", "count_macs", "count_parameters", "stage_table", "to_input"]
+__all__ = ["FaceNet", "Outputs", "count_macs", "count_parameters", "init_conv_linear", "stage_table", "to_input"]

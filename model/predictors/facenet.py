@@ -117,9 +117,13 @@ class FaceNetPredictor(AttributePredictor):
     def macs(self) -> int:
         return count_macs(self.model)
 
-    def save(self, path: str | os.PathLike[str]) -> str:
-        info = {"key": self.key, "input": self.input_spec.to_dict(), "calibration": self.calibration.method,
+    def _info(self) -> dict[str, Any]:
+        """The checkpoint's ``extra["predictor"]`` record."""
+        return {"key": self.key, "input": self.input_spec.to_dict(), "calibration": self.calibration.method,
                 "meta": self.meta}  # fmt: skip
+
+    def save(self, path: str | os.PathLike[str]) -> str:
+        info = self._info()
         self.fingerprint = save_checkpoint(Path(path), self.model.cfg, self._state(), train_config=self.train_config,
                                            identities=self.identities, extra={"predictor": info})  # fmt: skip
         self.path = Path(path)

@@ -8,14 +8,12 @@ in ``extra["predictor"]["mgmtn"]``, the :class:`facesearch.model.mgmtn.MgmtnConf
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from facesearch.model.checkpoint import Checkpoint, save_checkpoint
+from facesearch.model.checkpoint import Checkpoint
 from facesearch.model.faces.align import margin_geometry
 from facesearch.model.faces.masks import GROUPS, crop_landmarks, group_masks, mask_overlay
 from facesearch.model.faces.prepare import DetectorLike, FaceFailure, Source, prepare_image
@@ -43,13 +41,8 @@ class MgmtnPredictor(FaceNetPredictor):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "mgmtn": self.mgmtn.mcfg.to_dict()}
 
-    def save(self, path: str | os.PathLike[str]) -> str:
-        info = {"key": self.key, "input": self.input_spec.to_dict(), "calibration": self.calibration.method,
-                "mgmtn": self.mgmtn.mcfg.to_dict(), "meta": self.meta}  # fmt: skip
-        self.fingerprint = save_checkpoint(Path(path), self.model.cfg, self._state(), train_config=self.train_config,
-                                           extra={"predictor": info})  # fmt: skip
-        self.path = Path(path)
-        return self.fingerprint
+    def _info(self) -> dict[str, Any]:
+        return {**super()._info(), "mgmtn": self.mgmtn.mcfg.to_dict()}
 
     @classmethod
     def from_checkpoint(
