@@ -126,7 +126,8 @@ def _balanced_columns(prob: np.ndarray, y: np.ndarray, weights: np.ndarray | Non
     with np.errstate(invalid="ignore", divide="ignore"):
         tpr = ((pos & hit) * w[:, None]).sum(0) / wp
         tnr = ((neg & ~hit) * w[:, None]).sum(0) / wn
-    return np.where((wp > 0) & (wn > 0), (tpr + tnr) / 2, np.nan)
+    predicted = np.isfinite(prob).any(0)  # a column the predictor does not have is NaN, not "always negative"
+    return np.where((wp > 0) & (wn > 0) & predicted, (tpr + tnr) / 2, np.nan)
 
 
 @dataclass(frozen=True)

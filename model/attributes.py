@@ -62,9 +62,15 @@ log = logging.getLogger(__name__)
 
 
 #: ``facesearch attributes train --method`` choices (the trainable keys of the predictor registry).
-METHODS: tuple[str, ...] = ("moon", "icmr", "lnets-anet", "mgmtn")
+METHODS: tuple[str, ...] = ("moon", "icmr", "lnets-anet", "mgmtn", "mtl-cnn")
 #: The crop each method reads by default (see ``TrainConfig.crop``).
-DEFAULT_CROP: dict[str, str] = {"moon": "margin", "icmr": "template", "lnets-anet": "views", "mgmtn": "margin"}
+DEFAULT_CROP: dict[str, str] = {
+    "moon": "margin",
+    "icmr": "template",
+    "lnets-anet": "views",
+    "mgmtn": "margin",
+    "mtl-cnn": "margin",
+}
 
 
 @dataclass(frozen=True)
@@ -80,7 +86,13 @@ class AttributeTrainConfig:
     ``similarity_loss``: weight of DeepID2's same-identity distance term in the identity pretraining.
     MGMTN: ``masks`` ``analytic`` (drawn from the template's landmarks) or ``learned`` (a mask network first trained
     ``mask_iterations`` steps on per-image analytic masks, then frozen); ``fusion`` ``g2ff`` | ``groups`` |
-    ``global``; ``pretrained`` initialises its trunk from an identity checkpoint."""
+    ``global``; ``pretrained`` initialises its trunk from an identity checkpoint.
+    MTL-CNN (:mod:`facesearch.model.predictors.mtl_train`): ``more_data`` further databases beside ``data`` (CelebA
+    roots or list CSVs), ``categorical`` the list-CSV columns holding integer classes; ``gates`` ``learned`` |
+    ``fixed``; ``correlation`` on / off and its stage-2 ``correlation_iterations``; ``centre_loss`` weight from
+    ``centre_warmup`` (fraction of the run) on; ``feature_dim`` (D) split into ``gate_groups`` (K) groups;
+    ``task_hidden``: width of each routed task feature; ``val_fraction`` of the people of a database without
+    partitions held out for calibration; ``checkpoint_every`` steps."""
 
     data: Path
     out: Path = Path("runs/attributes")
@@ -111,13 +123,28 @@ class AttributeTrainConfig:
     masks: str = "analytic"
     fusion: str = "g2ff"
     mask_iterations: int = 300
+    more_data: tuple[Path, ...] = ()
+    categorical: tuple[str, ...] = ()
+    gates: str = "learned"
+    correlation: bool = True
+    correlation_iterations: int = 300
+    centre_loss: float = 0.003
+    centre_warmup: float = 0.25
+    feature_dim: int = 1024
+    gate_groups: int = 8
+    task_hidden: int = 128
+    val_fraction: float = 0.1
+    checkpoint_every: int = 500
 
     def __post_init__(self) -> None:
         for name in ("data", "out", "detections", "pretrained"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
+        object.__setattr__(self, "more_data", tuple(Path(p) for p in self.more_data))
+        object.__setattr__(self, "categorical", tuple(str(c) for c in self.categorical))
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
+        self._check_mtl()
         if self.views not in ("ten", "centre"):
             raise ValueError(f"views must be 'ten' or 'centre', got {self.views!r}")
         if self.method == "lnets-anet" and self.resolved_crop != "views":
@@ -138,6 +165,21 @@ class AttributeTrainConfig:
             raise ValueError(f"svm_images must be >= 2, got {self.svm_images}")
         if self.pretrained is not None and not self.pretrained.is_file():
             raise FileNotFoundError(f"pretrained checkpoint {self.pretrained} does not exist")
+
+    def _check_mtl(self) -> None:
+        if self.method != "mtl-cnn" and (self.more_data or self.categorical):
+            raise ValueError("several --data databases and --categorical columns are for --method mtl-cnn only")
+        if self.gates not in ("learned", "fixed"):
+            raise ValueError(f"gates must be 'learned' or 'fixed', got {self.gates!r}")
+        if self.correlation_iterations < 0 or self.centre_loss < 0 or not 0 <= self.centre_warmup <= 1:
+            raise ValueError("need correlation_iterations >= 0, centre_loss >= 0 and centre_warmup in [0, 1]")
+        if self.gate_groups < 1 or self.feature_dim % self.gate_groups or self.task_hidden < 1:
+            raise ValueError(f"feature_dim ({self.feature_dim}) must be a multiple of gate_groups "
+                             f"({self.gate_groups}) and task_hidden >= 1")  # fmt: skip
+        if not 0 < self.val_fraction < 1 or self.checkpoint_every < 1:
+            raise ValueError("need 0 < val_fraction < 1 and checkpoint_every >= 1")
+        if self.method == "mtl-cnn" and self.resolved_crop != "margin":
+            raise ValueError("mtl-cnn reads the margin crop")
 
     @property
     def resolved_crop(self) -> str:

@@ -68,21 +68,34 @@ def derive_seed(*parts: int | str) -> int:
 
 
 def read_samples(
-    data: Path, data_format: str, identities: Path | None = None, partition: int | None = None
+    data: Path,
+    data_format: str,
+    identities: Path | None = None,
+    partition: int | None = None,
+    *,
+    categorical: Sequence[str] = (),
 ) -> list[Sample]:
     """Samples of a ``casia`` folder, a generic ``list`` CSV, a ``celeba`` root (``identities`` replaces its
     ``identity_CelebA.txt``; ``partition`` 0/1/2 keeps that split only) or a ``flat`` image folder named by the
-    identity file ``identities``."""
+    identity file ``identities``.
+
+    ``categorical`` names the list CSV's categorical attribute columns (integer classes; see
+    :func:`~facesearch.model.faces.samples.read_list`); only the ``list`` format has them.
+    """
     if data_format not in DATA_FORMATS:
         raise ValueError(f"unknown data format {data_format!r}; valid: {list(DATA_FORMATS)}")
     if identities is not None and data_format not in ("celeba", "flat"):
         raise ValueError(f"an identity file is read with data format flat or celeba, not {data_format!r}")
+    if categorical and data_format != "list":
+        raise ValueError(
+            f"categorical columns ({list(categorical)}) are read from list CSVs (data format list), not {data_format!r}"
+        )
     if data_format == "casia":
         return read_casia(Path(data))
     if data_format == "list":
         if not Path(data).is_file():
             raise FileNotFoundError(f"list CSV {data} does not exist")
-        return read_list(Path(data))
+        return read_list(Path(data), categorical=categorical)
     if data_format == "celeba":
         return read_celeba(Path(data), partition, identities=identities)
     if identities is None:

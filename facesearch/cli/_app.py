@@ -118,7 +118,7 @@ def config_option(config: Any, *param_decls: str, field: str | None = None, **at
 #: Every ``facesearch`` command, imported when it runs (``facesearch --help`` imports none of them).
 COMMANDS = {
     "attributes": LazyCommand("facesearch.cli.attributes:attributes_group", "Attribute predictors (icmr, moon, "
-                              "lnets-anet, mgmtn) and attribute labels for identity datasets."),
+                              "lnets-anet, mgmtn, mtl-cnn) and attribute labels for identity datasets."),
     "bench": LazyCommand("facesearch.cli.bench:bench", "MegaFace-style identification/verification, LFW verification, "
                          "attribute accuracy, and result plots."),
     "demo": LazyCommand("facesearch.cli.demo:demo_command", "Synthesise faces, label attributes, train the multi-task "

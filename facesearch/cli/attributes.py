@@ -22,16 +22,16 @@ _label_option = functools.partial(config_option, LabelConfig)
 
 @click.group("attributes")
 def attributes_group() -> None:
-    """Attribute predictors (icmr, moon, lnets-anet, mgmtn) and attribute labels for identity datasets."""
+    """Attribute predictors (icmr, moon, lnets-anet, mgmtn, mtl-cnn) and attribute labels for identity datasets."""
 
 
 @attributes_group.command("train")
-@click.option(
-    "--data", type=click.Path(path_type=Path), required=True, help="CelebA-format root (list_attr_celeba.txt)."
-)
+@click.option("--data", type=click.Path(path_type=Path), required=True, multiple=True,
+              help="CelebA-format root (list_attr_celeba.txt); mtl-cnn: repeat for several databases (CelebA roots "
+                   "or list CSVs).")  # fmt: skip
 @_train_option("--method", type=click.Choice(METHODS),
                help="Predictor: moon (MOON classifier), icmr (multi-task network's head), lnets-anet, "
-                    "mgmtn.")  # fmt: skip
+                    "mgmtn, mtl-cnn.")  # fmt: skip
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Run directory [default: runs/attributes/METHOD].")  # fmt: skip
 @_train_option("--arch", type=click.Choice(ARCHS), help="Building block.")
@@ -63,6 +63,18 @@ def attributes_group() -> None:
 @_train_option("--fusion", type=click.Choice(FUSIONS),
                help="mgmtn: group + global features (G2FF), group features only, or global only.")  # fmt: skip
 @_train_option("--mask-iterations", type=int, help="mgmtn --masks learned: mask-network training steps.")
+@click.option("--categorical", multiple=True,
+              help="mtl-cnn: a list-CSV column of integer classes (-1 or empty = unknown), as NAME or "
+                   "NAME=class0,class1,... to name the classes; repeatable.")  # fmt: skip
+@_train_option("--gates", type=click.Choice(["learned", "fixed"]),
+               help="mtl-cnn: learned routing of the shared feature per task, or every gate 1 (ablation).")  # fmt: skip
+@click.option("--correlation/--no-correlation", default=True, show_default=True,
+              help="mtl-cnn: the correlation layer (fitted in a second stage).")  # fmt: skip
+@_train_option("--correlation-iterations", type=int, help="mtl-cnn: steps of the correlation stage.")
+@_train_option("--centre-loss", type=float, help="mtl-cnn: centre-loss weight (0 = off).")
+@_train_option("--feature-dim", type=int, help="mtl-cnn: width of the shared feature (a multiple of 8).")
+@_train_option("--val-fraction", type=float,
+               help="mtl-cnn: people held out for calibration in a database without partitions.")  # fmt: skip
 @_train_option("--precision", type=click.Choice(PRECISIONS), help="fp32/bf16/auto.")
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes [default: min(2, CPUs)].")
 @_train_option("--seed", type=int, help="Seed.")
@@ -73,7 +85,10 @@ def attributes_group() -> None:
                help="Stop when more than this fraction of the steps is skipped (< 2 readable images).")  # fmt: skip
 @DEVICE_OPTION
 @user_errors
-def train_command(input_size: str, workers: int | None, out: Path | None, **opts: object) -> None:
+def train_command(
+    input_size: str, workers: int | None, out: Path | None, data: tuple[Path, ...], categorical: tuple[str, ...],
+    **opts: object,
+) -> None:  # fmt: skip
     """Train an attribute predictor on CelebA-format data, calibrated on its val split (resumes an unfinished run
     in --out)."""
     from facesearch.model.predictors.training import train_attribute_predictor
@@ -81,7 +96,8 @@ def train_command(input_size: str, workers: int | None, out: Path | None, **opts
     size = parse_size(input_size)
     assert size is not None, "--input-size has a default"
     out = out or Path("runs/attributes") / str(opts["method"])
-    cfg = AttributeTrainConfig(input_size=size, num_workers=workers, out=out, **opts)  # type: ignore[arg-type]
+    cfg = AttributeTrainConfig(input_size=size, num_workers=workers, out=out, data=data[0], more_data=data[1:],
+                               categorical=categorical, **opts)  # type: ignore[arg-type]  # fmt: skip
     bar = StepBar(None)
     try:
         result = train_attribute_predictor(cfg, progress=bar)
@@ -212,3 +228,35 @@ def masks_command(image: Path, landmarks: str | None, classifier: Path | None, o
     atomic_write_bytes(out, buf.tobytes())
     click.echo(f"masks        {out} ({picture.shape[1]}x{picture.shape[0]}, {'learned + ' if mask_net else ''}"
                "from landmarks)")  # fmt: skip
+
+
+@attributes_group.command("inspect")
+@click.argument("predictor_file", metavar="W", type=click.Path(path_type=Path))
+@click.option("--plot", type=click.Path(path_type=Path), default=None,
+              help="PNG: the correlation matrix beside the training labels' log-odds ratios [default: W stem + "
+                   "_correlation.png].")  # fmt: skip
+@click.option("--min-log-odds", type=float, default=0.3, show_default=True,
+              help="Label dependences weaker than this are left out of the sign check.")  # fmt: skip
+@user_errors
+def inspect_command(predictor_file: Path, plot: Path | None, min_log_odds: float) -> None:
+    """Show what an mtl-cnn predictor learned: routing weights per task, correlation signs against the labels'."""
+    from facesearch.model.predictors import load_predictor
+    from facesearch.model.predictors.mtl_cnn import MtlCnnPredictor
+    from facesearch.model.predictors.mtl_inspect import correlation_figure, routing_rows, sign_agreement
+
+    predictor = load_predictor(predictor_file)
+    if not isinstance(predictor, MtlCnnPredictor):
+        raise click.BadParameter(f"{predictor_file} is a {predictor.key} predictor; inspect reads mtl-cnn ones",
+                                 param_hint="W")  # fmt: skip
+    k = predictor.network.mcfg.groups
+    click.echo(f"routing weights ({predictor.network.mcfg.gates} gates; share of each of the {k} feature groups)")
+    click.echo(render_table(["task", *(f"g{i}" for i in range(k)), "top"], routing_rows(predictor)))
+    check = sign_agreement(predictor, min_log_odds)
+    rows = [[p["pair"], f"{p['log_odds']:+.2f}", f"{p['learned']:+.3f}", "yes" if p["agree"] else "NO"]
+            for p in check["pairs"]]  # fmt: skip
+    click.echo(f"correlation layer vs training labels (pairs labelled together, |log-odds| >= {min_log_odds})")
+    click.echo(render_table(["pair", "label log-odds", "learned (C+Cᵀ)/2", "same sign"], rows))
+    if check["agreement"] is not None:
+        click.echo(f"signs agree  {sum(p['agree'] for p in check['pairs'])} of {len(check['pairs'])}")
+    out = correlation_figure(predictor, plot or predictor_file.with_name(predictor_file.stem + "_correlation.png"))
+    click.echo(f"plot         {out}")

@@ -49,13 +49,21 @@ def synth() -> None:
 )
 @_option("--size", help="Square canvas side for casia/megaface (CelebA: 178x218).")
 @_option("--nuisance", help="Scale of per-image nuisance; 0 = clean renders.")
+@click.option(
+    "--celeba-databases",
+    is_flag=True,
+    default=default_of(SynthConfig, "celeba_databases"),
+    help="With the celeba layout, also write two list-CSV databases with disjoint label sets from disjoint train "
+    "people (celeba/databases/a.csv, b.csv).",
+)
 @click.option("--workers", type=click.IntRange(max=1024), default=None,
               help="Worker processes (at most 1024) [default: all CPUs]; 1 = in-process.")  # fmt: skip
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @user_errors
 def faces(out: Path, seed: int, identities: int, images_per_identity: int, celeba_images: int,
           celeba_images_per_identity: int, probe_identities: int, probe_images_per_identity: int, distractors: int,
-          layouts: str, size: int, nuisance: float, workers: int | None, progress: bool) -> None:  # fmt: skip
+          layouts: str, size: int, nuisance: float, celeba_databases: bool, workers: int | None,
+          progress: bool) -> None:  # fmt: skip
     """Render synthetic faces with known identities, attributes and landmarks, in the real on-disk layouts."""
     cfg = SynthConfig(
         out=out,
@@ -71,6 +79,7 @@ def faces(out: Path, seed: int, identities: int, images_per_identity: int, celeb
         size=size,
         nuisance=nuisance,
         workers=workers,
+        celeba_databases=celeba_databases,
     )
     bars: list[tqdm] = []  # opened on the first finished chunk, so a refused --out prints no empty bar
 

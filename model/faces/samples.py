@@ -30,7 +30,7 @@ LANDMARK_COLUMNS: tuple[str, ...] = tuple(f"{axis}{i}" for i in range(1, 6) for 
 @dataclass(frozen=True, eq=False)
 class Sample:
     """One image: ``landmarks`` (5, 2) float32 (x, y) in our order or ``None`` (detect); ``attributes`` 0/1 or
-    probabilities, a missing name meaning unknown.
+    probabilities, or for a categorical attribute its class as a float (``2.0``), a missing name meaning unknown.
 
     Equality compares landmarks with ``np.array_equal`` (the generated ``__eq__`` would raise on arrays).
     """
@@ -61,25 +61,54 @@ def _parse_float(value: str, what: str, where: str) -> float:
     return x
 
 
-def _parse_attributes(row: Mapping[str, str], names: Sequence[str], where: str) -> dict[str, float]:
+def _parse_attributes(
+    row: Mapping[str, str], names: Sequence[str], where: str, categorical: Sequence[str] = ()
+) -> dict[str, float]:
+    """The known attributes of one row: binary/probability columns as floats in [0, 1], ``categorical`` columns as
+    their class ``float(k)``; an empty cell (or -1 in a categorical column) is unknown and left out."""
     out: dict[str, float] = {}
     for name in names:
         cell = (row.get(name) or "").strip()
-        if cell:
+        if name in categorical:
+            k = _parse_class(cell, name, where)
+            if k is not None:
+                out[name] = float(k)
+        elif cell:
             value = _parse_float(cell, f"attribute {name}", where)
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{where}: attribute {name} must be in [0, 1] (0/1 or a probability), got {cell!r}")
+                hint = ""
+                if value >= 2 and value == int(value):  # a class index in a column nobody declared categorical
+                    hint = f" (a categorical column? declare it: --categorical {name})"
+                raise ValueError(
+                    f"{where}: attribute {name} must be in [0, 1] (0/1 or a probability), got {cell!r}{hint}"
+                )
             out[name] = value
     return out
 
 
-def read_list(path: Path, root: Path | None = None) -> list[Sample]:
+def _parse_class(cell: str, name: str, where: str) -> int | None:
+    """A categorical cell: an integer class >= 0, or ``None`` for unknown (empty or -1)."""
+    try:
+        k = int(cell) if cell else -1
+    except ValueError:
+        k = -2
+    if k < -1:
+        raise ValueError(
+            f"{where}: categorical attribute {name} must be an integer class >= 0 (empty or -1 = unknown), got {cell!r}"
+        )
+    return None if k == -1 else k
+
+
+def read_list(path: Path, root: Path | None = None, categorical: Sequence[str] = ()) -> list[Sample]:
     """Read the project's generic list CSV.
 
     Header required.  Columns: ``path`` (required, relative to ``root``, default the CSV's folder), ``identity``
     (optional), landmarks ``x1,y1,...,x5,y5`` (optional: all ten columns or none; a row with all ten empty has no
-    landmarks), and any other column is an attribute (0/1 or probability, empty = unknown).
-    Raises ``ValueError`` naming the file and line for a bad header or row.
+    landmarks), and any other column is an attribute: 0/1 or probability (empty = unknown), or, for the columns named
+    in ``categorical``, an integer class >= 0 (empty or -1 = unknown) kept as ``float(class)`` in
+    ``Sample.attributes`` (databases with multi-class labels, e.g. a hair colour, for multi-task training).
+    Raises ``ValueError`` naming the file and line for a bad header or row, and naming the file and its attribute
+    columns for a ``categorical`` name that is not one of them.
     """
     path = Path(path)
     root = path.parent if root is None else Path(root)
@@ -94,11 +123,19 @@ def read_list(path: Path, root: Path | None = None) -> list[Sample]:
             missing = [c for c in LANDMARK_COLUMNS if c not in header]
             raise ValueError(f"{path}:1: landmark columns must be all of x1,y1..x5,y5 or none; missing {missing}")
         attr_names = [h for h in header if h not in ("path", "identity", *LANDMARK_COLUMNS)]
-        samples = [_list_row(row, root, attr_names, bool(present), f"{path}:{reader.line_num}") for row in reader]
+        cats = [str(c) for c in ([categorical] if isinstance(categorical, str) else categorical)]
+        unknown = [c for c in cats if c not in attr_names]
+        if unknown:
+            raise ValueError(
+                f"{path}: categorical column(s) {unknown} are not attribute columns of this file; it has {attr_names}"
+            )
+        samples = [_list_row(row, root, attr_names, bool(present), f"{path}:{reader.line_num}", cats) for row in reader]
     return samples
 
 
-def _list_row(row: dict[str, str], root: Path, attr_names: list[str], has_lm: bool, where: str) -> Sample:
+def _list_row(
+    row: dict[str, str], root: Path, attr_names: list[str], has_lm: bool, where: str, categorical: Sequence[str] = ()
+) -> Sample:
     if None in row:
         raise ValueError(f"{where}: more cells than header columns")
     rel = (row.get("path") or "").strip()
@@ -113,7 +150,7 @@ def _list_row(row: dict[str, str], root: Path, attr_names: list[str], has_lm: bo
             values = [_parse_float(c, "landmark", where) for c in cells]
             landmarks = np.array(values, dtype=np.float32).reshape(5, 2)
     identity = (row.get("identity") or "").strip() or None
-    attributes = _parse_attributes(row, attr_names, where) if attr_names else None
+    attributes = _parse_attributes(row, attr_names, where, categorical) if attr_names else None
     return Sample(root / rel, identity, landmarks, attributes)
 
 

@@ -4,7 +4,12 @@
 writes, under D:
 
 - ``casia/<7-digit id>/<NNN>.jpg`` + ``landmarks.csv`` + ``attributes.csv`` (CASIA-WebFace style training set);
-- ``celeba/img_align_celeba/000001.jpg`` (178x218, aligned) + the four CelebA list files (attribute set);
+- ``celeba/img_align_celeba/000001.jpg`` (178x218, aligned) + the four CelebA list files (attribute set); with
+  ``celeba_databases`` (``--celeba-databases``) also ``celeba/databases/a.csv`` and ``b.csv``: two generic list CSVs
+  (see :func:`facesearch.model.faces.samples.read_list`) of the train-partition images, split by person into two
+  disjoint halves, with different label sets (a: Male, Big_Nose, Pointy_Nose, Narrow_Eyes; b: Male, Chubby,
+  Double_Chin, High_Cheekbones and the categorical Hair_Colour), for training one network on several databases whose
+  labels differ (MTL-CNN);
 - ``megaface/facescrub/<First_Last>/<First_Last>_<k>.png`` probes, ``megaface/megaface/<3>/<id>@N00/<n>_<j>.jpg``
   distractors, the devkit ``templatelists/`` JSON files, landmark CSVs and per-image attribute truth;
 - ``synth_manifest.json``: resolved config, package version, counts, attribute base rates, creation time and the
@@ -25,7 +30,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -35,6 +40,7 @@ import numpy as np
 from facesearch.model.config import ATTRIBUTES, from_mapping
 from facesearch.model.faces.synth_identity import (
     ATTRIBUTE_BASE_RATES,
+    HAIR_COLOURS,
     Identity,
     flickr_paths,
     person_names,
@@ -59,9 +65,28 @@ _CELEBA_LANDMARKS = (
 _NOT_COMPARED = ("out", "workers")  # config keys that do not change the output bytes
 
 
+class _Database(NamedTuple):
+    """One list-CSV database of ``--celeba-databases``: its 0/1 columns (names in ATTRIBUTES), then categorical ones."""
+
+    binary: tuple[str, ...]
+    categorical: tuple[str, ...]  # names in _CATEGORICAL
+
+
+#: The categorical columns the databases may carry: class names and the identity's class.
+_CATEGORICAL: dict[str, tuple[tuple[str, ...], Callable[[Identity], int]]] = {
+    "Hair_Colour": (HAIR_COLOURS, lambda idn: idn.hair_colour),
+}
+#: ``--celeba-databases``: disjoint label sets (only Male shared) on disjoint people; a gets the even-numbered half.
+_DATABASES: dict[str, _Database] = {
+    "a": _Database(("Male", "Big_Nose", "Pointy_Nose", "Narrow_Eyes"), ()),
+    "b": _Database(("Male", "Chubby", "Double_Chin", "High_Cheekbones"), ("Hair_Colour",)),
+}
+
+
 @dataclass(frozen=True)
 class SynthConfig:
-    """What to generate.  Counts are per layout; ``nuisance`` scales every per-image nuisance (0 = clean renders)."""
+    """What to generate.  Counts are per layout; ``nuisance`` scales every per-image nuisance (0 = clean renders);
+    ``celeba_databases`` adds the two list-CSV databases to the celeba layout (see the module docstring)."""
 
     out: Path
     seed: int = 0
@@ -76,6 +101,7 @@ class SynthConfig:
     size: int = 128
     nuisance: float = 1.0
     workers: int | None = None
+    celeba_databases: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -105,6 +131,15 @@ class SynthConfig:
             raise ValueError(f"nuisance (--nuisance) must be in [0, 2], got {self.nuisance}")
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
             raise ValueError(f"workers (--workers) must be an integer >= 1 or None (all CPUs), got {self.workers!r}")
+        if not isinstance(self.celeba_databases, bool):
+            raise ValueError(
+                f"celeba_databases (--celeba-databases) must be true or false, got {self.celeba_databases!r}"
+            )
+        if self.celeba_databases and "celeba" not in self.layouts:
+            raise ValueError(
+                "celeba_databases (--celeba-databases) needs the celeba layout (add celeba to --layouts),"
+                f" got layouts {list(self.layouts)}"
+            )
 
     @property
     def images(self) -> dict[str, int]:
@@ -156,6 +191,7 @@ class _Plan:
     jobs: list[_Job]
     identities: int
     write: Callable[[Path, np.ndarray, np.ndarray], dict[str, float]]  # (out, landmarks, labels) -> observed rates
+    manifest: dict[str, Any] = field(default_factory=dict)  # extra entries for the finished manifest
 
 
 # ---------------------------------------------------------------------------------------------------------- writing
@@ -220,8 +256,40 @@ def _celeba_order(cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return ident[order], image[order], split
 
 
+def _database_members(ident: np.ndarray, split: np.ndarray) -> dict[str, np.ndarray]:
+    """File positions (in file order) of databases a and b: the train-partition (0) images, whose people alternate
+    between them by sorted identity index (even positions -> a, odd -> b), so the two share no person."""
+    train = np.unique(ident[split == 0])
+    if len(train) < 2:
+        raise ValueError(
+            f"celeba_databases (--celeba-databases) needs at least 2 train-partition people to split, got {len(train)};"
+            " raise --celeba-images or lower --celeba-images-per-identity"
+        )
+    half = np.searchsorted(train, ident) % 2
+    return {name: np.flatnonzero((split == 0) & (half == k)) for k, name in enumerate(_DATABASES)}
+
+
+def _database_rows(
+    seed: int, db: _Database, names: list[str], ident: np.ndarray, xy: np.ndarray, labels: np.ndarray, rows: np.ndarray
+) -> list[str]:
+    """A generic list CSV of the images at ``rows``: path (relative to ``celeba/databases``), identity (as in
+    identity_CelebA.txt), the integer landmarks of list_landmarks_align_celeba.txt and the database's columns."""
+    cols = [ATTRIBUTES.index(a) for a in db.binary]
+    people = np.unique(ident[rows])
+    classes = {  # per person, not per image: one identity draw each
+        int(i): [str(_CATEGORICAL[c][1](sample_identity(seed, _POP["celeba"], int(i)))) for c in db.categorical]
+        for i in people
+    }
+    out = [",".join([_LANDMARK_HEADER, *db.binary, *db.categorical])]
+    for r in rows:
+        cells = [f"../img_align_celeba/{names[r]}", str(ident[r] + 1), *map(str, xy[r])]
+        out.append(",".join([*cells, *(str(int(labels[r, c])) for c in cols), *classes[int(ident[r])]]))
+    return out
+
+
 def _plan_celeba(cfg: SynthConfig) -> _Plan:
     ident, image, split = _celeba_order(cfg)
+    members = _database_members(ident, split) if cfg.celeba_databases else {}
     w, h = CELEBA_SIZE
     names = [f"{k + 1:06d}.jpg" for k in range(len(ident))]
     jobs = [
@@ -244,10 +312,24 @@ def _plan_celeba(cfg: SynthConfig) -> _Plan:
         )
         _write_text(d / "list_eval_partition.txt", [f"{f} {p}" for f, p in zip(names, split, strict=True)])
         _write_text(d / "identity_CelebA.txt", [f"{f} {i + 1}" for f, i in zip(names, ident, strict=True)])
+        for name, rows in members.items():
+            _write_text(
+                d / f"databases/{name}.csv", _database_rows(cfg.seed, _DATABASES[name], names, ident, xy, labels, rows)
+            )
         first = np.unique(ident, return_index=True)[1]
         return _rates(labels[first])
 
-    return _Plan(jobs, int(ident.max()) + 1, write)
+    databases = {
+        name: {
+            "file": f"celeba/databases/{name}.csv",
+            "images": len(rows),
+            "people": len(np.unique(ident[rows])),
+            "attributes": [*_DATABASES[name].binary, *_DATABASES[name].categorical],
+            "categorical": {c: list(_CATEGORICAL[c][0]) for c in _DATABASES[name].categorical},
+        }
+        for name, rows in members.items()
+    }
+    return _Plan(jobs, int(ident.max()) + 1, write, {"celeba_databases": databases} if databases else {})
 
 
 def distractor_sizes(n: int) -> list[int]:
@@ -366,7 +448,11 @@ def _run_chunks(cfg: SynthConfig, workers: int, jobs: list[_Job]) -> Iterator[tu
 
 # ------------------------------------------------------------------------------------------------------------ entry
 def _check_out(cfg: SynthConfig) -> None:
-    """Refuse a non-empty ``out`` unless it holds a synth manifest made with the same config."""
+    """Refuse a non-empty ``out`` unless it holds a synth manifest made with the same config.
+
+    A key missing from an older manifest counts as that field's default: fields added later (``celeba_databases``)
+    default to what older versions did, so their output is still recognised as made by the same config.
+    """
     out = cfg.out
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} exists and is not a directory")
@@ -375,11 +461,11 @@ def _check_out(cfg: SynthConfig) -> None:
     man = out / MANIFEST
     if not man.is_file():
         raise ValueError(f"--out {out} is not empty and holds no {MANIFEST}; refusing to write into it (use a new dir)")
+    new, default = cfg.to_dict(), SynthConfig(out=out).to_dict()
     try:
-        old = json.loads(man.read_text())["config"]
+        old = {**default, **json.loads(man.read_text())["config"]}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{man}: unreadable synth manifest ({e}); refusing to overwrite {out}") from e
-    new = cfg.to_dict()
     diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in _NOT_COMPARED and old.get(k) != v]
     if diff:
         raise ValueError(
@@ -433,6 +519,7 @@ def generate_faces(cfg: SynthConfig, progress: Callable[[int], object] | None = 
         rates[name] = plan.write(cfg.out, lm[a : a + len(plan.jobs)], labels[a : a + len(plan.jobs)])
         a += len(plan.jobs)
     seconds = time.perf_counter() - t0
-    path = _write_manifest(cfg, plans, {"complete": True, "attribute_rates": rates, "seconds": round(seconds, 3)})
+    extra = {"complete": True, "attribute_rates": rates, "seconds": round(seconds, 3)}
+    path = _write_manifest(cfg, plans, extra | {k: v for p in plans.values() for k, v in p.manifest.items()})
     log.info("wrote %d images to %s in %.1f s", len(jobs), cfg.out, seconds)
     return SynthSummary(cfg.out, cfg.images, {k: p.identities for k, p in plans.items()}, seconds, path)

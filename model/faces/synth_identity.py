@@ -19,6 +19,11 @@ predictors' margin crop):
   cheekbone over a contour shadow from in front of the ear towards the mouth corner; otherwise flat cheeks with a
   low, rosy blush.
 
+Besides the binary labels, ``hair_colour`` is a categorical trait (an index into :data:`HAIR_COLOURS`): the palette
+row the hair colour was drawn from, stable per identity like the labels, for training multi-task networks on
+categorical as well as binary attributes.  It is read off the draw that already picks the colour (no extra random
+numbers), so every other trait and every rendered image is as before.
+
 Units are face units (mean inter-ocular distance = 1); see :mod:`facesearch.model.faces.synth_render`.
 
 Also here: the made-up names of FaceScrub-style probes and the Flickr-style paths of MegaFace-style distractors.
@@ -33,7 +38,15 @@ import numpy as np
 
 from facesearch.model.config import ATTRIBUTES
 
-__all__ = ["ATTRIBUTE_BASE_RATES", "Colour", "Identity", "flickr_paths", "person_names", "sample_identity"]
+__all__ = [
+    "ATTRIBUTE_BASE_RATES",
+    "HAIR_COLOURS",
+    "Colour",
+    "Identity",
+    "flickr_paths",
+    "person_names",
+    "sample_identity",
+]
 
 Colour = tuple[float, float, float]  # BGR, 0..255
 
@@ -54,6 +67,8 @@ _SKINS = np.array([(188, 204, 236), (150, 176, 220), (122, 156, 198), (98, 132, 
 _SKIN_P = (0.25, 0.22, 0.18, 0.15, 0.12, 0.08)
 _HAIRS = np.array([(25, 25, 30), (30, 45, 70), (45, 75, 115), (115, 175, 215), (40, 70, 160), (150, 150, 155)])
 _HAIR_P = (0.35, 0.25, 0.17, 0.12, 0.04, 0.07)
+#: Names of the rows of the hair palette, in order: ``Identity.hair_colour`` indexes this tuple.
+HAIR_COLOURS: tuple[str, ...] = ("black", "dark_brown", "brown", "blond", "auburn", "grey")
 _IRISES = np.array([(30, 50, 90), (25, 30, 40), (160, 120, 80), (90, 130, 90), (60, 100, 120)])
 _IRIS_P = (0.35, 0.25, 0.18, 0.10, 0.12)
 
@@ -85,6 +100,7 @@ class Identity:
     double_chin: float  # < 0.15 none, ~1 a full second chin: fold, crease and shadow (Double_Chin)
     skin: Colour
     hair: Colour
+    hair_colour: int  # index into HAIR_COLOURS: the palette row ``hair`` was drawn around (a categorical trait)
     hair_style: int  # 0 short, 1 long, 2 receding
     hairline: float
     brow_th: float
@@ -129,8 +145,13 @@ def _labels(u: np.ndarray, overrides: Mapping[str, int] | None) -> dict[str, int
     return lab
 
 
+def _pick_index(table: np.ndarray, probs: tuple[float, ...], u: float) -> int:
+    """The row of ``table`` that the uniform draw ``u`` picks with row probabilities ``probs``."""
+    return min(int(np.searchsorted(np.cumsum(probs), u)), len(table) - 1)
+
+
 def _pick(table: np.ndarray, probs: tuple[float, ...], u: float) -> np.ndarray:
-    return table[min(int(np.searchsorted(np.cumsum(probs), u)), len(table) - 1)].astype(np.float64)
+    return table[_pick_index(table, probs, u)].astype(np.float64)
 
 
 def _clip(v: float, lo: float, hi: float) -> float:
@@ -160,6 +181,7 @@ def sample_identity(seed: int, population: int, index: int, overrides: Mapping[s
     skin = _pick(_SKINS, _SKIN_P, u[0]) * (1.0 + 0.04 * np.array(z[9:12])) * (1.0 - 0.04 * m)
     style = (0 if u[2] < 0.82 else 2 if u[2] < 0.92 else 1) if m else (1 if u[2] < 0.78 else 0)
     nose_y = 0.6 + 0.035 * z[20] + 0.07 * big
+    hair_colour = _pick_index(_HAIRS, _HAIR_P, u[1])
     return Identity(
         labels=tuple(lab[a] for a in ATTRIBUTES),
         face_w=1.02 + 0.045 * z[0] + 0.03 * m + chubby * (0.12 + 0.03 * z[1]),
@@ -171,7 +193,8 @@ def sample_identity(seed: int, population: int, index: int, overrides: Mapping[s
         fullness=_trait(chubby, z[7], 0.8, 0.15, 0.12),
         double_chin=_clip(0.85 + 0.15 * z[8], 0.5, 1.2) if dc else _clip(0.1 * z[8], 0.0, 0.3),
         skin=_col(skin),
-        hair=_col(_pick(_HAIRS, _HAIR_P, u[1]) * (1.0 + 0.05 * z[12])),
+        hair=_col(_HAIRS[hair_colour].astype(np.float64) * (1.0 + 0.05 * z[12])),
+        hair_colour=hair_colour,
         hair_style=style,
         hairline=-1.1 if style == 2 else -0.78 + 0.07 * z[13],
         brow_th=max(0.035, 0.065 + 0.045 * m + 0.012 * z[14]),

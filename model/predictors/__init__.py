@@ -28,13 +28,15 @@ from facesearch.model.predictors.calibration import Calibration
 from facesearch.model.predictors.facenet import IcmrPredictor, MoonPredictor
 from facesearch.model.predictors.lnets import LNetsPredictor
 from facesearch.model.predictors.mgmtn import MgmtnPredictor
+from facesearch.model.predictors.mtl_cnn import MtlCnnPredictor
 
-#: Registry: key -> predictor class (MTL-CNN joins here).
+#: Registry: key -> predictor class.
 PREDICTORS: dict[str, type[Any]] = {
     IcmrPredictor.key: IcmrPredictor,
     MoonPredictor.key: MoonPredictor,
     LNetsPredictor.key: LNetsPredictor,
     MgmtnPredictor.key: MgmtnPredictor,
+    MtlCnnPredictor.key: MtlCnnPredictor,
 }
 
 

@@ -148,6 +148,22 @@ class FaceNetPredictor(AttributePredictor):
         return out
 
 
+def wrap_network(
+    cls: type[FaceNetPredictor], ckpt: Checkpoint, model: torch.nn.Module, device: str | torch.device, precision: str,
+    batch_size: int,
+) -> Any:  # fmt: skip
+    """A predictor of class ``cls`` around ``model`` (already loaded from ``ckpt``), with the checkpoint's recorded
+    input, calibration, meta and fingerprint: the common end of a network predictor's ``from_checkpoint``."""
+    info = dict(ckpt.extra.get("predictor") or {})
+    _, own = split_state(ckpt.model_state)
+    cal = calibration_from(own, info, len(ckpt.model_config.attributes))
+    out = cls(model, InputSpec.from_dict(info["input"]), cal, dict(info.get("meta") or {}),  # type: ignore[arg-type]
+              train_config=ckpt.train_config, fingerprint=ckpt.fingerprint, device=device, precision=precision,
+              batch_size=batch_size)  # fmt: skip
+    out.path = ckpt.path
+    return out
+
+
 class IcmrPredictor(FaceNetPredictor):
     """``icmr``: the multi-task identity network's own attribute head."""
 
@@ -161,4 +177,4 @@ class MoonPredictor(FaceNetPredictor):
 
 
 __all__ = ["FaceNetPredictor", "IcmrPredictor", "MoonPredictor", "calibration_from", "calibration_tensors",
-           "open_network", "split_state"]  # fmt: skip
+           "open_network", "split_state", "wrap_network"]  # fmt: skip

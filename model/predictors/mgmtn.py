@@ -19,8 +19,7 @@ from facesearch.model.faces.masks import GROUPS, crop_landmarks, group_masks, ma
 from facesearch.model.faces.prepare import DetectorLike, FaceFailure, Source, prepare_image
 from facesearch.model.mgmtn import MGMTN, MaskNet, MgmtnConfig
 from facesearch.model.network import count_parameters, to_input
-from facesearch.model.predictors.base import InputSpec
-from facesearch.model.predictors.facenet import FaceNetPredictor, calibration_from, split_state
+from facesearch.model.predictors.facenet import FaceNetPredictor, split_state, wrap_network
 
 
 class MgmtnPredictor(FaceNetPredictor):
@@ -51,15 +50,10 @@ class MgmtnPredictor(FaceNetPredictor):
         info = dict(ckpt.extra.get("predictor") or {})
         if "mgmtn" not in info:
             raise ValueError(f"{ckpt.path}: an mgmtn predictor without its MGMTN configuration (corrupt or not one)")
-        net_state, own = split_state(ckpt.model_state)
+        net_state, _ = split_state(ckpt.model_state)
         model = MGMTN(ckpt.model_config, MgmtnConfig.from_dict(info["mgmtn"]))
         model.load_state_dict(net_state)
-        cal = calibration_from(own, info, len(ckpt.model_config.attributes))
-        out = cls(model, InputSpec.from_dict(info["input"]), cal, dict(info.get("meta") or {}),  # type: ignore[arg-type]
-                  train_config=ckpt.train_config, fingerprint=ckpt.fingerprint, device=device, precision=precision,
-                  batch_size=batch_size)  # fmt: skip
-        out.path = ckpt.path
-        return out
+        return wrap_network(cls, ckpt, model, device, precision, batch_size)  # type: ignore[no-any-return]
 
 
 def mask_picture(

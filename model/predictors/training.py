@@ -8,6 +8,7 @@
 - ``mgmtn``: MGMTN (:mod:`facesearch.model.mgmtn`) with the attribute loss on the margin crop (or 112x96), from
   scratch or from the trunk of a ``pretrained`` identity checkpoint; with learned masks its mask network trains
   first (:func:`facesearch.model.predictors.mgmtn_train.train_mask_net`) and is frozen inside it;
+- ``mtl-cnn``: :func:`facesearch.model.predictors.mtl_train.train_mtl_cnn` (several databases);
 - ``lnets-anet``: identity pretraining of the trunk on the data's own identities (softmax + DeepID2's same-identity
   distance term, weight ``similarity_loss``; skipped with ``pretrain=False``,
   the paper's "without identity pretraining" row, or replaced by a given ``pretrained`` checkpoint), attribute
@@ -230,6 +231,10 @@ def _svm_stage(
 def train_attribute_predictor(cfg: AttributeTrainConfig, progress: Progress | None = None) -> PredictorResult:
     """Train ``cfg.method`` on ``cfg.data`` (see the module docstring) and write ``cfg.out / predictor.safetensors``
     plus ``predictor.json`` (its description)."""
+    if cfg.method == "mtl-cnn":  # several databases, categorical tasks: its own loop
+        from facesearch.model.predictors.mtl_train import train_mtl_cnn
+
+        return train_mtl_cnn(cfg, progress)  # type: ignore[no-any-return]
     root = Path(cfg.data)
     if not (root / "list_attr_celeba.txt").is_file():
         raise FileNotFoundError(f"{root / 'list_attr_celeba.txt'} does not exist: attribute predictors learn "
@@ -247,12 +252,39 @@ def train_attribute_predictor(cfg: AttributeTrainConfig, progress: Progress | No
         predictor = cls(model, InputSpec(cfg.input_size, margin=crop == "margin"), device=cfg.device,
                         precision=cfg.precision)  # fmt: skip
     val = split_samples(cfg, 1) if has_partitions(root) else train_samples
+    return finish_predictor(predictor, val, cfg, seconds, t0, "val" if has_partitions(root) else "train")
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, tuple | list):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def finish_predictor(
+    predictor: AttributePredictor,
+    val: Sequence[Sample],
+    cfg: AttributeTrainConfig,
+    seconds: dict[str, float],
+    t0: float,
+    split: str,
+    meta: dict[str, Any] | None = None,
+    extra_report: Callable[[AttributePredictor], dict[str, Any]] | None = None,
+) -> PredictorResult:
+    """The common end of every method: Platt calibration on ``val`` (the ``split`` it is), the options, timings
+    (``t0``: the run's start) and ``meta`` recorded, ``extra_report`` of the calibrated predictor merged into the
+    validation report; writes ``cfg.out / predictor.safetensors`` and ``predictor.json``."""
     t1 = time.perf_counter()
-    predictor, report = calibrate(predictor, val, cfg.resolved_workers, "val" if has_partitions(root) else "train")
+    predictor, report = calibrate(predictor, val, cfg.resolved_workers, split)
+    if extra_report is not None:
+        report.update(extra_report(predictor))
+        predictor.meta["validation"] = report
     seconds["calibration"] = round(time.perf_counter() - t1, 2)
     seconds["total"] = round(time.perf_counter() - t0, 2)
-    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
-    predictor.meta.update(train_seconds=seconds, options=options, trained_on=str(root))
+    options = {k: _jsonable(v) for k, v in dataclasses.asdict(cfg).items()}
+    predictor.meta.update(train_seconds=seconds, options=options, trained_on=str(cfg.data), **(meta or {}))
     predictor.train_config = options  # type: ignore[attr-defined]
     path = cfg.out / PREDICTOR_FILE
     predictor.save(path)
@@ -266,6 +298,7 @@ __all__ = [
     "PREDICTOR_FILE",
     "PredictorResult",
     "calibrate",
+    "finish_predictor",
     "has_partitions",
     "iter_crops",
     "label_matrix",

@@ -3,6 +3,7 @@ every key, LNets+ANet's ten views and their averaging, the SVM fit, and training
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,19 @@ def _make(key: str, tmp_path: Path) -> Path:
         mnet = MGMTN(cfg, MgmtnConfig(template=SIZE, margin=True)).eval()
         cal = Calibration(np.full(len(cfg.attributes), 0.9), np.full(len(cfg.attributes), -0.1))
         MgmtnPredictor(mnet, InputSpec(SIZE, margin=True), cal).save(path)
+    elif key == "mtl-cnn":
+        from facesearch.model.mtl_cnn import MtlCnn, MtlConfig, Task, mtl_model_config
+        from facesearch.model.predictors.mtl_cnn import MtlCnnPredictor
+
+        torch.manual_seed(3)
+        tasks = (Task("Male"), Task("Chubby"), Task("Hair_Colour", ("black", "blond", "grey")))
+        mcfg = MtlConfig(tasks, groups=4, hidden=8, together=(("Chubby", "Male"), ("Hair_Colour", "Male")))
+        base = preset("fast", width=0.125, input_size=margin_geometry(SIZE)[0], num_identities=0)
+        tnet = MtlCnn(mtl_model_config(dataclasses.replace(base, embedding_dim=32), mcfg), mcfg).eval()
+        with torch.no_grad():
+            tnet.correlation.copy_(torch.randn(5, 5) * tnet.get_buffer("correlation_mask"))
+        cal = Calibration(np.full(5, 1.1), np.full(5, 0.2))
+        MtlCnnPredictor(tnet, InputSpec(SIZE, margin=True), cal).save(path)
     else:
         _lnets().save(path)
     return path
