@@ -76,7 +76,11 @@ def _reuse_stage1(reference: Path, run: Path) -> None:
     src, dst = reference / "network" / "checkpoint.safetensors", run / "network" / "checkpoint.safetensors"
     if src.is_file() and not dst.exists():
         dst.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_with(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+        def copy(tmp: Path) -> None:
+            shutil.copyfile(src, tmp)
+
+        atomic_write_with(dst, copy)
 
 
 def train_variants(

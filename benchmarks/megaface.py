@@ -22,10 +22,12 @@ m = floor(f * N_neg), tau = the (m+1)-th largest negative, TAR = #{pos > tau} / 
 floor(f_max * N_neg) + 1 negatives (plus an ``2 eps`` margin) are kept while streaming, with a running threshold;
 ``tau`` is resolved canonically (re-fetching the few distractors near it) only when a positive lies within ``eps``.
 
-**Filter (§6).** With attribute codes, probe p is compared only with distractors of the same code, and a mate whose
-code differs is a miss (rank = infinity) and a positive the filter rejects; N and N_neg keep their unfiltered values,
-so filtered rates are directly comparable (a filtered-out comparison is a rejection, never a false accept: at FAR = 1
-the false accepts are the comparisons made, not N_neg).
+**Filter (§6).** With attribute codes (two bit sets per row: attributes decided positive, decided negative; see
+:class:`facesearch.benchmarks.megaface_data.AttributeFilter`), probe p is compared only with the distractors whose
+code is :func:`compatible` with its own (no attribute decided positive on one side and negative on the other), and a
+mate whose code is not compatible is a miss (rank = infinity) and a positive the filter rejects; N and N_neg keep
+their unfiltered values, so filtered rates are directly comparable (a filtered-out comparison is a rejection, never
+a false accept: at FAR = 1 the false accepts are the comparisons made, not N_neg).
 
 **Supported FARs.** A FAR below 1 / N_neg has m = 0, the same threshold as FAR = 0: such ROC rows say
 ``supported: false`` and reports mark them instead of printing them as measured.
@@ -48,6 +50,14 @@ from facesearch.indexer.search import strict_matmul
 U32 = 2.0**-24  # float32 unit roundoff
 NAMED_FARS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3)
 TIE_RULES = ("mate", "distractor")
+
+
+def compatible(a: np.ndarray | int, b: np.ndarray) -> np.ndarray:
+    """Which pairs of filter codes are compared: no attribute decided positive (low 32 bits) on one side and
+    negative (high 32 bits) on the other.  For hard codes (every attribute decided) this is equality."""
+    a64, b64 = np.asarray(a, np.int64), np.asarray(b, np.int64)
+    low = np.int64(0xFFFFFFFF)
+    return ((a64 & low) & (b64 >> 32) | (a64 >> 32) & (b64 & low)) == 0
 
 
 def canonical_normalize(x: np.ndarray) -> np.ndarray:
@@ -189,7 +199,7 @@ def _build_mates(p64: np.ndarray, identity: Sequence[str], codes: np.ndarray | N
     g = np.concatenate([g for g, _ in per]) if off[-1] else np.zeros(0, np.int64)
     s = np.concatenate([s for _, s in per]) if off[-1] else np.zeros(0)
     owner = np.repeat(np.arange(nq), counts)
-    ok = np.ones(len(g), bool) if codes is None else codes[owner] == codes[g]
+    ok = np.ones(len(g), bool) if codes is None else compatible(codes[owner], codes[g])
     return _Mates(off, g, s, ok)
 
 
@@ -307,7 +317,7 @@ class Evaluation:
             codes = np.asarray(codes, np.int64)
             assert self.codes is not None
             for code in np.unique(self.codes):
-                cols = np.flatnonzero(codes == code)
+                cols = np.flatnonzero(compatible(code, codes))
                 rows = np.flatnonzero(self.codes == code)
                 if len(cols):
                     self._group(rows, cols, x, d32[torch.from_numpy(cols).to(self.dev)])

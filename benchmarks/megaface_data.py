@@ -11,9 +11,10 @@ image and no other image of a probe identity (MegaFace's distractors are other p
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import pyarrow.parquet as pq
 
 from facesearch.benchmarks import devkit
 from facesearch.benchmarks.megaface import canonical_normalize
+from facesearch.engine.filter_cost import MODES, AttributeStats, FilterCost, choose_margins, predicted_cost
 from facesearch.indexer import shards
 
 _BLOCK = 65536
@@ -30,36 +32,101 @@ _BLOCK = 65536
 
 @dataclass(frozen=True)
 class AttributeFilter:
-    """Distractors must agree with the probe on every attribute: (probability > threshold) equal on both sides."""
+    """Which distractors a probe is compared with, by the attributes both were predicted to have
+    (:mod:`facesearch.engine.filter_cost`):
+
+    - ``hard``: (probability > ``threshold``) must be equal on both sides, for every attribute;
+    - ``confident``: a distractor is excluded only when, for some attribute, one side is confidently positive
+      (p > 1 - m) and the other confidently negative (p < m); the margins ``m`` are ``margins`` (one per attribute,
+      or one for all) or chosen by :meth:`resolved` from the attribute columns' validation statistics so the
+      predicted fraction of true mates lost is at most ``max_mate_loss``.
+
+    :meth:`codes` gives every row two bit sets in one int64: bit ``i`` of the low word = attribute ``i`` decided
+    positive, of the high word = decided negative; :func:`facesearch.benchmarks.megaface.compatible` says which pairs
+    are compared."""
 
     attributes: tuple[str, ...]
     threshold: float = 0.5
+    mode: str = "hard"
+    margins: tuple[float, ...] | None = None
+    max_mate_loss: float | None = None
 
     def __post_init__(self) -> None:
-        if not self.attributes:
-            raise ValueError("an attribute filter needs at least one attribute")
+        if not self.attributes or len(self.attributes) > 31:
+            raise ValueError(f"an attribute filter needs 1 to 31 attributes, got {len(self.attributes)}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"filter threshold must be in (0, 1), got {self.threshold}")
+        if self.mode not in MODES:
+            raise ValueError(f"filter mode must be one of {list(MODES)}, got {self.mode!r}")
+        if self.margins is not None:
+            object.__setattr__(self, "margins", tuple(float(m) for m in self.margins))
+            if len(self.margins) == 1:
+                object.__setattr__(self, "margins", self.margins * len(self.attributes))
+            if len(self.margins) != len(self.attributes) or not all(0 <= m <= 0.5 for m in self.margins):
+                raise ValueError(f"filter margins: one in [0, 0.5] per attribute (or one for all), got "
+                                 f"{list(self.margins)} for {list(self.attributes)}")  # fmt: skip
+        if self.max_mate_loss is not None and not 0 <= self.max_mate_loss < 1:
+            raise ValueError(f"max_mate_loss must be in [0, 1), got {self.max_mate_loss}")
+        if self.mode == "hard" and (self.margins is not None or self.max_mate_loss is not None):
+            raise ValueError("margins and max_mate_loss belong to the confident filter mode (--filter-mode confident)")
+        if self.mode == "confident" and self.margins is None and self.max_mate_loss is None:
+            raise ValueError("the confident filter needs margins or a max_mate_loss to choose them from")
 
     @property
     def description(self) -> str:
-        return " & ".join(self.attributes) + " agree"
+        if self.mode == "hard":
+            return " & ".join(self.attributes) + " agree"
+        target = "" if self.max_mate_loss is None else f"mate loss <= {self.max_mate_loss:g}"
+        if self.margins is None:
+            return " & ".join(self.attributes) + f" not confidently opposed ({target})"
+        ms = ", ".join(f"{a} {m:.2f}" for a, m in zip(self.attributes, self.margins, strict=True))
+        return f"not confidently opposed (margins {ms}{'; ' + target if target else ''})"
+
+    def values(self) -> dict[str, float]:
+        """Per attribute, the threshold (hard) or the margin (confident; after :meth:`resolved`)."""
+        if self.mode == "hard":
+            return dict.fromkeys(self.attributes, self.threshold)
+        if self.margins is None:
+            raise ValueError("the confident filter's margins are chosen from the validation statistics first")
+        return dict(zip(self.attributes, self.margins, strict=True))
+
+    def resolved(self, stats: Mapping[str, AttributeStats] | None) -> AttributeFilter:
+        """This filter with its margins chosen from ``stats`` for ``max_mate_loss`` (itself when nothing is to
+        choose)."""
+        if self.mode != "confident" or self.margins is not None:
+            return self
+        if stats is None:
+            raise ValueError("--max-mate-loss needs the attribute columns' validation statistics")
+        chosen = choose_margins({a: stats[a] for a in self.attributes}, float(self.max_mate_loss or 0))
+        return dataclasses.replace(self, margins=tuple(chosen[a] for a in self.attributes))
+
+    def predicted(self, stats: Mapping[str, AttributeStats]) -> FilterCost:
+        """The predicted cost (mates lost, distractors removed) of this (resolved) filter."""
+        return predicted_cost({a: stats[a] for a in self.attributes}, self.mode, self.values())
 
     def codes(self, probs: dict[str, np.ndarray], what: str) -> np.ndarray:
         missing = [a for a in self.attributes if a not in probs]
         if missing:
             raise ValueError(f"{what}: no predicted attribute(s) {missing} (have {sorted(probs)})")
+        values = self.values()
         n = len(probs[self.attributes[0]])
-        code = np.zeros(n, np.int64)
+        pos, neg = np.zeros(n, np.int64), np.zeros(n, np.int64)
         for i, a in enumerate(self.attributes):
             p = np.asarray(probs[a], np.float64)
             if np.isnan(p).any():
                 raise ValueError(f"{what}: attribute {a} is missing for {int(np.isnan(p).sum())} row(s)")
-            code |= (p > self.threshold).astype(np.int64) << i
-        return code
+            if self.mode == "hard":
+                is_pos, is_neg = p > values[a], p <= values[a]
+            else:
+                is_pos, is_neg = p > 1 - values[a], p < values[a]
+            pos |= is_pos.astype(np.int64) << i
+            neg |= is_neg.astype(np.int64) << i
+        return pos | (neg << 32)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"attributes": list(self.attributes), "threshold": self.threshold, "description": self.description}
+        return {"attributes": list(self.attributes), "mode": self.mode, "threshold": self.threshold,
+                "margins": None if self.margins is None else list(self.margins), "max_mate_loss": self.max_mate_loss,
+                "description": self.description}  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,10 @@ from facesearch.benchmarks.megaface_data import (
     probes_from_shards,
 )
 from facesearch.benchmarks.megaface_lists import DEFAULT_SIZES, DistractorLists, ListConfig
+from facesearch.engine.filter_cost import FilterCost, statistics_from_source
+from facesearch.indexer import shards
 from facesearch.indexer.embed import EmbedConfig
+from facesearch.indexer.manifest import describe_attribute_source, same_attribute_source
 from facesearch.indexer.pipeline import run_embed
 from facesearch.model.device import resolve_device
 from facesearch.model.fileio import atomic_write_text
@@ -311,6 +314,38 @@ def _write(cfg: BenchConfig, result: dict[str, Any]) -> Path:
     return path
 
 
+def _resolve_filter(cfg: BenchConfig, say: Callable[[str], None]) -> tuple[AttributeFilter | None, FilterCost | None]:
+    """The filter with its margins chosen (``--max-mate-loss``) from the validation statistics the probe shards'
+    attribute columns carry, and its predicted cost (None when the columns carry no statistics: said, not an error,
+    unless the margins must be chosen from them)."""
+    if cfg.filter is None:
+        return None, None
+    stats = None
+    if cfg.probes is not None:
+        source = shards.read_manifest(cfg.probes).attribute_provenance
+        try:
+            stats = statistics_from_source(source, cfg.filter.attributes)
+        except ValueError as e:
+            if cfg.filter.mode == "confident" and cfg.filter.margins is None:
+                raise ValueError(f"--max-mate-loss: {cfg.probes}: {e}") from None
+            say(f"filter cost not predicted: {e}")
+        if stats is not None and cfg.distractors is not None:
+            theirs = shards.read_manifest(cfg.distractors).attribute_provenance
+            if not same_attribute_source(source, theirs):
+                say(
+                    f"WARNING: the probes' attributes come from {describe_attribute_source(source)}, the "
+                    f"distractors' from {describe_attribute_source(theirs)}: the predicted cost assumes one predictor"
+                )
+    flt = cfg.filter.resolved(stats)
+    cost = None if stats is None else flt.predicted(stats)
+    if cost is not None:
+        say(
+            f"filter [{flt.description}]: predicted mates lost {cost.mates_lost:.3f}, distractors removed "
+            f"{cost.distractors_removed:.3f} (from the validation statistics of the attribute predictor)"
+        )
+    return flt, cost
+
+
 def run_megaface(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Run every size (and the filtered variant when configured); write results, devkit files and the report."""
     say = progress or (lambda msg: log.info(msg))
@@ -328,7 +363,8 @@ def run_megaface(cfg: BenchConfig, progress: Callable[[str], None] | None = None
     alg = _algorithm(cfg, probes)
     lists = _distractor_lists(cfg, probes, noise, say)
     names = (_probe_name(cfg), lists.name)
-    attrs = () if cfg.filter is None else cfg.filter.attributes
+    flt, predicted = _resolve_filter(cfg, say)
+    attrs = () if flt is None else flt.attributes
     n_ids = len(set(probes.identity))
     say(f"{len(probes.keys):,} probes of {n_ids} identities loaded in {time.perf_counter() - t0:.1f} s")
     results = []
@@ -339,9 +375,9 @@ def run_megaface(cfg: BenchConfig, progress: Callable[[str], None] | None = None
         results.append(res)
         _write(cfg, res)
         say(f"size {size:>9,}: rank-1 {res['rank1']:.4f}  TAR@1e-6 {_fmt_tar(res['tar_at_far'][0])}  ({secs:.1f} s)")
-        if cfg.filter is not None:
-            fout, fsecs = _evaluate(probes, src, cfg, device, cfg.filter)
-            fres = _result(cfg, alg, probes, src, record, fout, size, cfg.filter, names)
+        if flt is not None:
+            fout, fsecs = _evaluate(probes, src, cfg, device, flt)
+            fres = _result(cfg, alg, probes, src, record, fout, size, flt, names)
             nq_nb = len(probes.keys) * src.n
             fres["filter_stats"] = {
                 "mates_excluded": fout["excluded"],
@@ -350,11 +386,14 @@ def run_megaface(cfg: BenchConfig, progress: Callable[[str], None] | None = None
                 "speedup": secs / fsecs if fsecs > 0 else None,
                 "unfiltered_seconds": secs,
                 "filtered_seconds": fsecs,
+                "predicted": None if predicted is None else predicted.to_dict(),
             }
             results.append(fres)
             _write(cfg, fres)
-            say(f"size {size:>9,} [{cfg.filter.description}]: rank-1 {fres['rank1']:.4f}  "
-                f"mates excluded {fres['filter_stats']['mates_excluded_fraction']:.3f}  ({fsecs:.1f} s)")  # fmt: skip
+            fs = fres["filter_stats"]
+            say(f"size {size:>9,} [{flt.description}]: rank-1 {fres['rank1']:.4f}  mates excluded "
+                f"{fs['mates_excluded_fraction']:.3f}, distractors removed {fs['distractors_removed_fraction']:.3f}"
+                f"  ({fsecs:.1f} s)")  # fmt: skip
     report.write_report(results, cfg.out)
     return results
 

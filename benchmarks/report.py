@@ -138,9 +138,14 @@ def _pct(x: float | None, digits: int = 2) -> str:
     return _DASH if x is None else f"{100.0 * x:.{digits}f} %"
 
 
+def _with_prediction(measured: float | None, predicted: float | None) -> str:
+    return _pct(measured, 1) + ("" if predicted is None else f" (pred. {_pct(predicted, 1)})")
+
+
 def summary_table(results: Sequence[dict[str, Any]], fmt: str = "markdown") -> str:
     """One row per result: label, distractors, rank-1 with its exact count, TAR at each of ``REPORT_FARS``; and,
-    when any result is filtered, the fraction of mates the filter excluded, of distractors it removed, its speed-up."""
+    when any result is filtered, the fraction of mates the filter excluded, of distractors it removed (each with
+    the filter's predicted value when the attribute columns carry validation statistics), its speed-up."""
     filtered = any(r["filter_stats"] is not None for r in results)
     headers = ["Method", "Distractors", "Rank-1", *(f"TAR@{f:.0e}".replace("e-0", "e-") for f in REPORT_FARS)]
     if filtered:
@@ -152,7 +157,9 @@ def summary_table(results: Sequence[dict[str, Any]], fmt: str = "markdown") -> s
         row = [result_label(r), f"{c['n_distractors']:,}", rank1, *(_tar_cell(r, f) for f in REPORT_FARS)]
         if filtered:
             fs = r["filter_stats"] or {}
-            row += [_pct(fs.get("mates_excluded_fraction"), 1), _pct(fs.get("distractors_removed_fraction"), 1)]
+            pred = fs.get("predicted") or {}
+            mates = _with_prediction(fs.get("mates_excluded_fraction"), pred.get("mates_lost"))
+            row += [mates, _with_prediction(fs.get("distractors_removed_fraction"), pred.get("distractors_removed"))]
             row += [f"{fs['speedup']:.2f}×" if fs else _DASH]
         rows.append(row)
     return render_table(headers, rows, fmt)

@@ -35,8 +35,9 @@ LEGACY_MANIFEST = "manifest.json"  # the first name: Parquet dataset readers tri
 KIND = "facesearch.shards"
 FORMAT_VERSION = 1
 DTYPES: tuple[str, ...] = ("float16", "float32")
-#: ``attribute_source["source"]`` values: the identity network's own attribute head, or an attribute predictor.
-ATTRIBUTE_SOURCES: tuple[str, ...] = ("model", "predictor")
+#: ``attribute_source["source"]`` values: the identity network's own attribute head, an attribute predictor, or
+#: the synthetic feature generator (probabilities drawn from a known law, :mod:`facesearch.indexer.synth_features`).
+ATTRIBUTE_SOURCES: tuple[str, ...] = ("model", "predictor", "synthetic")
 
 
 def model_source(fingerprint: str) -> dict[str, Any]:
@@ -44,12 +45,29 @@ def model_source(fingerprint: str) -> dict[str, Any]:
     return {"source": "model", "fingerprint": fingerprint}
 
 
+def validation_statistics(validation: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Per attribute, what a predictor's validation report says about its calibrated probabilities (balanced
+    accuracy at 0.5, known positives / negatives, ECE, reliability table, histograms of the probabilities of
+    positives and negatives), with the split and image count; ``{}`` without a report."""
+    if not validation or "attributes" not in validation:
+        return {}
+    balanced = validation.get("balanced_accuracy") or {}
+    keep = ("n_pos", "n_neg", "ece", "reliability", "histogram")
+    return {
+        "split": validation.get("split"),
+        "images": validation.get("images"),
+        "attributes": {name: {"balanced_accuracy": balanced.get(name), **{k: v[k] for k in keep if k in v}}
+                       for name, v in validation["attributes"].items()},
+    }  # fmt: skip
+
+
 def predictor_source(description: Mapping[str, Any]) -> dict[str, Any]:
     """The attribute provenance of columns filled by an attribute predictor, from its
     :meth:`facesearch.model.predictors.base.AttributePredictor.describe`: key, fingerprint, path (absolute), input
-    crop and calibration method."""
+    crop, calibration method and its validation statistics (:func:`validation_statistics`: what a confidence-aware
+    filter predicts its cost from; they travel with the shards into the index)."""
     path = description.get("path")
-    return {
+    out = {
         "source": "predictor",
         "key": str(description["key"]),
         "fingerprint": str(description["fingerprint"]),
@@ -57,6 +75,10 @@ def predictor_source(description: Mapping[str, Any]) -> dict[str, Any]:
         "input": dict(description.get("input") or {}),
         "calibration": description.get("calibration"),
     }
+    stats = validation_statistics(description.get("validation"))
+    if stats:
+        out["validation"] = stats
+    return out
 
 
 def same_attribute_source(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
@@ -71,6 +93,8 @@ def describe_attribute_source(record: Mapping[str, Any]) -> str:
     if record.get("source") == "predictor":
         where = f" ({record['path']})" if record.get("path") else ""
         return f"the {record.get('key', '?')} predictor {fp}{where}"
+    if record.get("source") == "synthetic":
+        return f"the synthetic feature generator ({fp})"
     return f"the model's own attribute head (model {fp})"
 
 
@@ -295,5 +319,6 @@ __all__ = [
     "predictor_source",
     "read_manifest",
     "same_attribute_source",
+    "validation_statistics",
     "write_manifest",
 ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ PROBE_ID_OFFSET = 1 << 40  # probe ids never collide with gallery ids (gallery i
 _BLOCK = 16384  # rows generated at a time
 _CHUNK = 1024  # identities per centre chunk (centres are drawn per chunk, so any row range is cheap to generate)
 _LOGIT = 2.5
+_LATENT_RATE = 0.4  # share of identities with each attribute
 _PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # one path component
 # Fields added after directories were written: a manifest without one was made with this value.
 _ADDED_FIELDS: dict[str, Any] = {"identity_prefix": "synth"}
@@ -115,7 +117,7 @@ def _identity_chunk(seed: int, chunk: int, d: int) -> tuple[np.ndarray, np.ndarr
     rng = np.random.default_rng([seed, 0, chunk])
     c = rng.standard_normal((_CHUNK, d), dtype=np.float32)
     c /= np.linalg.norm(c, axis=1, keepdims=True)
-    return c, rng.random((_CHUNK, len(ATTRIBUTES))) < 0.4
+    return c, rng.random((_CHUNK, len(ATTRIBUTES))) < _LATENT_RATE
 
 
 def _identity_of_rows(cfg: SynthFeaturesConfig, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -167,12 +169,30 @@ def _block(cfg: SynthFeaturesConfig, lo: int, hi: int, cache: dict[int, Any]) ->
     )
 
 
+def attribute_statistics(bins: int = 100, n: int = 100_000) -> dict[str, Any]:
+    """The validation statistics of the generator's attribute columns, exact rather than sampled: a latent positive
+    (rate 0.4) reads ``sigmoid(2.5 + z)``, a negative ``sigmoid(-2.5 + z)``, ``z ~ N(0, 1)``, so a histogram bin
+    [a, b) holds ``Φ(logit b ∓ 2.5) - Φ(logit a ∓ 2.5)`` of each class (expected counts of ``n`` faces)."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    with np.errstate(divide="ignore"):
+        logit = np.log(edges) - np.log1p(-edges)
+    cdf = np.vectorize(lambda v: 0.5 * math.erfc(-v / math.sqrt(2.0)))
+    n_pos, n_neg = round(_LATENT_RATE * n), n - round(_LATENT_RATE * n)
+    pos = np.diff(cdf(logit - _LOGIT)) * n_pos
+    neg = np.diff(cdf(logit + _LOGIT)) * n_neg
+    balanced = 0.5 * math.erfc(-_LOGIT / math.sqrt(2.0))  # P(z > -2.5): a positive read above 0.5, and vice versa
+    hist = {"bins": bins, "positive": pos.round(3).tolist(), "negative": neg.round(3).tolist()}
+    per = {"balanced_accuracy": balanced, "n_pos": n_pos, "n_neg": n_neg, "histogram": hist}
+    return {"split": "generator law", "images": n, "attributes": dict.fromkeys(ATTRIBUTES, per)}
+
+
 def _manifest(cfg: SynthFeaturesConfig, entries: tuple[shards.ShardEntry, ...], planned: int) -> shards.Manifest:
     return shards.Manifest(
         fingerprint=cfg.fingerprint,
         d=cfg.dim,
         dtype=cfg.dtype,
         attributes=ATTRIBUTES,
+        attribute_source={"source": "synthetic", "fingerprint": cfg.fingerprint, "validation": attribute_statistics()},
         source={"synthetic": "features", "role": "probes" if cfg.is_probes else "gallery"},
         config=cfg.to_dict(),
         versions=versions(),

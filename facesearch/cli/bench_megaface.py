@@ -65,14 +65,24 @@ def _stem(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value
 
 
-def _attribute_filter(value: str | None, threshold: float) -> AttributeFilter | None:
+def _attribute_filter(value: str | None, threshold: float, mode: str, margin: float | None,
+                      max_mate_loss: float | None) -> AttributeFilter | None:  # fmt: skip
     if not value:
+        if mode != "hard" or margin is not None or max_mate_loss is not None:
+            raise click.UsageError("--filter-mode, --filter-margin and --max-mate-loss need --filter ATTRIBUTES")
         return None
     names = tuple(a.strip() for a in value.split(",") if a.strip())
     if not names:
         raise click.BadParameter(f"expected comma-separated attribute names such as Male,Big_Nose, got {value!r}",
                                  param_hint="'--filter'")  # fmt: skip
-    return AttributeFilter(names, threshold)
+    if mode == "confident" and margin is None and max_mate_loss is None:
+        raise click.UsageError("--filter-mode confident needs --max-mate-loss RATE (or --filter-margin M)")
+    if mode == "confident" and margin is not None and max_mate_loss is not None:
+        raise click.UsageError("give one of --filter-margin and --max-mate-loss, not both")
+    if mode == "hard" and (margin is not None or max_mate_loss is not None):
+        raise click.UsageError("--filter-margin and --max-mate-loss need --filter-mode confident")
+    margins = None if margin is None else (margin,)
+    return AttributeFilter(names, threshold, mode, margins, max_mate_loss)
 
 
 def _check_inputs(cfg: BenchConfig) -> None:
@@ -150,16 +160,31 @@ def _check_inputs(cfg: BenchConfig) -> None:
               "agree between probe and distractor, e.g. Male or Male,Big_Nose.")  # fmt: skip
 @config_option(AttributeFilter, "--filter-threshold", field="threshold", callback=finite,
                type=click.FloatRange(0, 1, min_open=True, max_open=True),
-               help="Attribute decision threshold (0 < t < 1).")  # fmt: skip
+               help="hard mode: attribute decision threshold (0 < t < 1).")  # fmt: skip
+@click.option("--filter-mode", type=click.Choice(["hard", "confident"]), default="hard", show_default=True,
+              help="hard: decided sides must agree; confident: exclude only when both sides are confident and "
+                   "disagree.")  # fmt: skip
+@click.option("--max-mate-loss", type=click.FloatRange(0, 1, max_open=True), default=None, callback=finite,
+              help="confident mode: choose the margins from the attribute predictor's validation statistics so at "
+                   "most this fraction of true mates is predicted lost, e.g. 0.01.")  # fmt: skip
+@click.option(
+    "--filter-margin",
+    type=click.FloatRange(0, 0.5),
+    default=None,
+    callback=finite,
+    help="confident mode: a fixed margin m (confident = p > 1-m or p < m) instead of --max-mate-loss.",
+)
 @_option("--far-max", type=click.FloatRange(0, 1, min_open=True), callback=finite,
          help="Largest FAR of the ROC when the negatives do not all fit in memory (0 < FAR <= 1).")  # fmt: skip
 @DEVICE_OPTION
 @user_errors
-def megaface_command(sizes: str | None, filter_attrs: str | None, filter_threshold: float, checkpoint: Path | None,
+def megaface_command(sizes: str | None, filter_attrs: str | None, filter_threshold: float, filter_mode: str,
+                     max_mate_loss: float | None, filter_margin: float | None, checkpoint: Path | None,
                      probe_images: Path | None, probe_landmarks: Path | None, distractor_images: Path | None,
                      distractor_landmarks: Path | None, **opts: object) -> None:  # fmt: skip
     """MegaFace Challenge 1: exact CMC (rank-1) and ROC (TAR at FAR 1e-6 …) for each distractor size."""
     _sizes(sizes)  # a bad --sizes is refused before any embedding
+    flt = _attribute_filter(filter_attrs, filter_threshold, filter_mode, filter_margin, max_mate_loss)
     if checkpoint is not None:
         if probe_images is None or distractor_images is None or opts["probe_list"] is None:
             raise click.UsageError("--checkpoint needs --probe-images, --probe-list and --distractor-images")
@@ -173,8 +198,7 @@ def megaface_command(sizes: str | None, filter_attrs: str | None, filter_thresho
         for key, name in (("probe_noise", "facescrub_noises.txt"), ("distractor_noise", "megaface_noises.txt")):
             if opts[key] is None:
                 opts[key] = noise_list(name)
-    cfg = BenchConfig(sizes=_sizes(sizes), filter=_attribute_filter(filter_attrs, filter_threshold),
-                      **opts)  # type: ignore[arg-type]  # fmt: skip
+    cfg = BenchConfig(sizes=_sizes(sizes), filter=flt, **opts)  # type: ignore[arg-type]
     _check_inputs(cfg)
     results = run_megaface(cfg, progress=lambda msg: click.echo(f"[megaface] {msg}"))
     click.echo("")

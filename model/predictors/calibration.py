@@ -19,6 +19,8 @@ import numpy as np
 
 #: Equal-width probability bins of :func:`reliability` / :func:`expected_calibration_error`.
 ECE_BINS = 15
+#: Bins of the validation score histograms (:func:`score_histogram`): a filter margin is chosen on this grid.
+HISTOGRAM_BINS = 100
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -150,10 +152,23 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
     return out
 
 
+def score_histogram(probabilities: np.ndarray, labels: np.ndarray, bins: int = HISTOGRAM_BINS) -> dict[str, Any]:
+    """The distributions of one attribute's calibrated probabilities among its known positives and negatives:
+    counts in ``bins`` equal bins of [0, 1] (the last one closed), the statistics a confidence-aware filter
+    predicts its cost from (:mod:`facesearch.engine.filter_cost`)."""
+    p, y = np.asarray(probabilities, np.float64), np.asarray(labels, np.float64)
+    ok = np.isfinite(p) & np.isfinite(y)
+    idx = np.clip((p[ok] * bins).astype(np.int64), 0, bins - 1)
+    pos = np.bincount(idx[y[ok] > 0.5], minlength=bins)
+    neg = np.bincount(idx[y[ok] <= 0.5], minlength=bins)
+    return {"bins": bins, "positive": pos.tolist(), "negative": neg.tolist()}
+
+
 def calibration_report(
     probabilities: np.ndarray, labels: np.ndarray, attributes: Sequence[str], bins: int = ECE_BINS
 ) -> dict[str, Any]:
-    """JSON-ready: per attribute its ECE, the counts of known positives / negatives and the reliability table."""
+    """JSON-ready: per attribute its ECE, the counts of known positives / negatives, the reliability table and the
+    histograms of the probabilities of positives and negatives (:func:`score_histogram`)."""
     ece = expected_calibration_error(probabilities, labels, bins)
     y = np.asarray(labels, np.float64)
     report: dict[str, Any] = {"bins": bins, "attributes": {}}
@@ -164,16 +179,19 @@ def calibration_report(
             "n_pos": int((y[known, j] > 0.5).sum()),
             "n_neg": int((y[known, j] <= 0.5).sum()),
             "reliability": [b.__dict__ for b in reliability(probabilities[:, j], y[:, j], bins)],
+            "histogram": score_histogram(probabilities[:, j], y[:, j]),
         }
     return report
 
 
 __all__ = [
     "ECE_BINS",
+    "HISTOGRAM_BINS",
     "Calibration",
     "ReliabilityBin",
     "calibration_report",
     "expected_calibration_error",
     "fit_platt",
     "reliability",
+    "score_histogram",
 ]

@@ -437,8 +437,8 @@ def train_mtl_cnn(cfg: AttributeTrainConfig, progress: Progress | None = None) -
     """``facesearch attributes train --method mtl-cnn``: stage 1, stage 2, calibration, the predictor file."""
     t0 = time.perf_counter()
     paths = [cfg.data, *cfg.more_data]
-    categorical = list(parse_categorical(cfg.categorical))
-    databases = [read_database(p, categorical, cfg.val_fraction, cfg.seed) for p in paths]
+    columns = list(parse_categorical(cfg.categorical))
+    databases = [read_database(p, columns, cfg.val_fraction, cfg.seed) for p in paths]
     seconds: dict[str, float] = {}
     model, _centre, stage1 = train_network(cfg, databases, progress)
     seconds["network"] = round(time.perf_counter() - t0, 2)

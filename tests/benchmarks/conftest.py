@@ -42,9 +42,19 @@ def _count_above(values, refs, t_val, t_key):
     return above, equal
 
 
+def _same(a, b) -> bool:
+    """Whether a probe and a gallery row are compared: equal codes (1-d codes), or, for rows of per-attribute states
+    (+1 decided positive, -1 decided negative, 0 undecided), no attribute +1 on one side and -1 on the other."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim == 0:
+        return bool(a == b)
+    return not bool(np.any((a * b) < 0))
+
+
 def _brute_force(xq, ids, xb, codes_q=None, codes_b=None, tie_rule="mate"):
     """All scores materialised (canonical float64 products), plain comparisons and a full sort of the negatives;
-    comparisons closer than ``WINDOW`` are decided by exact rational keys."""
+    comparisons closer than ``WINDOW`` are decided by exact rational keys.  ``codes_*``: 1-d filter codes (compared
+    when equal) or (n, k) per-attribute states (see :func:`_same`)."""
     ex = _Exact(xq, xb)
     q, b = canonical_normalize(xq), canonical_normalize(xb)
     S = np.array([np.sum(q[i][None, :] * b, axis=1) for i in range(len(q))])  # (nq, nb)
@@ -57,20 +67,28 @@ def _brute_force(xq, ids, xb, codes_q=None, codes_b=None, tie_rule="mate"):
         for g in range(len(q)):
             if g == p or ids[g] != ids[p]:
                 continue
-            if codes_q is not None and codes_q[g] != codes_q[p]:
+            if codes_q is not None and not _same(codes_q[g], codes_q[p]):
                 excluded += 1
                 continue
-            cols = np.arange(nb) if codes_q is None else np.flatnonzero(codes_b == codes_q[p])
+            cols = (
+                np.arange(nb)
+                if codes_q is None
+                else np.array([d for d in range(nb) if _same(codes_q[p], codes_b[d])], int)
+            )
             r, t = _count_above(
                 S[p][cols], lambda i, p=p, cols=cols: ex.key(p, "b", cols[i]), M[p, g], ex.key(p, "q", g)
             )
             ties += t
             hist[r + (t if tie_rule == "distractor" else 0)] += 1
-    neg = S if codes_q is None else np.where(codes_q[:, None] == codes_b[None, :], S, -np.inf)
+    if codes_q is None:
+        neg = S
+    else:
+        ok = np.array([[_same(codes_q[i], codes_b[d]) for d in range(nb)] for i in range(len(q))], bool)
+        neg = np.where(ok, S, -np.inf)
     flat = neg.ravel()
     order = np.argsort(-flat, kind="stable")
     pairs = [(i, j) for i in range(len(q)) for j in range(i + 1, len(q)) if ids[i] == ids[j]
-             and (codes_q is None or codes_q[i] == codes_q[j])]  # fmt: skip
+             and (codes_q is None or _same(codes_q[i], codes_q[j]))]  # fmt: skip
     pos = np.array([M[i, j] for i, j in pairs])
     n_neg = len(q) * nb
     tar = {}

@@ -79,15 +79,40 @@ def test_streamed_top_negatives_with_pruning(brute_force):
     assert max(r["far"] for r in out["roc"]["points"] if r["far"] < 1) <= 0.05
 
 
+def hard(codes: np.ndarray, bits: int = 2) -> np.ndarray:
+    """Hard filter codes from decided bit patterns: every attribute is decided, positive or negative."""
+    codes = np.asarray(codes, np.int64)
+    return codes | ((~codes & ((1 << bits) - 1)) << 32)
+
+
+def encode(states: np.ndarray) -> np.ndarray:
+    """(n, k) states (+1 positive, -1 negative, 0 undecided) -> codes: positive bits low, negative bits high."""
+    weights = 1 << np.arange(states.shape[1], dtype=np.int64)
+    return ((states > 0) @ weights) | (((states < 0) @ weights) << 32)
+
+
 def test_attribute_filter_equal_brute_force(brute_force):
     rng = np.random.default_rng(6)
     xq, ids, xb = random_set(rng, nb=250)
     codes_q = rng.integers(0, 3, len(xq))
     codes_b = rng.integers(0, 3, len(xb))
-    out = evaluate(xq, ids, xb, codes_q, codes_b)
+    out = evaluate(xq, ids, xb, hard(codes_q), hard(codes_b))
     check(out, brute_force(xq, ids, xb, codes_q, codes_b), len(xb))
     assert out["excluded"] > 0
     assert out["compared"] < len(xq) * len(xb)
+
+
+def test_confident_filter_equal_brute_force(brute_force):
+    """Undecided attributes never exclude; only a confident positive against a confident negative does."""
+    rng = np.random.default_rng(16)
+    xq, ids, xb = random_set(rng, nb=250)
+    sq = rng.choice([-1, 0, 1], size=(len(xq), 3), p=[0.3, 0.4, 0.3])
+    sb = rng.choice([-1, 0, 1], size=(len(xb), 3), p=[0.3, 0.4, 0.3])
+    out = evaluate(xq, ids, xb, encode(sq), encode(sb))
+    check(out, brute_force(xq, ids, xb, sq, sb), len(xb))
+    assert 0 < out["excluded"] and out["compared"] < len(xq) * len(xb)
+    hard_out = evaluate(xq, ids, xb, encode(np.where(sq >= 0, 1, -1)), encode(np.where(sb >= 0, 1, -1)))
+    assert out["compared"] > hard_out["compared"]  # undecided rows are kept
 
 
 def test_curve_invariants_and_counts():
@@ -190,7 +215,7 @@ def test_filtered_roc_never_accepts_more_than_was_compared():
     rng = np.random.default_rng(10)
     xq, ids, xb = random_set(rng, nb=200)
     codes_q, codes_b = rng.integers(0, 3, len(xq)), rng.integers(0, 3, len(xb))
-    out = evaluate(xq, ids, xb, codes_q, codes_b)
+    out = evaluate(xq, ids, xb, hard(codes_q), hard(codes_b))
     roc = out["roc"]
     assert out["compared"] < roc["N_neg"]
     for row in roc["points"]:

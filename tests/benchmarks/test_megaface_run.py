@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -191,3 +192,51 @@ def test_cached_distractors_take_equals_the_source(features):
         idx = np.array([0, 5, 100, len(streamed) - 1])
         assert np.array_equal(src.take(idx), streamed[idx])
         assert (src.parts is not None) == (limit > 1000)
+
+
+def test_confident_filter_chooses_margins_and_reports_predicted_beside_measured(features, tmp_path, brute_force):
+    """The synthetic features carry their attribute law's validation statistics: --max-mate-loss picks the margin,
+    the counts equal the brute-force reference on per-attribute states, and the result JSON holds the predicted
+    cost beside the measured one."""
+    out = tmp_path / "conf"
+    flt = AttributeFilter(("Male", "Chubby"), mode="confident", max_mate_loss=0.01)
+    results = run_megaface(BenchConfig(out=out, probes=features / "probes", distractors=features / "dis", sizes=(500,),
+                                       filter=flt, seed=9))  # fmt: skip
+    r = results[1]
+    margins = r["filter"]["margins"]
+    assert r["filter"]["mode"] == "confident" and len(margins) == 2 and all(0 < m <= 0.5 for m in margins)
+    pred = r["filter_stats"]["predicted"]
+    assert pred["mates_lost"] <= 0.01 and 0 < pred["distractors_removed"] < 1
+    assert set(pred["per_attribute"]) == {"Male", "Chubby"}
+    assert 0 <= r["filter_stats"]["mates_excluded_fraction"] <= 0.05  # measured on 360 mate pairs: near the target
+    xq, _, ids, pattrs = _rows(features / "probes")
+    xall, paths, _, dattrs = _rows(features / "dis")
+    where = {p: i for i, p in enumerate(paths)}
+    rows = np.array([where[devkit.stem_key(p)] for p in devkit.read_distractor_list(
+        out / "lists" / "megaface_features_list.json_500_1")])  # fmt: skip
+
+    def states(attrs: dict[str, np.ndarray], sel: Any = slice(None)) -> np.ndarray:
+        cols = []
+        for a, m in zip(("Male", "Chubby"), margins, strict=True):
+            p = attrs[a][sel].astype(np.float64)
+            cols.append(np.where(p > 1 - m, 1, np.where(p < m, -1, 0)))
+        return np.stack(cols, 1)
+
+    _check_against_reference(r, xq, ids, xall[rows], brute_force, states(pattrs), states(dattrs, rows))
+    summary = (out / "megaface_summary.md").read_text()
+    assert "pred." in summary and "not confidently opposed" in summary
+
+
+def test_filter_mode_options_are_checked(features, tmp_path):
+    def run(*extra: str) -> str:
+        args = ["bench", "megaface", "--out", str(tmp_path / "x"), "--probes", str(features / "probes"),
+                "--distractors", str(features / "dis"), "--sizes", "10", *extra]  # fmt: skip
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code != 0
+        return result.output
+
+    assert "needs --max-mate-loss" in run("--filter", "Male", "--filter-mode", "confident")
+    assert "need --filter-mode confident" in run("--filter", "Male", "--max-mate-loss", "0.01")
+    assert "not both" in run("--filter", "Male", "--filter-mode", "confident", "--max-mate-loss", "0.01",
+                             "--filter-margin", "0.1")  # fmt: skip
+    assert "need --filter ATTRIBUTES" in run("--max-mate-loss", "0.01")

@@ -1,0 +1,104 @@
+"""The predicted cost of attribute filters: planted cases with known error rates, simulated pair by pair."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from facesearch.engine.filter_cost import AttributeStats, choose_margins, predicted_cost, statistics_from_source
+from facesearch.indexer.manifest import predictor_source
+from facesearch.indexer.synth_features import attribute_statistics
+from facesearch.model.predictors.calibration import calibration_report, score_histogram
+
+PRIOR = 0.3
+
+
+def draw(rng: np.random.Generator, cls: np.ndarray) -> np.ndarray:
+    """Calibrated-looking probabilities: Beta(6, 1.5) for positives, Beta(1.5, 6) for negatives."""
+    return np.where(cls, rng.beta(6, 1.5, len(cls)), rng.beta(1.5, 6, len(cls)))
+
+
+@pytest.fixture(scope="module")
+def stats() -> AttributeStats:
+    rng = np.random.default_rng(0)
+    cls = rng.random(400_000) < PRIOR
+    h = score_histogram(draw(rng, cls), cls.astype(float))
+    return AttributeStats("Male", np.array(h["positive"], float), np.array(h["negative"], float))
+
+
+def simulate(rng: np.random.Generator, mode: str, value: float, n: int = 400_000) -> tuple[float, float]:
+    """(mates lost, distractors removed) measured: a person's two images share the class; two people do not."""
+    a, b = rng.random(n) < PRIOR, rng.random(n) < PRIOR
+
+    def sides(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if mode == "hard":
+            return p > value, p <= value
+        return p > 1 - value, p < value
+
+    p1, p2, p3 = draw(rng, a), draw(rng, a), draw(rng, b)
+    (s1, n1), (s2, n2), (s3, n3) = sides(p1), sides(p2), sides(p3)
+    return float(((s1 & n2) | (n1 & s2)).mean()), float(((s1 & n3) | (n1 & s3)).mean())
+
+
+@pytest.mark.parametrize(("mode", "value"), [("hard", 0.5), ("hard", 0.3), ("confident", 0.2), ("confident", 0.05)])
+def test_prediction_matches_the_planted_rates(stats: AttributeStats, mode: str, value: float) -> None:
+    cost = predicted_cost({"Male": stats}, mode, {"Male": value})
+    lost, removed = simulate(np.random.default_rng(1), mode, value)
+    assert cost.mates_lost == pytest.approx(lost, abs=0.003)
+    assert cost.distractors_removed == pytest.approx(removed, abs=0.004)
+
+
+def test_chosen_margin_keeps_the_mate_loss_target(stats: AttributeStats) -> None:
+    for target in (0.002, 0.01, 0.05):
+        m = choose_margins({"Male": stats}, target)["Male"]
+        lost, removed = simulate(np.random.default_rng(2), "confident", m)
+        assert lost <= target + 0.002 and removed > 0
+        wider = m + 1 / stats.bins
+        if wider <= 0.5:  # the next grid step would break the budget: the margin is the widest that fits
+            assert predicted_cost({"Male": stats}, "confident", {"Male": wider}).mates_lost > target
+    m0 = choose_margins({"Male": stats}, 0.0)["Male"]
+    assert predicted_cost({"Male": stats}, "confident", {"Male": m0}).mates_lost == 0
+
+
+def test_budget_is_shared_between_attributes(stats: AttributeStats) -> None:
+    two = {"Male": stats, "Chubby": AttributeStats("Chubby", stats.positive, stats.negative)}
+    margins = choose_margins(two, 0.02)
+    cost = predicted_cost(two, "confident", margins)
+    assert cost.mates_lost <= 0.02 and margins["Male"] == margins["Chubby"]
+    assert (
+        cost.distractors_removed
+        > predicted_cost({"Male": stats}, "confident", {"Male": margins["Male"]}).distractors_removed
+    )
+
+
+def test_synthetic_feature_law() -> None:
+    v = attribute_statistics()
+    st = statistics_from_source({"source": "synthetic", "fingerprint": "x", "validation": v}, ["Male"])["Male"]
+    assert st.prior == pytest.approx(0.4) and st.balanced_accuracy == pytest.approx(0.99379, abs=1e-4)
+    assert st.positive.sum() == pytest.approx(40_000, rel=1e-3) and st.negative.sum() == pytest.approx(60_000, rel=1e-3)
+    # hard at 0.5 loses a mate when one of two images falls on the wrong side: 2 q (1 - q), q = P(z < -2.5)
+    q = 1 - st.balanced_accuracy
+    assert predicted_cost({"Male": st}, "hard", {"Male": 0.5}).mates_lost == pytest.approx(2 * q * (1 - q), rel=1e-3)
+
+
+def test_columns_without_statistics_are_named() -> None:
+    with pytest.raises(ValueError, match=r"no validation statistics for \['Male'\].*own attribute head"):
+        statistics_from_source({"source": "model", "fingerprint": "f"}, ["Male"])
+    with pytest.raises(ValueError, match="both positives and negatives"):
+        AttributeStats("Male", np.zeros(10), np.ones(10))
+
+
+def test_a_predictors_validation_report_travels_into_the_provenance_record() -> None:
+    """``calibrate``'s report -> the manifest's ``attribute_source`` -> the filter's statistics, unchanged."""
+    rng = np.random.default_rng(3)
+    y = (rng.random((500, 2)) < 0.3).astype(float)
+    p = np.clip(np.where(y > 0, 0.8, 0.2) + rng.normal(0, 0.15, y.shape), 0, 1)
+    report = {"split": "val", "images": 500, "balanced_accuracy": {"Male": 0.9, "Chubby": 0.8},
+              **calibration_report(p, y, ["Male", "Chubby"])}  # fmt: skip
+    record = predictor_source({"key": "moon", "fingerprint": "f" * 64, "validation": report})
+    json.dumps(record)  # JSON-ready, as manifests and index_info.json store it
+    st = statistics_from_source(record, ["Chubby"])["Chubby"]
+    assert st.balanced_accuracy == 0.8 and st.positive.sum() == (y[:, 1] > 0).sum()
+    assert record["validation"]["attributes"]["Male"]["reliability"] and record["validation"]["split"] == "val"
