@@ -331,7 +331,8 @@ def _resolve_filter(cfg: BenchConfig, say: Callable[[str], None]) -> tuple[Attri
             say(f"filter cost not predicted: {e}")
         if stats is not None and cfg.distractors is not None:
             theirs = shards.read_manifest(cfg.distractors).attribute_provenance
-            if not same_attribute_source(source, theirs):
+            same_law = source.get("source") == theirs.get("source") == "synthetic"  # one generator law, any seed
+            if not same_law and not same_attribute_source(source, theirs):
                 say(
                     f"WARNING: the probes' attributes come from {describe_attribute_source(source)}, the "
                     f"distractors' from {describe_attribute_source(theirs)}: the predicted cost assumes one predictor"

@@ -134,6 +134,29 @@ def predicted_cost(stats: Mapping[str, AttributeStats], mode: str, values: Mappi
     return FilterCost(1 - kept_mates, 1 - kept_distractors, per)
 
 
+def literal_recall_loss(
+    stats: Mapping[str, AttributeStats], conditions: list[tuple[str, str, float]]
+) -> tuple[float, dict[str, float]]:
+    """The expected fraction of a person's gallery images that a literal filter (a conjunction of ``(attribute, op,
+    threshold)`` conditions, :meth:`facesearch.engine.filters.Filter.thresholds`) drops *when the person truly has
+    what it asks for* (``>`` / ``>=``: the attribute, ``<`` / ``<=``: its absence): per condition the share of the
+    validation images of that class on the failing side, combined as independent.  Returns (loss, per condition)."""
+    per: dict[str, float] = {}
+    kept = 1.0
+    for name, op, t in conditions:
+        s = stats[name]
+        cut = round(t * s.bins)
+        if op in (">", ">="):
+            h = s.positive / s.positive.sum()
+            fail = float(h[:cut].sum())
+        else:
+            h = s.negative / s.negative.sum()
+            fail = float(h[cut:].sum())
+        per[f"{name} {op} {t:g}"] = fail
+        kept *= 1 - fail
+    return 1 - kept, per
+
+
 def choose_margins(stats: Mapping[str, AttributeStats], max_mate_loss: float) -> dict[str, float]:
     """Per attribute, the widest ``confident`` margin on its histogram grid whose predicted mate loss is at most an
     equal share ``1 - (1 - max_mate_loss)^(1/k)`` of the budget (0 = the attribute excludes nothing)."""
@@ -152,4 +175,5 @@ def choose_margins(stats: Mapping[str, AttributeStats], max_mate_loss: float) ->
     return out
 
 
-__all__ = ["MODES", "AttributeStats", "FilterCost", "choose_margins", "predicted_cost", "statistics_from_source"]
+__all__ = ["MODES", "AttributeStats", "FilterCost", "choose_margins", "literal_recall_loss", "predicted_cost",
+           "statistics_from_source"]  # fmt: skip

@@ -368,6 +368,33 @@ class Filter:
     def __str__(self) -> str:
         return _render(self._ast)
 
+    def thresholds(self) -> list[tuple[str, str, float]] | None:
+        """The filter as a conjunction of conditions on single columns, ``[(name, op, threshold), ...]`` with ``op``
+        one of ``>``, ``>=``, ``<``, ``<=`` (a bare name is ``name > threshold``, ``not`` flips the side); None
+        when it is anything else (``or``, ``in``, equality, string columns): then no cost can be read off it."""
+        flip = {">": "<=", ">=": "<", "<": ">=", "<=": ">"}
+        mirror = {">": "<", ">=": "<=", "<": ">", "<=": ">="}
+
+        def walk(node: _Node, negated: bool) -> list[tuple[str, str, float]] | None:
+            if isinstance(node, _Truth):
+                return [(node.name, "<=" if negated else ">", node.threshold)]
+            if isinstance(node, _Not):
+                return walk(node.operand, not negated)
+            if isinstance(node, _BoolOp) and node.op == "and" and not negated:
+                parts = [walk(x, False) for x in node.operands]
+                return None if any(p is None for p in parts) else [c for p in parts for c in p or []]
+            if isinstance(node, _Cmp) and node.op in flip:
+                left, right, op = node.left, node.right, node.op
+                if isinstance(left, _Lit) and isinstance(right, _Name):
+                    left, right, op = right, left, mirror[op]
+                if isinstance(left, _Name) and isinstance(right, _Lit) and isinstance(right.value, int | float):
+                    if isinstance(right.value, bool):
+                        return None
+                    return [(left.name, flip[op] if negated else op, float(right.value))]
+            return None
+
+        return walk(self._ast, False)
+
 
 def parse_filter(text: str, valid_names: Iterable[str], numeric: Iterable[str] = (), threshold: float = 0.5) -> Filter:
     """Parse and validate a filter.

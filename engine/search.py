@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from facesearch.engine.filter_cost import literal_recall_loss, statistics_from_source
 from facesearch.engine.filters import Filter, parse_filter
 from facesearch.indexer.embed import predictor_crops
 from facesearch.indexer.faiss_import import faiss
@@ -77,10 +78,12 @@ class QueryResult:
     exact: bool
     passing: int | None = None  # gallery items that pass the filter
     accepted: bool | None = None  # best score >= threshold (None without a threshold)
+    expected_recall_loss: float | None = None  # share of a matching person's images the filter drops (validation)
 
     def to_dict(self) -> dict[str, Any]:
         return {"hits": [h.__dict__ for h in self.hits], "strategy": self.strategy, "seconds": self.seconds,
-                "exact": self.exact, "passing": self.passing, "accepted": self.accepted}  # fmt: skip
+                "exact": self.exact, "passing": self.passing, "accepted": self.accepted,
+                "expected_recall_loss": self.expected_recall_loss}  # fmt: skip
 
 
 def _index_predictor(
@@ -245,6 +248,20 @@ class SearchEngine:
     def parse(self, text: str) -> Filter:
         """Parse a filter expression against this gallery's columns."""
         return parse_filter(text, self.columns, numeric=("id", *self.attribute_names))
+
+    def expected_recall_loss(self, flt: Filter | None) -> float | None:
+        """The share of a person's gallery images that ``flt`` is expected to drop when the person truly has what it
+        asks for, from the validation statistics of the index's attribute columns
+        (:func:`facesearch.engine.filter_cost.literal_recall_loss`); None without a filter, for a filter that is not
+        a conjunction of attribute thresholds, or when the columns carry no statistics."""
+        conditions = None if flt is None else flt.thresholds()
+        if not conditions or any(name not in self.attribute_names for name, _, _ in conditions):
+            return None
+        try:
+            stats = statistics_from_source(self.loaded.info.attribute_provenance, sorted({c[0] for c in conditions}))
+        except ValueError:
+            return None
+        return literal_recall_loss(stats, conditions)[0]
 
     def rows(self, ids: Sequence[int]) -> np.ndarray:
         """Row positions of gallery ids; a missing id is an :class:`UnknownIdError` (a ``KeyError`` and a
@@ -441,6 +458,7 @@ class SearchEngine:
         else:
             D, I, strategy, passing = self._retrieve_deep(xq, k, flt, strategy, group_by is not None, exclude)
         seconds = (time.perf_counter() - t0) / max(len(xq), 1)
+        loss = self.expected_recall_loss(flt)
         results = []
         for q in range(len(xq)):
             pairs = [(float(s), self._row_of[int(i)]) for s, i in zip(D[q], I[q], strict=True) if i >= 0]
@@ -457,7 +475,7 @@ class SearchEngine:
             if threshold is not None:
                 accepted = bool(hits) and max(h.score for h in hits) >= threshold
                 hits = [h for h in hits if h.score >= threshold]
-            results.append(QueryResult(tuple(hits), strategy, seconds, self.exact, passing, accepted))
+            results.append(QueryResult(tuple(hits), strategy, seconds, self.exact, passing, accepted, loss))
         return results
 
     def _check(
@@ -588,6 +606,8 @@ def format_results(
     for name, res in zip(names, results, strict=True):
         head = f"query {name}: {res.strategy} search, {res.seconds * 1e3:.1f} ms"
         head += f", {res.passing:,} pass the filter" if res.strategy not in ("none",) else ""
+        if res.expected_recall_loss is not None:
+            head += f" (expected to drop {100 * res.expected_recall_loss:.1f} % of a matching person's images)"
         head += "" if res.exact else " (approximate index)"
         if res.accepted is not None:
             head += ", ACCEPTED" if res.accepted else ", no match above the threshold"

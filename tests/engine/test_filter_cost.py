@@ -102,3 +102,19 @@ def test_a_predictors_validation_report_travels_into_the_provenance_record() -> 
     st = statistics_from_source(record, ["Chubby"])["Chubby"]
     assert st.balanced_accuracy == 0.8 and st.positive.sum() == (y[:, 1] > 0).sum()
     assert record["validation"]["attributes"]["Male"]["reliability"] and record["validation"]["split"] == "val"
+
+
+def test_literal_filters_read_as_thresholds(stats: AttributeStats) -> None:
+    from facesearch.engine.filter_cost import literal_recall_loss
+    from facesearch.engine.filters import parse_filter
+
+    def conds(text: str) -> list[tuple[str, str, float]] | None:
+        return parse_filter(text, ["Male", "Chubby", "id", "path"], numeric=["Male", "Chubby", "id"]).thresholds()
+
+    assert conds("Male") == [("Male", ">", 0.5)]
+    assert conds("not Male and 0.2 > Chubby") == [("Male", "<=", 0.5), ("Chubby", "<", 0.2)]
+    assert conds("not (Male >= 0.9)") == [("Male", "<", 0.9)]
+    assert conds("Male or Chubby") is None and conds('path == "x"') is None and conds("Male == 1") is None
+    loss, per = literal_recall_loss({"Male": stats}, [("Male", ">", 0.5)])
+    assert loss == pytest.approx(stats.sides("hard", 0.5)[1][0])  # positives read at or below 0.5
+    assert list(per) == ["Male > 0.5"] and per["Male > 0.5"] == pytest.approx(loss)

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from facesearch.benchmarks.thresholds import threshold_from_result
 from facesearch.cli import main
-from facesearch.engine.search import SearchEngine
+from facesearch.engine.search import SearchEngine, format_results
 from facesearch.indexer import shards
 from facesearch.indexer.index import IndexConfig, LoadedIndex, build_index, load_index, remove_ids
 from facesearch.indexer.synth_features import SynthFeaturesConfig, write_synth_features
@@ -245,3 +245,21 @@ def test_approximate_index_says_so_and_respects_the_filter(gallery, tmp_path, ki
         passing = set(eng.columns["id"][mask].tolist())
         for res in eng.search(xq, k=5, filter=expr):
             assert not res.exact and res.hits and all(h.id in passing for h in res.hits)
+
+
+def test_filtered_results_say_the_expected_recall_loss(gallery):
+    """The synthetic gallery's columns carry their law's validation statistics: a literal filter's result says how
+    many items passed and which share of a matching person's images the filter is expected to drop."""
+    from facesearch.engine.filter_cost import literal_recall_loss, statistics_from_source
+
+    eng = SearchEngine.open(gallery[1])
+    xq = eng.vectors([5])
+    stats = statistics_from_source(eng.loaded.info.attribute_provenance, ["Male", "Chubby"])
+    res = eng.search(xq, k=3, filter="Male > 0.9 and not Chubby")[0]
+    want = literal_recall_loss(stats, [("Male", ">", 0.9), ("Chubby", "<=", 0.5)])[0]
+    # a truly male person's p = sigmoid(2.5 + z) <= 0.9 when z < logit(0.9) - 2.5 = -0.30: about 38 % of images
+    assert res.passing and res.expected_recall_loss == pytest.approx(want) and 0.35 < want < 0.42
+    assert res.to_dict()["expected_recall_loss"] == res.expected_recall_loss
+    assert "expected to drop" in format_results(["q"], [res])
+    assert eng.search(xq, k=3, filter="Male or Chubby")[0].expected_recall_loss is None  # not a conjunction
+    assert eng.search(xq, k=3)[0].expected_recall_loss is None
