@@ -439,6 +439,10 @@ def train_mtl_cnn(cfg: AttributeTrainConfig, progress: Progress | None = None) -
     paths = [cfg.data, *cfg.more_data]
     columns = list(parse_categorical(cfg.categorical))
     databases = [read_database(p, columns, cfg.val_fraction, cfg.seed) for p in paths]
+    unused = [c for c in columns if not any(c in d.categorical for d in databases)]
+    if unused:
+        raise ValueError(f"--categorical {', '.join(unused)}: no database labels such a column "
+                         f"({', '.join(str(p) for p in paths)})")  # fmt: skip
     seconds: dict[str, float] = {}
     model, _centre, stage1 = train_network(cfg, databases, progress)
     seconds["network"] = round(time.perf_counter() - t0, 2)
@@ -454,7 +458,8 @@ def train_mtl_cnn(cfg: AttributeTrainConfig, progress: Progress | None = None) -
     held_out = [s for d in databases for s in d.val]
     shared = ("routing", "shared", "task_norm", "task_act", "heads")
     meta = {
-        "databases": {d.name: d.describe() for d in databases},
+        "databases": {(d.name if [e.name for e in databases].count(d.name) == 1 else f"{i}:{d.name}"): d.describe()
+                      for i, d in enumerate(databases)},
         "stage1": stage1,
         "stage2": stage2,
         "parameters_gated_shared_layer": sum(p.numel() for n, p in model.named_parameters() if n.startswith(shared)),

@@ -3,6 +3,7 @@ the CLI, with resume, refusal of a changed run, and ``attributes inspect``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -136,6 +137,18 @@ def test_inspect_prints_routing_and_correlation(trained: tuple[Path, str], tmp_p
     assert result.exit_code == 0, result.output
     assert "routing weights" in result.output and "Hair_Colour" in result.output
     assert plot.stat().st_size > 1000
+
+
+def test_a_categorical_column_no_database_has_is_named(dbs: Path, tmp_path: Path) -> None:
+    from facesearch.model.predictors.training import train_attribute_predictor
+
+    cfg = AttributeTrainConfig(data=dbs / "a.csv", categorical=("Age_Group",), method="mtl-cnn", iterations=2,
+                               num_workers=0, out=tmp_path / "r")  # fmt: skip
+    with pytest.raises(ValueError, match="--categorical Age_Group: no database labels such a column"):
+        train_attribute_predictor(cfg)
+    undeclared = dataclasses.replace(cfg, more_data=(dbs / "b.csv",), categorical=())
+    with pytest.raises(ValueError, match=r"b.csv:2: attribute Hair_Colour .*declare it: --categorical Hair_Colour"):
+        train_attribute_predictor(undeclared)
 
 
 def test_several_databases_are_for_mtl_cnn_only(dbs: Path) -> None:
