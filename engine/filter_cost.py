@@ -144,14 +144,8 @@ def literal_recall_loss(
     per: dict[str, float] = {}
     kept = 1.0
     for name, op, t in conditions:
-        s = stats[name]
-        cut = round(t * s.bins)
-        if op in (">", ">="):
-            h = s.positive / s.positive.sum()
-            fail = float(h[:cut].sum())
-        else:
-            h = s.negative / s.negative.sum()
-            fail = float(h[cut:].sum())
+        p_pos, p_neg = stats[name].sides("hard", t)  # per true class (positive, negative): read above / at or below t
+        fail = float(p_neg[0]) if op in (">", ">=") else float(p_pos[1])
         per[f"{name} {op} {t:g}"] = fail
         kept *= 1 - fail
     return 1 - kept, per

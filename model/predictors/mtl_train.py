@@ -57,7 +57,15 @@ from facesearch.model.mtl_cnn import (
 from facesearch.model.network import to_input
 from facesearch.model.predictors.base import InputSpec
 from facesearch.model.predictors.mtl_cnn import MtlCnnPredictor
-from facesearch.model.predictors.training import PredictorResult, finish_predictor, iter_crops, predictor_scores
+from facesearch.model.predictors.training import (
+    PredictorResult,
+    _stage,
+    finish_predictor,
+    iter_crops,
+    jsonable,
+    label_matrix,
+    predictor_scores,
+)
 
 log = logging.getLogger(__name__)
 
@@ -210,16 +218,11 @@ class StratifiedSteps(torch.utils.data.Sampler[list[int]]):
             yield picks
 
 
-def _lr_at(cfg: AttributeTrainConfig, step: int) -> float:
-    return cfg.lr * 0.1 ** sum(step >= m for m in (cfg.iterations // 2, 3 * cfg.iterations // 4) if m > 0)
-
-
 def _config_record(cfg: AttributeTrainConfig) -> dict[str, Any]:
     # where and how it runs, and the options of stage 2 only: a run without the correlation layer reuses stage 1
     free = {"out", "device", "precision", "num_workers", "resume", "detections", "checkpoint_every", "correlation",
             "correlation_iterations"}  # fmt: skip
-    return {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if k == "more_data" else v)
-            for k, v in dataclasses.asdict(cfg).items() if k not in free}  # fmt: skip
+    return {k: jsonable(v) for k, v in dataclasses.asdict(cfg).items() if k not in free}
 
 
 def _positive_rates(samples: Sequence[Sample], tasks: Sequence[Task]) -> torch.Tensor:
@@ -248,7 +251,7 @@ def _save(path: Path, model: MtlCnn, centre: CentreLoss, opt: torch.optim.Optimi
 def _resume(path: Path, model: MtlCnn, centre: CentreLoss, opt: torch.optim.Optimizer, record: dict[str, Any]) -> int:
     ckpt = load_checkpoint(path)
     old = ckpt.train_config or {}
-    changed = sorted(k for k in set(old) | set(record) if old.get(k) != json_like(record.get(k)))
+    changed = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
     if changed:
         raise ValueError(f"{path} was written by a different run (changed: {', '.join(changed)}): choose another --out "
                          "or delete it")  # fmt: skip
@@ -262,13 +265,6 @@ def _resume(path: Path, model: MtlCnn, centre: CentreLoss, opt: torch.optim.Opti
     if ckpt.rng_state:
         restore_rng_state(ckpt.rng_state)
     return ckpt.step
-
-
-def json_like(v: Any) -> Any:
-    """``v`` as it reads back from a checkpoint's JSON (tuples become lists)."""
-    if isinstance(v, tuple | list):
-        return [json_like(x) for x in v]
-    return v
 
 
 def train_network(
@@ -305,6 +301,7 @@ def train_network(
                                          collate_fn=collate_faces)  # fmt: skip
     rates = _positive_rates(samples, tasks).to(device)
     warm = int(cfg.centre_warmup * cfg.iterations)
+    schedule = _stage(cfg, cfg.iterations, cfg.lr, 1.0, 0.0)  # lr x0.1 at 50 % and 75 %, as every method
     model.train()
     t0, skipped, step, last = time.perf_counter(), 0, start, {}
     for step, fb in enumerate(loader, start=start):
@@ -312,7 +309,7 @@ def train_network(
             skipped += 1
             continue
         for group in opt.param_groups:
-            group["lr"] = _lr_at(cfg, step)
+            group["lr"] = schedule.lr_at(step)
         flip = torch.from_numpy(np.random.default_rng([cfg.seed, step, 0xF1]).random(len(fb.images)) < 0.5)
         images = torch.where(flip[:, None, None, None], fb.images.flip(2), fb.images)
         labels = fb.attributes.to(device)
@@ -333,7 +330,7 @@ def train_network(
             seconds = time.perf_counter() - t0
             rate = (done - start) * batch / max(seconds, 1e-9)
             progress({"event": "train", "step": done, "total": cfg.iterations, "loss": loss.item(),
-                      "lr": _lr_at(cfg, step), "images_per_s": rate})  # fmt: skip
+                      "lr": schedule.lr_at(step), "images_per_s": rate})  # fmt: skip
         if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
             _save(path, model, centre, opt, done, record)
     if start < cfg.iterations and skipped > cfg.max_skipped_steps * (cfg.iterations - start):
@@ -356,7 +353,7 @@ def network_logits(
     for idx, crops in iter_crops(samples, InputSpec(cfg.input_size, margin=True), workers=cfg.resolved_workers):
         with autocast(device, dtype):
             zs.append(model.outputs(to_input(torch.from_numpy(crops).to(device))).logits.float().cpu().numpy())
-        ys.append(np.array([[(samples[i].attributes or {}).get(n, np.nan) for n in names] for i in idx], np.float32))
+        ys.append(label_matrix([samples[i] for i in idx], names))
     model.cpu()
     u = len(model.mcfg.units)
     if not zs:

@@ -255,11 +255,12 @@ def train_attribute_predictor(cfg: AttributeTrainConfig, progress: Progress | No
     return finish_predictor(predictor, val, cfg, seconds, t0, "val" if has_partitions(root) else "train")
 
 
-def _jsonable(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
+    """``v`` as JSON stores it: paths as strings, tuples as lists (what a checkpoint's record reads back as)."""
     if isinstance(v, Path):
         return str(v)
     if isinstance(v, tuple | list):
-        return [_jsonable(x) for x in v]
+        return [jsonable(x) for x in v]
     return v
 
 
@@ -283,7 +284,7 @@ def finish_predictor(
         predictor.meta["validation"] = report
     seconds["calibration"] = round(time.perf_counter() - t1, 2)
     seconds["total"] = round(time.perf_counter() - t0, 2)
-    options = {k: _jsonable(v) for k, v in dataclasses.asdict(cfg).items()}
+    options = {k: jsonable(v) for k, v in dataclasses.asdict(cfg).items()}
     predictor.meta.update(train_seconds=seconds, options=options, trained_on=str(cfg.data), **(meta or {}))
     predictor.train_config = options  # type: ignore[attr-defined]
     path = cfg.out / PREDICTOR_FILE
@@ -301,6 +302,7 @@ __all__ = [
     "finish_predictor",
     "has_partitions",
     "iter_crops",
+    "jsonable",
     "label_matrix",
     "predictor_scores",
     "split_samples",
