@@ -28,6 +28,8 @@ from facesearch.engine.filter_cost import MODES, AttributeStats, FilterCost, cho
 from facesearch.indexer import shards
 
 _BLOCK = 65536
+#: The harness's filter modes: the two that exclude (:data:`facesearch.engine.filter_cost.MODES`) and soft scoring.
+FILTER_MODES: tuple[str, ...] = (*MODES, "soft")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,11 @@ class AttributeFilter:
       or one for all) or chosen by :meth:`resolved` from the attribute columns' validation statistics so the
       predicted fraction of true mates lost is at most ``max_mate_loss``.
 
+    - ``soft``: nothing is excluded; every pair is scored ``(1 - w) cos + w * agreement`` (``weight`` w), agreement =
+      the mean over the attributes of ``cos(pi (p - q) / 2)`` (1 when the two probabilities are equal, 0 when they
+      are opposite certainties) — exactly, over every distractor, as the cosine of the attribute-augmented features
+      of :mod:`facesearch.benchmarks.megaface_soft`.
+
     :meth:`codes` gives every row two bit sets in one int64: bit ``i`` of the low word = attribute ``i`` decided
     positive, of the high word = decided negative; :func:`facesearch.benchmarks.megaface.compatible` says which pairs
     are compared."""
@@ -50,14 +57,15 @@ class AttributeFilter:
     mode: str = "hard"
     margins: tuple[float, ...] | None = None
     max_mate_loss: float | None = None
+    weight: float | None = None
 
     def __post_init__(self) -> None:
         if not self.attributes or len(self.attributes) > 31:
             raise ValueError(f"an attribute filter needs 1 to 31 attributes, got {len(self.attributes)}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"filter threshold must be in (0, 1), got {self.threshold}")
-        if self.mode not in MODES:
-            raise ValueError(f"filter mode must be one of {list(MODES)}, got {self.mode!r}")
+        if self.mode not in FILTER_MODES:
+            raise ValueError(f"filter mode must be one of {list(FILTER_MODES)}, got {self.mode!r}")
         if self.margins is not None:
             object.__setattr__(self, "margins", tuple(float(m) for m in self.margins))
             if len(self.margins) == 1:
@@ -67,15 +75,26 @@ class AttributeFilter:
                                  f"{list(self.margins)} for {list(self.attributes)}")  # fmt: skip
         if self.max_mate_loss is not None and not 0 <= self.max_mate_loss < 1:
             raise ValueError(f"max_mate_loss must be in [0, 1), got {self.max_mate_loss}")
-        if self.mode == "hard" and (self.margins is not None or self.max_mate_loss is not None):
+        if self.mode != "confident" and (self.margins is not None or self.max_mate_loss is not None):
             raise ValueError("margins and max_mate_loss belong to the confident filter mode (--filter-mode confident)")
+        if (self.mode == "soft") != (self.weight is not None):
+            raise ValueError("the soft filter mode needs a weight (--soft-weight), and only it takes one")
+        if self.weight is not None and not 0 < self.weight <= 1:
+            raise ValueError(f"soft weight must be in (0, 1], got {self.weight}")
         if self.mode == "confident" and self.margins is None and self.max_mate_loss is None:
             raise ValueError("the confident filter needs margins or a max_mate_loss to choose them from")
+
+    @property
+    def excludes(self) -> bool:
+        """Whether the mode excludes distractors (hard, confident) rather than re-scoring them (soft)."""
+        return self.mode != "soft"
 
     @property
     def description(self) -> str:
         if self.mode == "hard":
             return " & ".join(self.attributes) + " agree"
+        if self.mode == "soft":
+            return f"soft: {' & '.join(self.attributes)} agreement, weight {self.weight:g}"
         target = "" if self.max_mate_loss is None else f"mate loss <= {self.max_mate_loss:g}"
         if self.margins is None:
             return " & ".join(self.attributes) + f" not confidently opposed ({target})"
@@ -86,6 +105,8 @@ class AttributeFilter:
         """Per attribute, the threshold (hard) or the margin (confident; after :meth:`resolved`)."""
         if self.mode == "hard":
             return dict.fromkeys(self.attributes, self.threshold)
+        if self.mode == "soft":
+            raise ValueError("the soft filter mode has no thresholds or margins")
         if self.margins is None:
             raise ValueError("the confident filter's margins are chosen from the validation statistics first")
         return dict(zip(self.attributes, self.margins, strict=True))
@@ -101,7 +122,9 @@ class AttributeFilter:
         return dataclasses.replace(self, margins=tuple(chosen[a] for a in self.attributes))
 
     def predicted(self, stats: Mapping[str, AttributeStats]) -> FilterCost:
-        """The predicted cost (mates lost, distractors removed) of this (resolved) filter."""
+        """The predicted cost (mates lost, distractors removed) of this (resolved) filter (none for soft)."""
+        if self.mode == "soft":
+            return FilterCost(0.0, 0.0, {a: (0.0, 0.0) for a in self.attributes})
         return predicted_cost({a: stats[a] for a in self.attributes}, self.mode, self.values())
 
     def codes(self, probs: dict[str, np.ndarray], what: str) -> np.ndarray:
@@ -126,7 +149,7 @@ class AttributeFilter:
     def to_dict(self) -> dict[str, Any]:
         return {"attributes": list(self.attributes), "mode": self.mode, "threshold": self.threshold,
                 "margins": None if self.margins is None else list(self.margins), "max_mate_loss": self.max_mate_loss,
-                "description": self.description}  # fmt: skip
+                "weight": self.weight, "description": self.description}  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,8 @@ from facesearch.benchmarks.megaface_data import (
     probes_from_shards,
 )
 from facesearch.benchmarks.megaface_lists import DEFAULT_SIZES, DistractorLists, ListConfig
-from facesearch.engine.filter_cost import FilterCost, statistics_from_source
+from facesearch.benchmarks.megaface_soft import SoftDistractors, soft_features
+from facesearch.engine.filter_cost import AttributeStats, FilterCost, statistics_from_source
 from facesearch.indexer import shards
 from facesearch.indexer.embed import EmbedConfig
 from facesearch.indexer.manifest import describe_attribute_source, same_attribute_source
@@ -85,7 +86,7 @@ class BenchConfig:
     cleaned: bool = False
     probe_noise: Path | None = None
     distractor_noise: Path | None = None
-    filter: AttributeFilter | None = None
+    filters: tuple[AttributeFilter, ...] = ()
     far_max: float = 1e-3
     device: str = "auto"
     probe_name: str | None = None
@@ -114,7 +115,7 @@ class BenchConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
-        d["filter"] = None if self.filter is None else self.filter.to_dict()
+        d["filters"] = [f.to_dict() for f in self.filters]
         return d
 
 
@@ -171,14 +172,20 @@ def _evaluate(
     probes: Probes, src: DistractorSource, cfg: BenchConfig, device: str, flt: AttributeFilter | None
 ) -> tuple[dict[str, Any], float]:
     t0 = time.perf_counter()
-    codes = None if flt is None else flt.codes(probes.attributes, "probes")
-    ev = Evaluation(ProbeSet(probes.xq, probes.identity, codes), src.n, far_max=cfg.far_max, device=device)
+    exclude = flt is not None and flt.excludes
+    codes = flt.codes(probes.attributes, "probes") if exclude and flt is not None else None
+    xq = probes.xq
+    if flt is not None and flt.mode == "soft":  # re-scored, not excluded: attribute-augmented features
+        assert flt.weight is not None
+        xq = soft_features(xq, probes.attributes, flt.attributes, flt.weight, "probes")
+        src = SoftDistractors(src, flt.attributes, flt.weight)
+    ev = Evaluation(ProbeSet(xq, probes.identity, codes), src.n, far_max=cfg.far_max, device=device)
     src = CachedDistractors(src)
     read = 0.0
     t_read = time.perf_counter()
     for xb, attrs in prefetch(src.blocks()):
         read += time.perf_counter() - t_read
-        ev.add(xb, None if flt is None else flt.codes(attrs, "distractors"))
+        ev.add(xb, flt.codes(attrs, "distractors") if exclude and flt is not None else None)
         t_read = time.perf_counter()
     out = ev.finish(src.take, tie_rule=cfg.tie_rule)
     out["timings"]["read_s"] = read
@@ -291,7 +298,9 @@ def _result(
 
 
 def _write(cfg: BenchConfig, result: dict[str, Any]) -> Path:
-    variant = ("_cleaned" if result["cleaned"] else "") + ("_filtered" if result["filter"] else "")
+    flt = result["filter"]
+    mode = "" if not flt or flt.get("mode", "hard") == "hard" else f"_{flt['mode']}"
+    variant = ("_cleaned" if result["cleaned"] else "") + ("_filtered" + mode if flt else "")
     name = f"result_{result['algorithm']}_{result['size']}_{result['set']}{variant}.json"
     path = cfg.out / name
     atomic_write_text(path, json.dumps(result, indent=1) + "\n")
@@ -314,41 +323,50 @@ def _write(cfg: BenchConfig, result: dict[str, Any]) -> Path:
     return path
 
 
-def _resolve_filter(cfg: BenchConfig, say: Callable[[str], None]) -> tuple[AttributeFilter | None, FilterCost | None]:
-    """The filter with its margins chosen (``--max-mate-loss``) from the validation statistics the probe shards'
-    attribute columns carry, and its predicted cost (None when the columns carry no statistics: said, not an error,
-    unless the margins must be chosen from them)."""
-    if cfg.filter is None:
-        return None, None
-    stats = None
-    if cfg.probes is not None:
-        source = shards.read_manifest(cfg.probes).attribute_provenance
-        try:
-            stats = statistics_from_source(source, cfg.filter.attributes)
-        except ValueError as e:
-            if cfg.filter.mode == "confident" and cfg.filter.margins is None:
-                raise ValueError(f"--max-mate-loss: {cfg.probes}: {e}") from None
+def _statistics(cfg: BenchConfig, flt: AttributeFilter, say: Callable[[str], None]) -> dict[str, AttributeStats] | None:
+    """The validation statistics of ``flt``'s attributes that the probe shards' attribute columns carry (None when
+    they carry none: said, not an error, unless margins must be chosen from them)."""
+    if cfg.probes is None:
+        return None
+    source = shards.read_manifest(cfg.probes).attribute_provenance
+    try:
+        stats = statistics_from_source(source, flt.attributes)
+    except ValueError as e:
+        if flt.mode == "confident" and flt.margins is None:
+            raise ValueError(f"--max-mate-loss: {cfg.probes}: {e}") from None
+        if flt.excludes:
             say(f"filter cost not predicted: {e}")
-        if stats is not None and cfg.distractors is not None:
-            theirs = shards.read_manifest(cfg.distractors).attribute_provenance
-            same_law = source.get("source") == theirs.get("source") == "synthetic"  # one generator law, any seed
-            if not same_law and not same_attribute_source(source, theirs):
-                say(
-                    f"WARNING: the probes' attributes come from {describe_attribute_source(source)}, the "
-                    f"distractors' from {describe_attribute_source(theirs)}: the predicted cost assumes one predictor"
-                )
-    flt = cfg.filter.resolved(stats)
-    cost = None if stats is None else flt.predicted(stats)
-    if cost is not None:
-        say(
-            f"filter [{flt.description}]: predicted mates lost {cost.mates_lost:.3f}, distractors removed "
-            f"{cost.distractors_removed:.3f} (from the validation statistics of the attribute predictor)"
-        )
-    return flt, cost
+        return None
+    if cfg.distractors is not None:
+        theirs = shards.read_manifest(cfg.distractors).attribute_provenance
+        same_law = source.get("source") == theirs.get("source") == "synthetic"  # one generator law, any seed
+        if not same_law and not same_attribute_source(source, theirs):
+            say(
+                f"WARNING: the probes' attributes come from {describe_attribute_source(source)}, the "
+                f"distractors' from {describe_attribute_source(theirs)}: the predicted cost assumes one predictor"
+            )
+    return stats
+
+
+def _resolve_filters(cfg: BenchConfig, say: Callable[[str], None]) -> list[tuple[AttributeFilter, FilterCost | None]]:
+    """Each filter with its margins chosen (``--max-mate-loss``) from the validation statistics, and its predicted
+    cost (None when the columns carry no statistics)."""
+    out = []
+    for f in cfg.filters:
+        stats = _statistics(cfg, f, say)
+        flt = f.resolved(stats)
+        cost = None if stats is None or not flt.excludes else flt.predicted(stats)
+        if cost is not None:
+            say(
+                f"filter [{flt.description}]: predicted mates lost {cost.mates_lost:.3f}, distractors removed "
+                f"{cost.distractors_removed:.3f} (from the validation statistics of the attribute predictor)"
+            )
+        out.append((flt, cost))
+    return out
 
 
 def run_megaface(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Run every size (and the filtered variant when configured); write results, devkit files and the report."""
+    """Run every size (and each filtered variant configured); write results, devkit files and the report."""
     say = progress or (lambda msg: log.info(msg))
     device = str(resolve_device(cfg.device))
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -364,8 +382,8 @@ def run_megaface(cfg: BenchConfig, progress: Callable[[str], None] | None = None
     alg = _algorithm(cfg, probes)
     lists = _distractor_lists(cfg, probes, noise, say)
     names = (_probe_name(cfg), lists.name)
-    flt, predicted = _resolve_filter(cfg, say)
-    attrs = () if flt is None else flt.attributes
+    filters = _resolve_filters(cfg, say)
+    attrs = tuple(dict.fromkeys(a for f, _ in filters for a in f.attributes))
     n_ids = len(set(probes.identity))
     say(f"{len(probes.keys):,} probes of {n_ids} identities loaded in {time.perf_counter() - t0:.1f} s")
     results = []
@@ -376,7 +394,7 @@ def run_megaface(cfg: BenchConfig, progress: Callable[[str], None] | None = None
         results.append(res)
         _write(cfg, res)
         say(f"size {size:>9,}: rank-1 {res['rank1']:.4f}  TAR@1e-6 {_fmt_tar(res['tar_at_far'][0])}  ({secs:.1f} s)")
-        if flt is not None:
+        for flt, predicted in filters:
             fout, fsecs = _evaluate(probes, src, cfg, device, flt)
             fres = _result(cfg, alg, probes, src, record, fout, size, flt, names)
             nq_nb = len(probes.keys) * src.n
@@ -384,7 +402,7 @@ def run_megaface(cfg: BenchConfig, progress: Callable[[str], None] | None = None
                 "mates_excluded": fout["excluded"],
                 "mates_excluded_fraction": fout["excluded"] / max(fout["N"], 1),
                 "distractors_removed_fraction": 1.0 - fout["compared"] / max(nq_nb, 1),
-                "speedup": secs / fsecs if fsecs > 0 else None,
+                "speedup": secs / fsecs if fsecs > 0 and flt.excludes else None,  # soft re-scores every pair
                 "unfiltered_seconds": secs,
                 "filtered_seconds": fsecs,
                 "predicted": None if predicted is None else predicted.to_dict(),

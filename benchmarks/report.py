@@ -160,7 +160,7 @@ def summary_table(results: Sequence[dict[str, Any]], fmt: str = "markdown") -> s
             pred = fs.get("predicted") or {}
             mates = _with_prediction(fs.get("mates_excluded_fraction"), pred.get("mates_lost"))
             row += [mates, _with_prediction(fs.get("distractors_removed_fraction"), pred.get("distractors_removed"))]
-            row += [f"{fs['speedup']:.2f}×" if fs else _DASH]
+            row += [f"{fs['speedup']:.2f}×" if fs and fs.get("speedup") is not None else _DASH]
         rows.append(row)
     return render_table(headers, rows, fmt)
 

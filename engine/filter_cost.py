@@ -22,12 +22,12 @@ predictions are independent given the person's true attribute, per attribute:
 Several attributes combine as independent: kept ``= Π (1 - lost_a)``.  The independence of a person's two images is
 optimistic (the same face fools a predictor twice more often than two faces do), which is why the harness reports
 the measured fractions beside the predicted ones.  :func:`choose_margins` picks, for a target overall mate-loss
-rate, the widest margin of each attribute (most distractors removed) whose predicted loss fits an equal share of
-the budget.
+rate, the margins that together remove the most distractors (predicted) within it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +38,8 @@ from facesearch.indexer.manifest import describe_attribute_source
 
 #: Filter modes: decided at a threshold, or excluded only when both sides are confident and disagree.
 MODES: tuple[str, ...] = ("hard", "confident")
+#: The budget grid of :func:`choose_margins` (log-space mate-loss budget in this many steps).
+BUDGET_STEPS = 4000
 
 
 @dataclass(frozen=True)
@@ -152,21 +154,47 @@ def literal_recall_loss(
 
 
 def choose_margins(stats: Mapping[str, AttributeStats], max_mate_loss: float) -> dict[str, float]:
-    """Per attribute, the widest ``confident`` margin on its histogram grid whose predicted mate loss is at most an
-    equal share ``1 - (1 - max_mate_loss)^(1/k)`` of the budget (0 = the attribute excludes nothing)."""
+    """Per attribute, the ``confident`` margin on its histogram grid such that together they remove the most
+    distractors (predicted) while the predicted mate loss stays within ``max_mate_loss`` (0 = the attribute excludes
+    nothing).  Attributes combine as independent, so both totals add in log space and the choice is a
+    multiple-choice knapsack: solved exactly by dynamic programming over the budget, with each attribute's cost rounded
+    *up* to the budget grid (the result never exceeds the target; at worst it leaves ``1/BUDGET_STEPS`` of it unused).
+    A well-predicted attribute gets a wide margin, a poor one little or none."""
     if not 0 <= max_mate_loss < 1:
         raise ValueError(f"max_mate_loss must be in [0, 1), got {max_mate_loss}")
-    share = 1 - (1 - max_mate_loss) ** (1 / max(len(stats), 1))
-    out = {}
-    for a, s in stats.items():
-        best = 0.0
-        for m in range(s.bins // 2, 0, -1):  # widest first; the loss only grows with the margin
-            value = m / s.bins
-            if s.cost("confident", value)[0] <= share + 1e-12:
-                best = value
-                break
-        out[a] = best
-    return out
+    names = list(stats)
+    budget = -math.log1p(-max_mate_loss)
+    if budget == 0 or not names:
+        return dict.fromkeys(names, 0.0)
+    unit = budget / BUDGET_STEPS
+    best = np.zeros(BUDGET_STEPS + 1)  # best[g]: most log-distractor removal with at most g budget units spent
+    picks = []
+    for a in names:
+        s = stats[a]
+        margins = np.arange(s.bins // 2 + 1) / s.bins
+        lost, removed = np.array([s.cost("confident", float(m)) for m in margins]).T
+        # log-space cost in whole units, rounded up (a hair of slack against float error); removal as -log(kept)
+        cost = np.ceil(-np.log1p(-np.minimum(lost, 1 - 1e-15)) / unit - 1e-9).clip(0)
+        gain = -np.log1p(-np.minimum(removed, 1 - 1e-15))
+        new = np.full(BUDGET_STEPS + 1, -np.inf)
+        arg = np.zeros(BUDGET_STEPS + 1, np.int64)
+        for o in range(len(margins)):  # later (wider) options win ties only when strictly better
+            c = int(cost[o])
+            if c > BUDGET_STEPS:
+                continue
+            cand = np.full(BUDGET_STEPS + 1, -np.inf)
+            cand[c:] = best[: BUDGET_STEPS + 1 - c] + gain[o]
+            better = cand > new + 1e-15
+            new[better], arg[better] = cand[better], o
+        picks.append((arg, cost.astype(np.int64), margins))
+        best = new
+    out: dict[str, float] = {}
+    g = BUDGET_STEPS
+    for a, (arg, cost, margins) in zip(reversed(names), reversed(picks), strict=True):
+        o = int(arg[g])
+        out[a] = float(margins[o])
+        g -= int(cost[o])
+    return {a: out[a] for a in names}
 
 
 __all__ = ["MODES", "AttributeStats", "FilterCost", "choose_margins", "literal_recall_loss", "predicted_cost",

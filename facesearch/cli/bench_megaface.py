@@ -12,7 +12,7 @@ import click
 
 from facesearch.benchmarks import devkit, report
 from facesearch.benchmarks.devkit_export import export_bins
-from facesearch.benchmarks.megaface_data import AttributeFilter
+from facesearch.benchmarks.megaface_data import FILTER_MODES, AttributeFilter
 from facesearch.benchmarks.megaface_run import BenchConfig, embed_inputs, run_megaface
 from facesearch.cli._app import DEVICE_OPTION, config_option, finite, user_errors
 from facesearch.indexer import shards
@@ -65,24 +65,40 @@ def _stem(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value
 
 
-def _attribute_filter(value: str | None, threshold: float, mode: str, margin: float | None,
-                      max_mate_loss: float | None) -> AttributeFilter | None:  # fmt: skip
+def _attribute_filters(
+    value: str | None, threshold: float, modes: str, margin: float | None, max_mate_loss: float | None,
+    soft_weight: float | None,
+) -> tuple[AttributeFilter, ...]:  # fmt: skip
+    """One filter per mode of ``--filter-mode`` (comma-separated), each on the ``--filter`` attributes."""
+    wanted = [m.strip() for m in modes.split(",") if m.strip()]
+    bad = [m for m in wanted if m not in FILTER_MODES]
+    if not wanted or bad or len(set(wanted)) != len(wanted):
+        raise click.BadParameter(f"expected distinct modes from {', '.join(FILTER_MODES)} (comma-separated), got "
+                                 f"{modes!r}", param_hint="'--filter-mode'")  # fmt: skip
+    tuned = margin is not None or max_mate_loss is not None or soft_weight is not None
     if not value:
-        if mode != "hard" or margin is not None or max_mate_loss is not None:
-            raise click.UsageError("--filter-mode, --filter-margin and --max-mate-loss need --filter ATTRIBUTES")
-        return None
+        if wanted != ["hard"] or tuned:
+            raise click.UsageError("--filter-mode, --filter-margin, --max-mate-loss and --soft-weight need --filter "
+                                   "ATTRIBUTES")  # fmt: skip
+        return ()
     names = tuple(a.strip() for a in value.split(",") if a.strip())
     if not names:
         raise click.BadParameter(f"expected comma-separated attribute names such as Male,Big_Nose, got {value!r}",
                                  param_hint="'--filter'")  # fmt: skip
-    if mode == "confident" and margin is None and max_mate_loss is None:
+    if "confident" in wanted and margin is None and max_mate_loss is None:
         raise click.UsageError("--filter-mode confident needs --max-mate-loss RATE (or --filter-margin M)")
-    if mode == "confident" and margin is not None and max_mate_loss is not None:
+    if margin is not None and max_mate_loss is not None:
         raise click.UsageError("give one of --filter-margin and --max-mate-loss, not both")
-    if mode == "hard" and (margin is not None or max_mate_loss is not None):
+    if "confident" not in wanted and (margin is not None or max_mate_loss is not None):
         raise click.UsageError("--filter-margin and --max-mate-loss need --filter-mode confident")
+    if ("soft" in wanted) != (soft_weight is not None):
+        raise click.UsageError("--filter-mode soft needs --soft-weight W, and --soft-weight needs --filter-mode soft")
     margins = None if margin is None else (margin,)
-    return AttributeFilter(names, threshold, mode, margins, max_mate_loss)
+    return tuple(
+        AttributeFilter(names, threshold, m, margins if m == "confident" else None,
+                        max_mate_loss if m == "confident" else None, soft_weight if m == "soft" else None)
+        for m in wanted
+    )  # fmt: skip
 
 
 def _check_inputs(cfg: BenchConfig) -> None:
@@ -95,7 +111,8 @@ def _check_inputs(cfg: BenchConfig) -> None:
         raise ValueError(f"the probes {cfg.probes} have d={manifests['probes'].d} but the distractors "
                          f"{cfg.distractors} have d={manifests['distractors'].d}")  # fmt: skip
     for what, manifest in manifests.items():
-        missing = [a for a in (cfg.filter.attributes if cfg.filter else ()) if a not in manifest.attributes]
+        wanted = dict.fromkeys(a for f in cfg.filters for a in f.attributes)
+        missing = [a for a in wanted if a not in manifest.attributes]
         if missing:
             raise ValueError(f"--filter: the {what} {getattr(cfg, what)} have no attribute(s) {missing}; they hold "
                              f"{list(manifest.attributes)}")  # fmt: skip
@@ -161,9 +178,10 @@ def _check_inputs(cfg: BenchConfig) -> None:
 @config_option(AttributeFilter, "--filter-threshold", field="threshold", callback=finite,
                type=click.FloatRange(0, 1, min_open=True, max_open=True),
                help="hard mode: attribute decision threshold (0 < t < 1).")  # fmt: skip
-@click.option("--filter-mode", type=click.Choice(["hard", "confident"]), default="hard", show_default=True,
+@click.option("--filter-mode", default="hard", show_default=True, metavar="hard|confident|soft",
               help="hard: decided sides must agree; confident: exclude only when both sides are confident and "
-                   "disagree.")  # fmt: skip
+                   "disagree; soft: exclude nothing, score (1-w) cos + w * attribute agreement. Several, "
+                   "comma-separated (e.g. hard,confident), run side by side.")  # fmt: skip
 @click.option("--max-mate-loss", type=click.FloatRange(0, 1, max_open=True), default=None, callback=finite,
               help="confident mode: choose the margins from the attribute predictor's validation statistics so at "
                    "most this fraction of true mates is predicted lost, e.g. 0.01.")  # fmt: skip
@@ -174,17 +192,20 @@ def _check_inputs(cfg: BenchConfig) -> None:
     callback=finite,
     help="confident mode: a fixed margin m (confident = p > 1-m or p < m) instead of --max-mate-loss.",
 )
+@click.option("--soft-weight", type=click.FloatRange(0, 1, min_open=True), default=None, callback=finite,
+              help="soft mode: the weight w of the attribute agreement in the score, e.g. 0.1.")  # fmt: skip
 @_option("--far-max", type=click.FloatRange(0, 1, min_open=True), callback=finite,
          help="Largest FAR of the ROC when the negatives do not all fit in memory (0 < FAR <= 1).")  # fmt: skip
 @DEVICE_OPTION
 @user_errors
 def megaface_command(sizes: str | None, filter_attrs: str | None, filter_threshold: float, filter_mode: str,
-                     max_mate_loss: float | None, filter_margin: float | None, checkpoint: Path | None,
+                     max_mate_loss: float | None, filter_margin: float | None, soft_weight: float | None,
+                     checkpoint: Path | None,
                      probe_images: Path | None, probe_landmarks: Path | None, distractor_images: Path | None,
                      distractor_landmarks: Path | None, **opts: object) -> None:  # fmt: skip
     """MegaFace Challenge 1: exact CMC (rank-1) and ROC (TAR at FAR 1e-6 …) for each distractor size."""
     _sizes(sizes)  # a bad --sizes is refused before any embedding
-    flt = _attribute_filter(filter_attrs, filter_threshold, filter_mode, filter_margin, max_mate_loss)
+    filters = _attribute_filters(filter_attrs, filter_threshold, filter_mode, filter_margin, max_mate_loss, soft_weight)
     if checkpoint is not None:
         if probe_images is None or distractor_images is None or opts["probe_list"] is None:
             raise click.UsageError("--checkpoint needs --probe-images, --probe-list and --distractor-images")
@@ -198,7 +219,7 @@ def megaface_command(sizes: str | None, filter_attrs: str | None, filter_thresho
         for key, name in (("probe_noise", "facescrub_noises.txt"), ("distractor_noise", "megaface_noises.txt")):
             if opts[key] is None:
                 opts[key] = noise_list(name)
-    cfg = BenchConfig(sizes=_sizes(sizes), filter=flt, **opts)  # type: ignore[arg-type]
+    cfg = BenchConfig(sizes=_sizes(sizes), filters=filters, **opts)  # type: ignore[arg-type]
     _check_inputs(cfg)
     results = run_megaface(cfg, progress=lambda msg: click.echo(f"[megaface] {msg}"))
     click.echo("")

@@ -56,7 +56,7 @@ def test_shard_run_equals_reference_for_each_drawn_list(features, tmp_path, brut
     flt = AttributeFilter(("Male",))
     results = run_megaface(
         BenchConfig(
-            out=out, probes=features / "probes", distractors=features / "dis", sizes=(10, 100, 500), filter=flt, seed=9
+            out=out, probes=features / "probes", distractors=features / "dis", sizes=(10, 100, 500), filters=(flt,), seed=9
         )
     )
     assert [(r["size"], bool(r["filter"])) for r in results] == [(s, f) for s in (10, 100, 500) for f in (0, 1)]
@@ -201,7 +201,7 @@ def test_confident_filter_chooses_margins_and_reports_predicted_beside_measured(
     out = tmp_path / "conf"
     flt = AttributeFilter(("Male", "Chubby"), mode="confident", max_mate_loss=0.01)
     results = run_megaface(BenchConfig(out=out, probes=features / "probes", distractors=features / "dis", sizes=(500,),
-                                       filter=flt, seed=9))  # fmt: skip
+                                       filters=(flt,), seed=9))  # fmt: skip
     r = results[1]
     margins = r["filter"]["margins"]
     assert r["filter"]["mode"] == "confident" and len(margins) == 2 and all(0 < m <= 0.5 for m in margins)
@@ -240,3 +240,50 @@ def test_filter_mode_options_are_checked(features, tmp_path):
     assert "not both" in run("--filter", "Male", "--filter-mode", "confident", "--max-mate-loss", "0.01",
                              "--filter-margin", "0.1")  # fmt: skip
     assert "need --filter ATTRIBUTES" in run("--max-mate-loss", "0.01")
+    assert "needs --soft-weight" in run("--filter", "Male", "--filter-mode", "hard,soft")
+    assert "distinct modes" in run("--filter", "Male", "--filter-mode", "hard,hard")
+    assert "distinct modes" in run("--filter", "Male", "--filter-mode", "fuzzy")
+
+
+def test_soft_mode_scores_every_pair_by_identity_and_attribute_agreement(features, tmp_path):
+    """Soft mode beside hard and confident in one run: nothing excluded, and the rank of every mate pair equals a
+    float64 reference of (1 - w) cos + w * mean cos(pi (p - q) / 2) over every distractor of the list."""
+    w, attrs = 0.3, ("Male", "Chubby")
+    filters = tuple(AttributeFilter(attrs, mode=m, margins=(0.2,) if m == "confident" else None,
+                                    weight=w if m == "soft" else None) for m in ("hard", "confident", "soft"))  # fmt: skip
+    out = tmp_path / "soft"
+    results = run_megaface(BenchConfig(out=out, probes=features / "probes", distractors=features / "dis",
+                                       sizes=(300,), filters=filters, seed=3))  # fmt: skip
+    assert [r["filter"] and r["filter"]["mode"] for r in results] == [None, "hard", "confident", "soft"]
+    for mode in ("", "_filtered", "_filtered_confident", "_filtered_soft"):
+        assert (out / f"result_facesearch_300_1{mode}.json").is_file()
+    soft = results[3]
+    assert soft["counts"]["mates_excluded"] == 0 and soft["filter_stats"]["distractors_removed_fraction"] == 0
+    xq, _, ids, pattrs = _rows(features / "probes")
+    xall, paths, _, dattrs = _rows(features / "dis")
+    where = {p: i for i, p in enumerate(paths)}
+    rows = np.array([where[devkit.stem_key(p)] for p in devkit.read_distractor_list(
+        out / "lists" / "megaface_features_list.json_300_1")])  # fmt: skip
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    def score(xa, pa, xb, pb):
+        agree = np.mean([np.cos(np.pi / 2 * (pa[a][:, None] - pb[a][None, :])) for a in attrs], axis=0)
+        return (1 - w) * unit(xa) @ unit(xb).T + w * agree
+
+    p64 = {a: pattrs[a].astype(np.float64) for a in attrs}
+    d64 = {a: dattrs[a][rows].astype(np.float64) for a in attrs}
+    S, M = score(xq, p64, xall[rows], d64), score(xq, p64, xq, p64)
+    hist = np.zeros(len(rows) + 1, np.int64)
+    ids = np.asarray(ids)
+    for p in range(len(xq)):
+        for g in np.flatnonzero(ids == ids[p]):
+            if g != p:
+                hist[int((S[p] > M[p, g]).sum())] += 1
+    got = np.zeros(len(rows) + 1, np.int64)
+    got[soft["rank_histogram"]["rank"]] = soft["rank_histogram"]["count"]
+    assert got.tolist() == hist.tolist() and soft["counts"]["rank1_hits"] == hist[0]
+    assert soft["rank1"] != results[0]["rank1"]  # the attributes moved some mates
+    assert "soft: Male & Chubby agreement, weight 0.3" in (out / "megaface_summary.md").read_text()

@@ -73,6 +73,30 @@ def test_budget_is_shared_between_attributes(stats: AttributeStats) -> None:
     )
 
 
+def test_margins_are_the_best_split_of_the_budget(stats: AttributeStats) -> None:
+    """A sharp and a poor attribute: the chosen pair equals the exhaustive search over every pair of grid margins
+    (most distractors removed within the budget, up to the budget grid), and the poor one gets the narrower margin."""
+    rng = np.random.default_rng(5)
+    cls = rng.random(200_000) < 0.5
+    poor = np.where(cls, rng.beta(2.5, 1.8, len(cls)), rng.beta(1.8, 2.5, len(cls)))
+    h = score_histogram(poor, cls.astype(float))
+    two = {"Male": stats, "Chubby": AttributeStats("Chubby", np.array(h["positive"], float),
+                                                   np.array(h["negative"], float))}  # fmt: skip
+    grid = np.arange(stats.bins // 2 + 1) / stats.bins
+    for budget in (0.005, 0.02, 0.1):
+        chosen = choose_margins(two, budget)
+        cost = predicted_cost(two, "confident", chosen)
+        best = max(
+            c.distractors_removed
+            for a in grid
+            for b in grid
+            if (c := predicted_cost(two, "confident", {"Male": a, "Chubby": b})).mates_lost <= budget
+        )
+        assert cost.mates_lost <= budget
+        assert cost.distractors_removed == pytest.approx(best, abs=2e-3)
+        assert chosen["Chubby"] < chosen["Male"]
+
+
 def test_synthetic_feature_law() -> None:
     v = attribute_statistics()
     st = statistics_from_source({"source": "synthetic", "fingerprint": "x", "validation": v}, ["Male"])["Male"]
