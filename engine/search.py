@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from facesearch.engine.attribute_match import AttributeMatch, combined_loss, match_groups, resolve_match
 from facesearch.engine.filter_cost import literal_recall_loss, statistics_from_source
 from facesearch.engine.filters import Filter, parse_filter
 from facesearch.indexer.embed import predictor_crops
@@ -79,11 +80,12 @@ class QueryResult:
     passing: int | None = None  # gallery items that pass the filter
     accepted: bool | None = None  # best score >= threshold (None without a threshold)
     expected_recall_loss: float | None = None  # share of a matching person's images the filter drops (validation)
+    margins: dict[str, float] | None = None  # attribute match: the confident margin of each matched attribute
 
     def to_dict(self) -> dict[str, Any]:
         return {"hits": [h.__dict__ for h in self.hits], "strategy": self.strategy, "seconds": self.seconds,
                 "exact": self.exact, "passing": self.passing, "accepted": self.accepted,
-                "expected_recall_loss": self.expected_recall_loss}  # fmt: skip
+                "expected_recall_loss": self.expected_recall_loss, "margins": self.margins}  # fmt: skip
 
 
 def _index_predictor(
@@ -389,17 +391,18 @@ class SearchEngine:
         return out_D, out_I
 
     def retrieve(
-        self, xq: np.ndarray, k: int, flt: Filter | None = None, strategy: str = "auto"
+        self, xq: np.ndarray, k: int, flt: Filter | np.ndarray | None = None, strategy: str = "auto"
     ) -> tuple[np.ndarray, np.ndarray, str, int]:
         """(D, I, strategy, passing) of the top-k (passing) items for every query; D, I are always (nq, k), padded
         with -inf / -1 where fewer than k items pass (or an approximate index returned fewer).  ``xq`` is used as
-        given: :meth:`search` normalises it first."""
+        given: :meth:`search` normalises it first.  ``flt``: a filter, or its mask already evaluated ((nb,) bool
+        over the attribute table's rows: an attribute match's)."""
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
         if flt is None:
             D, I = _pad(*self._search_all(xq, k), k)
             return D, I, "none", len(self.columns["id"])
-        mask = flt.mask(self.columns)
+        mask = flt if isinstance(flt, np.ndarray) else flt.mask(self.columns)
         p = float(mask.mean()) if len(mask) else 0.0
         if strategy == "auto":
             if self.gallery is not None:
@@ -424,6 +427,7 @@ class SearchEngine:
         probe_attributes: np.ndarray | None = None,
         strategy: str = "auto",
         exclude_ids: Sequence[int] | np.ndarray | None = None,
+        match: AttributeMatch | None = None,
     ) -> list[QueryResult]:
         """Rank-k answers for every row of ``xq`` (nq, d): items, or identities with ``group_by="identity"`` (``agg``
         max: the identity's best item; mean: the mean score of its items among the retrieved hits).  ``threshold``
@@ -441,27 +445,44 @@ class SearchEngine:
 
         Soft mode (``soft_weight`` w > 0, with ``probe_attributes`` (nq, attributes) in the gallery's attribute
         order): instead of a hard filter, the top 10 k candidates are re-ranked by (1 - w) * score + w * agreement,
-        agreement = 1 - mean |probe probability - gallery probability| over the attributes both have; ``Hit.score``
+        agreement = the mean of cos(pi (p - q) / 2) over the attributes both have (p, q: probe and gallery
+        probabilities; 1 when equal, 0 for opposite certainties; the MegaFace harness's soft score); ``Hit.score``
         stays the identity score and ``Hit.rank_score`` is the combined one.  Grouped, an identity is represented by
         its best item by the combined score and ranked by the max (or mean) combined score of its retrieved items;
-        ``Hit.score`` is then the max (or mean) identity score of those items."""
+        ``Hit.score`` is then the max (or mean) identity score of those items.
+
+        Attribute match (``match``, with ``probe_attributes``; :mod:`facesearch.engine.attribute_match`): each query
+        keeps only the items whose matched attributes are not confidently opposed to its probe's (ANDed with
+        ``filter``), exactly as a filter of that mask would; the queries are searched in groups of equal probe codes.
+        Its results carry ``margins`` (given, or chosen for ``match.max_mate_loss`` from the columns' validation
+        statistics), ``passing`` for that query, and ``expected_recall_loss`` = the match's predicted share of
+        true mates lost, combined as independent with the literal filter's."""
         xq, exclude = self._check(xq, k, group_by, agg, soft_weight, probe_attributes, exclude_ids)
         if threshold is not None and not math.isfinite(threshold):
             raise ValueError(f"threshold must be a finite number (a cosine), got {threshold}")
         k = min(k, max(len(self.columns["id"]), 1))  # no more hits than items: a huge k must not size the buffers
         flt = self.parse(filter) if isinstance(filter, str) else filter
+        source = self.loaded.info.attribute_provenance
+        resolved = None if match is None else resolve_match(match, self.attribute_names, source)
         t0 = time.perf_counter()
-        if group_by is None and soft_weight == 0:
-            extra = 0 if exclude is None else 1  # one more: the excluded item may be among the top k
-            D, I, strategy, passing = self.retrieve(xq, k + extra, flt, strategy)
-            D, I = _drop(D, I, exclude)
-        else:
-            D, I, strategy, passing = self._retrieve_deep(xq, k, flt, strategy, group_by is not None, exclude)
+        parts: list[tuple[np.ndarray, Filter | np.ndarray | None]] = [(np.arange(len(xq)), flt)]
+        if resolved is not None:  # one mask per distinct probe code, ANDed with the literal filter's
+            base = None if flt is None else flt.mask(self.columns)
+            parts = list(match_groups(resolved, self.columns, self.attribute_names, probe_attributes, len(xq), base))
+        fetched: list[Any] = [None] * len(xq)  # per query: its D row, I row, strategy, passing
+        for rows, part in parts:
+            whole = len(rows) == len(xq)  # rows are in order: the whole batch needs no copy
+            sub = exclude if exclude is None or whole else exclude[rows]
+            D, I, used, passing = self._fetch(xq if whole else xq[rows], k, part, strategy, group_by is not None,
+                                              soft_weight, sub)  # fmt: skip
+            for j, q in enumerate(rows.tolist()):
+                fetched[q] = (D[j], I[j], used, passing)
         seconds = (time.perf_counter() - t0) / max(len(xq), 1)
-        loss = self.expected_recall_loss(flt)
+        loss = combined_loss(self.expected_recall_loss(flt), None if resolved is None else resolved.mates_lost)
+        margins = None if resolved is None else resolved.margins
         results = []
-        for q in range(len(xq)):
-            pairs = [(float(s), self._row_of[int(i)]) for s, i in zip(D[q], I[q], strict=True) if i >= 0]
+        for q, (Dq, Iq, used, passing) in enumerate(fetched):
+            pairs = [(float(s), self._row_of[int(i)]) for s, i in zip(Dq, Iq, strict=True) if i >= 0]
             rank: dict[int, float] | None = None
             if soft_weight > 0:
                 assert probe_attributes is not None
@@ -475,8 +496,20 @@ class SearchEngine:
             if threshold is not None:
                 accepted = bool(hits) and max(h.score for h in hits) >= threshold
                 hits = [h for h in hits if h.score >= threshold]
-            results.append(QueryResult(tuple(hits), strategy, seconds, self.exact, passing, accepted, loss))
+            results.append(QueryResult(tuple(hits), used, seconds, self.exact, passing, accepted, loss,
+                                       None if margins is None else dict(margins)))  # fmt: skip
         return results
+
+    def _fetch(self, xq: np.ndarray, k: int, flt: Filter | np.ndarray | None, strategy: str, grouped: bool,
+               soft_weight: float, exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, str, int]:  # fmt: skip
+        """:meth:`search`'s candidates: the top k (one more when an item is excluded), or the deep fetch that
+        grouping and re-ranking need."""
+        if grouped or soft_weight > 0:
+            return self._retrieve_deep(xq, k, flt, strategy, grouped, exclude)
+        extra = 0 if exclude is None else 1  # one more: the excluded item may be among the top k
+        D, I, used, passing = self.retrieve(xq, k + extra, flt, strategy)
+        D, I = _drop(D, I, exclude)
+        return D, I, used, passing
 
     def _check(
         self,
@@ -514,9 +547,8 @@ class SearchEngine:
                 raise ValueError(f"exclude_ids needs one id per query ({len(x)}), got {len(exclude)}")
         return normalize_queries(x), exclude
 
-    def _retrieve_deep(
-        self, xq: np.ndarray, k: int, flt: Filter | None, strategy: str, grouped: bool, exclude: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray, str, int]:
+    def _retrieve_deep(self, xq: np.ndarray, k: int, flt: Filter | np.ndarray | None, strategy: str, grouped: bool,
+                       exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, str, int]:  # fmt: skip
         """Candidates for re-ranking or grouping: the top 10 k items (less the excluded ones); grouped, the queries
         whose candidates hold fewer than k identities are searched again 4x deeper (only those) until they do or
         every passing item was fetched.  D, I are (nq, depth) whatever each search returned (padded -inf / -1)."""
@@ -544,8 +576,8 @@ class SearchEngine:
         gallery = np.stack([self.columns[a][rows] for a in self.attribute_names], axis=1)
         out = {}
         for j, (s, r) in enumerate(pairs):
-            diff = np.abs(gallery[j] - probe)
-            agree = 1.0 - float(np.nanmean(diff)) if np.isfinite(diff).any() else 0.5
+            diff = gallery[j] - probe  # agreement: cos(pi (p - q) / 2), the harness's soft score (megaface_soft)
+            agree = float(np.nanmean(np.cos(np.pi / 2 * diff))) if np.isfinite(diff).any() else 0.5
             out[r] = (1 - w) * s + w * agree
         return out
 

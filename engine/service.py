@@ -3,7 +3,12 @@
 - ``GET /health``: liveness plus what is loaded (index kind, size, dimension, model fingerprint), whether image
   queries work, the search queue, and every limit.
 - ``POST /search/embedding``: JSON ``{"embedding": [...] | [[...], ...], "k": 10, "filter": "Male > 0.5",
-  "group_by": "identity", "agg": "max", "threshold": 0.4}`` -> ``{"results": [...]}`` (one per query row).
+  "group_by": "identity", "agg": "max", "threshold": 0.4}`` -> ``{"results": [...]}`` (one per query row).  An
+  attribute match (:mod:`facesearch.engine.attribute_match`) adds ``"match": {"attributes": ["Male", ...] | "all",
+  "max_mate_loss": 0.01}`` (or ``"margins": 0.2 | [...]``) and the probes' attribute probabilities,
+  ``"probe_attributes": {"Male": 0.93, ...}`` (or a list of such, one per embedding row); each result then carries
+  its ``margins``.  A bad match (an unknown attribute, margins and max_mate_loss both or neither, no validation
+  statistics to choose margins from, a probe without a matched attribute) is a 400 saying so.
 - ``POST /search/image``: a multipart upload ``image`` (+ the same options as form fields) -> detection, alignment
   and embedding with the index's model, then the search.
 - ``GET /openapi.json`` / ``/docs`` / ``/redoc``: the OpenAPI description (behind the token, when there is one,
@@ -37,7 +42,8 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, cast
 
 import cv2
 import numpy as np
@@ -46,6 +52,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
+from facesearch.engine.attribute_match import AttributeMatch, probe_codes, probe_rows, resolve_match
 from facesearch.engine.batcher import Busy, QueueTimeout, SearchBatcher, _Pending  # noqa: F401  (_Pending: for tests)
 from facesearch.engine.filters import Filter
 from facesearch.engine.http_guard import Refusal, RequestGuard
@@ -63,8 +70,19 @@ MAX_BYTES = ServiceLimits.max_bytes
 DOC_PATHS = ("/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc")
 
 
+class MatchQuery(BaseModel):
+    """Keep only the items whose predicted ``attributes`` (names, or "all") are not confidently opposed to the
+    probe's own; exactly one of ``margins`` (one for all, or one per attribute, in [0, 0.5]) and ``max_mate_loss``
+    (margins chosen from the index's validation statistics)."""
+
+    attributes: list[str] | Literal["all"]
+    margins: float | list[float] | None = None
+    max_mate_loss: float | None = None
+
+
 class EmbeddingQuery(BaseModel):
-    """A search by embedding(s): one vector or a list of them, of any scale (each is L2-normalised)."""
+    """A search by embedding(s): one vector or a list of them, of any scale (each is L2-normalised).  ``match``
+    needs ``probe_attributes``: each probe's attribute probabilities by name (one mapping, or one per row)."""
 
     embedding: list[float] | list[list[float]]
     k: int = Field(10, ge=1)
@@ -72,6 +90,34 @@ class EmbeddingQuery(BaseModel):
     group_by: str | None = Field(None, pattern="^identity$")
     agg: str = Field("max", pattern="^(max|mean)$")
     threshold: float | None = None
+    match: MatchQuery | None = None
+    probe_attributes: dict[str, float | None] | list[dict[str, float | None]] | None = None
+
+
+@dataclass(frozen=True)
+class _Matched:
+    """The filter option of a matched search in the batcher: the literal filter and the attribute match.  Its query
+    rows carry the probe's attribute probabilities after their d embedding values, so that requests merged into one
+    batch keep theirs row by row."""
+
+    filter: Filter | None
+    match: AttributeMatch
+
+
+class _Searches:
+    """The engine as the search thread calls it: a :class:`_Matched` option splits each row into its embedding and
+    its probe's attribute probabilities; any other search goes through unchanged."""
+
+    def __init__(self, engine: SearchEngine) -> None:
+        self.engine = engine
+
+    def search(self, xq: np.ndarray, **options: Any) -> list[QueryResult]:
+        matched = options.get("filter")
+        if not isinstance(matched, _Matched):
+            return self.engine.search(xq, **options)
+        d = self.engine.d
+        options |= {"filter": matched.filter, "match": matched.match, "probe_attributes": xq[:, d:]}
+        return self.engine.search(np.ascontiguousarray(xq[:, :d]), **options)
 
 
 def _busy(e: Busy) -> HTTPException:
@@ -144,7 +190,8 @@ class _Service:
 
     def __init__(self, engine: SearchEngine, limits: ServiceLimits, cost: CostModel, detector_pad: int) -> None:
         self.engine, self.limits, self.cost = engine, limits, cost
-        self.batcher = SearchBatcher(engine, limits.max_rows, limits.queue_size, limits.time_budget)
+        searches = cast(SearchEngine, _Searches(engine))  # the batcher only calls its search()
+        self.batcher = SearchBatcher(searches, limits.max_rows, limits.queue_size, limits.time_budget)
         self.gate = _ModelGate(limits.queue_size, limits.time_budget)
         self.detector: FaceDetector | None = None
         self.images_problem: str | None = None
@@ -161,9 +208,9 @@ class _Service:
         return None if e is None else Refusal(503, str(e), (("Retry-After", str(math.ceil(e.retry_after))),))
 
     def plan(self, rows: int, k: int, text: str | None, group_by: str | None,
-             image: bool = False) -> tuple[Filter | None, float]:  # fmt: skip
+             image: bool = False, groups: int = 1) -> tuple[Filter | None, float]:  # fmt: skip
         """The parsed filter and the estimated seconds of a search, or the 4xx / 503 that refuses it; ``image``:
-        first, whether image queries work here."""
+        first, whether image queries work here; ``groups``: the searches an attribute match splits it into."""
         if image and self.engine.embedder is None:
             raise HTTPException(400, "this service was started without --checkpoint: image queries are disabled")
         if image and self.images_problem is not None:
@@ -176,24 +223,54 @@ class _Service:
             raise HTTPException(422, str(e)) from None
         except ValueError as e:  # a bad filter
             raise HTTPException(400, str(e)) from None
-        seconds = self.cost.estimate(rows, k, terms, grouped=group_by is not None)
+        seconds = self.cost.estimate(rows, k, terms, grouped=group_by is not None) + (groups - 1) * self.cost.call_s
         if seconds > self.limits.time_budget:
             raise HTTPException(503, f"this search is estimated at {seconds:.1f} s, over the time budget of "
                                 f"{self.limits.time_budget:g} s per request (--time-budget): ask for fewer rows, "
                                 "a smaller k or a simpler filter")  # fmt: skip
         return flt, seconds
 
+    def matching(self, body: MatchQuery | None, probes: dict[str, float | None] | list[dict[str, float | None]] | None,
+                 rows: int) -> tuple[AttributeMatch | None, np.ndarray | None, int]:  # fmt: skip
+        """A request's attribute match, its probes' attribute probabilities (rows, attributes) and the number of
+        searches it splits into (distinct probe codes), or the 400 naming what is wrong."""
+        if body is None:
+            if probes is not None:
+                raise HTTPException(400, "probe_attributes is only used with match (the attributes to match on)")
+            return None, None, 1
+        names = self.engine.attribute_names
+        try:
+            margins = None if body.margins is None else tuple(np.atleast_1d(body.margins).tolist())
+            match = AttributeMatch(names if body.attributes == "all" else tuple(body.attributes), margins,
+                                   body.max_mate_loss)  # fmt: skip
+            resolved = resolve_match(match, names, self.engine.loaded.info.attribute_provenance)
+            if probes is None:
+                raise ValueError("match needs probe_attributes, each probe's attribute probabilities by name (one "
+                                 "mapping, or one per embedding row): an embedding carries none")  # fmt: skip
+            given = [probes] if isinstance(probes, dict) else probes
+            if len(given) != rows:
+                raise ValueError(f"probe_attributes has {len(given)} rows for {rows} embedding rows")
+            probe = probe_rows(given, names, match.attributes)
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from None
+        return match, probe, len(np.unique(probe_codes(resolved, names, probe)))
+
     async def search(self, xq: np.ndarray, k: int, text: str | None, group_by: str | None, agg: str,
-                     thr: float | None) -> Response:  # fmt: skip
-        flt, seconds = self.plan(len(xq), k, text, group_by)
+                     thr: float | None, match: AttributeMatch | None = None, probe: np.ndarray | None = None,
+                     groups: int = 1) -> Response:  # fmt: skip
+        flt, seconds = self.plan(len(xq), k, text, group_by, groups=groups)
         if xq.shape[1] != self.engine.d:  # checked before batching: a wrong dimension cannot join a batch
             raise HTTPException(400, f"queries have d={xq.shape[1]} but the index holds d={self.engine.d}")
         try:  # so are rows that cannot be normalised (NaN, infinity, zeros): the message names the request's row
             xq = normalize_queries(xq)
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
+        option: Filter | _Matched | None = flt
+        if match is not None:  # the probes' attribute probabilities travel after their rows' d values
+            assert probe is not None, "a match comes with its probes' attributes (matching())"
+            option, xq = _Matched(flt, match), np.hstack([xq, probe])
         try:
-            future = self.batcher.submit(xq, k, flt, group_by, agg, thr, cost=seconds)
+            future = self.batcher.submit(xq, k, option, group_by, agg, thr, cost=seconds)
             results = await _wait(future, self.limits.time_budget)
         except Busy as e:
             raise _busy(e) from None
@@ -280,7 +357,8 @@ def create_app(
             xq = np.zeros((0, 0, 0), np.float64)  # ragged rows
         if xq.ndim != 2:
             raise HTTPException(422, "embedding must be a vector or a list of equal-length vectors")
-        return await svc.search(xq, q.k, q.filter, q.group_by, q.agg, q.threshold)
+        match, probe, groups = svc.matching(q.match, q.probe_attributes, len(xq))
+        return await svc.search(xq, q.k, q.filter, q.group_by, q.agg, q.threshold, match, probe, groups)
 
     @app.post("/search/image")
     async def search_image(

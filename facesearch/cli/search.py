@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from facesearch.benchmarks.thresholds import threshold_from_result
 from facesearch.cli._app import DEVICE_OPTION, SCREEN_OPTION, config_option, default_of, finite, user_errors
+from facesearch.engine.attribute_match import AttributeMatch, match_summary, resolve_match
 from facesearch.engine.queries import (
     id_queries,
     parse_ids,
@@ -35,6 +36,30 @@ def _parse_ids(text: str) -> list[int]:
         return parse_ids(text)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="'--ids'") from None
+
+
+def _match_names(text: str) -> list[str]:
+    """--match's attribute names (``all`` is resolved once the index is open)."""
+    names = [t.strip() for t in text.split(",")]
+    if not all(names):
+        raise click.BadParameter(f"expected comma-separated attribute names such as Male,Big_Nose, or all; got "
+                                 f"{text!r}", param_hint="'--match'")  # fmt: skip
+    return names
+
+
+def _check_match(match: str | None, max_mate_loss: float | None, margin: float | None, embeddings: Path | None) -> None:
+    """The combinations of --match, --max-mate-loss and --match-margin a search can run."""
+    if match is None:
+        if max_mate_loss is not None or margin is not None:
+            raise click.UsageError("--max-mate-loss and --match-margin go with --match (the attributes the probe must "
+                                   "not be confidently opposed on)")  # fmt: skip
+        return
+    if (max_mate_loss is None) == (margin is None):
+        raise click.UsageError("--match needs exactly one of --max-mate-loss (margins chosen from the index's "
+                               "validation statistics) and --match-margin (one fixed margin)")  # fmt: skip
+    if embeddings is not None:
+        raise click.UsageError("--match needs the probes' predicted attributes: use --probes or --ids (embedding "
+                               "queries carry none)")  # fmt: skip
 
 
 def _check_out(out: Path) -> None:
@@ -88,6 +113,15 @@ def _summary(results: list[QueryResult], out: Path) -> str:
 @_option("--agg", type=click.Choice(["max", "mean"]))
 @_option("--soft-weight", type=click.FloatRange(0, 1), callback=finite,
          help="Soft mode: rank by (1-w)*score + w*attribute agreement (image or id queries).")  # fmt: skip
+@click.option("--match", "match_names",
+              help="Keep only items whose predicted attributes are not confidently opposed to the probe's "
+                   "own, e.g. Male,Big_Nose or all (image or id queries; with --max-mate-loss or "
+                   "--match-margin).")  # fmt: skip
+@click.option("--max-mate-loss", type=click.FloatRange(0, 1, max_open=True), callback=finite,
+              help="With --match: margins chosen from the index's validation statistics so that at most this share "
+                   "of true mates is predicted lost.")  # fmt: skip
+@click.option("--match-margin", type=click.FloatRange(0, 0.5), callback=finite,
+              help="With --match: one margin m for every attribute (confident: p > 1 - m or p < m).")  # fmt: skip
 @click.option(
     "--threshold",
     type=float,
@@ -113,7 +147,8 @@ def _summary(results: list[QueryResult], out: Path) -> str:
 def search_command(index_dir: Path, probes: Path | None, embeddings: Path | None, ids: str | None,
                    exclude_self: bool, checkpoint: Path | None, attributes_from: Path | None, detector_pad: int,
                    k: int, expr: str | None,
-                   group_by: str | None, agg: str, soft_weight: float, threshold: float | None,
+                   group_by: str | None, agg: str, soft_weight: float, match_names: str | None,
+                   max_mate_loss: float | None, match_margin: float | None, threshold: float | None,
                    threshold_from: Path | None, far: float, strategy: str, screen: str, as_json: bool,
                    out: Path | None, device: str) -> None:  # fmt: skip
     """Rank-k identification of probe faces (images, embeddings or gallery ids) against an index.
@@ -130,6 +165,8 @@ def search_command(index_dir: Path, probes: Path | None, embeddings: Path | None
         raise click.UsageError("--probes needs --checkpoint (the model that built the index embeds the probes)")
     if threshold is not None and threshold_from is not None:
         raise click.UsageError("give --threshold or --threshold-from, not both")
+    _check_match(match_names, max_mate_loss, match_margin, embeddings)
+    matched = _match_names(match_names) if match_names not in (None, "all") else None
     if out is not None:
         _check_out(out)
     if threshold_from is not None:
@@ -141,6 +178,11 @@ def search_command(index_dir: Path, probes: Path | None, embeddings: Path | None
     engine = SearchEngine.open(
         index_dir, checkpoint=checkpoint, device=device, screen=screen, attributes_from=attributes_from
     )
+    match, resolved = None, None
+    if match_names is not None:  # resolved before any probe is embedded: a missing statistic fails at once
+        margins = None if match_margin is None else (match_margin,)
+        match = AttributeMatch(tuple(matched or engine.attribute_names), margins, max_mate_loss)
+        resolved = resolve_match(match, engine.attribute_names, engine.loaded.info.attribute_provenance)
     probe_attrs, exclude = None, None
     if probes is not None:
         xq, probe_attrs, names = engine.embed_images(images, pad=detector_pad)
@@ -152,7 +194,9 @@ def search_command(index_dir: Path, probes: Path | None, embeddings: Path | None
         exclude = wanted if exclude_self else None
     results = engine.search(xq, k=k, filter=expr, group_by=group_by, agg=agg, threshold=threshold,
                             soft_weight=soft_weight, probe_attributes=probe_attrs, strategy=strategy,
-                            exclude_ids=exclude)  # fmt: skip
+                            exclude_ids=exclude, match=match)  # fmt: skip
+    if resolved is not None and not as_json:
+        click.echo(match_summary(resolved, [r.passing or 0 for r in results], len(engine.columns["id"])))
     docs = results_records(names, results)
     if out is not None:
         if out.suffix == ".parquet":
@@ -163,6 +207,7 @@ def search_command(index_dir: Path, probes: Path | None, embeddings: Path | None
     if as_json:
         click.echo(json.dumps(docs, indent=1))
     elif out is None:
-        click.echo(format_results(names, results, engine.attribute_names, engine.parse(expr).names if expr else ()))
+        first = [*(engine.parse(expr).names if expr else ()), *(match.attributes if match else ())]
+        click.echo(format_results(names, results, engine.attribute_names, first))
     if out is not None:
         click.echo(_summary(results, out))

@@ -206,7 +206,7 @@ def test_soft_mode_reranks_by_attribute_agreement(gallery):
     cand = eng.search(xq, k=100)[0].hits
     combined = []
     for h in cand:
-        agree = 1 - np.mean([abs(h.attributes[a] - probe[0, j]) for j, a in enumerate(names)])
+        agree = np.mean([np.cos(np.pi / 2 * (h.attributes[a] - probe[0, j])) for j, a in enumerate(names)])
         combined.append((-(0.5 * h.score + 0.5 * agree), h.id))
     assert [h.id for h in soft.hits] == [i for _, i in sorted(combined)[:10]]
     assert all(h.rank_score is not None for h in soft.hits) and soft.hits[0].id == 42
@@ -219,7 +219,7 @@ def test_soft_mode_reranks_by_attribute_agreement(gallery):
         cand = eng.search(xq, k=50)[0].hits
         by_ident: dict[str, list] = {}
         for h in cand:
-            agree = 1 - np.mean([abs(h.attributes[a] - probe[0, j]) for j, a in enumerate(names)])
+            agree = np.mean([np.cos(np.pi / 2 * (h.attributes[a] - probe[0, j])) for j, a in enumerate(names)])
             by_ident.setdefault(h.identity, []).append((0.5 * h.score + 0.5 * agree, h.score, h.id))
         ref = []
         for members in by_ident.values():
