@@ -6,7 +6,8 @@ of the two images' features; for fold i the accept threshold (``score > t``) is 
 the exact training scores; the result is the mean fold accuracy ± its standard error (std, ddof=1, / √folds).
 
 Image keys are ``<name>/<name>_<n:04d>`` (folder + file stem), so features from an ``.npz`` or from the indexer's
-shards can be matched whatever root or extension their paths carry.
+shards can be matched whatever root or extension their paths carry.  Pairs sets are built from ORL or any
+identity-labelled images by :mod:`facesearch.benchmarks.lfw_pairs` (re-exported here).
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ from typing import Any, NamedTuple
 import cv2
 import numpy as np
 
+from facesearch.benchmarks.lfw_pairs import lfw_name, pair_image_path, write_lfw_pairs, write_orl_pairs
 from facesearch.model.faces.detect import KEEP_FACE, FaceDetector
-from facesearch.model.faces.images import read_image
 from facesearch.model.faces.prepare import FaceFailure, prepare_image
 from facesearch.model.faces.samples import IMAGE_SUFFIXES
-from facesearch.model.fileio import atomic_write_bytes, atomic_write_text
 from facesearch.model.tables import render_table
 
 log = logging.getLogger(__name__)
@@ -98,11 +98,6 @@ def read_pairs(path: str | os.PathLike[str]) -> Pairs:
         chunk = body[k * 2 * n : (k + 1) * 2 * n]
         folds.append(tuple(_parse_pair(cells, j < n, f"{path}:{no}") for j, (no, cells) in enumerate(chunk)))
     return Pairs(tuple(folds), str(path))
-
-
-def pair_image_path(root: str | os.PathLike[str], name: str, n: int, ext: str = ".jpg") -> Path:
-    """``root/name/name_{n:04d}{ext}``, the LFW layout."""
-    return Path(root) / name / f"{name}_{n:04d}{ext}"
 
 
 def pair_key(name: str, n: int) -> str:
@@ -329,51 +324,6 @@ def embed_lfw_images(
     return LfwFeatures(features, no_face, embedder.fingerprint)
 
 
-def write_orl_pairs(
-    orl_dir: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    folds: int = 10,
-    per_fold: int = 100,
-    seed: int = 0,
-) -> Path:
-    """An LFW-format verification set from ORL (``s{k}/{n}.pgm``): ``out_dir/lfw/orl_s{k}/orl_s{k}_{n:04d}.jpg``
-    (grey, padded by 20 px of black on each side so YuNet finds the face) and ``out_dir/pairs.txt``.
-
-    The people are shuffled with ``seed`` and split into ``folds`` disjoint groups; each fold has ``per_fold``
-    matched pairs among its people and ``per_fold`` mismatched pairs across them, sampled without duplicates.
-    Returns the pairs file's path."""
-    orl_dir, out_dir = Path(orl_dir), Path(out_dir)
-    people = sorted(
-        (d for d in orl_dir.glob("s*") if d.is_dir() and d.name[1:].isdigit()), key=lambda d: int(d.name[1:])
-    )
-    if len(people) < 2 * folds:
-        raise ValueError(f"{orl_dir}: {len(people)} ORL people (s1, s2, ...) found, need >= 2 per fold ({2 * folds})")
-    images = {d.name: sorted(int(p.stem) for p in d.glob("*.pgm") if p.stem.isdigit()) for d in people}
-    for name, numbers in images.items():
-        for n in numbers:
-            pad = cv2.copyMakeBorder(read_image(orl_dir / name / f"{n}.pgm")[:, :, 0], 20, 20, 20, 20,
-                                     cv2.BORDER_CONSTANT, value=0)  # fmt: skip
-            ok, jpg = cv2.imencode(".jpg", pad, [cv2.IMWRITE_JPEG_QUALITY, 95])
-            assert ok, "JPEG encoding of a grey uint8 image cannot fail"
-            atomic_write_bytes(pair_image_path(out_dir / "lfw", f"orl_{name}", n), jpg.tobytes(), fsync=False)
-    rng = np.random.default_rng(seed)
-    order = [people[i].name for i in rng.permutation(len(people))]
-    lines = [f"{folds} {per_fold}"]
-    for k in range(folds):
-        group = sorted(order[k::folds], key=lambda s: int(s[1:]))
-        matched = [f"orl_{g} {a} {b}" for g in group for i, a in enumerate(images[g]) for b in images[g][i + 1 :]]
-        mismatched = [f"orl_{g} {a} orl_{h} {b}" for i, g in enumerate(group) for h in group[i + 1 :]
-                      for a in images[g] for b in images[h]]  # fmt: skip
-        if min(len(matched), len(mismatched)) < per_fold:
-            raise ValueError(f"fold {k + 1} ({', '.join(group)}) has only {len(matched)} matched and "
-                             f"{len(mismatched)} mismatched pairs; lower per_fold={per_fold}")  # fmt: skip
-        for candidates in (matched, mismatched):
-            lines += [candidates[i] for i in sorted(rng.choice(len(candidates), per_fold, replace=False))]
-    pairs_path = out_dir / "pairs.txt"
-    atomic_write_text(pairs_path, "\n".join(lines) + "\n")
-    return pairs_path
-
-
 def format_lfw(result: LfwResult) -> str:
     """A short Markdown summary: mean ± standard error, then per-fold accuracies and thresholds."""
     folds = range(1, len(result.fold_accuracies) + 1)
@@ -392,5 +342,6 @@ def format_lfw(result: LfwResult) -> str:
 
 
 __all__ = ["LFW_KEEP_FACE", "LfwFeatures", "LfwResult", "Pair", "Pairs", "embed_lfw_images", "evaluate_lfw",
-           "features_from_npz", "features_from_shards", "format_lfw", "image_key", "load_features", "pair_image_path",
-           "pair_key", "read_pairs", "score_pairs", "ten_fold_accuracy", "write_orl_pairs"]  # fmt: skip
+           "features_from_npz", "features_from_shards", "format_lfw", "image_key", "lfw_name", "load_features",
+           "pair_image_path", "pair_key", "read_pairs", "score_pairs", "ten_fold_accuracy", "write_lfw_pairs",
+           "write_orl_pairs"]  # fmt: skip

@@ -10,6 +10,7 @@ import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 
 #: The paper's Table 1 attributes, in CelebA spelling; the default attribute head.
@@ -22,6 +23,16 @@ ATTRIBUTES: tuple[str, ...] = (
     "High_Cheekbones",
     "Male",
 )
+
+#: The attribute groups of the paper's Table 7 (stage 2 trained with one group's attributes only), as subsets of
+#: :data:`ATTRIBUTES` in its order; ``all`` is the seven.  Table 7's "none" is not a group: it is the model trained
+#: with λ1 = 0 (see :func:`facesearch.model.train_config.without_attributes`).
+ATTRIBUTE_GROUPS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "eye": ("Narrow_Eyes",),
+    "nose": ("Big_Nose", "Pointy_Nose"),
+    "global": ("Chubby", "Double_Chin", "High_Cheekbones", "Male"),
+    "all": ATTRIBUTES,
+})  # fmt: skip
 
 #: Aligned input size (height, width) of the paper.
 INPUT_SIZE: tuple[int, int] = (112, 96)
@@ -144,6 +155,7 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 __all__ = [
     "ARCHS",
     "ATTRIBUTES",
+    "ATTRIBUTE_GROUPS",
     "HEADS",
     "INPUT_SIZE",
     "PAPER_LAYER_PLAN",

@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from facesearch.model.config import ATTRIBUTES, INPUT_SIZE, ModelConfig, from_mapping
+from facesearch.model.config import ATTRIBUTE_GROUPS, ATTRIBUTES, INPUT_SIZE, ModelConfig, from_mapping
 from facesearch.model.device import PRECISIONS
 from facesearch.model.faces.align import margin_geometry
 from facesearch.model.losses import ATTRIBUTE_LOSSES
@@ -266,6 +266,46 @@ class TrainConfig:
         return from_mapping(cls, data)
 
 
+def select_attributes(names: str | Sequence[str] | None = None, group: str | None = None) -> tuple[str, ...]:
+    """The attribute head of a run: ``names`` (a comma-separated string or a sequence, each one of the paper's seven
+    :data:`~facesearch.model.config.ATTRIBUTES`) or the Table 7 ``group`` (a key of
+    :data:`~facesearch.model.config.ATTRIBUTE_GROUPS`), always in the paper's order (so ``Male,Big_Nose`` and
+    ``Big_Nose,Male`` make the same network).  Neither: all seven.  Raises ``ValueError`` for both, for an unknown
+    name or group (listing the valid ones) and for an empty list."""
+    if names is not None and group is not None:
+        raise ValueError("give attributes or an attribute group, not both")
+    if group is not None:
+        if group not in ATTRIBUTE_GROUPS:
+            raise ValueError(f"unknown attribute group {group!r}; valid: {list(ATTRIBUTE_GROUPS)}")
+        return ATTRIBUTE_GROUPS[group]
+    if names is None:
+        return ATTRIBUTES
+    wanted = [n.strip() for n in names.split(",")] if isinstance(names, str) else [str(n).strip() for n in names]
+    wanted = [n for n in wanted if n]
+    unknown = [n for n in wanted if n not in ATTRIBUTES]
+    if unknown:
+        raise ValueError(f"unknown attribute(s) {unknown}; valid: {list(ATTRIBUTES)} (CelebA spelling)")
+    if not wanted:
+        raise ValueError(f"no attribute given; choose from {list(ATTRIBUTES)} (or train without attributes: "
+                         f"lambda1 = 0)")  # fmt: skip
+    return tuple(a for a in ATTRIBUTES if a in wanted)
+
+
+def without_attributes(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` as the paper's model "without attributes": λ1 = 0 in every stage, the schedule otherwise unchanged
+    (iterations, learning rates, milestones, λ2), the clean ablation of PAPER_TABLES.md.
+
+    The attribute loss is then not computed at all (it contributes exactly 0 and no ``loss_attribute`` is logged), so
+    no labels file is needed.  The attribute head is kept, untrained, so the network and its initialisation are those
+    of the model with attributes (a paired comparison); its predictions mean nothing.  Raises ``ValueError`` for a
+    stage that trains attributes only (λ2 = 0): without attributes it would train nothing."""
+    bad = [i + 1 for i, s in enumerate(cfg.stages) if s.lambda2 == 0]
+    if bad:
+        raise ValueError(f"cannot train without attributes: stage(s) {bad} have lambda2 = 0 (attributes only), so "
+                         f"lambda1 = 0 would leave them no loss")  # fmt: skip
+    return cfg.replace(stages=tuple(dataclasses.replace(s, lambda1=0.0) for s in cfg.stages))
+
+
 def resume_mismatch(saved: Mapping[str, Any], current: TrainConfig) -> list[str]:
     """Names of the fields that differ between a checkpoint's config and ``current`` but must match for a resume."""
     now = current.to_dict()
@@ -284,6 +324,8 @@ class MissingDataError(ValueError):
 
 #: The keys of :func:`resolve_train_config`'s options that rescale the schedule instead of naming a field.
 STAGE_OPTIONS = ("stage1_iterations", "stage2_iterations", "lr", "finetune_lr")
+#: The keys of :func:`resolve_train_config`'s options that choose the attribute head and loss instead of naming a field.
+ATTRIBUTE_OPTIONS = ("attribute_group", "no_attributes")
 
 
 def resolve_train_config(options: Mapping[str, Any], config_file: str | os.PathLike[str] | None = None) -> TrainConfig:
@@ -293,7 +335,10 @@ def resolve_train_config(options: Mapping[str, Any], config_file: str | os.PathL
 
     ``options`` holds TrainConfig fields and the :data:`STAGE_OPTIONS`, which rescale the schedule last:
     ``stage1_iterations`` / ``stage2_iterations`` set a stage's length (milestones scale along, see
-    :func:`rescale_stage`) and ``lr`` / ``finetune_lr`` its base learning rate.  ``identities`` without a
+    :func:`rescale_stage`) and ``lr`` / ``finetune_lr`` its base learning rate.  Of the :data:`ATTRIBUTE_OPTIONS`,
+    ``attribute_group`` sets ``attributes`` to a Table 7 group (``attributes`` in ``options`` is a sequence or a
+    comma-separated string of names; either is checked by :func:`select_attributes`) and a true ``no_attributes``
+    applies :func:`without_attributes` last (it excludes both).  ``identities`` without a
     ``data_format`` means ``flat`` (a plain folder named by an identity file).  So a run resumes from its directory
     alone, and a config file is a base the options adjust.
 
@@ -306,7 +351,12 @@ def resolve_train_config(options: Mapping[str, Any], config_file: str | os.PathL
         merged.pop("stop_at", None)
     if config_file is not None:
         merged.update(_read_config_json(Path(config_file), "config"))
-    merged.update({k: v for k, v in options.items() if v is not None and k not in STAGE_OPTIONS})
+    merged.update({k: v for k, v in options.items() if v is not None and k not in (*STAGE_OPTIONS, *ATTRIBUTE_OPTIONS)})
+    chosen, group = options.get("attributes"), options.get("attribute_group")
+    if options.get("no_attributes") and (chosen is not None or group is not None):
+        raise ValueError("no_attributes trains no attribute (lambda1 = 0); it excludes attributes and attribute_group")
+    if chosen is not None or group is not None:
+        merged["attributes"] = select_attributes(chosen, group)
     if "data" not in merged:
         raise MissingDataError("no training data: give data, or resume a run whose train_config.json has it")
     if merged.get("identities") is not None and "data_format" not in merged:
@@ -320,7 +370,8 @@ def resolve_train_config(options: Mapping[str, Any], config_file: str | os.PathL
         if i >= len(stages):
             raise ValueError(f"the schedule has {len(stages)} stage(s); cannot set stage {i + 1}")
         stages[i] = rescale_stage(stages[i], n, lr)
-    return cfg.replace(stages=tuple(stages))
+    cfg = cfg.replace(stages=tuple(stages))
+    return without_attributes(cfg) if options.get("no_attributes") else cfg
 
 
 def _read_config_json(path: Path, what: str) -> dict[str, Any]:
@@ -337,6 +388,7 @@ def _read_config_json(path: Path, what: str) -> dict[str, Any]:
 
 
 __all__ = [
+    "ATTRIBUTE_OPTIONS",
     "CROPS",
     "NETWORKS",
     "PAPER_STAGES",
@@ -348,4 +400,6 @@ __all__ = [
     "rescale_stage",
     "resolve_train_config",
     "resume_mismatch",
+    "select_attributes",
+    "without_attributes",
 ]

@@ -132,6 +132,8 @@ COMMANDS = {
                           "embeddings or gallery ids) against an index."),
     "serve": LazyCommand("facesearch.cli.serve:serve_command", "Serve rank-k identification over HTTP: /health, POST "
                          "/search/embedding, POST /search/image, /docs."),
+    "split": LazyCommand("facesearch.cli.split:split_command", "Split identity-labelled images into identity-disjoint "
+                         "training, probe and distractor people (MegaFace-style)."),
     "synth": LazyCommand("facesearch.cli.synth:synth", "Procedurally rendered synthetic faces in the CASIA, CelebA and "
                          "MegaFace/FaceScrub on-disk layouts."),
     "train": LazyCommand("facesearch.cli.train:train_command", "Train the multi-task network (paper §4.4 two-stage "

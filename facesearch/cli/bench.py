@@ -19,7 +19,7 @@ BENCH_COMMANDS = {
     "lfw": LazyCommand("facesearch.cli.bench_more:lfw_command", "Ten-fold LFW verification accuracy (thresholds "
                        "chosen on the other nine folds; mean ± standard error)."),
     "lfw-pairs": LazyCommand("facesearch.cli.bench_more:lfw_pairs_command", "Build an LFW-format verification set "
-                             "from the ORL faces (for `facesearch bench lfw`)."),
+                             "from the ORL faces or any identity-labelled images (for `bench lfw`)."),
     "megaface": LazyCommand("facesearch.cli.bench_megaface:megaface_command", "MegaFace Challenge 1: exact CMC "
                             "(rank-1) and ROC (TAR at FAR 1e-6 …) for each distractor size."),
     "plot": LazyCommand("facesearch.cli.bench_megaface:plot_command", "Overlay one or several result files: CMC (log "

@@ -1,5 +1,6 @@
 """``facesearch bench lfw | attributes | lfw-pairs``: LFW verification (protocol §7), per-attribute accuracy on a
-CelebA-format set (the paper's Table 4), and an LFW-format pairs set built from the ORL faces."""
+CelebA-format set (the paper's Table 4), and an LFW-format pairs set built from the ORL faces or any identity-labelled
+images."""
 
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ from facesearch.benchmarks.lfw import (
     format_lfw,
     load_features,
     read_pairs,
+    write_lfw_pairs,
     write_orl_pairs,
 )
+from facesearch.benchmarks.split import SPLIT_FORMATS, read_identity_samples
 from facesearch.cli._app import DEVICE_OPTION, config_option, user_errors
 from facesearch.model.fileio import atomic_write_text
 
@@ -207,16 +210,47 @@ def _compare(data: Path, specs: dict[str, Path], data_format: str, split: str, l
 
 
 @click.command("lfw-pairs")
-@click.option("--orl", type=_P, required=True, help="ORL/AT&T root with s1..s40/1..10.pgm.")
+@click.option("--orl", type=_P, help="ORL/AT&T root with s1..s40/1..10.pgm.")
+@click.option("--list", "data", type=_P, help="Instead of --orl: identity-labelled images, a list CSV "
+              "(path,identity,...), a folder per identity (--format casia), a flat folder (--format flat) or a CelebA "
+              "root.")  # fmt: skip
+@click.option("--format", "data_format", type=click.Choice(SPLIT_FORMATS), default="list", show_default=True,
+              help="Layout of --list.")  # fmt: skip
+@click.option("--root", type=_P, help="Folder the --list CSV's paths are relative to [default: the CSV's folder].")
+@click.option("--identities", type=_P, help="Identity file ('file identity' lines) naming a flat --list folder.")
+@click.option("--people", type=_P, help="Use only these people (one identity per line; e.g. test_identities.txt "
+              "of `facesearch split`: people a model never trained on).")  # fmt: skip
+@config_option(write_lfw_pairs, "--pad", type=click.IntRange(min=0),
+               help="--list: px of black added on each side of every image (helps detection on tight "
+                    "crops).")  # fmt: skip
 @click.option("--out", type=_P, required=True, help="Output folder: lfw/<name>/<name>_<n:04d>.jpg and pairs.txt.")
 @config_option(write_orl_pairs, "--folds", type=int, help="Folds (disjoint groups of people).")
 @config_option(write_orl_pairs, "--per-fold", type=int, help="Matched (and mismatched) pairs per fold.")
 @config_option(write_orl_pairs, "--seed", type=int, help="Seed of the people split and pair sampling.")
 @user_errors
-def lfw_pairs_command(orl: Path, out: Path, folds: int, per_fold: int, seed: int) -> None:
-    """Build an LFW-format verification set from the ORL faces (for `facesearch bench lfw`)."""
-    if not orl.is_dir():
-        raise click.BadParameter(f"{orl} is not a directory", param_hint="--orl")
-    pairs = write_orl_pairs(orl, out, folds=folds, per_fold=per_fold, seed=seed)
+def lfw_pairs_command(orl: Path | None, data: Path | None, data_format: str, root: Path | None,
+                      identities: Path | None, people: Path | None, pad: int, out: Path, folds: int, per_fold: int,
+                      seed: int) -> None:  # fmt: skip
+    """Build an LFW-format verification set from the ORL faces or any identity-labelled images (for `bench lfw`).
+
+    Folds hold disjoint people; each has --per-fold matched and --per-fold mismatched pairs. With --list, each person's
+    images are numbered in path order (JPEGs copied, other formats converted) under an LFW name made of the identity
+    (characters other than letters, digits, '.', '-', '_' become '_').
+    """
+    if (orl is None) == (data is None):
+        raise click.UsageError("give exactly one of --orl and --list")
+    if orl is not None:
+        extra = [flag for flag, v in (("--root", root), ("--identities", identities), ("--people", people)) if v]
+        if extra or pad:
+            raise click.UsageError(f"{', '.join(extra or ['--pad'])}: only with --list (ORL is read as it is)")
+        if not orl.is_dir():
+            raise click.BadParameter(f"{orl} is not a directory", param_hint="--orl")
+        pairs = write_orl_pairs(orl, out, folds=folds, per_fold=per_fold, seed=seed)
+    else:
+        assert data is not None, "checked above: exactly one of --orl and --list"
+        samples = read_identity_samples(data, data_format, root, identities)
+        wanted = None if people is None else [ln.strip() for ln in people.read_text("utf-8").splitlines() if ln.strip()]
+        pairs = write_lfw_pairs(((s.path, str(s.identity)) for s in samples), out, folds=folds, per_fold=per_fold,
+                                seed=seed, people=wanted, pad=pad)  # fmt: skip
     click.echo(f"pairs        {pairs} ({folds} folds x {per_fold} matched + {per_fold} mismatched)")
     click.echo(f"images       {out / 'lfw'}")

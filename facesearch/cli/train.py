@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from facesearch.cli._app import DEVICE_OPTION, StepBar, default_of, parse_size, user_errors
-from facesearch.model.config import ARCHS, HEADS
+from facesearch.model.config import ARCHS, ATTRIBUTE_GROUPS, ATTRIBUTES, HEADS
 from facesearch.model.device import PRECISIONS
 from facesearch.model.losses import ATTRIBUTE_LOSSES
 from facesearch.model.train import train
@@ -38,6 +38,11 @@ _IDENTITIES_HELP = ("Identity file ('file identity' lines, as identity_CelebA.tx
 _DETECTIONS_HELP = "Face detection cache to use and extend [default: OUT/detections.jsonl]; runs may share one."
 _SKIPPED_HELP = ("Stop when more than this fraction of the steps is skipped (< 2 readable images) "
                  f"[default: {_d('max_skipped_steps')}].")  # fmt: skip
+_ATTRIBUTES_HELP = f"Comma-separated attributes of the head, of {', '.join(ATTRIBUTES)} [default: all seven]."
+_NO_ATTRIBUTES_HELP = ("The paper's model without attributes: lambda1 = 0 in every stage, the schedule unchanged; no "
+                       "--labels needed (the head is kept, untrained).")  # fmt: skip
+_GROUPS = "; ".join(f"{k} = {','.join(v)}" for k, v in ATTRIBUTE_GROUPS.items() if k != "all")
+_GROUP_HELP = f"The paper's Table 7 attribute group instead of --attributes: {_GROUPS}; all = the seven."
 _FORMAT_HELP = f"Layout of --data [default: {_d('data_format')}; flat with --identities]."
 
 _OPTIONS = [
@@ -52,6 +57,8 @@ _OPTIONS = [
     ),
     _opt("--max-skipped-steps", float, _SKIPPED_HELP),
     _opt("--labels", click.Path(path_type=Path), "Per-identity attribute labels CSV (identity,<attr>,...)."),
+    _opt("--attributes", str, _ATTRIBUTES_HELP),
+    _opt("--attribute-group", click.Choice(list(ATTRIBUTE_GROUPS)), _GROUP_HELP),
     _opt("--out", click.Path(path_type=Path), f"Run directory (checkpoint, metrics, config) [default: {_d('out')}]."),
     _opt("--config", click.Path(path_type=Path), "JSON file of TrainConfig fields (options override it).", "config"),
     _opt("--arch", click.Choice(ARCHS), f"Building block: full, fast or variant [default: {_d('arch')}]."),
@@ -112,11 +119,17 @@ def _apply(fn: Any) -> Any:
 @_apply
 @click.option("--resume", is_flag=True, default=None, help="Continue the run in --out from its checkpoint.")
 @click.option("--deterministic", is_flag=True, default=None, help="Deterministic cuDNN kernels (exact GPU resume).")
+@click.option("--no-attributes", is_flag=True, default=None, help=_NO_ATTRIBUTES_HELP)
 @DEVICE_OPTION
 @user_errors
 def train_command(config: Path | None, input_size: str | None, head: str | None, device: str, **opts: Any) -> None:
     """Train the multi-task network (paper §4.4 two-stage schedule by default) and write a checkpoint."""
     opts.update(input_size=parse_size(input_size), head=None if head is None else int(head), device=device)
+    for flag, value in (("--attributes", opts["attributes"]), ("--attribute-group", opts["attribute_group"])):
+        if value is not None and opts["no_attributes"]:
+            raise click.UsageError(f"--no-attributes trains no attribute (lambda1 = 0); drop {flag}")
+    if opts["attributes"] is not None and opts["attribute_group"] is not None:
+        raise click.UsageError("--attributes and --attribute-group are mutually exclusive")
     try:
         cfg = resolve_train_config(opts, config)
     except MissingDataError:
@@ -127,6 +140,9 @@ def train_command(config: Path | None, input_size: str | None, head: str | None,
     finally:
         bar.close()
     final = result.final
+    lambda1 = [s.lambda1 for s in cfg.stages]
+    head = ", ".join(cfg.attributes) if any(lambda1) else f"none (lambda1 = 0; head of {len(cfg.attributes)} untrained)"
+    click.echo(f"attributes   {head}")
     click.echo(f"steps        {result.step}/{result.total_steps} ({'complete' if result.complete else 'stopped'})")
     if "loss" in final:
         click.echo(f"final loss   {final['loss']:.4f} (train top-1 {final.get('acc', float('nan')):.3f})")

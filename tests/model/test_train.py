@@ -1,5 +1,5 @@
 """Training: losses (masking, λ = 0, MOON), schedule and data order, a short run that learns, exact resume, skipped
-files, resume refusals, and the ``facesearch train`` command."""
+files, resume refusals, the ``facesearch train`` command, and the attribute sets (Table 7 groups, no attributes)."""
 
 from __future__ import annotations
 
@@ -17,12 +17,19 @@ from click.testing import CliRunner
 import facesearch.cli.train  # noqa: F401  (registers `train` on the click group)
 from facesearch.cli._app import main
 from facesearch.model.checkpoint import load_checkpoint
-from facesearch.model.config import ATTRIBUTES, ModelConfig
+from facesearch.model.config import ATTRIBUTE_GROUPS, ATTRIBUTES, ModelConfig
 from facesearch.model.faces.align import REFERENCE_112x96
 from facesearch.model.losses import moon_loss, moon_weights, multitask_loss
 from facesearch.model.network import FaceNet, Outputs, to_input
 from facesearch.model.train import TrainConfig, train
-from facesearch.model.train_config import PAPER_STAGES, StageConfig, rescale_stage
+from facesearch.model.train_config import (
+    PAPER_STAGES,
+    StageConfig,
+    rescale_stage,
+    resolve_train_config,
+    select_attributes,
+    without_attributes,
+)
 from facesearch.model.trainer_data import StepBatchSampler
 
 torch.set_num_threads(1)
@@ -352,3 +359,99 @@ def test_worker_processes_do_not_change_the_data(casia: Path, tmp_path: Path) ->
         train(cfg)
         runs.append([r["loss"] for r in read_metrics(cfg.out)])
     assert runs[0] == runs[1]
+
+
+# ---------------------------------------------------------------------------------------------------- attribute sets
+
+
+def test_attribute_options_make_the_train_config(casia: Path) -> None:
+    """``attributes`` / ``attribute_group`` choose the head (paper order), ``no_attributes`` sets lambda1 = 0 in every
+    stage and changes nothing else of the schedule."""
+    base = {"data": casia, "stage1_iterations": 70, "stage2_iterations": 30}
+    assert resolve_train_config(base).attributes == ATTRIBUTES
+    assert resolve_train_config({**base, "attributes": "Male, Big_Nose"}).attributes == ("Big_Nose", "Male")
+    assert resolve_train_config({**base, "attributes": ["Male"]}).attributes == ("Male",)
+    for group, names in ATTRIBUTE_GROUPS.items():
+        assert resolve_train_config({**base, "attribute_group": group}).attributes == names
+    assert ATTRIBUTE_GROUPS["nose"] == ("Big_Nose", "Pointy_Nose") and ATTRIBUTE_GROUPS["all"] == ATTRIBUTES
+    assert ATTRIBUTE_GROUPS["global"] == ("Chubby", "Double_Chin", "High_Cheekbones", "Male")
+    with_attrs = resolve_train_config(base)
+    without = resolve_train_config({**base, "no_attributes": True})
+    assert [s.lambda1 for s in with_attrs.stages] == [0.0, 0.1] and [s.lambda1 for s in without.stages] == [0.0, 0.0]
+    assert without == without_attributes(with_attrs) == without_attributes(without)  # idempotent
+    for a, b in zip(with_attrs.stages, without.stages, strict=True):
+        assert (a.iterations, a.lr, a.milestones, a.lambda2, a.gamma) == (b.iterations, b.lr, b.milestones, b.lambda2,
+                                                                          b.gamma)  # fmt: skip
+    assert without.replace(stages=with_attrs.stages) == with_attrs  # nothing else changed
+    assert TrainConfig.from_dict(without.to_dict()) == without
+    with pytest.raises(ValueError, match=r"unknown attribute\(s\) \['Smiling'\]; valid: \['Narrow_Eyes'"):
+        resolve_train_config({**base, "attributes": "Male,Smiling"})
+    with pytest.raises(ValueError, match=r"unknown attribute group 'mouth'; valid: \['eye', 'nose', 'global', 'all'\]"):
+        select_attributes(group="mouth")
+    with pytest.raises(ValueError, match="not both"):
+        resolve_train_config({**base, "attributes": "Male", "attribute_group": "eye"})
+    with pytest.raises(ValueError, match="excludes attributes and attribute_group"):
+        resolve_train_config({**base, "attribute_group": "eye", "no_attributes": True})
+    with pytest.raises(ValueError, match="no attribute given"):
+        select_attributes(" , ")
+    mgmtn = TrainConfig(data=casia, network="mgmtn", stages=(StageConfig(5, 0.01, lambda1=1.0, lambda2=0.0),))
+    with pytest.raises(ValueError, match=r"stage\(s\) \[1\] have lambda2 = 0"):
+        without_attributes(mgmtn)
+
+
+_TINY = ["--arch", "fast", "--width", "0.125", "--input-size", "56x48", "--embedding-dim", "32", "--batch-size",
+         "16", "--workers", "0", "--precision", "fp32", "--device", "cpu", "--log-every", "1",
+         "--val-every", "0"]  # fmt: skip
+
+
+def test_cli_no_attributes_trains_no_attribute(casia: Path, tmp_path: Path) -> None:
+    """``--no-attributes`` without a labels file: lambda1 = 0 in both stages, no attribute loss computed in any step
+    (the logged loss is the identity loss exactly), and the attribute head keeps its initial weights (no gradient, so
+    no weight decay either)."""
+    out = tmp_path / "run"
+    args = ["train", "--data", str(casia), *_TINY, "--stage1-iterations", "3", "--stage2-iterations", "3",
+            "--no-attributes", "--out", str(out)]  # fmt: skip
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "attributes   none (lambda1 = 0; head of 7 untrained)" in r.output
+    cfg = TrainConfig.from_dict(json.loads((out / "train_config.json").read_text()))
+    assert [(s.iterations, s.lambda1) for s in cfg.stages] == [(3, 0.0), (3, 0.0)] and cfg.labels is None
+    records = read_metrics(out)
+    assert [r["stage"] for r in records] == [1, 1, 1, 2, 2, 2]  # 1-based
+    assert all("loss_attribute" not in r and r["loss"] == r["loss_identity"] for r in records), records
+    ckpt = load_checkpoint(out / "model.safetensors")
+    assert ckpt.model_config is not None and ckpt.model_config.attributes == ATTRIBUTES
+    torch.manual_seed(cfg.seed)  # training initialises the network from this seed
+    initial = FaceNet(cfg.model_config(8)).state_dict()
+    assert torch.equal(ckpt.model_state["attribute_out.weight"], initial["attribute_out.weight"])
+    assert not torch.equal(ckpt.model_state["feature.0.weight"], initial["feature.0.weight"])  # identity did train
+
+
+def test_cli_attribute_group_sizes_the_head(casia: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["train", "--data", str(casia), "--labels", str(casia / "attributes.csv"), *_TINY, "--stage1-iterations",
+            "1", "--stage2-iterations", "2", "--attribute-group", "nose", "--out", str(out)]  # fmt: skip
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "attributes   Big_Nose, Pointy_Nose" in r.output
+    ckpt = load_checkpoint(out / "model.safetensors")
+    assert ckpt.model_config is not None and ckpt.model_config.attributes == ("Big_Nose", "Pointy_Nose")
+    assert ckpt.model_state["attribute_out.weight"].shape[0] == 2
+    assert json.loads((out / "train_config.json").read_text())["attributes"] == ["Big_Nose", "Pointy_Nose"]
+    assert "loss_attribute" in read_metrics(out)[-1]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--attributes", "Male,Smiling"], "unknown attribute(s) ['Smiling']; valid: ['Narrow_Eyes', 'Big_Nose'"),
+        (["--attribute-group", "mouth"], "'mouth' is not one of 'eye', 'nose', 'global', 'all'"),
+        (["--attributes", "Male", "--attribute-group", "eye"], "--attributes and --attribute-group are mutually"),
+        (["--attribute-group", "eye", "--no-attributes"], "--no-attributes trains no attribute (lambda1 = 0); drop "
+                                                          "--attribute-group"),
+    ],
+)  # fmt: skip
+def test_cli_attribute_option_errors(casia: Path, tmp_path: Path, extra: list[str], message: str) -> None:
+    r = CliRunner().invoke(main, ["train", "--data", str(casia), "--out", str(tmp_path / "run"), *extra])
+    assert r.exit_code != 0 and message in r.output, r.output
+    assert "Traceback" not in r.output and not (tmp_path / "run").exists()
