@@ -420,10 +420,11 @@ def run_megaface(cfg: BenchConfig, progress: Callable[[str], None] | None = None
 def embed_inputs(
     out: Path, checkpoint: Path, probe_list: Path, probe_images: Path, probe_landmarks: Path | None,
     distractor_lists: Path, distractor_images: Path, distractor_landmarks: Path | None, device: str = "auto",
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None, attributes_from: Path | None = None,
 ) -> tuple[Path, Path]:  # fmt: skip
     """Embed the probe list and the union of the distractor lists through the indexer (resumable; a finished run
-    is reused) into ``out/features/{probes,distractors}``; returns the two shard directories."""
+    is reused) into ``out/features/{probes,distractors}``, attribute columns from ``attributes_from`` (an attribute
+    predictor) when given, else from the model's own head; returns the two shard directories."""
     say = progress or (lambda msg: log.info(msg))
     feat = out / "features"
     lists = devkit.find_distractor_lists(distractor_lists)
@@ -437,7 +438,7 @@ def embed_inputs(
             distractor_landmarks))  # fmt: skip
     for name, listed, root, landmarks in jobs:
         cfg = EmbedConfig(input=listed, format="devkit", root=root, landmarks=landmarks, checkpoint=checkpoint,
-                          out=feat / name, device=device)  # fmt: skip
+                          out=feat / name, device=device, attributes_from=attributes_from)  # fmt: skip
         res = run_embed(cfg)
         failed = res.rows - res.ok_rows
         say(f"{name}: {res.ok_rows:,} of {res.rows:,} images embedded ({failed} failed) in {res.seconds:.1f} s")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import textwrap
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -251,7 +252,17 @@ def _thin(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _legend(r: dict[str, Any]) -> str:
-    return f"{result_label(r)} ({r['counts']['n_distractors']:,} distractors)"
+    """A plot legend entry: the label with a short filter name (the full description is the table's), wrapped."""
+    text = str(r["label"]) + (" @R" if r["cleaned"] else "")
+    flt = r["filter"]
+    if flt:
+        attrs = flt.get("attributes") or []
+        what = " & ".join(attrs) if len(attrs) <= 2 else f"{len(attrs)} attributes"
+        mode = flt.get("mode", "hard")
+        extra = {"confident": f", mate loss ≤ {flt['max_mate_loss']:g}" if flt.get("max_mate_loss") is not None
+                 else "", "soft": f", w {flt.get('weight')}"}.get(mode, "")  # fmt: skip
+        text += f" [{mode}: {what}{extra}]"
+    return textwrap.fill(f"{text} ({r['counts']['n_distractors']:,} distractors)", 60)
 
 
 def _new_axes(results: Sequence[dict[str, Any]], title: str | None, xlabel: str, ylabel: str) -> tuple[Figure, Any]:

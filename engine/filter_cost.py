@@ -22,7 +22,10 @@ predictions are independent given the person's true attribute, per attribute:
 Several attributes combine as independent: kept ``= Π (1 - lost_a)``.  The independence of a person's two images is
 optimistic (the same face fools a predictor twice more often than two faces do), which is why the harness reports
 the measured fractions beside the predicted ones.  :func:`choose_margins` picks, for a target overall mate-loss
-rate, the margins that together remove the most distractors (predicted) within it.
+rate, the margins that together remove the most distractors (predicted) within it, from the attributes validated
+on at least :data:`MIN_CLASS_FACES` faces of each class (a tail seen in a few of 20 validation faces of 3 people
+may be several times wider on the next people); the result also carries an upper confidence bound of the loss
+(Wilson bounds on each class's side probabilities and on the prior).
 """
 
 from __future__ import annotations
@@ -40,6 +43,20 @@ from facesearch.indexer.manifest import describe_attribute_source
 MODES: tuple[str, ...] = ("hard", "confident")
 #: The budget grid of :func:`choose_margins` (log-space mate-loss budget in this many steps).
 BUDGET_STEPS = 4000
+#: The reported upper confidence bound of the mate loss (:attr:`FilterCost.mates_lost_bound`): this many standard
+#: errors (one-sided 90 %) above the validation estimate.
+BOUND_Z = 1.2816
+#: :func:`choose_margins` gives no margin to an attribute whose validation statistics hold fewer faces of either class
+#: than this: its tails are not estimated (20 positives of 3 or 4 people are not the next people's distribution).
+MIN_CLASS_FACES = 50
+
+
+def wilson_upper(p: Any, n: Any, z: float = 0.0) -> Any:
+    """The Wilson score upper bound of a proportion ``p`` observed in ``n`` trials, ``z`` standard errors up (``p``
+    itself at ``z = 0``)."""
+    p, n = np.asarray(p, np.float64), np.maximum(np.asarray(n, np.float64), 1e-12)
+    z2 = z * z
+    return np.minimum((p + z2 / (2 * n) + z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n))) / (1 + z2 / n), 1.0)
 
 
 @dataclass(frozen=True)
@@ -85,6 +102,16 @@ class AttributeStats:
         p_neg = np.array([pos_h[:lo].sum(), neg_h[:lo].sum()])
         return p_pos, p_neg
 
+    def lost_bound(self, mode: str, value: float, z: float = BOUND_Z) -> float:
+        """An upper confidence bound on the mates lost of this attribute alone: each class's two side probabilities
+        and the prior at their Wilson upper bounds (``z`` standard errors; the counts are the validation images).
+        A tail seen in 3 of 20 validation positives is not taken as 15 %: few validation faces, wide bound."""
+        p_pos, p_neg = self.sides(mode, value)
+        n = np.array([self.positive.sum(), self.negative.sum()])
+        per_class = np.minimum(2 * wilson_upper(p_pos, n, z) * wilson_upper(p_neg, n, z), 0.5)
+        lo, hi = 1 - wilson_upper(1 - self.prior, n.sum(), z), wilson_upper(self.prior, n.sum(), z)
+        return float(max(pi * per_class[0] + (1 - pi) * per_class[1] for pi in (lo, hi)))
+
     def cost(self, mode: str, value: float) -> tuple[float, float]:
         """(mates lost, distractors removed) of this attribute alone (see the module docstring)."""
         p_pos, p_neg = self.sides(mode, value)
@@ -101,9 +128,11 @@ class FilterCost:
     mates_lost: float
     distractors_removed: float
     per_attribute: dict[str, tuple[float, float]]
+    mates_lost_bound: float | None = None  # the upper confidence bound (confident mode)
 
     def to_dict(self) -> dict[str, Any]:
         return {"mates_lost": self.mates_lost, "distractors_removed": self.distractors_removed,
+                "mates_lost_bound": self.mates_lost_bound,
                 "per_attribute": {a: {"mates_lost": lo, "distractors_removed": rm}
                                   for a, (lo, rm) in self.per_attribute.items()}}  # fmt: skip
 
@@ -133,7 +162,8 @@ def predicted_cost(stats: Mapping[str, AttributeStats], mode: str, values: Mappi
     per = {a: s.cost(mode, values[a]) for a, s in stats.items()}
     kept_mates = float(np.prod([1 - lo for lo, _ in per.values()]))
     kept_distractors = float(np.prod([1 - rm for _, rm in per.values()]))
-    return FilterCost(1 - kept_mates, 1 - kept_distractors, per)
+    bound = 1 - float(np.prod([1 - s.lost_bound(mode, values[a]) for a, s in stats.items()]))
+    return FilterCost(1 - kept_mates, 1 - kept_distractors, per, bound)
 
 
 def literal_recall_loss(
@@ -153,10 +183,15 @@ def literal_recall_loss(
     return 1 - kept, per
 
 
-def choose_margins(stats: Mapping[str, AttributeStats], max_mate_loss: float) -> dict[str, float]:
+def choose_margins(
+    stats: Mapping[str, AttributeStats], max_mate_loss: float, z: float = 0.0, min_class_faces: int = MIN_CLASS_FACES
+) -> dict[str, float]:
     """Per attribute, the ``confident`` margin on its histogram grid such that together they remove the most
     distractors (predicted) while the predicted mate loss stays within ``max_mate_loss`` (0 = the attribute excludes
-    nothing).  Attributes combine as independent, so both totals add in log space and the choice is a
+    nothing).  ``z > 0`` keeps an upper confidence bound of the loss within it instead (:meth:`AttributeStats.
+    lost_bound`; very cautious with a few hundred validation faces); an attribute with fewer than
+    ``min_class_faces`` validation faces of a class gets no margin.  Attributes combine as
+    independent, so both totals add in log space and the choice is a
     multiple-choice knapsack: solved exactly by dynamic programming over the budget, with each attribute's cost rounded
     *up* to the budget grid (the result never exceeds the target; at worst it leaves ``1/BUDGET_STEPS`` of it unused).
     A well-predicted attribute gets a wide margin, a poor one little or none."""
@@ -172,7 +207,10 @@ def choose_margins(stats: Mapping[str, AttributeStats], max_mate_loss: float) ->
     for a in names:
         s = stats[a]
         margins = np.arange(s.bins // 2 + 1) / s.bins
-        lost, removed = np.array([s.cost("confident", float(m)) for m in margins]).T
+        if min(s.positive.sum(), s.negative.sum()) < min_class_faces:
+            margins = margins[:1]
+        removed = np.array([s.cost("confident", float(m))[1] for m in margins])
+        lost = np.array([s.lost_bound("confident", float(m), z) for m in margins])
         # log-space cost in whole units, rounded up (a hair of slack against float error); removal as -log(kept)
         cost = np.ceil(-np.log1p(-np.minimum(lost, 1 - 1e-15)) / unit - 1e-9).clip(0)
         gain = -np.log1p(-np.minimum(removed, 1 - 1e-15))
@@ -197,5 +235,5 @@ def choose_margins(stats: Mapping[str, AttributeStats], max_mate_loss: float) ->
     return {a: out[a] for a in names}
 
 
-__all__ = ["MODES", "AttributeStats", "FilterCost", "choose_margins", "literal_recall_loss", "predicted_cost",
-           "statistics_from_source"]  # fmt: skip
+__all__ = ["BOUND_Z", "MIN_CLASS_FACES", "MODES", "AttributeStats", "FilterCost", "choose_margins",
+           "literal_recall_loss", "predicted_cost", "statistics_from_source", "wilson_upper"]  # fmt: skip

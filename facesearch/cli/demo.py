@@ -12,7 +12,7 @@ from facesearch.demo import DemoConfig, run_demo
 
 _option = functools.partial(config_option, DemoConfig)
 
-SMALL_DEMO = {"celeba_images": 240, "distractors": 40, "probe_identities": 4, "probe_images_per_identity": 3,
+SMALL_DEMO = {"celeba_images": 600, "distractors": 40, "probe_identities": 4, "probe_images_per_identity": 3,
               "batch_size": 16, "attribute_input_size": (56, 48)}  # fmt: skip
 
 

@@ -54,11 +54,9 @@ def _check_against_reference(result, xq, ids, xb, brute_force, codes_q=None, cod
 def test_shard_run_equals_reference_for_each_drawn_list(features, tmp_path, brute_force):
     out = tmp_path / "res"
     flt = AttributeFilter(("Male",))
-    results = run_megaface(
-        BenchConfig(
-            out=out, probes=features / "probes", distractors=features / "dis", sizes=(10, 100, 500), filters=(flt,), seed=9
-        )
-    )
+    cfg = BenchConfig(out=out, probes=features / "probes", distractors=features / "dis", sizes=(10, 100, 500),
+                      filters=(flt,), seed=9)  # fmt: skip
+    results = run_megaface(cfg)
     assert [(r["size"], bool(r["filter"])) for r in results] == [(s, f) for s in (10, 100, 500) for f in (0, 1)]
     xq, _, ids, pattrs = _rows(features / "probes")
     xall, paths, _, dattrs = _rows(features / "dis")
@@ -250,7 +248,8 @@ def test_soft_mode_scores_every_pair_by_identity_and_attribute_agreement(feature
     float64 reference of (1 - w) cos + w * mean cos(pi (p - q) / 2) over every distractor of the list."""
     w, attrs = 0.3, ("Male", "Chubby")
     filters = tuple(AttributeFilter(attrs, mode=m, margins=(0.2,) if m == "confident" else None,
-                                    weight=w if m == "soft" else None) for m in ("hard", "confident", "soft"))  # fmt: skip
+                                    weight=w if m == "soft" else None)
+                    for m in ("hard", "confident", "soft"))  # fmt: skip
     out = tmp_path / "soft"
     results = run_megaface(BenchConfig(out=out, probes=features / "probes", distractors=features / "dis",
                                        sizes=(300,), filters=filters, seed=3))  # fmt: skip

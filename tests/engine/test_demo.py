@@ -41,13 +41,20 @@ def test_demo_end_to_end_through_the_cli(tmp_path: Path) -> None:
     assert "report:" in result.output and (out / "report.md").is_file()
     assert report["model"]["fingerprint"] and Path(report["model"]["weights"]).is_file()
     mf = report["megaface"]["results"]
-    assert [(r["size"], r["filter"] is not None) for r in mf] == [(10, False), (10, True), (40, False), (40, True)]
+    modes = [None, "hard", "confident", "soft"]
+    assert [(r["size"], r["mode"]) for r in mf] == [(s, m) for s in (10, 40) for m in modes]
+    confident = mf[2]["filter_stats"]
+    assert confident["predicted"]["mates_lost"] <= 0.01 and 0 <= confident["mates_excluded_fraction"] <= 1
+    assert report["attribute_predictor"]["method"] == "mgmtn" and Path(report["attribute_predictor"]["path"]).is_file()
     assert all(0 <= r["rank1"] <= 1 and r["N"] == 4 * 3 * 2 for r in mf)
     assert (out / "megaface" / "megaface_cmc.png").is_file() and "TAR@1e-6" in (out / "report.md").read_text()
     assert is_index_directory(out / "index")
     search = report["search"]
     assert search["queries"] == 4 and search["enrolled"] == 8 and search["gallery"] == 40 + 8
-    assert "Identification with an attribute filter" in (out / "report.md").read_text() and "rank" in search["table"]
+    assert "Identification with attribute filters" in (out / "report.md").read_text() and "rank" in search["table"]
+    assert [x["search"] for x in search["rows"]] == ["none", "filter `Male > 0.5`", "confident match"]
+    assert set(search["match"]["margins"]) == set(search["match"]["attributes"])
+    assert all(0 <= m <= 0.5 for m in search["match"]["margins"].values())
     assert set(report["label_balanced_accuracy"]) == set(report["model_attribute_balanced_accuracy"])
     assert report["model"]["fingerprint"] == first["model"]["fingerprint"] and report["losses"] == first["losses"]
     counts = [[(r["rank1_hits"], r["N"], r["tar_at_far"]) for r in x["megaface"]["results"]] for x in (report, first)]

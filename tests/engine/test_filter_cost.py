@@ -7,7 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from facesearch.engine.filter_cost import AttributeStats, choose_margins, predicted_cost, statistics_from_source
+from facesearch.engine.filter_cost import (
+    BOUND_Z,
+    MIN_CLASS_FACES,
+    AttributeStats,
+    choose_margins,
+    predicted_cost,
+    statistics_from_source,
+    wilson_upper,
+)
 from facesearch.indexer.manifest import predictor_source
 from facesearch.indexer.synth_features import attribute_statistics
 from facesearch.model.predictors.calibration import calibration_report, score_histogram
@@ -58,6 +66,8 @@ def test_chosen_margin_keeps_the_mate_loss_target(stats: AttributeStats) -> None
         wider = m + 1 / stats.bins
         if wider <= 0.5:  # the next grid step would break the budget: the margin is the widest that fits
             assert predicted_cost({"Male": stats}, "confident", {"Male": wider}).mates_lost > target
+        mb = choose_margins({"Male": stats}, target, z=BOUND_Z)["Male"]  # the cautious variant: the bound fits
+        assert mb <= m and stats.lost_bound("confident", mb) <= target
     m0 = choose_margins({"Male": stats}, 0.0)["Male"]
     assert predicted_cost({"Male": stats}, "confident", {"Male": m0}).mates_lost == 0
 
@@ -95,6 +105,26 @@ def test_margins_are_the_best_split_of_the_budget(stats: AttributeStats) -> None
         assert cost.mates_lost <= budget
         assert cost.distractors_removed == pytest.approx(best, abs=2e-3)
         assert chosen["Chubby"] < chosen["Male"]
+
+
+def test_few_validation_faces_narrow_the_margin(stats: AttributeStats) -> None:
+    """The same distributions seen on 60 positives and 140 negatives instead of 400,000 faces: the estimate is the
+    same, the bound wider, the cautious margin narrower; below MIN_CLASS_FACES of a class no margin at all; the
+    Wilson bound is the textbook one (p = 0 of n: z^2 / (n + z^2))."""
+    few = AttributeStats("Narrow_Eyes", stats.positive * 60 / stats.positive.sum(),
+                         stats.negative * 140 / stats.negative.sum())  # fmt: skip
+    m_many = choose_margins({"x": stats}, 0.01, z=BOUND_Z)["x"]
+    m_few = choose_margins({"x": few}, 0.01, z=BOUND_Z)["x"]
+    assert m_few < m_many and choose_margins({"x": few}, 0.01)["x"] == m_many  # the estimate alone: as many faces
+    scarce = AttributeStats("x", stats.positive * (MIN_CLASS_FACES - 1) / stats.positive.sum(), stats.negative)
+    assert choose_margins({"x": scarce, "Male": stats}, 0.01)["x"] == 0 < choose_margins({"x": stats}, 0.01)["x"]
+    assert few.lost_bound("confident", m_many) > stats.lost_bound("confident", m_many)
+    assert few.cost("confident", m_many) == pytest.approx(stats.cost("confident", m_many), rel=1e-3)  # same estimate
+    z = 1.2816
+    assert wilson_upper(0.0, 20, z) == pytest.approx(z * z / (20 + z * z))
+    assert wilson_upper(0.3, 1e12, z) == pytest.approx(0.3, abs=1e-5) and wilson_upper(0.3, 50, 0.0) == pytest.approx(
+        0.3
+    )
 
 
 def test_synthetic_feature_law() -> None:
