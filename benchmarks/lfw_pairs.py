@@ -51,23 +51,34 @@ def _mismatched_line(group: Sequence[str], images: Mapping[str, Sequence[int]], 
     return f"{g} {images[g][a]} {h} {images[h][b]}"
 
 
-def _write_pairs_file(images: Mapping[str, Sequence[int]], out_dir: Path, folds: int, per_fold: int, seed: int) -> Path:
+def _pair_counts(n: Sequence[int]) -> tuple[int, int]:
+    """(matched, mismatched) pairs among people with ``n`` images each."""
+    return sum(m * (m - 1) // 2 for m in n), (sum(n) ** 2 - sum(m * m for m in n)) // 2
+
+
+def _write_pairs_file(images: Mapping[str, Sequence[int]], out_dir: Path, folds: int, per_fold: int, seed: int,
+                      fewer_ok: bool = False) -> Path:  # fmt: skip
     """``out_dir/pairs.txt`` for the people of ``images`` (LFW name -> image numbers; its order is the people's
     order): the people are shuffled with ``seed`` into ``folds`` disjoint groups; each fold has ``per_fold`` matched
     pairs among its people and ``per_fold`` mismatched pairs across them, sampled without duplicates (by index into
-    the enumeration of every pair, so no fold's pairs are ever listed in full)."""
+    the enumeration of every pair, so no fold's pairs are ever listed in full).  ``fewer_ok``: when a fold's people
+    cannot give ``per_fold`` pairs of a kind, every fold gets as many as the poorest can (the header says how many)
+    instead of an error."""
     names = list(images)
     if len(names) < 2 * folds:
         raise ValueError(f"{len(names)} people, need >= 2 per fold ({2 * folds} for {folds} folds); lower folds")
     rank = {name: i for i, name in enumerate(names)}
     rng = np.random.default_rng(seed)
     order = [names[i] for i in rng.permutation(len(names))]
+    groups = [sorted(order[k::folds], key=rank.__getitem__) for k in range(folds)]
+    if fewer_ok:
+        per_fold = min(per_fold, *(min(_pair_counts([len(images[g]) for g in group])) for group in groups))
+        if per_fold < 1:
+            raise ValueError(f"a fold of {folds} has no matched pair: too few images per person")
     lines = [f"{folds} {per_fold}"]
-    for k in range(folds):
-        group = sorted(order[k::folds], key=rank.__getitem__)
+    for k, group in enumerate(groups):
         n = [len(images[g]) for g in group]
-        n_matched = sum(m * (m - 1) // 2 for m in n)
-        n_mismatched = (sum(n) ** 2 - sum(m * m for m in n)) // 2
+        n_matched, n_mismatched = _pair_counts(n)
         if min(n_matched, n_mismatched) < per_fold:
             raise ValueError(f"fold {k + 1} ({', '.join(group)}) has only {n_matched} matched and {n_mismatched} "
                              f"mismatched pairs; lower per_fold={per_fold}")  # fmt: skip
@@ -106,6 +117,7 @@ def write_lfw_pairs(
     seed: int = 0,
     people: Collection[str] | None = None,
     pad: int = 0,
+    fewer_ok: bool = False,
 ) -> Path:
     """An LFW-format verification set from any identity-labelled images, ``(path, identity)`` pairs:
     ``out_dir/lfw/<name>/<name>_<n:04d>.jpg`` (``name`` = :func:`lfw_name` of the identity; each person's images in
@@ -115,7 +127,9 @@ def write_lfw_pairs(
     ``per_fold`` mismatched pairs across them, sampled without duplicates.
 
     ``people``: use only these identities (e.g. the probe and distractor people of a split, so that a model is
-    verified on people it never trained on); one absent from ``samples`` is an error.  Returns the pairs file's path.
+    verified on people it never trained on); one absent from ``samples`` is an error.  ``fewer_ok``: when a fold's
+    people cannot give ``per_fold`` pairs, every fold gets as many as the poorest can (the ``pairs.txt`` header says
+    how many) instead of an error.  Returns the pairs file's path.
     Raises ``ValueError`` for too few people or pairs, two identities with the same LFW name, or no images."""
     out_dir = Path(out_dir)
     if pad < 0:
@@ -143,7 +157,7 @@ def write_lfw_pairs(
         for n, path in enumerate(files, start=1):
             atomic_write_bytes(pair_image_path(out_dir / "lfw", name, n), _lfw_jpeg(path, pad), fsync=False)
         images[name] = list(range(1, len(files) + 1))
-    return _write_pairs_file(images, out_dir, folds, per_fold, seed)
+    return _write_pairs_file(images, out_dir, folds, per_fold, seed, fewer_ok)
 
 
 def write_orl_pairs(

@@ -117,6 +117,8 @@ def config_option(config: Any, *param_decls: str, field: str | None = None, **at
 
 #: Every ``facesearch`` command, imported when it runs (``facesearch --help`` imports none of them).
 COMMANDS = {
+    "ablate": LazyCommand("facesearch.cli.ablate:ablate_command", "Reproduce the paper's Tables 2-7 with paired "
+                          "seeds, mean and sd over seeds and bootstrap intervals."),
     "attributes": LazyCommand("facesearch.cli.attributes:attributes_group", "Attribute predictors (icmr, moon, "
                               "lnets-anet, mgmtn, mtl-cnn) and attribute labels for identity datasets."),
     "bench": LazyCommand("facesearch.cli.bench:bench", "MegaFace-style identification/verification, LFW verification, "

@@ -73,6 +73,10 @@ def test_errors(casia: Path, tmp_path: Path) -> None:
         write_lfw_pairs(_samples(casia), tmp_path, folds=13)
     with pytest.raises(ValueError, match=r"fold 1 \(.*\) has only 56 matched and 64 mismatched pairs; lower per_fold"):
         write_lfw_pairs(_samples(casia), tmp_path, folds=12, per_fold=100)
+    fewer = write_lfw_pairs(_samples(casia), tmp_path / "fewer", folds=12, per_fold=100, fewer_ok=True)
+    head = fewer.read_text().splitlines()[0].split()
+    assert head[0] == "12" and 1 <= int(head[1]) <= 56  # as many as the poorest fold gives
+    assert all(len(f) == 2 * int(head[1]) for f in read_pairs(fewer).folds)
     with pytest.raises(ValueError, match=r"1 of the 2 people asked for have no images, e.g. \['nobody'\]"):
         write_lfw_pairs(_samples(casia), tmp_path, people=["0000001", "nobody"])
     a, b = casia / "0000001" / "001.jpg", casia / "0000002" / "001.jpg"
