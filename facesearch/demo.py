@@ -52,7 +52,7 @@ ENROL_ID_OFFSET = 1 << 40  # enrolled probe images get ids past every distractor
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of the demo.  The defaults take about 11 minutes on 2 CPU cores (benchmarks/RESULTS.md)."""
+    """Sizes of the demo.  The defaults take about 13 minutes on 2 CPU cores (benchmarks/RESULTS.md)."""
 
     out: Path = Path("runs/demo")
     seed: int = 1
