@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from facesearch.benchmarks.ablate_plan import Tier
 from facesearch.benchmarks.ablate_stats import attribute_counts
 from facesearch.benchmarks.lfw import lfw_name, pair_key, write_lfw_pairs
 from facesearch.benchmarks.split import LANDMARKS, PROBE_LIST, TRAIN_LIST, SplitConfig, write_split
+from facesearch.indexer.shards import file_sha256
 from facesearch.model.attributes import LabelConfig, label_identities
 from facesearch.model.config import ATTRIBUTES
 from facesearch.model.faces.datasets import FaceDataset, Sample
@@ -53,14 +53,6 @@ KIND = "facesearch.ablate_shared"
 SHARED_JSON = "shared.json"
 TEACHER_PROBES = "teacher_probes.json"
 LFW_FOLDS = 10
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _key(path: str | os.PathLike[str]) -> str:
@@ -109,7 +101,7 @@ class Shared:
     @property
     def digest(self) -> str:
         """SHA-256 of ``shared.json``: every result records the shared inputs it was computed on."""
-        return sha256_file(self.root / SHARED_JSON)
+        return file_sha256(self.root / SHARED_JSON)
 
 
 def _inputs(train: Path, train_format: str, probe_list: Path, probe_root: Path, probe_marks: Path | None,
@@ -299,7 +291,7 @@ def prepare_shared(root: Path, data: str, tier: Tier, seed: int, device: str, pr
               "lfw_pairs_per_fold": per_fold, "lfw_images": rows,
               "teacher": teacher_record, "truth": truth is not None, "probes": len(probes),
               "probe_identities": len({s.identity for s in probes}), "distractors": len(distractors),
-              "files": {str(f): sha256_file(f) for f in files}, "provenance": provenance()}  # fmt: skip
+              "files": {str(f): file_sha256(f) for f in files}, "provenance": provenance()}  # fmt: skip
     atomic_write_text(root / SHARED_JSON, json.dumps(record, indent=1) + "\n")
     return load_shared(root)
 
@@ -309,7 +301,7 @@ def load_shared(root: Path) -> Shared:
     record = json.loads((root / SHARED_JSON).read_text(encoding="utf-8"))
     if record.get("kind") != KIND:
         raise ValueError(f"{root / SHARED_JSON} is not a shared-inputs record of facesearch ablate")
-    changed = [f for f, sha in record["files"].items() if not Path(f).is_file() or sha256_file(Path(f)) != sha]
+    changed = [f for f, sha in record["files"].items() if not Path(f).is_file() or file_sha256(Path(f)) != sha]
     if changed:
         raise ValueError(f"{root}: {len(changed)} shared file(s) are missing or changed since they were recorded "
                          f"(e.g. {changed[0]}); delete {root} to make them again (every run then "
@@ -327,4 +319,4 @@ def load_shared(root: Path) -> Shared:
                   {k: (v[0], int(v[1])) for k, v in record["lfw_images"].items()}, truth, teacher)  # fmt: skip
 
 
-__all__ = ["SHARED_JSON", "Shared", "devkit_samples", "lfw_image_rows", "load_shared", "prepare_shared", "sha256_file"]
+__all__ = ["SHARED_JSON", "Shared", "devkit_samples", "lfw_image_rows", "load_shared", "prepare_shared"]

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from facesearch.benchmarks import devkit
+from facesearch.indexer.shards import file_sha256
 from facesearch.model.faces.celeba import read_celeba, read_identity_file
 from facesearch.model.faces.samples import LANDMARK_COLUMNS, Sample, read_casia, read_list
 from facesearch.model.fileio import atomic_write_text
@@ -251,14 +252,6 @@ def _list_csv(samples: Sequence[Sample], start: Path, attributes: bool = True) -
     return buf.getvalue()
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _is_split_file(name: str) -> bool:
     return name in (TRAIN_LIST, PROBE_LIST, LANDMARKS, TEST_IDENTITIES) or devkit.parse_list_name(name) is not None
 
@@ -293,7 +286,7 @@ def _existing(out: Path, request: Mapping[str, Any]) -> dict[str, Any] | None:
         raise ValueError(f"{out} already holds a different split (it differs in {keys}); choose another folder or "
                          f"delete that one")  # fmt: skip
     files = old.get("files", {})
-    if all((out / name).is_file() and _sha256_file(out / name) == sha for name, sha in files.items()):
+    if all((out / name).is_file() and file_sha256(out / name) == sha for name, sha in files.items()):
         return dict(old)
     log.warning("%s: the same split with a file missing or changed; writing it again", out)
     return None
@@ -346,11 +339,11 @@ def write_split(cfg: SplitConfig) -> SplitResult:
     names = _write_files(plan, cfg, root)
     source_file = cfg.data if cfg.data.is_file() else cfg.identities
     source = {"data": str(cfg.data), "data_format": cfg.data_format, "file": str(source_file or ""),
-              "sha256": _sha256_file(source_file) if source_file is not None else None,
+              "sha256": file_sha256(source_file) if source_file is not None else None,
               "images": len(samples), "people": len({s.identity for s in samples})}  # fmt: skip
     record = {"request": request, "config": cfg.to_dict(), "source": source, "image_root": str(root),
               "counts": plan.counts(), "sizes": list(plan.sizes),
-              "files": {name: _sha256_file(cfg.out / name) for name in sorted(names)},
+              "files": {name: file_sha256(cfg.out / name) for name in sorted(names)},
               "probe_people": list(plan.probe_people), "distractor_people": list(plan.distractor_people),
               "provenance": provenance()}  # fmt: skip
     atomic_write_text(cfg.out / RECORD, json.dumps(record, indent=2, ensure_ascii=False) + "\n")

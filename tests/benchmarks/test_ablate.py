@@ -17,7 +17,6 @@ from click.testing import CliRunner
 from facesearch.benchmarks.ablate import AblateConfig, check_out, run_ablation
 from facesearch.benchmarks.ablate_plan import TABLES, TIERS, Variant, get_tier, plan_variants, resolve_tables
 from facesearch.benchmarks.ablate_runs import initial_weights
-from facesearch.benchmarks.ablate_shared import sha256_file
 from facesearch.benchmarks.ablate_stats import (
     attribute_counts,
     attribute_rates,
@@ -27,6 +26,7 @@ from facesearch.benchmarks.ablate_stats import (
 )
 from facesearch.benchmarks.attribute_accuracy import balanced_accuracy
 from facesearch.cli import main
+from facesearch.indexer.shards import file_sha256
 from facesearch.model.checkpoint import load_checkpoint
 from facesearch.model.config import ATTRIBUTES
 from facesearch.model.faces.synth import SynthConfig, generate_faces
@@ -86,7 +86,7 @@ def test_smoke_runs_record_exact_counts_and_the_shared_inputs(smoke: tuple[Path,
     shared = json.loads((out / "shared" / "shared.json").read_text())
     assert shared["lfw_people"] == 20 and shared["teacher"]["key"] == "moon"
     for path, sha in shared["files"].items():
-        assert sha256_file(Path(path)) == sha
+        assert file_sha256(Path(path)) == sha
     for key in PAIR.split(","):
         for seed in (0, 1):
             r = json.loads((out / "runs" / key / f"seed{seed}" / "result.json").read_text())
