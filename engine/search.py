@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -223,15 +223,24 @@ class SearchEngine:
             return face.crop
 
         (out,) = iter_embeddings(embedder, [names], crop=crop)
+        crops = [attribute_crops.get(n) for n in names]
+        return out.embeddings, self._probe_attributes(out.probabilities, crops, names), names
+
+    def _probe_attributes(
+        self, head: np.ndarray, crops: Sequence[np.ndarray | None], names: Sequence[str]
+    ) -> np.ndarray:
+        """Probes' attribute probabilities (nq, attributes) in the gallery's order, from the source of the gallery's
+        columns: the index's predictor on its ``crops`` of the faces, else the model's head (``head``: (nq, the
+        model's attributes))."""
+        predictor = self.predictor
         if predictor is None:
-            order = [list(embedder.attributes).index(a) for a in self.attribute_names]
-            return out.embeddings, out.probabilities[:, order], names
+            order = [list(self._model().attributes).index(a) for a in self.attribute_names]
+            return head[:, order]
         order = [list(predictor.attributes).index(a) for a in self.attribute_names]
-        crops = [attribute_crops[n] for n in names]
-        if any(c is None for c in crops):
-            raise ValueError(f"probe {names[crops.index(None)]}: no attribute crop for the index's predictor")
-        probs = predictor.predict_crops(np.stack([c for c in crops if c is not None]))
-        return out.embeddings, probs[:, order], names
+        missing = [n for n, c in zip(names, crops, strict=True) if c is None]
+        if missing:
+            raise ValueError(f"probe {missing[0]}: no attribute crop for the index's predictor")
+        return predictor.predict_crops(np.stack([c for c in crops if c is not None]))[:, order]
 
     @property
     def flat_vectors(self) -> np.ndarray | None:
@@ -293,19 +302,39 @@ class SearchEngine:
             raise ValueError("image queries need the model: open the engine with checkpoint=...")
         return self.embedder
 
-    def embed_array(self, image: np.ndarray, detector: FaceDetector, what: str = "image") -> np.ndarray:
-        """Detect, align and embed one decoded (H, W, 3) RGB image: (1, d).  No usable face is a ``ValueError``
-        naming ``what``; an image OpenCV cannot process is an :class:`facesearch.model.faces.images.ImageError`."""
+    @overload
+    def embed_array(
+        self, image: np.ndarray, detector: FaceDetector, what: str = ..., attributes: Literal[False] = ...
+    ) -> np.ndarray: ...
+    @overload
+    def embed_array(
+        self, image: np.ndarray, detector: FaceDetector, what: str = ..., *, attributes: Literal[True]
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+    def embed_array(
+        self, image: np.ndarray, detector: FaceDetector, what: str = "image", attributes: bool = False
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Detect, align and embed one decoded (H, W, 3) RGB image: (1, d); with ``attributes`` also its attribute
+        probabilities (1, attributes) in the gallery's order, as :meth:`embed_images` gives them.  No usable face is a
+        ``ValueError`` naming ``what``; an image OpenCV cannot process is an
+        :class:`facesearch.model.faces.images.ImageError`."""
         embedder = self._model()
+        predictor = self.predictor if attributes else None
+        attribute_crops: list[np.ndarray | None] = []
 
         def crop(source: np.ndarray) -> np.ndarray:
-            face = prepare_image(source, detector=detector, size=embedder.input_size, max_faces=1, name=what).faces[0]
+            prepared = prepare_image(source, detector=detector, size=embedder.input_size, max_faces=1, name=what,
+                                     keep_image=predictor is not None)  # fmt: skip
+            face = prepared.faces[0]
             if isinstance(face, FaceFailure):
                 raise ValueError(face.message) if face.reason in FACE_REASONS else face.error
+            if predictor is not None:  # the predictor's own crop of the same face, as in embed_images
+                attribute_crops.append(predictor_crops(prepared, predictor.input_spec, embedder.input_size)[0])
             return face.crop
 
         (out,) = iter_embeddings(embedder, [[image]], crop=crop)
-        return out.embeddings
+        if not attributes:
+            return out.embeddings
+        return out.embeddings, self._probe_attributes(out.probabilities, attribute_crops, [what])
 
     def _hit(self, row: int, score: float, count: int = 1, rank_score: float | None = None) -> Hit:
         c = self.columns

@@ -9,8 +9,10 @@
   ``"probe_attributes": {"Male": 0.93, ...}`` (or a list of such, one per embedding row); each result then carries
   its ``margins``.  A bad match (an unknown attribute, margins and max_mate_loss both or neither, no validation
   statistics to choose margins from, a probe without a matched attribute) is a 400 saying so.
-- ``POST /search/image``: a multipart upload ``image`` (+ the same options as form fields) -> detection, alignment
-  and embedding with the index's model, then the search.
+- ``POST /search/image``: a multipart upload ``image`` (+ the same options as form fields; ``match`` as its JSON) ->
+  detection, alignment and embedding with the index's model, then the search.  With a match the probe's attribute
+  probabilities come from the image, from the source of the gallery's columns (the index's attribute predictor, else
+  the model's head), as ``facesearch search --probes`` takes them.
 - ``GET /openapi.json`` / ``/docs`` / ``/redoc``: the OpenAPI description (behind the token, when there is one,
   unless ``public_docs``).
 
@@ -50,9 +52,9 @@ import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
-from facesearch.engine.attribute_match import AttributeMatch, probe_codes, probe_rows, resolve_match
+from facesearch.engine.attribute_match import AttributeMatch, ResolvedMatch, probe_codes, probe_rows, resolve_match
 from facesearch.engine.batcher import Busy, QueueTimeout, SearchBatcher, _Pending  # noqa: F401  (_Pending: for tests)
 from facesearch.engine.filters import Filter
 from facesearch.engine.http_guard import Refusal, RequestGuard
@@ -230,6 +232,17 @@ class _Service:
                                 "a smaller k or a simpler filter")  # fmt: skip
         return flt, seconds
 
+    def attribute_match(self, body: MatchQuery) -> tuple[AttributeMatch, ResolvedMatch]:
+        """A request's attribute match and its decided margins, or the 400 naming what is wrong."""
+        names = self.engine.attribute_names
+        try:
+            margins = None if body.margins is None else tuple(np.atleast_1d(body.margins).tolist())
+            match = AttributeMatch(names if body.attributes == "all" else tuple(body.attributes), margins,
+                                   body.max_mate_loss)  # fmt: skip
+            return match, resolve_match(match, names, self.engine.loaded.info.attribute_provenance)
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from None
+
     def matching(self, body: MatchQuery | None, probes: dict[str, float | None] | list[dict[str, float | None]] | None,
                  rows: int) -> tuple[AttributeMatch | None, np.ndarray | None, int]:  # fmt: skip
         """A request's attribute match, its probes' attribute probabilities (rows, attributes) and the number of
@@ -238,12 +251,9 @@ class _Service:
             if probes is not None:
                 raise HTTPException(400, "probe_attributes is only used with match (the attributes to match on)")
             return None, None, 1
+        match, resolved = self.attribute_match(body)
         names = self.engine.attribute_names
         try:
-            margins = None if body.margins is None else tuple(np.atleast_1d(body.margins).tolist())
-            match = AttributeMatch(names if body.attributes == "all" else tuple(body.attributes), margins,
-                                   body.max_mate_loss)  # fmt: skip
-            resolved = resolve_match(match, names, self.engine.loaded.info.attribute_provenance)
             if probes is None:
                 raise ValueError("match needs probe_attributes, each probe's attribute probabilities by name (one "
                                  "mapping, or one per embedding row): an embedding carries none")  # fmt: skip
@@ -254,6 +264,32 @@ class _Service:
         except ValueError as e:
             raise HTTPException(400, str(e)) from None
         return match, probe, len(np.unique(probe_codes(resolved, names, probe)))
+
+    def image_match(self, text: str | None) -> AttributeMatch | None:
+        """An image query's attribute match (``text``: its ``match`` form field, the JSON of a :class:`MatchQuery`),
+        checked before the image is read: a 400 for JSON that is not a match, for a bad match (as
+        :meth:`attribute_match`) and when the probe's source of attribute probabilities lacks a matched one."""
+        if text is None:
+            return None
+        try:
+            body = MatchQuery.model_validate_json(text)
+        except ValidationError as e:
+            error = e.errors()[0]
+            where = "".join(f".{part}" for part in error["loc"][:1])  # the field; deeper parts name union members
+            raise HTTPException(400, f"match{where}: {error['msg']} (the match form field is JSON: "
+                                '{"attributes": [...] | "all", "margins": m | [...]} or "max_mate_loss": r '
+                                "instead of margins)") from None  # fmt: skip
+        match, _ = self.attribute_match(body)
+        predictor, embedder = self.engine.predictor, self.engine.embedder
+        source = predictor or embedder
+        assert source is not None, "plan(image=True) checked that there is a model"
+        lacking = [a for a in match.attributes if a not in source.attributes]
+        if lacking:
+            what = "the index's attribute predictor" if predictor is not None else "the model's attribute head"
+            has = ", ".join(source.attributes) or "nothing"
+            raise HTTPException(400, f"match on an image needs the probe's probabilities of {lacking}, which {what} "
+                                f"does not predict (it predicts: {has})")  # fmt: skip
+        return match
 
     async def search(self, xq: np.ndarray, k: int, text: str | None, group_by: str | None, agg: str,
                      thr: float | None, match: AttributeMatch | None = None, probe: np.ndarray | None = None,
@@ -292,13 +328,16 @@ class _Service:
             raise HTTPException(400, str(e)) from None
         return data
 
-    def embed(self, data: bytes, name: str) -> np.ndarray:
-        """Decode, detect, align and embed one uploaded image (in a worker thread): (1, d)."""
+    def embed(self, data: bytes, name: str, attributes: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Decode, detect, align and embed one uploaded image (in a worker thread): (1, d), and with ``attributes``
+        its attribute probabilities (1, attributes) in the gallery's order (else None)."""
         assert self.detector is not None, "checked by the route"
         try:
             with self.gate.hold():
                 image = decode_image(data, name, max_pixels=self.limits.max_pixels)
-                return self.engine.embed_array(image, self.detector, what=name)
+                if attributes:
+                    return self.engine.embed_array(image, self.detector, what=name, attributes=True)
+                return self.engine.embed_array(image, self.detector, what=name), None
         except Busy as e:
             raise _busy(e) from None
         except ImageError as e:
@@ -368,12 +407,14 @@ def create_app(
         group_by: str | None = Form(None, pattern="^identity$"),
         agg: str = Form("max", pattern="^(max|mean)$"),
         threshold: float | None = Form(None),
+        match: str | None = Form(None),
     ) -> Response:
         svc.plan(1, k, filter, group_by, image=True)  # a bad or costly search is refused before the image is read
+        attribute_match = svc.image_match(match)  # so is a bad match
         name = image.filename or "upload"
         data = svc.check_image(await image.read(limits.max_bytes + 1), name)
-        xq = await run_in_threadpool(svc.embed, data, name)
-        return await svc.search(xq, k, filter, group_by, agg, threshold)
+        xq, probe = await run_in_threadpool(svc.embed, data, name, attribute_match is not None)
+        return await svc.search(xq, k, filter, group_by, agg, threshold, attribute_match, probe)
 
     return app
 

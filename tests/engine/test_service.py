@@ -1,17 +1,20 @@
 """The HTTP service through FastAPI's test client: results equal the library's, 4xx for every bad input, bearer
-token, size limits, concurrent requests, an image query through the index's model, the OpenAPI description."""
+token, size limits, concurrent requests, an image query through the index's model (with an attribute match: the probe's
+attributes from the image, from the model's head or the index's predictor), the OpenAPI description."""
 
 from __future__ import annotations
 
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from facesearch.engine.attribute_match import AttributeMatch
 from facesearch.engine.search import SearchEngine
 from facesearch.engine.service import SearchBatcher, _Pending, create_app
 from facesearch.indexer.embed import EmbedConfig
@@ -26,6 +29,21 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> SearchEngine:
     write_synth_features(SynthFeaturesConfig(out=root / "s", rows=500, dim=16, identities=50, dtype="float32"))
     build_index(root / "s", root / "i", IndexConfig(kind="flat", recall_sample=0))
     return SearchEngine.open(root / "i")
+
+
+@pytest.fixture(scope="module")
+def faces(orl_dir: Path, yunet_path: Path, ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> SearchEngine:
+    """The ORL s1 faces indexed with the tiny model; attribute columns from its own head."""
+    root = tmp_path_factory.mktemp("faces")
+    run_embed(EmbedConfig(input=orl_dir / "s1", checkpoint=ckpt, out=root / "s", detector_pad=20, workers=1))
+    build_index(root / "s", root / "i", IndexConfig(kind="flat", recall_sample=0))
+    return SearchEngine.open(root / "i", checkpoint=ckpt, device="cpu")
+
+
+def _png(path: Path) -> bytes:
+    ok, png = cv2.imencode(".png", cv2.imread(str(path)))
+    assert ok
+    return png.tobytes()
 
 
 def test_embedding_search_equals_the_library(engine):
@@ -138,23 +156,90 @@ def test_batcher_merges_waiting_requests_with_equal_options(engine, monkeypatch)
         wrong.future.result()
 
 
-def test_image_query_through_the_index_model(orl_dir, yunet_path, ckpt, tmp_path):
-    cfg = EmbedConfig(input=orl_dir / "s1", checkpoint=ckpt, out=tmp_path / "s", detector_pad=20, workers=1)
-    run_embed(cfg)
-    build_index(tmp_path / "s", tmp_path / "i", IndexConfig(kind="flat", recall_sample=0))
-    client = TestClient(create_app(SearchEngine.open(tmp_path / "i", checkpoint=ckpt, device="cpu"), detector_pad=20))
-    ok, png = cv2.imencode(".png", cv2.imread(str(orl_dir / "s1" / "3.pgm")))
-    assert ok
-    res = client.post("/search/image", files={"image": ("3.png", png.tobytes(), "image/png")}, data={"k": "3"})
+def test_image_query_through_the_index_model(faces, orl_dir):
+    client = TestClient(create_app(faces, detector_pad=20))
+    png = _png(orl_dir / "s1" / "3.pgm")
+    res = client.post("/search/image", files={"image": ("3.png", png, "image/png")}, data={"k": "3"})
     assert res.status_code == 200, res.text
     top = res.json()["results"][0]["hits"][0]
     assert top["path"].endswith("3.pgm") and top["score"] > 0.999
     bad = client.post("/search/image", files={"image": ("t.jpg", b"hello, not a jpeg", "image/jpeg")})
     assert bad.status_code == 400 and "t.jpg" in bad.text
     blank = np.zeros((112, 92, 3), np.uint8)
-    ok, png = cv2.imencode(".png", blank)
+    _, png = cv2.imencode(".png", blank)
     noface = client.post("/search/image", files={"image": ("blank.png", png.tobytes(), "image/png")})
     assert noface.status_code == 422 and "no face" in noface.text.lower()
+
+
+def _matched_image_queries(engine: SearchEngine, png: Path) -> None:
+    """/search/image with a ``match`` form field answers as the library's search on the probe's embedding and
+    attribute probabilities from ``SearchEngine.embed_images`` (the ``facesearch search --probes`` path)."""
+    client = TestClient(create_app(engine, detector_pad=20))
+    xq, probe, _ = engine.embed_images([png], pad=20)
+    names = engine.attribute_names
+    assert names[1] == "Big_Nose"  # the tiny model's probabilities all lie near 0.5; at margin 0.5 Big_Nose splits s1
+    cases = [({"attributes": "all", "margins": 0.5}, AttributeMatch(names, margins=(0.5,)), None),
+             ({"attributes": ["Big_Nose", "Male"], "margins": [0.5, 0.1]},
+              AttributeMatch(("Big_Nose", "Male"), margins=(0.5, 0.1)), "id >= 1")]  # fmt: skip
+    for body, match, flt in cases:
+        form = {"k": "4", "match": json.dumps(body), **({} if flt is None else {"filter": flt})}
+        res = client.post("/search/image", files={"image": ("3.png", png.read_bytes(), "image/png")}, data=form)
+        assert res.status_code == 200, res.text
+        (got,) = res.json()["results"]
+        (want,) = engine.search(xq, k=4, filter=flt, match=match, probe_attributes=probe)
+        assert [h["id"] for h in got["hits"]] == [h.id for h in want.hits]
+        assert got["passing"] == want.passing and got["margins"] == want.margins
+        assert want.passing < engine.loaded.info.nb - (flt is not None)  # the match did exclude items
+
+
+def test_image_query_with_an_attribute_match(faces, orl_dir, ckpt, tmp_path, monkeypatch):
+    """The probe's attribute probabilities come from the image, from the source of the gallery's columns: the
+    model's head, or (an index embedded with --attributes-from, here the checkpoint read as an identity-crop
+    predictor) the index's predictor, run once per image query."""
+    png = tmp_path / "3.png"
+    png.write_bytes(_png(orl_dir / "s1" / "3.pgm"))
+    _matched_image_queries(faces, png)
+    cfg = EmbedConfig(input=orl_dir / "s1", checkpoint=ckpt, out=tmp_path / "s", detector_pad=20, workers=1,
+                      attributes_from=ckpt)  # fmt: skip
+    run_embed(cfg)
+    build_index(tmp_path / "s", tmp_path / "i", IndexConfig(kind="flat", recall_sample=0))
+    predicted = SearchEngine.open(tmp_path / "i", checkpoint=ckpt, device="cpu")
+    assert predicted.predictor is not None
+    calls, real = [], predicted.predictor.predict_crops
+    monkeypatch.setattr(predicted.predictor, "predict_crops", lambda crops: calls.append(len(crops)) or real(crops))
+    _matched_image_queries(predicted, png)
+    assert calls == [1] * 3  # embed_images once, then each of the two image queries
+
+
+def test_bad_image_matches_are_400_before_the_image_is_read(faces, engine, monkeypatch):
+    """A match that is not JSON, not a match, or a bad one (as on /search/embedding) is a 400 naming the problem,
+    answered before the upload is decoded (the upload here is not an image); so is a match with no model, or whose
+    attributes the model's head does not predict."""
+    client = TestClient(create_app(faces, detector_pad=20))
+    names = list(faces.attribute_names)
+    cases = [
+        ("{attributes: all}", "match: Invalid JSON"),
+        ('["Male"]', "match: Input should be an object"),
+        ('{"margins": 0.2}', "match.attributes: Field required"),
+        ('{"attributes": 3, "margins": 0.2}', "match.attributes: Input should be"),
+        ('{"attributes": ["Male"]}', "exactly one of margins"),
+        ('{"attributes": ["Male"], "margins": 0.7}', "[0, 0.5]"),
+        ('{"attributes": ["Beard"], "margins": 0.2}', "no attribute column ['Beard']"),
+        ('{"attributes": "all", "max_mate_loss": 0.01}', "no validation statistics"),
+    ]
+    for text, message in cases:
+        res = client.post("/search/image", files={"image": ("x.png", b"not an image", "image/png")},
+                          data={"match": text})  # fmt: skip
+        assert res.status_code == 400 and message in res.json()["detail"], (text, res.status_code, res.text)
+    ok = json.dumps({"attributes": names[:2], "margins": 0.2})
+    no_model = TestClient(create_app(engine)).post("/search/image", files={"image": ("x.png", b"x", "image/png")},
+                                                   data={"match": ok})  # fmt: skip
+    assert no_model.status_code == 400 and "without --checkpoint" in no_model.text
+    assert faces.embedder is not None
+    monkeypatch.setattr(type(faces.embedder), "attributes", property(lambda self: tuple(names[1:])))
+    res = client.post("/search/image", files={"image": ("x.png", b"x", "image/png")}, data={"match": ok})
+    assert res.status_code == 400, res.text
+    assert f"probabilities of {names[:1]}, which the model's attribute head does not predict" in res.json()["detail"]
 
 
 def test_embeddings_are_normalised_and_bad_rows_named(engine):
