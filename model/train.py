@@ -11,6 +11,9 @@ Outputs under ``cfg.out``:
 * ``detections.jsonl`` (or ``cfg.detections``): the faces detected in images without landmarks, each image once,
   reused by later epochs, resumed runs and any run pointed at the same file.
 
+With ``cfg.crop_store`` the aligned crops are read from that store (:mod:`facesearch.model.faces.crop_store`, built on
+first use, shared by runs on the same images) instead of decoded and aligned at every step; the batches are the same.
+
 Data problems stop the run instead of training on what is left: fewer than ``min_readable`` of the listed files
 readable (checked with one ``stat`` per file before training, then counting decode failures as they appear), or more
 than ``max_skipped_steps`` of the steps skipped for want of 2 readable images.
@@ -66,6 +69,7 @@ from facesearch.model.trainer_data import (
     train_loader,
     val_loader,
     visited_indices,
+    with_crop_store,
 )
 
 log = logging.getLogger(__name__)
@@ -332,6 +336,19 @@ def _detect(run: _Run, sampler: StepBatchSampler) -> None:
     _check_data(run)
 
 
+def _use_crop_store(run: _Run, start: int) -> None:
+    """Read the crops from ``cfg.crop_store``, built on first use: every image's face detected first (through the
+    detection cache), since the store holds what the datasets make of every image."""
+    cfg, train_set, val_set = run.cfg, run.data.train, run.data.val
+    assert cfg.crop_store is not None, "called with a crop store"
+    record: dict[str, Any] = {"event": "crop_store", "step": start, "path": str(cfg.crop_store)}
+    if train_set.detector_factory is not None:
+        cache = DetectionCache(cfg.detections or cfg.out / DETECTIONS, detector_identity())
+        record.update(attach_detections([train_set, val_set], cache, cfg.resolved_workers).record())
+    run.data, stats = with_crop_store(run.data, cfg.crop_store, cfg.resolved_workers)
+    run.emit({**record, **stats.record()})
+
+
 def _check_data(run: _Run, steps: int = 0) -> None:
     """Stop (after listing the skipped files) when too many files are unreadable or too many of this invocation's
     ``steps`` were skipped."""
@@ -368,6 +385,8 @@ def _loop(run: _Run, start: int, stop: int) -> int:
     cfg, pin = run.cfg, run.device.type == "cuda"
     sampler = StepBatchSampler(len(run.data.train), cfg.resolved_batch_size, cfg.seed, start, stop, cfg.flip)
     _detect(run, sampler)
+    if cfg.crop_store is not None:
+        _use_crop_store(run, start)
     loader = train_loader(run.data.train, sampler, cfg.resolved_workers, pin)
     vloader = val_loader(run.data.val, cfg.resolved_batch_size, cfg.resolved_workers, pin, cfg.seed)
     run.model.train()

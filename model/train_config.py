@@ -82,7 +82,7 @@ NETWORKS: tuple[str, ...] = ("facenet", "mgmtn")
 
 RESUME_FREE_FIELDS: frozenset[str] = frozenset(
     {"data", "labels", "identities", "out", "resume", "stop_at", "device", "precision", "deterministic", "num_workers",
-     "val_every", "checkpoint_every", "log_every", "detections", "min_readable", "max_skipped_steps"}
+     "val_every", "checkpoint_every", "log_every", "detections", "min_readable", "max_skipped_steps", "crop_store"}
 )  # fmt: skip
 
 
@@ -118,7 +118,9 @@ class TrainConfig:
     (:func:`facesearch.model.losses.similarity_loss`; LNets+ANet's pretraining).
     ``network``: :data:`NETWORKS`; ``mgmtn`` trains MGMTN (attributes only: every stage needs lambda2 = 0; crop
     ``template`` or ``margin``) with ``fusion`` and the frozen mask network ``mask_net`` (a file of
-    :func:`facesearch.model.predictors.mgmtn_train.train_mask_net`; None = the analytic masks)."""
+    :func:`facesearch.model.predictors.mgmtn_train.train_mask_net`; None = the analytic masks).
+    ``crop_store``: a directory of the run's aligned crops (:mod:`facesearch.model.faces.crop_store`), built on first
+    use and memory-mapped after, so steps read crops instead of decoding and aligning images (the same batches)."""
 
     data: Path
     out: Path = Path("runs/train")
@@ -162,12 +164,13 @@ class TrainConfig:
     network: str = "facenet"
     fusion: str = "g2ff"
     mask_net: Path | None = None
+    crop_store: Path | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "data", Path(self.data))
         set_(self, "out", Path(self.out))
-        for name in ("labels", "identities", "detections", "init", "mask_net"):
+        for name in ("labels", "identities", "detections", "init", "mask_net", "crop_store"):
             set_(self, name, None if getattr(self, name) is None else Path(getattr(self, name)))
         set_(self, "input_size", tuple(int(v) for v in self.input_size))
         set_(self, "attributes", tuple(self.attributes))
@@ -258,7 +261,7 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d.update(data=str(self.data), out=str(self.out))
         d.update({k: None if getattr(self, k) is None else str(getattr(self, k)) for k in
-                  ("labels", "identities", "detections", "init", "mask_net")})  # fmt: skip
+                  ("labels", "identities", "detections", "init", "mask_net", "crop_store")})  # fmt: skip
         return json.loads(json.dumps(d))
 
     @classmethod

@@ -12,6 +12,8 @@ seen.
   kept beside the run (:mod:`facesearch.model.faces.detections`, whose names are re-exported here).
 * Every listed file is checked with one ``stat`` before training; too few readable files is an error, not a run
   that skips most of its steps.
+* With a crop store (:func:`with_crop_store`) the datasets read each aligned crop from a memory-mapped file made
+  once by the same datasets, instead of decoding and aligning it at every step; flips still apply per step.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from facesearch.model.faces.crop_store import BuildStats, StoredFaceDataset, ensure_crop_store
 from facesearch.model.faces.datasets import (
     FILE_REASONS,
     FaceDataset,
@@ -186,6 +189,16 @@ def prepare_data(
     )
 
 
+def with_crop_store(data: TrainingData, store: Path, workers: int = 0) -> tuple[TrainingData, BuildStats]:
+    """``data`` with datasets that read their crops from the crop store at ``store``
+    (:mod:`facesearch.model.faces.crop_store`), built from ``data.train`` and ``data.val`` on first use (in
+    ``workers`` processes) and reused after.  Attach the detections of every image first: the store holds what the
+    datasets make of them.  The crops, failures and so batches are those of ``data``, bit for bit."""
+    crops, stats = ensure_crop_store(store, [data.train, data.val], workers)
+    train, val = StoredFaceDataset(data.train, crops), StoredFaceDataset(data.val, crops)
+    return dataclasses.replace(data, train=train, val=val), stats
+
+
 def check_readable(report: Iterable[Failure], total: int, min_readable: float, listed: bool, see: str = "") -> None:
     """Raise ``ValueError`` (one line: how many, why, a few examples) when the unusable files among ``report``
     (:data:`FILE_REASONS`) leave fewer than ``min_readable`` of ``total`` readable.  ``listed``: the up-front check of
@@ -340,4 +353,5 @@ __all__ = [
     "train_loader",
     "val_loader",
     "visited_indices",
+    "with_crop_store",
 ]

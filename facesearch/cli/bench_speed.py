@@ -131,6 +131,26 @@ def search_command(**opts: Any) -> None:
     click.echo(search_speed.format_report(search_speed.run(search_speed.SearchSpeedConfig(**opts))))
 
 
+@speed.command("crop-store")
+@click.option("--images", type=int, default=256, show_default=True, help="Synthetic training images.")
+@click.option("--identities", type=int, default=16, show_default=True, help="Synthetic identities.")
+@click.option("--image-size", type=int, default=250, show_default=True, help="Side of the synthetic JPEGs in pixels.")
+@click.option("--arch", default="fast", show_default=True, help="Architecture of the network.")
+@click.option("--width", type=float, default=0.25, show_default=True, help="Filter-count multiplier.")
+@click.option("--input-size", default="112x96", show_default=True, help="Network input HEIGHTxWIDTH.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per step.")
+@click.option("--workers", type=int, default=None, help="DataLoader workers [default: min(2, CPUs)].")
+@click.option("--device", default="cpu", show_default=True, help=_DEVICE_HELP)
+@click.option("--precision", default="fp32", show_default=True, help="fp32, bf16 or auto (as facesearch train).")
+@click.option("--json", type=_JSON, default=None, help="Also write the results here.")
+@user_errors
+def crop_store_command(**opts: Any) -> None:
+    """Data-loader images/s without and with the crop store, against the model's training step alone."""
+    from facesearch.benchmarks.speed import crop_store
+
+    click.echo(crop_store.format_report(crop_store.run(crop_store.CropStoreSpeedConfig(**opts))))
+
+
 @speed.command("megaface")
 @click.option("--work", type=_DIR, default=Path("runs/megaface_speed"), show_default=True,
               help="Folder for features and results.")  # fmt: skip

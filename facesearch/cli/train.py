@@ -36,6 +36,10 @@ def _d(name: str) -> str:
 _IDENTITIES_HELP = ("Identity file ('file identity' lines, as identity_CelebA.txt) naming the images of a flat --data "
                     "folder, or replacing a CelebA root's.")  # fmt: skip
 _DETECTIONS_HELP = "Face detection cache to use and extend [default: OUT/detections.jsonl]; runs may share one."
+_CROP_STORE_HELP = (
+    "Directory of the aligned crops (uint8, memory-mapped): built on first use, then steps read crops from it "
+    "instead of decoding and aligning images (the same batches); runs may share one."
+)
 _SKIPPED_HELP = ("Stop when more than this fraction of the steps is skipped (< 2 readable images) "
                  f"[default: {_d('max_skipped_steps')}].")  # fmt: skip
 _ATTRIBUTES_HELP = f"Comma-separated attributes of the head, of {', '.join(ATTRIBUTES)} [default: all seven]."
@@ -50,6 +54,7 @@ _OPTIONS = [
     _opt("--format", click.Choice(DATA_FORMATS), _FORMAT_HELP, "data_format"),
     _opt("--identities", click.Path(path_type=Path), _IDENTITIES_HELP),
     _opt("--detections", click.Path(path_type=Path), _DETECTIONS_HELP),
+    _opt("--crop-store", click.Path(file_okay=False, path_type=Path), _CROP_STORE_HELP),
     _opt(
         "--min-readable",
         float,

@@ -24,6 +24,7 @@ SCRIPTS = {
     "search": ("search_speed", "SearchSpeedConfig"),
     "megaface": ("megaface_speed", "MegafaceSpeedConfig"),
     "latency": ("search_latency", "SearchLatencyConfig"),
+    "crop-store": ("crop_store", "CropStoreSpeedConfig"),
 }
 # arguments that differ from every default, for each subcommand
 NON_DEFAULT = {
@@ -41,6 +42,9 @@ NON_DEFAULT = {
     "megaface": ["--work", "w", "--rows", "100", "--dim", "8", "--probes", "4", "--device", "cuda"],
     "latency": ["--shards", "s", "--probes", "p", "--rows", "100", "--dim", "8", "--kinds", "flat", "--single", "2",
                 "--batch", "3", "--k", "2", "--http", "--concurrency", "2,8", "--http-seconds", "1", "--work", "w"],
+    "crop-store": ["--images", "40", "--identities", "4", "--image-size", "96", "--arch", "full", "--width", "0.5",
+                   "--input-size", "56x48", "--batch-size", "4", "--workers", "1", "--device", "cuda", "--precision",
+                   "bf16", "--json", "c.json"],
 }  # fmt: skip
 
 
@@ -177,3 +181,19 @@ def test_latency(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert r["machine"]["gemm_fp32_tflops"] > 0 and r["machine"]["bandwidth_gbs"] > 0 and r["provenance"]["machine"]
     assert (tmp_path / "latency.md").read_text().count("\n| flat |") == len(r["rows"])
     assert "| flat | none |" in result.output
+
+
+@pytest.mark.slow  # synthetic images, a store build, two loaders and four timed paths (~5 s on 2 cores)
+def test_crop_store(tmp_path: Path, one_thread: None) -> None:
+    out = tmp_path / "crop_store.json"
+    args = ["crop-store", "--images", "24", "--identities", "4", "--image-size", "96", "--width", "0.125",
+            "--input-size", "56x48", "--batch-size", "6", "--workers", "0", "--json", str(out)]  # fmt: skip
+    result = CliRunner().invoke(speed, args)
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    assert set(r["paths"]) == {"loader_decode", "store_build", "loader_store", "model_alone", "train_decode",
+                               "train_store"}  # fmt: skip
+    assert all(p["images_per_s"] > 0 for p in r["paths"].values()) and r["paths"]["store_build"]["images"] == 24
+    assert 0 < r["ratios"]["store"]["bound"] <= 1 and r["ratios"]["store"]["measured"] > 0
+    assert r["provenance"]["config"]["images"] == 24 and r["store_failed"] == 0
+    assert "| data loader, crop store | " in result.output and "| store | " in result.output
