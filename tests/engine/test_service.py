@@ -31,15 +31,6 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> SearchEngine:
     return SearchEngine.open(root / "i")
 
 
-@pytest.fixture(scope="module")
-def faces(orl_dir: Path, yunet_path: Path, ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> SearchEngine:
-    """The ORL s1 faces indexed with the tiny model; attribute columns from its own head."""
-    root = tmp_path_factory.mktemp("faces")
-    run_embed(EmbedConfig(input=orl_dir / "s1", checkpoint=ckpt, out=root / "s", detector_pad=20, workers=1))
-    build_index(root / "s", root / "i", IndexConfig(kind="flat", recall_sample=0))
-    return SearchEngine.open(root / "i", checkpoint=ckpt, device="cpu")
-
-
 def _png(path: Path) -> bytes:
     ok, png = cv2.imencode(".png", cv2.imread(str(path)))
     assert ok

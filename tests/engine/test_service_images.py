@@ -8,20 +8,14 @@ import logging
 import struct
 import tracemalloc
 import zlib
-from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
 from fastapi.testclient import TestClient
 
 import facesearch.engine.service as service
-from facesearch.engine.search import SearchEngine
 from facesearch.engine.service import create_app
 from facesearch.engine.service_limits import ServiceLimits
-from facesearch.indexer.embed import EmbedConfig
-from facesearch.indexer.index import IndexConfig, build_index
-from facesearch.indexer.pipeline import run_embed
 
 
 def png_of_zeros(width: int, height: int, bit_depth: int = 8, colour: int = 0) -> bytes:
@@ -36,14 +30,6 @@ def png_of_zeros(width: int, height: int, bit_depth: int = 8, colour: int = 0) -
 
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-@pytest.fixture(scope="module")
-def faces(orl_dir: Path, yunet_path: Path, ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> SearchEngine:
-    root = tmp_path_factory.mktemp("faces")
-    run_embed(EmbedConfig(input=orl_dir / "s1", checkpoint=ckpt, out=root / "s", detector_pad=20, workers=1))
-    build_index(root / "s", root / "i", IndexConfig(kind="flat", recall_sample=0))
-    return SearchEngine.open(root / "i", checkpoint=ckpt, device="cpu")
 
 
 def _blank_png() -> bytes:
