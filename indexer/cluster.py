@@ -62,7 +62,8 @@ def cluster_client(cfg: EmbedConfig) -> Iterator[Any]:
     # CNN inference then runs ~40% slower (measured, benchmarks/embed_speed).  Keep glibc's adaptive default.
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
     environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+    # Non-daemonic workers may start the decode processes that feed a GPU (facesearch.indexer.prepare_pool).
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ, "distributed.worker.daemon": False}):
         cluster = _start_cluster(cfg)
     with cluster, Client(cluster) as client:
         yield client

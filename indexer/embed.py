@@ -31,29 +31,30 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from facesearch.indexer.inputs import CELEBA_IMAGES, INPUT_FORMATS, InputItem, list_inputs, walk_images
+from facesearch.indexer.prepare_pool import PrepareSpec, auto_processes, make_preparer, predictor_crops
 from facesearch.indexer.shards import DTYPES, table_from_arrays
 from facesearch.model.config import from_mapping
 from facesearch.model.device import PRECISIONS
 from facesearch.model.faces.detect import KEEP_FACE, DetectOptions, FaceDetector, pose_score
-from facesearch.model.faces.prepare import Face, FaceFailure, PreparedImage, prepare_image
+from facesearch.model.faces.prepare import Face, FaceFailure, PreparedImage
 from facesearch.model.inference import Embedder, iter_embeddings
 from facesearch.model.measure import stage
-from facesearch.model.predictors import AttributePredictor, InputSpec, load_predictor
+from facesearch.model.predictors import AttributePredictor, load_predictor
 
 log = logging.getLogger(__name__)
 
 STAGES: tuple[str, ...] = ("read", "decode", "align", "infer", "write")
 #: EmbedConfig fields that do not change a shard's content (resume may change them freely).
-EXECUTION_FIELDS: tuple[str, ...] = ("out", "workers", "threads_per_worker", "scheduler")
+EXECUTION_FIELDS: tuple[str, ...] = ("out", "workers", "threads_per_worker", "decode_processes", "scheduler")
 #: EmbedConfig fields that only matter for images located by YuNet (not for listed or sidecar landmarks).
 DETECTION_FIELDS: tuple[str, ...] = ("detector_pad", "detector_model", "det_threshold", "det_size", "keep_face")
 #: With ``keep_face="all"`` a row's id is ``image_index * FACE_STRIDE + face_index``: decimal, so id 12003 reads as
@@ -98,6 +99,7 @@ class EmbedConfig:
     attributes_from: Path | None = None
     workers: int | None = None
     threads_per_worker: int = 1
+    decode_processes: int | None = None
     scheduler: str | None = None
 
     def __post_init__(self) -> None:
@@ -113,6 +115,9 @@ class EmbedConfig:
         for name in ("shard_rows", "batch_size", "threads_per_worker"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.decode_processes is not None and self.decode_processes < 0:
+            raise ValueError(f"decode_processes must be >= 0 (0: decode on the worker's threads), got "
+                             f"{self.decode_processes}")  # fmt: skip
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.detector_pad < 0:
@@ -248,54 +253,33 @@ def embed_partition(
     attribute head.
 
     Batches of ``cfg.batch_size`` consecutive items (fixed per shard, so the rows never depend on scheduling) are
-    read, decoded and aligned in a background thread while the previous batch is inferred.  ``timings`` receives
-    per-stage seconds (``read``, ``decode``, ``align``, ``infer``; the prefetch stages overlap ``infer``; the
-    predictor's crops count in ``align``, its forward passes in ``infer``)."""
+    read, decoded and aligned in the background while the previous batch is inferred: on ``cfg.threads_per_worker``
+    threads, or in ``cfg.decode_processes`` processes (``None``: one per core but one on a GPU worker, none on the
+    CPU; :mod:`facesearch.indexer.prepare_pool`).  ``timings`` receives per-stage seconds (``read``, ``decode``,
+    ``align``, ``infer``; the prefetch stages overlap ``infer``; the predictor's crops count in ``align``, its forward
+    passes in ``infer``)."""
     timings = {} if timings is None else timings
     embs: list[np.ndarray] = []
     attrs: list[np.ndarray] = []
     rows: list[list[_Row]] = []
     chunks = [items[lo : lo + cfg.batch_size] for lo in range(0, len(items), cfg.batch_size)]
-
-    # Decoding and alignment release the GIL, so with landmarks given they run on ``threads_per_worker`` threads
-    # (a GPU worker is otherwise decode-bound: ~500 images/s on one thread against ~9,000 the H100 infers).  YuNet is
-    # not thread-safe, so detection stays on one thread.  Order is kept, so the rows do not depend on the threads.
-    decode_threads = 1 if detector is not None else max(1, cfg.threads_per_worker)
-
-    def prepare_one(args: tuple[InputItem, dict[str, float]]) -> tuple[PreparedImage, list[np.ndarray | None]]:
-        item, local = args
-        image = prepare_image(item.path, item.landmarks, detector, size=embedder.input_size, name=item.rel,
-                              sidecar=cfg.sidecars, max_faces=FACE_STRIDE, jpeg_warnings=True,
-                              keep_image=predictor is not None, timings=local)  # fmt: skip
-        if predictor is None:
-            return image, [None] * len(image.faces)
-        with stage(local, "align"):
-            attr_crops = predictor_crops(image, predictor.input_spec, embedder.input_size)
-        return dataclasses.replace(image, image=None), attr_crops  # the decoded pixels are not kept past here
-
-    def prepare(chunk: Sequence[InputItem]) -> list[tuple[PreparedImage, list[np.ndarray | None]]]:
-        local: list[dict[str, float]] = [{} for _ in chunk]  # per item: no two threads add to one counter
-        out = list(decode_pool.map(prepare_one, zip(chunk, local, strict=True)))
-        for t in local:
-            for k, v in t.items():
-                timings[k] = timings.get(k, 0.0) + v
-        return out
+    spec = PrepareSpec(size=embedder.input_size, sidecars=cfg.sidecars,
+                       predictor_spec=None if predictor is None else predictor.input_spec,
+                       detect_options=None if detector is None else cfg.detect_options,
+                       detector_model=cfg.detector_model)  # fmt: skip
+    processes = cfg.decode_processes
+    if processes is None:
+        processes = auto_processes(embedder.device.type, gpus=max(1, torch.cuda.device_count()))
+    preparer = make_preparer(spec, processes, cfg.threads_per_worker, detector)
 
     def prepared_faces() -> Iterator[list[tuple[Face, np.ndarray | None]]]:
-        """Each chunk's faces (each with the predictor's crop, if any), the next chunk read, decoded and aligned in
+        """Each chunk's faces (each with the predictor's crop, if any), the next chunks read, decoded and aligned in
         the background meanwhile."""
-        future = pool.submit(prepare, chunks[0]) if chunks else None
-        for i in range(len(chunks)):
-            assert future is not None, "a chunk is always in flight"
-            images = future.result()
-            future = pool.submit(prepare, chunks[i + 1]) if i + 1 < len(chunks) else None
+        for images in preparer.chunks(chunks, timings):
             rows.extend(_rows(image) for image, _ in images)
             yield [pair for image, attr_crops in images for pair in zip(image.faces, attr_crops, strict=True)]
 
-    with (
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-prefetch") as pool,
-        ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="embed-decode") as decode_pool,
-    ):
+    try:
         for out in iter_embeddings(embedder, prepared_faces(), crop=lambda pair: pair[0].crop):
             embs.append(out.embeddings)
             if out.ok.any():
@@ -305,30 +289,11 @@ def embed_partition(
             else:
                 with stage(timings, "infer"):
                     attrs.append(_predict(predictor, [attr_crop for _, attr_crop in out.items]))
+    finally:
+        preparer.close()
     columns = optional_columns(cfg.keep_face) if columns is None else tuple(columns)
     names = embedder.attributes if predictor is None else predictor.attributes
     return _to_table(items, rows, embs, attrs, embedder.embedding_dim, tuple(names), cfg, columns)
-
-
-def predictor_crops(image: PreparedImage, spec: InputSpec, input_size: tuple[int, int]) -> list[np.ndarray | None]:
-    """Per face of ``image`` (prepared with ``keep_image``), the crop an attribute predictor of input ``spec`` reads,
-    or ``None`` for a failed face: the one face path (:func:`facesearch.model.faces.prepare.prepare_image`) again,
-    on the already decoded pixels (not the file: nothing is read or decoded twice) with the face's own landmarks, at
-    ``spec``'s size and margin.  When ``spec`` asks for the identity crop itself (``input_size``, no margin), that crop
-    is reused."""
-    out: list[np.ndarray | None] = []
-    for face in image.faces:
-        if isinstance(face, FaceFailure) or image.image is None:
-            out.append(None)
-        elif not spec.margin and spec.size == tuple(input_size):
-            out.append(face.crop)
-        else:
-            again = prepare_image(image.image, face.landmarks, size=spec.size, margin=spec.margin,
-                                  name=image.name).faces[0]  # fmt: skip
-            if isinstance(again, FaceFailure):  # not expected: the same landmarks aligned this image's identity crop
-                log.warning("%s: no attribute crop: %s", image.name, again.message)
-            out.append(again.crop)
-    return out
 
 
 def _predict(predictor: AttributePredictor, crops: Sequence[np.ndarray | None]) -> np.ndarray:

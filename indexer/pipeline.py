@@ -218,7 +218,7 @@ def _check_compatible(out: Path, old: Manifest, new: Manifest, cfg: EmbedConfig)
             f"{old.source.get('input')}; now {new.source['count']} from {cfg.input}); use another --out"
         )
     # the checkpoint's and the predictor's files are compared by fingerprint above: their paths may change
-    ignore = {"checkpoint", "attributes_from", "out", "workers", "threads_per_worker", "scheduler"}
+    ignore = {"checkpoint", "attributes_from", "out", "workers", "threads_per_worker", "decode_processes", "scheduler"}
     if not new.source["detection"]["used"]:
         ignore |= set(DETECTION_FIELDS)  # every image has landmarks: how YuNet would choose cannot change a row
     keys = sorted((set(old.config) | set(new.config)) - ignore)

@@ -5,8 +5,8 @@ single-thread workers could do at best; on a shared, loaded machine one multi-th
 thread barriers than independent single-thread processes).
 
     python -m facesearch.benchmarks.speed.embed_speed [--identities 40] [--images-per-identity 10] [--width 0.25]
-    [--input-size 112x96]
-                                     [--detect] [--workers N] [--json out.json]
+        [--input-size 112x96] [--detect] [--workers N] [--decode-processes N] [--device cpu|cuda]
+        [--precision auto|fp32|bf16] [--json out.json]
     facesearch bench speed embed ...   (the same options)
 
 Images are synthetic faces (``facesearch.model.faces.synth``) with landmarks from their list (``--detect``: YuNet
@@ -39,6 +39,7 @@ from facesearch.indexer.embed import EmbedConfig, InputItem, plan_inputs
 from facesearch.indexer.pipeline import run_embed
 from facesearch.model.checkpoint import save_checkpoint
 from facesearch.model.config import preset
+from facesearch.model.device import resolve_device
 from facesearch.model.faces.align import FaceDetector, prepare_face
 from facesearch.model.faces.synth import SynthConfig, generate_faces
 from facesearch.model.inference import Embedder
@@ -59,6 +60,9 @@ class EmbedSpeedConfig:
     shard_rows: int = 100
     workers: int | None = None
     threads_per_worker: int = 1
+    decode_processes: int | None = None
+    device: str = "cpu"
+    precision: str = "auto"
     repeats: int = 2
     detect: bool = False
     json: Path | None = None
@@ -66,24 +70,37 @@ class EmbedSpeedConfig:
 
 def _data(root: Path, identities: int, per_identity: int) -> Path:
     generate_faces(SynthConfig(out=root, seed=3, identities=identities, images_per_identity=per_identity,
-                               layouts=("casia",), size=128, workers=1))  # fmt: skip
+                               layouts=("casia",), size=128, workers=os.cpu_count() or 1))  # fmt: skip
     return root / "casia"
+
+
+#: The model alone runs on the crops of at most this many images (repeated to the run's image count).
+ALONE_CROPS = 1024
+
+
+def _device_name(device: str) -> str:
+    dev = torch.device(resolve_device(device))
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
 
 
 def _model_alone(ckpt: Path, items: list[InputItem], cfg: EmbedConfig, detector: FaceDetector | None,
                  repeats: int) -> dict[int, dict[str, Any]]:  # fmt: skip
-    """Best-of-``repeats`` embed_crops throughput on pre-aligned crops with all threads and with one thread."""
+    """Best-of-``repeats`` embed_crops throughput on pre-aligned crops, as many as ``items`` (the crops of the first
+    :data:`ALONE_CROPS` repeated: the speed does not depend on the pixels), with all threads and with one thread (on
+    a GPU: once)."""
     size = Embedder(ckpt, "cpu").input_size
     crops = []
-    for it in items:
+    for it in items[:ALONE_CROPS]:
         try:
             crops.append(prepare_face(it.path, it.landmarks, detector, size).crop)
         except ValueError:
             continue
     x = np.stack(crops)
+    x = np.concatenate([x] * -(-len(items) // len(x)))[: len(items)]
     embedder = Embedder(ckpt, cfg.device, cfg.precision, cfg.batch_size)
     out = {}
-    for threads in (torch.get_num_threads(), 1):
+    gpu = embedder.device.type == "cuda"
+    for threads in (torch.get_num_threads(),) if gpu else (torch.get_num_threads(), 1):
         torch.set_num_threads(threads)
         embedder.embed_crops(x)  # warm-up: every batch shape once
         best = float("inf")
@@ -136,14 +153,16 @@ def _measure(args: EmbedSpeedConfig, work: Path) -> dict[str, Any]:
     fmt: dict[str, Any] = {"input": casia, "format": "images"} if args.detect else {
         "input": casia / "landmarks.csv", "format": "list", "root": casia}  # fmt: skip
     cfg = EmbedConfig(**fmt, checkpoint=ckpt, out=work / "shards", shard_rows=args.shard_rows,
-                      batch_size=args.batch_size, device="cpu", workers=args.workers,
-                      threads_per_worker=args.threads_per_worker)  # fmt: skip
+                      batch_size=args.batch_size, device=args.device, precision=args.precision,
+                      workers=args.workers, threads_per_worker=args.threads_per_worker,
+                      decode_processes=args.decode_processes)  # fmt: skip
     items = plan_inputs(cfg)
     cores = os.cpu_count() or 1
     alone_by_threads = _model_alone(ckpt, items, cfg, FaceDetector() if args.detect else None, args.repeats)
-    one = alone_by_threads[1]
-    workers = args.workers or max(1, cores // args.threads_per_worker)
-    ideal = one["images_per_s"] * workers if args.threads_per_worker == 1 else 0.0
+    gpu = torch.device(resolve_device(args.device)).type == "cuda"
+    one = alone_by_threads[min(alone_by_threads)]
+    workers = args.workers or (max(1, torch.cuda.device_count()) if gpu else max(1, cores // args.threads_per_worker))
+    ideal = one["images_per_s"] * workers if args.threads_per_worker == 1 and not gpu else 0.0
     alone = max(alone_by_threads.values(), key=lambda a: a["images_per_s"])
     alone = {**alone, "images_per_s": max(alone["images_per_s"], ideal), "one_thread": one, "all_threads":
              alone_by_threads[max(alone_by_threads)], "ideal_workers": workers}  # fmt: skip
@@ -155,6 +174,8 @@ def _measure(args: EmbedSpeedConfig, work: Path) -> dict[str, Any]:
     return {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "loadavg": os.getloadavg(), "model": f"fast w{args.width} {args.input_size}", "detect": args.detect,
             "workers": args.workers, "threads_per_worker": args.threads_per_worker, "batch_size": args.batch_size,
+            "device": _device_name(args.device), "decode_processes": args.decode_processes,
+            "precision": args.precision,
             "model_alone": alone, "pipeline": pipe,
             "overhead_pct": 100 * (alone["images_per_s"] / pipe["images_per_s"] - 1),
             "steady_overhead_pct": 100 * (alone["images_per_s"] / pipe["steady_images_per_s"] - 1),
@@ -166,22 +187,37 @@ def _measure(args: EmbedSpeedConfig, work: Path) -> dict[str, Any]:
 def format_report(r: dict[str, Any]) -> str:
     """The markdown report of a :func:`run` result: the paths compared, the inference share, the stage seconds."""
     a, p = r["model_alone"], r["pipeline"]
+    where = r.get("device", "cpu")
+    procs = r.get("decode_processes")
+    decode = f"{procs} decode processes" if procs else ("auto decode processes" if procs is None else "decode threads")
+    alone_rows = [
+        [
+            f"model alone (embed_crops, {where}, {a['all_threads']['threads']} threads)",
+            a["images"],
+            f"{a['all_threads']['seconds']:.2f}",
+            f"{a['all_threads']['images_per_s']:.1f}",
+            "—",
+        ]
+    ]
+    if a["one_thread"]["threads"] != a["all_threads"]["threads"]:
+        alone_rows += [
+            ["model alone (embed_crops, 1 thread)", a["images"], f"{a['one_thread']['seconds']:.2f}",
+             f"{a['one_thread']['images_per_s']:.1f}", "—"],
+            [f"reference: best of the above (1 thread x {a['ideal_workers']} processes = ideal for the workers)", "",
+             "", f"{a['images_per_s']:.1f}", "—"],
+        ]  # fmt: skip
     paths = [
-        [f"model alone (embed_crops, {a['all_threads']['threads']} threads)", a["images"],
-         f"{a['all_threads']['seconds']:.2f}", f"{a['all_threads']['images_per_s']:.1f}", "—"],
-        ["model alone (embed_crops, 1 thread)", a["images"], f"{a['one_thread']['seconds']:.2f}",
-         f"{a['one_thread']['images_per_s']:.1f}", "—"],
-        [f"reference: best of the above (1 thread x {a['ideal_workers']} processes = ideal for the workers)", "", "",
-         f"{a['images_per_s']:.1f}", "—"],
-        [f"Dask pipeline, {r['workers'] or 'auto'} workers x {r['threads_per_worker']} thread, incl. cluster start",
-         p["images"], f"{p['wall_s']:.2f}", f"{p['images_per_s']:.1f}", f"{r['overhead_pct']:+.0f}%"],
+        *alone_rows,
+        [f"Dask pipeline, {r['workers'] or 'auto'} workers x {r['threads_per_worker']} thread, {decode}, incl. "
+         "cluster start", p["images"], f"{p['wall_s']:.2f}", f"{p['images_per_s']:.1f}", f"{r['overhead_pct']:+.0f}%"],
         ["Dask pipeline, steady state (first to last finished shard)", p["steady_images"], f"{p['steady_s']:.2f}",
          f"{p['steady_images_per_s']:.1f}", f"{r['steady_overhead_pct']:+.0f}%"],
     ]  # fmt: skip
     stages = [[k, f"{v:.2f}"] for k, v in r["pipeline"]["stage_seconds"].items()]
     lines = [
         f"Embedding speed: {r['model']}, {'YuNet detection' if r['detect'] else 'landmarks from the list'}, "
-        f"{r['cores']} cores, load average {' / '.join(f'{v:.2f}' for v in r['loadavg'])} (at the end)",
+        f"{where}, batch {r['batch_size']}, {r['cores']} cores, load average "
+        f"{' / '.join(f'{v:.2f}' for v in r['loadavg'])} (at the end)",
         "",
         render_table(["path", "images", "seconds", "images/s", "overhead"], paths),
         "",
@@ -204,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--shard-rows", type=int, default=100)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--threads-per-worker", type=int, default=1)
+    ap.add_argument("--decode-processes", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="auto")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--detect", action="store_true", help="YuNet detection instead of the list's landmarks")
     ap.add_argument("--json", type=Path, default=None)

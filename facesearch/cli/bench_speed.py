@@ -75,6 +75,11 @@ def synth_command(**opts: Any) -> None:
 @click.option("--shard-rows", type=int, default=100, show_default=True, help="Rows per output shard.")
 @click.option("--workers", type=int, default=None, help="Dask workers [default: cores / threads per worker].")
 @click.option("--threads-per-worker", type=int, default=1, show_default=True, help="Threads per Dask worker.")
+@click.option("--decode-processes", type=click.IntRange(min=0), default=None,
+              help="Decode/align processes per worker [default: as facesearch embed].")  # fmt: skip
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--precision", type=click.Choice(("auto", "fp32", "bf16")), default="auto", show_default=True,
+              help="Autocast (as facesearch embed).")  # fmt: skip
 @click.option("--repeats", type=int, default=2, show_default=True, help="Runs of each path; the best is reported.")
 @click.option("--detect", is_flag=True, help="YuNet detection instead of the list's landmarks.")
 @click.option("--json", type=_JSON, default=None, help="Also write the results here.")

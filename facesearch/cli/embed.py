@@ -116,6 +116,12 @@ _option = functools.partial(config_option, EmbedConfig)
 @click.option("--workers", type=int, help="Dask worker processes [default: cores / threads, or one per GPU].")
 @_option("--threads-per-worker", type=int, help="Threads per Dask worker.")
 @click.option(
+    "--decode-processes",
+    type=click.IntRange(min=0),
+    help="Processes per Dask worker that read, decode and align the images (0: on the worker's threads) "
+    "[default: on a GPU worker one per core of its share but one; on the CPU 0].",
+)
+@click.option(
     "--scheduler",
     help="Address of an existing Dask scheduler (tcp://host:8786) instead of a local cluster. "
     "Its workers open the checkpoint, the images, the YuNet model and --out by this machine's absolute "

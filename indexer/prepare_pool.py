@@ -1,0 +1,233 @@
+"""Read, decode and align the images of a shard: on threads of the worker, or in decode processes beside it.
+
+One image's work is :func:`prepare_item`: the one face path (:func:`facesearch.model.faces.prepare.prepare_image`),
+then, when an attribute predictor reads its own crop, :func:`predictor_crops` on the same decoded pixels.  It runs
+
+* on ``threads`` of the embedding worker (:class:`ThreadPreparer`), the detector shared (YuNet is not thread-safe, so
+  detection keeps one thread).  Threads scale poorly: libjpeg's damaged-data warnings are collected through one
+  process-wide stderr redirect, so decodes take turns, and the Python between the OpenCV calls holds the GIL;
+* or in ``processes`` spawned beside the worker (:class:`ProcessPreparer`), each with its own YuNet built on first
+  need.  This is how a GPU worker is fed: the GPU infers ~10x faster than one core decodes and aligns.
+
+Both return the same :class:`~facesearch.model.faces.prepare.PreparedImage` for an item (the same function on the
+same bytes; tests compare the shards byte for byte), in item order, with per-stage seconds.  A process pool lives as
+long as its worker process (:func:`process_pool`) and needs a worker that may have children: a daemonic process (a
+Dask worker started with ``distributed.worker.daemon: true``, the default of an external cluster) falls back to
+threads with a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from facesearch.indexer.inputs import InputItem
+from facesearch.model.faces.detect import DetectOptions, FaceDetector
+from facesearch.model.faces.prepare import FaceFailure, PreparedImage, prepare_image
+from facesearch.model.measure import stage
+from facesearch.model.predictors import InputSpec
+
+log = logging.getLogger(__name__)
+
+#: Faces past the 1000th of one image are dropped (the embed module's ``FACE_STRIDE``; repeated here, not imported,
+#: to keep this module below the embed module).
+MAX_FACES = 1000
+
+Prepared = tuple[PreparedImage, list[np.ndarray | None]]
+
+
+@dataclass(frozen=True)
+class PrepareSpec:
+    """How a shard's images are prepared (picklable: it travels to the decode processes): identity crops of ``size``,
+    landmarks from ``sidecars`` when asked, the attribute predictor's crops when it has a ``predictor_spec``, YuNet
+    with ``detect_options`` (and ``detector_model``) for items without landmarks."""
+
+    size: tuple[int, int]
+    sidecars: bool = False
+    predictor_spec: InputSpec | None = None
+    detect_options: DetectOptions | None = None
+    detector_model: Path | None = None
+
+
+def predictor_crops(image: PreparedImage, spec: InputSpec, input_size: tuple[int, int]) -> list[np.ndarray | None]:
+    """Per face of ``image`` (prepared with ``keep_image``), the crop an attribute predictor of input ``spec`` reads,
+    or ``None`` for a failed face: the one face path (:func:`facesearch.model.faces.prepare.prepare_image`) again,
+    on the already decoded pixels (not the file: nothing is read or decoded twice) with the face's own landmarks, at
+    ``spec``'s size and margin.  When ``spec`` asks for the identity crop itself (``input_size``, no margin), that crop
+    is reused."""
+    out: list[np.ndarray | None] = []
+    for face in image.faces:
+        if isinstance(face, FaceFailure) or image.image is None:
+            out.append(None)
+        elif not spec.margin and spec.size == tuple(input_size):
+            out.append(face.crop)
+        else:
+            again = prepare_image(image.image, face.landmarks, size=spec.size, margin=spec.margin,
+                                  name=image.name).faces[0]  # fmt: skip
+            if isinstance(again, FaceFailure):  # not expected: the same landmarks aligned this image's identity crop
+                log.warning("%s: no attribute crop: %s", image.name, again.message)
+            out.append(again.crop)
+    return out
+
+
+def prepare_item(item: InputItem, spec: PrepareSpec, detector: object, timings: dict[str, float]) -> Prepared:
+    """One item -> its prepared image (decoded pixels dropped) and, per face, the predictor's crop (``None`` without a
+    predictor).  ``detector``: a :class:`FaceDetector`, a function building one on first need, or ``None``."""
+    keep = spec.predictor_spec is not None
+    image = prepare_image(item.path, item.landmarks, detector, size=spec.size, name=item.rel,  # type: ignore[arg-type]
+                          sidecar=spec.sidecars, max_faces=MAX_FACES, jpeg_warnings=True, keep_image=keep,
+                          timings=timings)  # fmt: skip
+    if spec.predictor_spec is None:
+        return image, [None] * len(image.faces)
+    with stage(timings, "align"):
+        crops = predictor_crops(image, spec.predictor_spec, spec.size)
+    return dataclasses.replace(image, image=None), crops  # the decoded pixels are not kept past here
+
+
+# --- in a decode process -------------------------------------------------------------------------------------------
+
+_CHILD_DETECTORS: dict[tuple[DetectOptions, Path | None], FaceDetector] = {}
+
+
+def _child_init() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one process per core: OpenCV's own threads would only compete
+
+
+def _child_detector(spec: PrepareSpec) -> FaceDetector:
+    assert spec.detect_options is not None, "items without landmarks need the detection options"
+    key = (spec.detect_options, spec.detector_model)
+    if key not in _CHILD_DETECTORS:
+        _CHILD_DETECTORS[key] = FaceDetector.from_options(spec.detect_options, spec.detector_model)
+    return _CHILD_DETECTORS[key]
+
+
+def _prepare_in_child(items: Sequence[InputItem], spec: PrepareSpec) -> list[tuple[Prepared, dict[str, float]]]:
+    out = []
+    for item in items:
+        timings: dict[str, float] = {}
+        build = (lambda: _child_detector(spec)) if spec.detect_options is not None else None
+        out.append((prepare_item(item, spec, build, timings), timings))
+    return out
+
+
+# --- the preparers -------------------------------------------------------------------------------------------------
+
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
+def process_pool(processes: int) -> ProcessPoolExecutor | None:
+    """This process's pool of ``processes`` spawned decode processes (made on first use, kept for the next shards),
+    or ``None`` when this process may not have children (daemonic)."""
+    if multiprocessing.current_process().daemon:
+        log.warning("decode processes need a worker that may start processes; this one is daemonic (a Dask worker "
+                    "with distributed.worker.daemon=true): decoding on threads instead")  # fmt: skip
+        return None
+    if processes not in _POOLS:
+        ctx = multiprocessing.get_context("spawn")  # not fork: the worker holds threads, maybe a CUDA context
+        _POOLS[processes] = ProcessPoolExecutor(processes, mp_context=ctx, initializer=_child_init)
+    return _POOLS[processes]
+
+
+def auto_processes(device_type: str, cores: int | None = None, gpus: int = 1) -> int:
+    """Decode processes a worker starts when none are asked for: on a GPU, one per core of its share of the machine
+    but one (the worker's own thread feeds the GPU); on the CPU none (the CPU workers already fill the cores)."""
+    if device_type != "cuda":
+        return 0
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores // max(1, gpus) - 1)
+
+
+class Preparer:
+    """Prepares chunks of items in the background, ``depth`` chunks ahead of the consumer."""
+
+    def __init__(self, spec: PrepareSpec, depth: int = 1) -> None:
+        self.spec = spec
+        self.depth = depth
+
+    def _submit(self, chunk: Sequence[InputItem]) -> list[Future[list[tuple[Prepared, dict[str, float]]]]]:
+        raise NotImplementedError
+
+    def chunks(self, chunks: Sequence[Sequence[InputItem]], timings: dict[str, float]) -> Iterator[list[Prepared]]:
+        """Each chunk's prepared items in order; stage seconds are added to ``timings``."""
+        pending: list[list[Future[list[tuple[Prepared, dict[str, float]]]]]] = []
+        nxt = 0
+        for _ in range(len(chunks)):
+            while nxt < len(chunks) and len(pending) <= self.depth:
+                pending.append(self._submit(chunks[nxt]))
+                nxt += 1
+            done = [pair for future in pending.pop(0) for pair in future.result()]
+            for _, local in done:
+                for k, v in local.items():
+                    timings[k] = timings.get(k, 0.0) + v
+            yield [prepared for prepared, _ in done]
+
+    def close(self) -> None:
+        """Free this preparer's threads (a process pool is kept for the worker's next shard)."""
+
+
+class ThreadPreparer(Preparer):
+    """Items on ``threads`` threads of this process, one chunk ahead; with a ``detector`` on one thread."""
+
+    def __init__(self, spec: PrepareSpec, threads: int, detector: FaceDetector | None) -> None:
+        super().__init__(spec, depth=1)
+        self.detector = detector
+        self.pool = ThreadPoolExecutor(max_workers=1 if detector is not None else max(1, threads),
+                                       thread_name_prefix="embed-decode")  # fmt: skip
+        self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-prefetch")
+
+    def _one(self, item: InputItem) -> tuple[Prepared, dict[str, float]]:
+        local: dict[str, float] = {}  # per item: no two threads add to one counter
+        return prepare_item(item, self.spec, self.detector, local), local
+
+    def _submit(self, chunk: Sequence[InputItem]) -> list[Future[list[tuple[Prepared, dict[str, float]]]]]:
+        return [self.prefetch.submit(lambda: list(self.pool.map(self._one, chunk)))]
+
+    def close(self) -> None:
+        self.prefetch.shutdown()
+        self.pool.shutdown()
+
+
+class ProcessPreparer(Preparer):
+    """Items in a pool of decode processes, ``depth`` chunks ahead, each chunk cut into pieces of ``piece`` items
+    (one task per piece: fewer round trips than one per item, and every process busy)."""
+
+    def __init__(self, spec: PrepareSpec, pool: Executor, processes: int, depth: int = 2, piece: int = 4) -> None:
+        super().__init__(spec, depth=depth)
+        self.pool = pool
+        self.processes = processes
+        self.piece = piece
+
+    def _submit(self, chunk: Sequence[InputItem]) -> list[Future[list[tuple[Prepared, dict[str, float]]]]]:
+        pieces: Iterable[Sequence[InputItem]] = (chunk[i : i + self.piece] for i in range(0, len(chunk), self.piece))
+        return [self.pool.submit(_prepare_in_child, list(p), self.spec) for p in pieces]
+
+
+def make_preparer(spec: PrepareSpec, processes: int, threads: int, detector: FaceDetector | None) -> Preparer:
+    """Processes when ``processes`` > 0 and this process may start them, else threads."""
+    pool = process_pool(processes) if processes > 0 else None
+    if pool is None:
+        return ThreadPreparer(spec, threads, detector)
+    return ProcessPreparer(spec, pool, processes)
+
+
+__all__ = [
+    "PrepareSpec",
+    "Preparer",
+    "ProcessPreparer",
+    "ThreadPreparer",
+    "auto_processes",
+    "make_preparer",
+    "predictor_crops",
+    "prepare_item",
+    "process_pool",
+]
