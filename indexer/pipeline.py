@@ -66,6 +66,7 @@ from facesearch.indexer.manifest import (
     predictor_source,
     same_attribute_source,
 )
+from facesearch.indexer.prepare_pool import close_pools
 from facesearch.indexer.shards import (
     MANIFEST,
     Manifest,
@@ -394,6 +395,8 @@ def _compute(cfg: EmbedConfig, items: Sequence[InputItem], ranges: Sequence[rang
                 rate = done / max(time.perf_counter() - t0, 1e-9)
                 progress({"event": "shard", "file": entry.file, "rows": entry.rows, "done": done, "total": total,
                           "images_per_s": rate})  # fmt: skip
+        if todo:
+            client.run(close_pools)  # the workers' decode processes end with the job (a local cluster closes now)
     return manifest, dict(stages)
 
 

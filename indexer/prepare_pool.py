@@ -10,10 +10,11 @@ then, when an attribute predictor reads its own crop, :func:`predictor_crops` on
   need.  This is how a GPU worker is fed: the GPU infers ~10x faster than one core decodes and aligns.
 
 Both return the same :class:`~facesearch.model.faces.prepare.PreparedImage` for an item (the same function on the
-same bytes; tests compare the shards byte for byte), in item order, with per-stage seconds.  A process pool lives as
-long as its worker process (:func:`process_pool`) and needs a worker that may have children: a daemonic process (a
-Dask worker started with ``distributed.worker.daemon: true``, the default of an external cluster) falls back to
-threads with a warning.
+same bytes; tests compare the shards byte for byte), in item order, with per-stage seconds.  A process pool serves
+every shard its worker runs until the job ends (:func:`process_pool`, :func:`close_pools`; its processes also leave
+as soon as their worker dies) and needs a worker that may have children: a daemonic process (a Dask worker started
+with ``distributed.worker.daemon: true``, the default of an external cluster) falls back to threads with a
+warning.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -97,10 +100,19 @@ def prepare_item(item: InputItem, spec: PrepareSpec, detector: object, timings: 
 _CHILD_DETECTORS: dict[tuple[DetectOptions, Path | None], FaceDetector] = {}
 
 
-def _child_init() -> None:
+def _child_init(parent: int) -> None:
     import cv2
 
     cv2.setNumThreads(1)  # one process per core: OpenCV's own threads would only compete
+    # A pool's processes block on its task queue, whose write end they hold too: when the worker that owns them is
+    # killed (a Dask nanny stopping it, SIGKILL) nothing wakes them.  Leave as soon as the parent is gone.
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="decode-orphan-watch", daemon=True).start()
+
+
+def _exit_with_parent(parent: int, every: float = 0.5) -> None:
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(0)
 
 
 def _child_detector(spec: PrepareSpec) -> FaceDetector:
@@ -134,8 +146,19 @@ def process_pool(processes: int) -> ProcessPoolExecutor | None:
         return None
     if processes not in _POOLS:
         ctx = multiprocessing.get_context("spawn")  # not fork: the worker holds threads, maybe a CUDA context
-        _POOLS[processes] = ProcessPoolExecutor(processes, mp_context=ctx, initializer=_child_init)
+        _POOLS[processes] = ProcessPoolExecutor(processes, mp_context=ctx, initializer=_child_init,
+                                                initargs=(os.getpid(),))  # fmt: skip
     return _POOLS[processes]
+
+
+def close_pools() -> int:
+    """Stop this process's decode processes (the end of a job: a worker that closes with them running waits for
+    their exit); returns how many pools were closed."""
+    n = len(_POOLS)
+    for pool in _POOLS.values():
+        pool.shutdown(wait=True, cancel_futures=True)
+    _POOLS.clear()
+    return n
 
 
 def auto_processes(device_type: str, cores: int | None = None, gpus: int = 1) -> int:
@@ -226,6 +249,7 @@ __all__ = [
     "ProcessPreparer",
     "ThreadPreparer",
     "auto_processes",
+    "close_pools",
     "make_preparer",
     "predictor_crops",
     "prepare_item",

@@ -178,9 +178,11 @@ def _measure(args: EmbedSpeedConfig, work: Path) -> dict[str, Any]:
             "precision": args.precision,
             "model_alone": alone, "pipeline": pipe,
             "overhead_pct": 100 * (alone["images_per_s"] / pipe["images_per_s"] - 1),
-            "steady_overhead_pct": 100 * (alone["images_per_s"] / pipe["steady_images_per_s"] - 1),
+            "steady_overhead_pct": 100 * (alone["images_per_s"] / pipe["steady_images_per_s"] - 1)
+            if pipe["steady_s"] > 0 else float("nan"),  # one shard: no steady state
             "infer_share_pct": 100 * infer / (workers * pipe["wall_s"]),
-            "steady_infer_share_pct": 100 * steady_infer / (workers * pipe["steady_s"]),
+            "steady_infer_share_pct": 100 * steady_infer / (workers * pipe["steady_s"]) if pipe["steady_s"] > 0
+            else float("nan"),
             "provenance": provenance(config=config)}  # fmt: skip
 
 

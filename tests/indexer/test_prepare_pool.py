@@ -111,3 +111,37 @@ def test_local_cluster_workers_may_start_processes(tmp_path: Path, ckpt: Path) -
     cfg = EmbedConfig(input=tmp_path, checkpoint=ckpt, out=tmp_path / "o", workers=1, device="cpu")
     with cluster_client(cfg) as client:
         assert client.run(_is_daemon) and not any(client.run(_is_daemon).values())
+
+
+_ORPHAN_SCRIPT = """
+import os, signal
+from facesearch.indexer import prepare_pool
+pool = prepare_pool.process_pool(1)
+pool.submit(os.getpid).result()
+print(*pool._processes, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_decode_processes_leave_with_a_killed_worker() -> None:
+    """A worker killed outright (SIGKILL: no atexit, no pool shutdown) leaves no decode process behind."""
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.run([sys.executable, "-c", _ORPHAN_SCRIPT], capture_output=True, text=True, timeout=120)
+    children = [int(p) for p in proc.stdout.split()]
+    assert proc.returncode == -9 and children, proc.stderr
+    deadline = time.monotonic() + 10
+    alive = children
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in children if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]
+    assert not alive, f"decode processes {alive} outlived their killed parent"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
