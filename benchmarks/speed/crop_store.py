@@ -77,7 +77,7 @@ def _size(text: str) -> tuple[int, int]:
 def _data(root: Path, cfg: CropStoreSpeedConfig) -> Path:
     per = -(-cfg.images // cfg.identities)
     generate_faces(SynthConfig(out=root, seed=5, identities=cfg.identities, images_per_identity=per,
-                               layouts=("casia",), size=cfg.image_size, workers=1))  # fmt: skip
+                               layouts=("casia",), size=cfg.image_size, workers=os.cpu_count() or 1))  # fmt: skip
     return root / "casia"
 
 
