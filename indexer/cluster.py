@@ -79,7 +79,9 @@ def _start_cluster(cfg: EmbedConfig) -> Any:
     gpus = _gpu_count(cfg)
     if gpus:
         n = cfg.workers or gpus
-        workers = {i: {"cls": Nanny, "options": {"nthreads": cfg.threads_per_worker,
+        # Memory: the GPU's share of the machine (Dask's default, cores x threads, would give a one-thread GPU worker
+        # 1/cores of it; its decode processes are not counted against it).
+        workers = {i: {"cls": Nanny, "options": {"nthreads": cfg.threads_per_worker, "memory_limit": 1.0 / n,
                                                  "env": {"CUDA_VISIBLE_DEVICES": str(i % gpus)}}}
                    for i in range(n)}  # fmt: skip
         scheduler = {"cls": Scheduler, "options": {"dashboard": False, "dashboard_address": ":0"}}

@@ -52,7 +52,7 @@ from facesearch.model.predictors import AttributePredictor, load_predictor
 
 log = logging.getLogger(__name__)
 
-STAGES: tuple[str, ...] = ("read", "decode", "align", "infer", "write")
+STAGES: tuple[str, ...] = ("read", "decode", "align", "wait", "infer", "write")
 #: EmbedConfig fields that do not change a shard's content (resume may change them freely).
 EXECUTION_FIELDS: tuple[str, ...] = ("out", "workers", "threads_per_worker", "decode_processes", "scheduler")
 #: EmbedConfig fields that only matter for images located by YuNet (not for listed or sidecar landmarks).
@@ -257,7 +257,7 @@ def embed_partition(
     threads, or in ``cfg.decode_processes`` processes (``None``: one per core but one on a GPU worker, none on the
     CPU; :mod:`facesearch.indexer.prepare_pool`).  ``timings`` receives per-stage seconds (``read``, ``decode``,
     ``align``, ``infer``; the prefetch stages overlap ``infer``; the predictor's crops count in ``align``, its forward
-    passes in ``infer``)."""
+    passes in ``infer``; ``wait``: the time inference waited for prepared images, the prefetch's shortfall)."""
     timings = {} if timings is None else timings
     embs: list[np.ndarray] = []
     attrs: list[np.ndarray] = []

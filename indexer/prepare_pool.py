@@ -188,7 +188,8 @@ class Preparer:
             while nxt < len(chunks) and len(pending) <= self.depth:
                 pending.append(self._submit(chunks[nxt]))
                 nxt += 1
-            done = [pair for future in pending.pop(0) for pair in future.result()]
+            with stage(timings, "wait"):  # the consumer stalled: preparation is the bottleneck
+                done = [pair for future in pending.pop(0) for pair in future.result()]
             for _, local in done:
                 for k, v in local.items():
                     timings[k] = timings.get(k, 0.0) + v
@@ -221,17 +222,18 @@ class ThreadPreparer(Preparer):
 
 
 class ProcessPreparer(Preparer):
-    """Items in a pool of decode processes, ``depth`` chunks ahead, each chunk cut into pieces of ``piece`` items
-    (one task per piece: fewer round trips than one per item, and every process busy)."""
+    """Items in a pool of decode processes, ``depth`` chunks ahead, each chunk cut into one piece per process (one
+    task per piece: every process busy, and few round trips through the parent, whose one thread also feeds the
+    model)."""
 
-    def __init__(self, spec: PrepareSpec, pool: Executor, processes: int, depth: int = 2, piece: int = 4) -> None:
+    def __init__(self, spec: PrepareSpec, pool: Executor, processes: int, depth: int = 4) -> None:
         super().__init__(spec, depth=depth)
         self.pool = pool
         self.processes = processes
-        self.piece = piece
 
     def _submit(self, chunk: Sequence[InputItem]) -> list[Future[list[tuple[Prepared, dict[str, float]]]]]:
-        pieces: Iterable[Sequence[InputItem]] = (chunk[i : i + self.piece] for i in range(0, len(chunk), self.piece))
+        piece = max(1, -(-len(chunk) // self.processes))
+        pieces: Iterable[Sequence[InputItem]] = (chunk[i : i + piece] for i in range(0, len(chunk), piece))
         return [self.pool.submit(_prepare_in_child, list(p), self.spec) for p in pieces]
 
 

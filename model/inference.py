@@ -11,7 +11,9 @@ and benchmarks), the indexer's shards, the search engine's image queries and the
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,11 +25,12 @@ import torch.nn.functional as F
 
 from facesearch.model.checkpoint import load_checkpoint, model_fingerprint
 from facesearch.model.config import ModelConfig
-from facesearch.model.device import autocast, autocast_dtype, resolve_device
+from facesearch.model.device import autocast_dtype, resolve_device
 from facesearch.model.faces.datasets import FaceDataset, FaceItem, Failure, SkipReport
 from facesearch.model.network import FaceNet, to_input
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def load_model(
@@ -49,6 +52,12 @@ class Embedder:
     ``source``: a checkpoint path or a FaceNet (put in eval mode on ``device``).  ``precision``: ``fp32 | bf16 |
     auto`` (bf16 autocast where native).  ``flip_average``: also embed the mirrored crop and average (features
     before normalisation, attribute probabilities), a common test-time augmentation for faces.
+
+    ``cuda_graphs``: on a CUDA device, full batches (``batch_size`` crops) replay one captured CUDA graph of the
+    network instead of launching its ~150 kernels one by one from Python: the small Fast-Model is launch-bound on a
+    large GPU, and in the embedding pipeline the launching thread shares the interpreter lock with the threads that
+    receive the decoded crops.  Shorter batches, the CPU, and ``cuda_graphs=False`` run eagerly (the same kernels;
+    the GPU tests compare the two).  One Embedder may serve several threads: replays take turns.
     """
 
     def __init__(
@@ -58,9 +67,13 @@ class Embedder:
         precision: str = "auto",
         batch_size: int = 256,
         flip_average: bool = False,
+        cuda_graphs: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.cuda_graphs = cuda_graphs
+        self._graph: _GraphedBatch | None = None
+        self._lock = threading.Lock()
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.dtype = autocast_dtype(self.device, precision)
         self.batch_size = batch_size
@@ -99,10 +112,30 @@ class Embedder:
                 f"crops must have shape (B, {h}, {w}, 3) (the model's {h}x{w} input size), got {crops.shape}"
             )
 
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with autocast(self.device, self.dtype):
+    def _forward(self, x: torch.Tensor, cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32,
+                            cache_enabled=cache):  # fmt: skip
             out = self.model(x)
         return out.features.float(), out.attribute_logits.float()
+
+    def _batch(self, images: torch.Tensor, cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (B, h, w, 3) crops on the device -> (normalised features (B, D), logits (B, M)), float32."""
+        features, z = self._forward(to_input(images), cache)
+        if self.flip_average:
+            f2, z2 = self._forward(to_input(images.flip(2)), cache)
+            features, z = features + f2, (z + z2) / 2
+        return F.normalize(features, dim=1, eps=1e-12), z
+
+    def _graphed(self) -> _GraphedBatch | None:
+        """The CUDA graph of a full batch (captured on first use), or ``None`` where none is used (the CPU, graphs
+        turned off, or a capture that failed: then eager, with a warning)."""
+        if self._graph is None and self.cuda_graphs and self.device.type == "cuda":
+            try:
+                self._graph = _GraphedBatch(self)
+            except RuntimeError as e:  # pragma: no cover - depends on the driver and the network
+                log.warning("CUDA graph capture failed (%s); running the network eagerly", " ".join(str(e).split()))
+                self.cuda_graphs = False
+        return self._graph
 
     @torch.inference_mode()
     def forward_crops(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -113,13 +146,15 @@ class Embedder:
         n, d, m = crops.shape[0], self.embedding_dim, len(self.attributes)
         emb, logits = np.zeros((n, d), np.float32), np.zeros((n, m), np.float32)
         for lo in range(0, n, self.batch_size):
-            images = torch.from_numpy(np.ascontiguousarray(crops[lo : lo + self.batch_size])).to(self.device)
-            features, z = self._forward(to_input(images))
-            if self.flip_average:
-                f2, z2 = self._forward(to_input(images.flip(2)))
-                features, z = features + f2, (z + z2) / 2
-            emb[lo : lo + len(images)] = F.normalize(features, dim=1, eps=1e-12).cpu().numpy()
-            logits[lo : lo + len(images)] = z.cpu().numpy()
+            images = torch.from_numpy(np.ascontiguousarray(crops[lo : lo + self.batch_size]))
+            with self._lock:  # threads sharing this Embedder take turns on its device (and its graph's buffers)
+                graph = self._graphed() if len(images) == self.batch_size else None
+                if graph is not None:
+                    emb[lo : lo + len(images)], logits[lo : lo + len(images)] = graph(images)
+                    continue
+                features, z = self._batch(images.to(self.device))
+                emb[lo : lo + len(images)] = features.cpu().numpy()
+                logits[lo : lo + len(images)] = z.cpu().numpy()
         return emb, logits
 
     def embed_crops(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -132,6 +167,32 @@ class Embedder:
     def attribute_dict(self, probabilities: np.ndarray) -> dict[str, np.ndarray]:
         """(B, M) probabilities -> {attribute name: (B,) float32}."""
         return {name: probabilities[:, i] for i, name in enumerate(self.attributes)}
+
+
+class _GraphedBatch:
+    """One full batch of an :class:`Embedder`'s network (and flip, normalisation), captured as a CUDA graph over
+    static buffers: a call copies the crops in, replays, and copies the results out (the caller holds the
+    Embedder's lock: the buffers are shared).  Capture follows PyTorch's recipe: warm-up passes on a side stream,
+    then the capture (errors only for this thread's calls: other threads may use other models meanwhile), with
+    autocast's weight cache off (cached casts would outlive the capture)."""
+
+    def __init__(self, embedder: Embedder) -> None:
+        h, w = embedder.input_size
+        self.input = torch.zeros((embedder.batch_size, h, w, 3), dtype=torch.uint8, device=embedder.device)
+        side = torch.cuda.Stream(embedder.device)
+        side.wait_stream(torch.cuda.current_stream(embedder.device))
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(3):
+                embedder._batch(self.input, cache=False)
+        torch.cuda.current_stream(embedder.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.features, self.logits = embedder._batch(self.input, cache=False)
+
+    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        self.input.copy_(images)
+        self.graph.replay()
+        return self.features.cpu().numpy(), self.logits.cpu().numpy()
 
 
 @dataclass(frozen=True)

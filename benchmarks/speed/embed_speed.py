@@ -84,7 +84,7 @@ def _device_name(device: str) -> str:
 
 
 def _model_alone(ckpt: Path, items: list[InputItem], cfg: EmbedConfig, detector: FaceDetector | None,
-                 repeats: int) -> dict[int, dict[str, Any]]:  # fmt: skip
+                 repeats: int) -> dict[int | str, dict[str, Any]]:  # fmt: skip
     """Best-of-``repeats`` embed_crops throughput on pre-aligned crops, as many as ``items`` (the crops of the first
     :data:`ALONE_CROPS` repeated: the speed does not depend on the pixels), with all threads and with one thread (on
     a GPU: once)."""
@@ -98,17 +98,21 @@ def _model_alone(ckpt: Path, items: list[InputItem], cfg: EmbedConfig, detector:
     x = np.stack(crops)
     x = np.concatenate([x] * -(-len(items) // len(x)))[: len(items)]
     embedder = Embedder(ckpt, cfg.device, cfg.precision, cfg.batch_size)
-    out = {}
+    out: dict[int | str, dict[str, Any]] = {}
     gpu = embedder.device.type == "cuda"
-    for threads in (torch.get_num_threads(),) if gpu else (torch.get_num_threads(), 1):
+    runs: list[tuple[int | str, Embedder, int]] = [(t, embedder, t) for t in (torch.get_num_threads(), 1)]
+    if gpu:  # the reference is the default (CUDA graphs); without them, for comparison
+        eager = Embedder(ckpt, cfg.device, cfg.precision, cfg.batch_size, cuda_graphs=False)
+        runs = [(torch.get_num_threads(), embedder, torch.get_num_threads()), ("eager", eager, torch.get_num_threads())]
+    for key, emb, threads in runs:
         torch.set_num_threads(threads)
-        embedder.embed_crops(x)  # warm-up: every batch shape once
+        emb.embed_crops(x)  # warm-up: every batch shape once
         best = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()
-            embedder.embed_crops(x)
+            emb.embed_crops(x)
             best = min(best, time.perf_counter() - t0)
-        out[threads] = {"images": len(x), "seconds": best, "images_per_s": len(x) / best, "threads": threads}
+        out[key] = {"images": len(x), "seconds": best, "images_per_s": len(x) / best, "threads": threads}
     return out
 
 
@@ -158,14 +162,16 @@ def _measure(args: EmbedSpeedConfig, work: Path) -> dict[str, Any]:
                       decode_processes=args.decode_processes)  # fmt: skip
     items = plan_inputs(cfg)
     cores = os.cpu_count() or 1
-    alone_by_threads = _model_alone(ckpt, items, cfg, FaceDetector() if args.detect else None, args.repeats)
+    alone_by_key = _model_alone(ckpt, items, cfg, FaceDetector() if args.detect else None, args.repeats)
+    eager = alone_by_key.pop("eager", None)
+    alone_by_threads = {int(k): v for k, v in alone_by_key.items()}
     gpu = torch.device(resolve_device(args.device)).type == "cuda"
     one = alone_by_threads[min(alone_by_threads)]
     workers = args.workers or (max(1, torch.cuda.device_count()) if gpu else max(1, cores // args.threads_per_worker))
     ideal = one["images_per_s"] * workers if args.threads_per_worker == 1 and not gpu else 0.0
     alone = max(alone_by_threads.values(), key=lambda a: a["images_per_s"])
     alone = {**alone, "images_per_s": max(alone["images_per_s"], ideal), "one_thread": one, "all_threads":
-             alone_by_threads[max(alone_by_threads)], "ideal_workers": workers}  # fmt: skip
+             alone_by_threads[max(alone_by_threads)], "ideal_workers": workers, "eager": eager}  # fmt: skip
     runs = [_pipeline(cfg.replace(out=work / f"shards{i}")) for i in range(args.repeats)]
     pipe = min(runs, key=lambda p: p["wall_s"])
     infer = pipe["stage_seconds"].get("infer", 0.0)
@@ -201,6 +207,9 @@ def format_report(r: dict[str, Any]) -> str:
             "—",
         ]
     ]
+    if a.get("eager"):
+        alone_rows.append([f"model alone, eager (no CUDA graph; {where})", a["eager"]["images"],
+                           f"{a['eager']['seconds']:.2f}", f"{a['eager']['images_per_s']:.1f}", "—"])  # fmt: skip
     if a["one_thread"]["threads"] != a["all_threads"]["threads"]:
         alone_rows += [
             ["model alone (embed_crops, 1 thread)", a["images"], f"{a['one_thread']['seconds']:.2f}",

@@ -76,7 +76,7 @@ def test_embed_partition_orl_and_bad_files(tmp_path: Path, ckpt: Path, orl_dir: 
     assert all(r["embedding"] is None and r["error"] for r in rows.values() if r["status"] != "ok")
     x = np.array([r["embedding"] for r in ok], dtype=np.float32)
     np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1, atol=2e-3)  # float16 storage
-    assert set(timings) == {"read", "decode", "align", "infer"}
+    assert set(timings) == {"read", "decode", "align", "wait", "infer"}
     # Batch boundaries are fixed per shard: another batch size for the prefetcher gives the same crops, and the
     # model alone on those crops gives the same embeddings (float16 rounding of identical float32 values).
     crops = np.stack([align_face(read_image(root / r["path"]), np.array(r["landmarks"]).reshape(5, 2), (56, 48))
