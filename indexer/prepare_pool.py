@@ -25,16 +25,17 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from facesearch.indexer.inputs import InputItem
 from facesearch.model.faces.detect import DetectOptions, FaceDetector
-from facesearch.model.faces.prepare import FaceFailure, PreparedImage, prepare_image
+from facesearch.model.faces.prepare import AlignedFace, FaceFailure, PreparedImage, prepare_image
 from facesearch.model.measure import stage
 from facesearch.model.predictors import InputSpec
 
@@ -84,8 +85,13 @@ def predictor_crops(image: PreparedImage, spec: InputSpec, input_size: tuple[int
 def prepare_item(item: InputItem, spec: PrepareSpec, detector: object, timings: dict[str, float]) -> Prepared:
     """One item -> its prepared image (decoded pixels dropped) and, per face, the predictor's crop (``None`` without a
     predictor).  ``detector``: a :class:`FaceDetector`, a function building one on first need, or ``None``."""
+    return _prepare(str(item.path), item.landmarks, item.rel, spec, detector, timings)
+
+
+def _prepare(path: str, landmarks: np.ndarray | None, rel: str, spec: PrepareSpec, detector: object,
+             timings: dict[str, float]) -> Prepared:  # fmt: skip
     keep = spec.predictor_spec is not None
-    image = prepare_image(item.path, item.landmarks, detector, size=spec.size, name=item.rel,  # type: ignore[arg-type]
+    image = prepare_image(path, landmarks, detector, size=spec.size, name=rel,  # type: ignore[arg-type]
                           sidecar=spec.sidecars, max_faces=MAX_FACES, jpeg_warnings=True, keep_image=keep,
                           timings=timings)  # fmt: skip
     if spec.predictor_spec is None:
@@ -123,13 +129,49 @@ def _child_detector(spec: PrepareSpec) -> FaceDetector:
     return _CHILD_DETECTORS[key]
 
 
-def _prepare_in_child(items: Sequence[InputItem], spec: PrepareSpec) -> list[tuple[Prepared, dict[str, float]]]:
-    out = []
-    for item in items:
-        timings: dict[str, float] = {}
-        build = (lambda: _child_detector(spec)) if spec.detect_options is not None else None
-        out.append((prepare_item(item, spec, build, timings), timings))
-    return out
+#: What travels between a worker and its decode processes, both ways small Python objects and one array: an item as
+#: (path, landmarks, rel); a piece's results as :data:`Packed` -- every aligned crop of the piece in one (F, h, w, 3)
+#: array (or ``None``), per item (name, warnings, faces, predictor crops) with a face as (landmarks, score, box,
+#: face) when aligned (its crop is the next of the array) or (error, score, face) when failed, and the piece's
+#: summed stage seconds.  Pickling an InputItem (its Path) and a PreparedImage per image cost the worker ~60 us an
+#: image on an H200's host, on the thread that drives the GPU.
+Packed = tuple[np.ndarray | None, list[tuple[str, tuple[str, ...], list[tuple[Any, ...]], list[Any]]], dict[str, float]]
+
+
+def _prepare_in_child(items: Sequence[tuple[str, np.ndarray | None, str]], spec: PrepareSpec) -> Packed:
+    timings: dict[str, float] = {}
+    build = (lambda: _child_detector(spec)) if spec.detect_options is not None else None
+    crops: list[np.ndarray] = []
+    meta = []
+    for path, landmarks, rel in items:
+        image, attr_crops = _prepare(path, landmarks, rel, spec, build, timings)
+        faces: list[tuple[Any, ...]] = []
+        for face in image.faces:
+            if isinstance(face, FaceFailure):
+                faces.append((face.error, face.score, face.face))
+            else:
+                crops.append(face.crop)
+                faces.append((face.landmarks, face.score, face.box, face.face))
+        meta.append((image.name, image.warnings, faces, attr_crops))
+    return (np.stack(crops) if crops else None), meta, timings
+
+
+def unpack(packed: Packed) -> tuple[list[Prepared], dict[str, float]]:
+    """The prepared items of a :data:`Packed` piece (crops are views of its one array) and its stage seconds."""
+    crops, meta, timings = packed
+    out: list[Prepared] = []
+    j = 0
+    for name, warnings, faces, attr_crops in meta:
+        built: list[AlignedFace | FaceFailure] = []
+        for face in faces:
+            if len(face) == 3:
+                built.append(FaceFailure(*face))
+            else:
+                assert crops is not None, "an aligned face without its crop"
+                built.append(AlignedFace(crops[j], *face))
+                j += 1
+        out.append((PreparedImage(name, tuple(built), warnings), attr_crops))
+    return out, timings
 
 
 # --- the preparers -------------------------------------------------------------------------------------------------
@@ -177,23 +219,30 @@ class Preparer:
         self.spec = spec
         self.depth = depth
 
-    def _submit(self, chunk: Sequence[InputItem]) -> list[Future[list[tuple[Prepared, dict[str, float]]]]]:
+    def _submit(self, chunk: Sequence[InputItem]) -> list[Future[Any]]:
+        raise NotImplementedError
+
+    def _result(self, done: Any) -> tuple[list[Prepared], dict[str, float]]:
+        """A finished future's value -> its prepared items and stage seconds."""
         raise NotImplementedError
 
     def chunks(self, chunks: Sequence[Sequence[InputItem]], timings: dict[str, float]) -> Iterator[list[Prepared]]:
         """Each chunk's prepared items in order; stage seconds are added to ``timings``."""
-        pending: list[list[Future[list[tuple[Prepared, dict[str, float]]]]]] = []
+        pending: list[list[Future[Any]]] = []
         nxt = 0
         for _ in range(len(chunks)):
             while nxt < len(chunks) and len(pending) <= self.depth:
                 pending.append(self._submit(chunks[nxt]))
                 nxt += 1
             with stage(timings, "wait"):  # the consumer stalled: preparation is the bottleneck
-                done = [pair for future in pending.pop(0) for pair in future.result()]
-            for _, local in done:
+                values = [future.result() for future in pending.pop(0)]
+            prepared: list[Prepared] = []
+            for value in values:
+                items, local = self._result(value)
+                prepared.extend(items)
                 for k, v in local.items():
                     timings[k] = timings.get(k, 0.0) + v
-            yield [prepared for prepared, _ in done]
+            yield prepared
 
     def close(self) -> None:
         """Free this preparer's threads (a process pool is kept for the worker's next shard)."""
@@ -213,8 +262,15 @@ class ThreadPreparer(Preparer):
         local: dict[str, float] = {}  # per item: no two threads add to one counter
         return prepare_item(item, self.spec, self.detector, local), local
 
-    def _submit(self, chunk: Sequence[InputItem]) -> list[Future[list[tuple[Prepared, dict[str, float]]]]]:
+    def _submit(self, chunk: Sequence[InputItem]) -> list[Future[Any]]:
         return [self.prefetch.submit(lambda: list(self.pool.map(self._one, chunk)))]
+
+    def _result(self, done: Any) -> tuple[list[Prepared], dict[str, float]]:
+        timings: dict[str, float] = {}
+        for _, local in done:
+            for k, v in local.items():
+                timings[k] = timings.get(k, 0.0) + v
+        return [prepared for prepared, _ in done], timings
 
     def close(self) -> None:
         self.prefetch.shutdown()
@@ -231,10 +287,15 @@ class ProcessPreparer(Preparer):
         self.pool = pool
         self.processes = processes
 
-    def _submit(self, chunk: Sequence[InputItem]) -> list[Future[list[tuple[Prepared, dict[str, float]]]]]:
+    def _submit(self, chunk: Sequence[InputItem]) -> list[Future[Any]]:
         piece = max(1, -(-len(chunk) // self.processes))
-        pieces: Iterable[Sequence[InputItem]] = (chunk[i : i + piece] for i in range(0, len(chunk), piece))
-        return [self.pool.submit(_prepare_in_child, list(p), self.spec) for p in pieces]
+        small = [(str(it.path), it.landmarks, it.rel) for it in chunk]
+        return [
+            self.pool.submit(_prepare_in_child, small[i : i + piece], self.spec) for i in range(0, len(small), piece)
+        ]
+
+    def _result(self, done: Any) -> tuple[list[Prepared], dict[str, float]]:
+        return unpack(done)
 
 
 def make_preparer(spec: PrepareSpec, processes: int, threads: int, detector: FaceDetector | None) -> Preparer:
