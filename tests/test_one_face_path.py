@@ -37,7 +37,8 @@ EMBED_CROPS = {
 CALLERS = {
     "model/faces/datasets.py": {"prepare_image"},
     "model/inference.py": set(),  # embed_dataset: defined beside iter_embeddings
-    "indexer/embed.py": {"prepare_image", "iter_embeddings"},
+    "indexer/embed.py": {"iter_embeddings"},  # its images are prepared by indexer/prepare_pool.py
+    "indexer/prepare_pool.py": {"prepare_image"},
     "engine/search.py": {"prepare_image", "iter_embeddings"},
     "benchmarks/lfw.py": {"prepare_image", "iter_embeddings"},
     "benchmarks/attribute_accuracy.py": {"FaceDataset", "embed_dataset"},

@@ -37,6 +37,7 @@ import torch
 
 from facesearch.indexer.embed import EmbedConfig, InputItem, plan_inputs
 from facesearch.indexer.pipeline import run_embed
+from facesearch.indexer.prepare_pool import auto_processes
 from facesearch.model.checkpoint import save_checkpoint
 from facesearch.model.config import preset
 from facesearch.model.device import resolve_device
@@ -181,6 +182,8 @@ def _measure(args: EmbedSpeedConfig, work: Path) -> dict[str, Any]:
             "loadavg": os.getloadavg(), "model": f"fast w{args.width} {args.input_size}", "detect": args.detect,
             "workers": args.workers, "threads_per_worker": args.threads_per_worker, "batch_size": args.batch_size,
             "device": _device_name(args.device), "decode_processes": args.decode_processes,
+            "decode_processes_used": args.decode_processes if args.decode_processes is not None else
+            auto_processes("cuda" if gpu else "cpu", gpus=max(1, torch.cuda.device_count())),
             "precision": args.precision,
             "model_alone": alone, "pipeline": pipe,
             "overhead_pct": 100 * (alone["images_per_s"] / pipe["images_per_s"] - 1),
@@ -196,8 +199,8 @@ def format_report(r: dict[str, Any]) -> str:
     """The markdown report of a :func:`run` result: the paths compared, the inference share, the stage seconds."""
     a, p = r["model_alone"], r["pipeline"]
     where = r.get("device", "cpu")
-    procs = r.get("decode_processes")
-    decode = f"{procs} decode processes" if procs else ("auto decode processes" if procs is None else "decode threads")
+    procs = r.get("decode_processes_used", r.get("decode_processes"))
+    decode = f"{procs} decode processes" if procs else "decode on its threads"
     alone_rows = [
         [
             f"model alone (embed_crops, {where}, {a['all_threads']['threads']} threads)",

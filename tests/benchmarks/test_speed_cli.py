@@ -126,7 +126,7 @@ def test_embed(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     r = json.loads(out.read_text())
     assert r["pipeline"]["images"] == r["model_alone"]["images"] == 6 and r["pipeline"]["images_per_s"] > 0
-    assert "| Dask pipeline, 1 workers x 1 thread, incl. cluster start | 6 |" in result.output
+    assert "| Dask pipeline, 1 workers x 1 thread, decode on its threads, incl. cluster start | 6 |" in result.output
     assert "| infer |" in result.output
 
 
