@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -217,12 +218,43 @@ def _masked(S: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return S.add_(torch.zeros(keep.shape, dtype=S.dtype, device=S.device).masked_fill_(~keep, -np.inf))
 
 
+#: (screen dtype, d) -> whether one query's screen product runs as a matrix-vector product on this CPU (else as a
+#: 1-row GEMM), chosen by timing both once per process (:func:`_one_query_by_mv`).
+_ONE_QUERY_MV: dict[tuple[torch.dtype, int], bool] = {}
+
+
+def _one_query_by_mv(xbs: torch.Tensor, q: torch.Tensor) -> bool:
+    """Whether ``torch.mv`` reads a database faster than a 1-row matrix product on this CPU, timed once per process
+    on (up to) 32,768 of its rows, larger than the caches.  Which is faster depends on the CPU and torch's kernels:
+    measured 5.8 against 9.6 GB/s for mv on one machine, 17.8 against 8.9 GB/s for the GEMM on another (avx512_bf16,
+    no AMX).  Both accumulate in float32 and round once (the screen's bound holds for either)."""
+    key = (xbs.dtype, xbs.shape[1])
+    if key not in _ONE_QUERY_MV:
+        sample = xbs[: min(len(xbs), 32768)]
+
+        def best(f: Callable[[], torch.Tensor]) -> float:
+            f()
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                f()
+                times.append(time.perf_counter() - t0)
+            return min(times)
+
+        mv = best(lambda: torch.mv(sample, q))
+        gemm = best(lambda: q[None] @ sample.T)
+        _ONE_QUERY_MV[key] = mv <= gemm
+        log.debug("one-query screen product: %s (mv %.2f ms, gemm %.2f ms on %d rows)",
+                  "mv" if mv <= gemm else "gemm", 1e3 * mv, 1e3 * gemm, len(sample))  # fmt: skip
+    return _ONE_QUERY_MV[key]
+
+
 def _low_product(xqs: torch.Tensor, xbs: torch.Tensor) -> torch.Tensor:
     """The screen's product in its own precision, (m, n): top-k runs on it as is, with no float32 pass over it.
-    One query on the CPU goes through a matrix-vector product: torch's bf16 GEMM kernel reads a single row's
-    database at half the rate (measured 5.8 vs 9.6 GB/s); both accumulate in float32 and round once to the low
-    precision (checked against float64: within the bound of :func:`_screened_tile`)."""
-    if xqs.shape[0] == 1 and xqs.device.type == "cpu":
+    One query on the CPU goes through whichever of a matrix-vector product and a 1-row GEMM reads the database
+    faster here (:func:`_one_query_by_mv`); both accumulate in float32 and round once to the low precision (checked
+    against float64: within the bound of :func:`_screened_tile`)."""
+    if xqs.shape[0] == 1 and xqs.device.type == "cpu" and len(xbs) and _one_query_by_mv(xbs, xqs[0]):
         return torch.mv(xbs, xqs[0])[None]
     return xqs @ xbs.T
 

@@ -263,3 +263,23 @@ def test_normalize_queries_refuses_rows_it_cannot_normalise(row: list[float], me
         normalize_queries(x)
     with pytest.raises(ValueError, match="shape"):
         normalize_queries(np.ones((2, 2, 2)))
+
+
+@pytest.mark.parametrize("by_mv", [True, False])
+def test_one_query_screen_products_round_once(by_mv: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both kernels a single query's screen product may use (matrix-vector or 1-row GEMM, whichever reads faster on
+    the CPU at hand) accumulate in float32 and round once: within the bound the screen's proof assumes."""
+    from facesearch.indexer import search as S
+
+    rng = np.random.default_rng(11)
+    xb, q = _unit(rng, 5000, 1024), _unit(rng, 1, 1024)
+    xbs, qs = torch.from_numpy(xb).to(torch.bfloat16), torch.from_numpy(q).to(torch.bfloat16)
+    monkeypatch.setitem(S._ONE_QUERY_MV, (torch.bfloat16, 1024), by_mv)
+    low = S._low_product(qs, xbs).double().numpy()[0]
+    exact = xbs.double().numpy() @ qs.double().numpy()[0]  # the bf16 inputs' products, in float64
+    d, u32, u16 = 1024, 2.0**-24, 2.0**-8
+    gamma = d * u32 / (1 - d * u32)
+    norms = np.linalg.norm(xbs.double().numpy(), axis=1) * np.linalg.norm(qs.double().numpy())
+    assert np.all(np.abs(low - exact) <= u16 / (1 - u16) * np.abs(low) + gamma * norms * (1 + u16))
+    rescored, _ = ResidentGallery(np.arange(5000), xb, screen="bf16").search(q, 10)
+    np.testing.assert_allclose(rescored[0], np.sort(xb @ q[0])[::-1][:10], atol=1e-6)
