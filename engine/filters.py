@@ -308,6 +308,12 @@ def _missing(x: np.ndarray) -> np.ndarray:
 
 def _compare(op: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Element-wise ``a op b``, False where either side is missing, except that None ``!=`` anything is True."""
+    if a.dtype.kind in "biuf" and b.dtype.kind in "biuf":
+        # numbers: one vectorised pass (a literal side stays a zero-stride view); NaN already compares False except
+        # under !=, where it is masked out
+        with np.errstate(invalid="ignore"):
+            out = np.asarray(_CMP[op](a, b), dtype=bool)
+        return out & ~(_missing(a) | _missing(b)) if op == "!=" else out
     ok = ~(_missing(a) | _missing(b))
     out = np.zeros(ok.shape, dtype=bool)
     out[ok] = _CMP[op](a[ok], b[ok])  # only present values: None < "x" would raise
