@@ -13,8 +13,8 @@ the FAISS storage; on CUDA a device copy), screened in bf16 where the hardware r
 float32 with a proven bound (:class:`facesearch.indexer.search.ResidentGallery`): exact answers at the speed of the
 low-precision product.  With a filter the strategy follows its selectivity p (the fraction of the gallery that passes):
 
-- ``subset`` (flat, p <= 10 %): gather the passing vectors and search only them;
-- ``masked`` (flat, p > 10 %): one pass over the gallery with the failing items' scores set to -inf (pre-filtering
+- ``subset`` (flat, p <= 50 %): gather the passing vectors, a cache-sized block at a time, and search only them;
+- ``masked`` (flat, p > 50 %): one pass over the gallery with the failing items' scores set to -inf (pre-filtering
   inside the product: never re-fetches, whatever the selectivity);
 - ``selector`` (IVF / PQ / HNSW, p <= 50 %): FAISS searches with an ``IDSelectorBatch`` of the passing ids;
 - ``postfilter`` (IVF / PQ / HNSW, p > 50 %): over-fetch ~k/p hits, keep those that pass, and re-fetch the queries
@@ -50,7 +50,9 @@ from facesearch.model.faces.prepare import FACE_REASONS, FaceFailure, prepare_im
 from facesearch.model.inference import Embedder, iter_embeddings
 from facesearch.model.predictors import AttributePredictor, load_predictor
 
-SUBSET_MAX, SELECTOR_MAX = 0.10, 0.5  # flat: gather below SUBSET_MAX; FAISS kinds: selector up to SELECTOR_MAX
+# flat: gather up to SUBSET_MAX (at 1M x 1024, 50 % passing: 139 ms against 154 for one query, 93 against 64
+# queries/s batched; benchmarks/RESULTS.md); FAISS kinds: selector up to SELECTOR_MAX
+SUBSET_MAX, SELECTOR_MAX = 0.5, 0.5
 AGGREGATES = ("max", "mean")
 STRATEGIES = ("auto", "subset", "masked", "selector", "postfilter")
 _BITMAP_MAX_IDS = 1 << 30  # ids below this: FAISS selectors are bitmaps (<= 128 MiB) instead of hash sets

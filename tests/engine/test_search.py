@@ -51,7 +51,7 @@ def _check(results, ref, k):
 
 @pytest.mark.parametrize(
     "expr, strategy",
-    [("id < 3", "subset"), ("id < 30", "subset"), ("id >= 2700", "subset"), ("Male", "masked"),
+    [("id < 3", "subset"), ("id < 30", "subset"), ("id >= 2700", "subset"), ("Male", "subset"),
      ("id < 1500 or Big_Nose", "masked"), ("id != 7", "masked"), ("id < 0", "subset")],
 )  # fmt: skip
 def test_filtered_top_k_is_exact_at_every_selectivity(gallery, expr, strategy):
@@ -180,7 +180,7 @@ def test_search_cli(gallery, tmp_path):
     base = ["search", "--index", str(gallery[1])]
     res = runner.invoke(main, [*base, "--ids", "5,77", "-k", "3", "--filter", "Male"])
     assert res.exit_code == 0, res.output
-    assert "query id 5: masked search" in res.output and "rank" in res.output
+    assert "query id 5: subset search" in res.output and "rank" in res.output
     eng = SearchEngine.open(gallery[1])
     np.save(tmp_path / "q.npy", eng.vectors([9, 10]))
     out = tmp_path / "hits.parquet"
