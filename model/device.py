@@ -46,20 +46,39 @@ def resolve_device(spec: str) -> torch.device:
 @functools.lru_cache(maxsize=1)
 def cpu_has_bf16_units(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """True when the CPU advertises native bf16 matrix instructions (``amx_bf16`` or ``avx512_bf16`` flags)."""
+    flags, _ = _cpu_flags_and_vendor(cpuinfo)
+    return any(f in flags for f in _CPU_BF16_FLAGS)
+
+
+def _cpu_flags_and_vendor(cpuinfo: str) -> tuple[set[str], str]:
     try:
         text = Path(cpuinfo).read_text(errors="replace")
     except OSError:
-        return False
+        return set(), ""
     flags: set[str] = set()
+    vendor = ""
     for line in text.splitlines():
         if line.startswith("flags"):
             flags.update(line.partition(":")[2].split())
-    return any(f in flags for f in _CPU_BF16_FLAGS)
+        elif line.startswith("vendor_id") and not vendor:
+            vendor = line.partition(":")[2].strip()
+    return flags, vendor
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_autocast_pays(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether bf16 autocast speeds the network up on this CPU: with AMX (``amx_bf16``), or ``avx512_bf16`` on an
+    AMD CPU.  An Intel CPU with ``avx512_bf16`` and no AMX ran the Fast-Model at 0.78x its float32 speed (bf16 GEMMs
+    at half the float32 rate, 2026-12-04, ``benchmarks/RESULTS.md``), so ``auto`` stays float32 there.  A rule on
+    the CPU's flags, not a timing: the same machine always makes the same choice, and so the same numbers."""
+    flags, vendor = _cpu_flags_and_vendor(cpuinfo)
+    return "amx_bf16" in flags or ("avx512_bf16" in flags and vendor == "AuthenticAMD")
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
     """The autocast dtype for ``precision`` (``fp32 | bf16 | auto``) on ``device``: ``torch.bfloat16`` or
-    ``torch.float32`` (meaning: autocast off).  ``auto`` -> bf16 on CPUs with bf16 units and bf16-capable GPUs."""
+    ``torch.float32`` (meaning: autocast off).  ``auto`` -> bf16 on bf16-capable GPUs and on CPUs where it pays
+    (:func:`cpu_bf16_autocast_pays`)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {list(PRECISIONS)}")
     if precision == "fp32":
@@ -69,7 +88,7 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_bf16_units() else torch.float32
+        return torch.bfloat16 if cpu_bf16_autocast_pays() else torch.float32
     return torch.float32
 
 
@@ -78,4 +97,4 @@ def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-__all__ = ["PRECISIONS", "autocast", "autocast_dtype", "cpu_has_bf16_units", "resolve_device"]
+__all__ = ["PRECISIONS", "autocast", "autocast_dtype", "cpu_bf16_autocast_pays", "cpu_has_bf16_units", "resolve_device"]

@@ -50,8 +50,9 @@ class Embedder:
     """Batched embedding of aligned uint8 crops with a trained :class:`FaceNet`.
 
     ``source``: a checkpoint path or a FaceNet (put in eval mode on ``device``).  ``precision``: ``fp32 | bf16 |
-    auto`` (bf16 autocast where native).  ``flip_average``: also embed the mirrored crop and average (features
-    before normalisation, attribute probabilities), a common test-time augmentation for faces.
+    auto`` (bf16 autocast where it is faster: :func:`facesearch.model.device.cpu_bf16_autocast_pays`).
+    ``flip_average``: also embed the mirrored crop and average (features before normalisation, attribute
+    probabilities), a common test-time augmentation for faces.
 
     ``cuda_graphs``: on a CUDA device, full batches (``batch_size`` crops) replay one captured CUDA graph of the
     network instead of launching its ~150 kernels one by one from Python: the small Fast-Model is launch-bound on a

@@ -95,7 +95,8 @@ _OPTIONS = [
     _opt(
         "--precision",
         click.Choice(PRECISIONS),
-        f"fp32, bf16 autocast, or auto (bf16 where native) [default: {_d('precision')}].",
+        "fp32, bf16 autocast, or auto (bf16 on GPUs and on CPUs with AMX or AMD avx512_bf16) "
+        f"[default: {_d('precision')}].",
     ),
     _opt("--workers", int, "DataLoader worker processes [default: min(2, CPUs)].", "num_workers"),
     _opt("--seed", int, f"Seed of initialisation, data order, flips and dropout [default: {_d('seed')}]."),

@@ -120,3 +120,25 @@ def test_device_and_precision_resolution() -> None:
     assert autocast_dtype(cpu, "auto") in (torch.float32, torch.bfloat16)
     with pytest.raises(ValueError, match="unknown precision"):
         autocast_dtype(cpu, "fp16")
+
+
+def test_cpu_bf16_autocast_rule(tmp_path: Path) -> None:
+    """``auto`` precision on the CPU: bf16 with AMX, or avx512_bf16 on AMD; not on an Intel CPU with avx512_bf16 and
+    no AMX (measured slower than float32 there); never without the flags or without /proc/cpuinfo."""
+    from facesearch.model.device import cpu_bf16_autocast_pays, cpu_has_bf16_units
+
+    def info(vendor: str, flags: str) -> str:
+        path = tmp_path / f"{vendor}-{flags.replace(' ', '_') or 'none'}"
+        path.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: fpu sse2 avx2 {flags}\n\n"
+                        f"processor\t: 1\nvendor_id\t: {vendor}\nflags\t\t: fpu sse2 avx2 {flags}\n")  # fmt: skip
+        return str(path)
+
+    cases = {("GenuineIntel", "avx512f avx512_bf16 amx_bf16 amx_tile"): (True, True),
+             ("GenuineIntel", "avx512f avx512_bf16"): (False, True),
+             ("AuthenticAMD", "avx512f avx512_bf16"): (True, True),
+             ("GenuineIntel", "avx512f"): (False, False),
+             ("AuthenticAMD", ""): (False, False)}  # fmt: skip
+    for (vendor, flags), (pays, units) in cases.items():
+        path = info(vendor, flags)
+        assert cpu_bf16_autocast_pays(path) is pays and cpu_has_bf16_units(path) is units, (vendor, flags)
+    assert cpu_bf16_autocast_pays(str(tmp_path / "missing")) is False
