@@ -218,6 +218,41 @@ def _masked(S: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return S.add_(torch.zeros(keep.shape, dtype=S.dtype, device=S.device).masked_fill_(~keep, -np.inf))
 
 
+#: screen dtype -> whether a batch's screened search beats the unscreened float32 one on this CPU
+#: (:func:`batch_screen_pays`).
+_BATCH_SCREEN_PAYS: dict[torch.dtype, bool] = {}
+#: How much faster than float32 a screen's products must run to pay for its top-k and re-scoring.
+_BATCH_SCREEN_MIN_SPEEDUP = 1.5
+
+
+def batch_screen_pays(dtype: torch.dtype) -> bool:
+    """Whether products in ``dtype`` run at least :data:`_BATCH_SCREEN_MIN_SPEEDUP` times the float32 rate on this
+    CPU, timed once per process on a batch-sized product (256 x 1024 by 1024 x 8192).  A batch's search is bound by
+    its products: where the low precision is not much faster (a Xeon with ``avx512_bf16`` and no AMX ran bf16 GEMMs
+    at half the float32 rate), the screen only adds its top-k and re-scoring, and the resident gallery answers
+    batches exactly in float32 instead; results are the same either way (both are exact)."""
+    if dtype not in _BATCH_SCREEN_PAYS:
+        gen = torch.Generator().manual_seed(0)
+        a32, b32 = torch.randn(256, 1024, generator=gen), torch.randn(8192, 1024, generator=gen)
+        al, bl = a32.to(dtype), b32.to(dtype)
+
+        def best(a: torch.Tensor, b: torch.Tensor) -> float:
+            a @ b.T
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                a @ b.T
+                times.append(time.perf_counter() - t0)
+            return min(times)
+
+        with strict_matmul():
+            t32, tlow = best(a32, b32), best(al, bl)
+        _BATCH_SCREEN_PAYS[dtype] = t32 >= _BATCH_SCREEN_MIN_SPEEDUP * tlow
+        log.debug("batch screen in %s: %s (float32 %.1f ms, %s %.1f ms)", dtype,
+                  "used" if _BATCH_SCREEN_PAYS[dtype] else "skipped", 1e3 * t32, dtype, 1e3 * tlow)  # fmt: skip
+    return _BATCH_SCREEN_PAYS[dtype]
+
+
 #: (screen dtype, d) -> whether one query's screen product runs as a matrix-vector product on this CPU (else as a
 #: 1-row GEMM), chosen by timing both once per process (:func:`_one_query_by_mv`).
 _ONE_QUERY_MV: dict[tuple[torch.dtype, int], bool] = {}
@@ -453,6 +488,8 @@ class ResidentGallery:
             raise ValueError("pass rows or keep, not both")
         dev = self.device
         ids, xb32, xbs = self.ids, self.xb32, self.xbs
+        if xbs is not None and len(xq) > 1 and dev.type == "cpu" and not batch_screen_pays(xbs.dtype):
+            xbs = None  # a batch's float32 product outruns the screen on this CPU: search exactly, unscreened
         r = None
         fused = False  # the subset's screen product gathers its rows block by block (no gathered copy)
         if rows is not None:  # gather the subset: only its low-precision rows when screened (float32 read in place)

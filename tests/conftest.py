@@ -133,3 +133,16 @@ def _stuck_fifo(path: Path, patience: float = 10.0) -> Iterator[list[float]]:
 def fifo() -> Callable[..., AbstractContextManager[list[float]]]:
     """``with fifo(path) as released:`` a named pipe nobody writes to, released by a watchdog after 10 s."""
     return _stuck_fifo
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _screened_batches_everywhere() -> Iterator[None]:
+    """Resident galleries screen batches on every machine under test, so the screened batch path is exercised even
+    where the CPU's low-precision products are too slow for it to pay (its own test checks that choice)."""
+    from facesearch.indexer import search
+
+    saved = dict(search._BATCH_SCREEN_PAYS)
+    search._BATCH_SCREEN_PAYS.update({torch.bfloat16: True, torch.float16: True})
+    yield
+    search._BATCH_SCREEN_PAYS.clear()
+    search._BATCH_SCREEN_PAYS.update(saved)

@@ -283,3 +283,32 @@ def test_one_query_screen_products_round_once(by_mv: bool, monkeypatch: pytest.M
     assert np.all(np.abs(low - exact) <= u16 / (1 - u16) * np.abs(low) + gamma * norms * (1 + u16))
     rescored, _ = ResidentGallery(np.arange(5000), xb, screen="bf16").search(q, 10)
     np.testing.assert_allclose(rescored[0], np.sort(xb @ q[0])[::-1][:10], atol=1e-6)
+
+
+def test_batches_skip_a_screen_that_does_not_pay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where low-precision products are not much faster than float32, a resident gallery answers batches exactly in
+    float32 (single queries keep the screen): the same answers either way; the choice is timed once and cached."""
+    from facesearch.indexer import search as S
+
+    rng = np.random.default_rng(12)
+    xb, xq = _unit(rng, 3000, 64), _unit(rng, 5, 64)
+    ids = np.arange(3000, dtype=np.int64)
+    gal = ResidentGallery(ids, xb, screen="bf16", tile_rows=700, margin=4)
+    keep = rng.random(3000) < 0.3
+    screened = [gal.search(xq, 10), gal.search(xq, 10, rows=np.flatnonzero(keep)), gal.search(xq, 10, keep=keep)]
+    monkeypatch.setitem(S._BATCH_SCREEN_PAYS, torch.bfloat16, False)
+    screen_tile = S._screened_tile
+
+    def no_screen_for_batches(xq32: torch.Tensor, *args: object, **kw: object) -> object:
+        assert len(xq32) == 1, "a batch went through the screen"
+        return screen_tile(xq32, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(S, "_screened_tile", no_screen_for_batches)
+    plain = [gal.search(xq, 10), gal.search(xq, 10, rows=np.flatnonzero(keep)), gal.search(xq, 10, keep=keep)]
+    gal.search(xq[:1], 10)  # one query still screens
+    for (Da, Ia), (Db, Ib) in zip(screened, plain, strict=True):
+        np.testing.assert_array_equal(Ia, Ib)
+        np.testing.assert_allclose(Da, Db, atol=1e-6)
+    np.testing.assert_array_equal(plain[0][1], _brute(xq, xb, ids, 10)[1])
+    monkeypatch.delitem(S._BATCH_SCREEN_PAYS, torch.float16, raising=False)
+    assert isinstance(S.batch_screen_pays(torch.float16), bool) and torch.float16 in S._BATCH_SCREEN_PAYS
