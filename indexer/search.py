@@ -230,7 +230,7 @@ def batch_screen_pays(dtype: torch.dtype) -> bool:
     CPU, timed once per process on a batch-sized product (256 x 1024 by 1024 x 8192).  A batch's search is bound by
     its products: where the low precision is not much faster (a Xeon with ``avx512_bf16`` and no AMX ran bf16 GEMMs
     at half the float32 rate), the screen only adds its top-k and re-scoring, and the resident gallery answers
-    batches exactly in float32 instead; results are the same either way (both are exact)."""
+    batches over the whole gallery exactly in float32 instead; results are the same either way (both are exact)."""
     if dtype not in _BATCH_SCREEN_PAYS:
         gen = torch.Generator().manual_seed(0)
         a32, b32 = torch.randn(256, 1024, generator=gen), torch.randn(8192, 1024, generator=gen)
@@ -488,8 +488,10 @@ class ResidentGallery:
             raise ValueError("pass rows or keep, not both")
         dev = self.device
         ids, xb32, xbs = self.ids, self.xb32, self.xbs
-        if xbs is not None and len(xq) > 1 and dev.type == "cpu" and not batch_screen_pays(xbs.dtype):
-            xbs = None  # a batch's float32 product outruns the screen on this CPU: search exactly, unscreened
+        if xbs is not None and rows is None and len(xq) > 1 and dev.type == "cpu" and not batch_screen_pays(xbs.dtype):
+            # a full pass of a batch: the float32 product outruns the screen on this CPU, so search exactly, unscreened
+            # (a subset keeps the screen: gathering its half-size rows in cache-sized blocks beats copying float32 ones)
+            xbs = None
         r = None
         fused = False  # the subset's screen product gathers its rows block by block (no gathered copy)
         if rows is not None:  # gather the subset: only its low-precision rows when screened (float32 read in place)
