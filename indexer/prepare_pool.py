@@ -212,6 +212,11 @@ def auto_processes(device_type: str, cores: int | None = None, gpus: int = 1) ->
     return max(1, cores // max(1, gpus) - 1)
 
 
+def _add_seconds(into: dict[str, float], more: dict[str, float]) -> None:
+    for k, v in more.items():
+        into[k] = into.get(k, 0.0) + v
+
+
 class Preparer:
     """Prepares chunks of items in the background, ``depth`` chunks ahead of the consumer."""
 
@@ -240,8 +245,7 @@ class Preparer:
             for value in values:
                 items, local = self._result(value)
                 prepared.extend(items)
-                for k, v in local.items():
-                    timings[k] = timings.get(k, 0.0) + v
+                _add_seconds(timings, local)
             yield prepared
 
     def close(self) -> None:
@@ -268,8 +272,7 @@ class ThreadPreparer(Preparer):
     def _result(self, done: Any) -> tuple[list[Prepared], dict[str, float]]:
         timings: dict[str, float] = {}
         for _, local in done:
-            for k, v in local.items():
-                timings[k] = timings.get(k, 0.0) + v
+            _add_seconds(timings, local)
         return [prepared for prepared, _ in done], timings
 
     def close(self) -> None:

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from facesearch.model.measure import gemm_flops, seconds_per_call
 
 log = logging.getLogger(__name__)
 
@@ -232,24 +233,12 @@ def batch_screen_pays(dtype: torch.dtype) -> bool:
     at half the float32 rate), the screen only adds its top-k and re-scoring, and the resident gallery answers
     batches over the whole gallery exactly in float32 instead; results are the same either way (both are exact)."""
     if dtype not in _BATCH_SCREEN_PAYS:
-        gen = torch.Generator().manual_seed(0)
-        a32, b32 = torch.randn(256, 1024, generator=gen), torch.randn(8192, 1024, generator=gen)
-        al, bl = a32.to(dtype), b32.to(dtype)
-
-        def best(a: torch.Tensor, b: torch.Tensor) -> float:
-            a @ b.T
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                a @ b.T
-                times.append(time.perf_counter() - t0)
-            return min(times)
-
         with strict_matmul():
-            t32, tlow = best(a32, b32), best(al, bl)
-        _BATCH_SCREEN_PAYS[dtype] = t32 >= _BATCH_SCREEN_MIN_SPEEDUP * tlow
-        log.debug("batch screen in %s: %s (float32 %.1f ms, %s %.1f ms)", dtype,
-                  "used" if _BATCH_SCREEN_PAYS[dtype] else "skipped", 1e3 * t32, dtype, 1e3 * tlow)  # fmt: skip
+            low = gemm_flops(256, 1024, 8192, dtype, min_run_time=0.05)
+            f32 = gemm_flops(256, 1024, 8192, torch.float32, min_run_time=0.05)
+        _BATCH_SCREEN_PAYS[dtype] = low >= _BATCH_SCREEN_MIN_SPEEDUP * f32
+        log.debug("batch screen in %s: %s (%.2f against %.2f TFLOP/s in float32)", dtype,
+                  "used" if _BATCH_SCREEN_PAYS[dtype] else "skipped", low / 1e12, f32 / 1e12)  # fmt: skip
     return _BATCH_SCREEN_PAYS[dtype]
 
 
@@ -266,18 +255,8 @@ def _one_query_by_mv(xbs: torch.Tensor, q: torch.Tensor) -> bool:
     key = (xbs.dtype, xbs.shape[1])
     if key not in _ONE_QUERY_MV:
         sample = xbs[: min(len(xbs), 32768)]
-
-        def best(f: Callable[[], torch.Tensor]) -> float:
-            f()
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                f()
-                times.append(time.perf_counter() - t0)
-            return min(times)
-
-        mv = best(lambda: torch.mv(sample, q))
-        gemm = best(lambda: q[None] @ sample.T)
+        mv = seconds_per_call(lambda: torch.mv(sample, q), min_run_time=0.05, warmup=1)
+        gemm = seconds_per_call(lambda: q[None] @ sample.T, min_run_time=0.05, warmup=1)
         _ONE_QUERY_MV[key] = mv <= gemm
         log.debug("one-query screen product: %s (mv %.2f ms, gemm %.2f ms on %d rows)",
                   "mv" if mv <= gemm else "gemm", 1e3 * mv, 1e3 * gemm, len(sample))  # fmt: skip
