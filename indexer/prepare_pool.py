@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from facesearch.indexer.crop_ring import CropRing, RingSlot, open_ring, write_crops
 from facesearch.indexer.inputs import InputItem
 from facesearch.model.faces.detect import DetectOptions, FaceDetector
 from facesearch.model.faces.prepare import AlignedFace, FaceFailure, PreparedImage, prepare_image
@@ -129,16 +130,20 @@ def _child_detector(spec: PrepareSpec) -> FaceDetector:
     return _CHILD_DETECTORS[key]
 
 
-#: What travels between a worker and its decode processes, both ways small Python objects and one array: an item as
-#: (path, landmarks, rel); a piece's results as :data:`Packed` -- every aligned crop of the piece in one (F, h, w, 3)
-#: array (or ``None``), per item (name, warnings, faces, predictor crops) with a face as (landmarks, score, box,
-#: face) when aligned (its crop is the next of the array) or (error, score, face) when failed, and the piece's
-#: summed stage seconds.  Pickling an InputItem (its Path) and a PreparedImage per image cost the worker ~60 us an
-#: image on an H200's host, on the thread that drives the GPU.
-Packed = tuple[np.ndarray | None, list[tuple[str, tuple[str, ...], list[tuple[Any, ...]], list[Any]]], dict[str, float]]
+#: What travels between a worker and its decode processes: small Python objects, the crops through a shared-memory
+#: slot.  An item goes as (path, landmarks, rel); a piece's results come back as :data:`Packed` -- the slot and how
+#: many of the piece's aligned crops the process wrote into it (:mod:`facesearch.indexer.crop_ring`), the crops that
+#: did not fit in one (F, h, w, 3) array (or ``None``), per item (name, warnings, faces, predictor crops) with a face
+#: as (landmarks, score, box, face) when aligned (its crop is the next, slot first) or (error, score, face) when
+#: failed, and the piece's summed stage seconds.  Pickling an InputItem (its Path) and a PreparedImage per image
+#: cost the worker ~60 us an image on an H200's host, on the thread that drives the GPU; reading pickled crops from
+#: the pipes cost more.
+Packed = tuple[RingSlot | None, int, np.ndarray | None,
+               list[tuple[str, tuple[str, ...], list[tuple[Any, ...]], list[Any]]], dict[str, float]]  # fmt: skip
 
 
-def _prepare_in_child(items: Sequence[tuple[str, np.ndarray | None, str]], spec: PrepareSpec) -> Packed:
+def _prepare_in_child(items: Sequence[tuple[str, np.ndarray | None, str]], spec: PrepareSpec,
+                      slot: RingSlot | None = None) -> Packed:  # fmt: skip
     timings: dict[str, float] = {}
     build = (lambda: _child_detector(spec)) if spec.detect_options is not None else None
     crops: list[np.ndarray] = []
@@ -153,12 +158,20 @@ def _prepare_in_child(items: Sequence[tuple[str, np.ndarray | None, str]], spec:
                 crops.append(face.crop)
                 faces.append((face.landmarks, face.score, face.box, face.face))
         meta.append((image.name, image.warnings, faces, attr_crops))
-    return (np.stack(crops) if crops else None), meta, timings
+    in_ring = write_crops(slot, crops)
+    rest = crops[in_ring:]
+    return slot, in_ring, (np.stack(rest) if rest else None), meta, timings
 
 
-def unpack(packed: Packed) -> tuple[list[Prepared], dict[str, float]]:
-    """The prepared items of a :data:`Packed` piece (crops are views of its one array) and its stage seconds."""
-    crops, meta, timings = packed
+def unpack(packed: Packed, ring: CropRing | None = None) -> tuple[list[Prepared], dict[str, float]]:
+    """The prepared items of a :data:`Packed` piece (crops are views of one array: the slot's, copied out of
+    ``ring`` and the slot freed, then those that travelled pickled) and its stage seconds."""
+    slot, in_ring, rest, meta, timings = packed
+    crops = rest
+    if slot is not None:
+        assert ring is not None, "crops in a shared-memory slot need their ring"
+        shared = ring.read(slot, in_ring)
+        crops = shared if rest is None else np.concatenate([shared, rest])
     out: list[Prepared] = []
     j = 0
     for name, warnings, faces, attr_crops in meta:
@@ -285,20 +298,34 @@ class ProcessPreparer(Preparer):
     task per piece: every process busy, and few round trips through the parent, whose one thread also feeds the
     model)."""
 
-    def __init__(self, spec: PrepareSpec, pool: Executor, processes: int, depth: int = 4) -> None:
+    def __init__(self, spec: PrepareSpec, pool: Executor, processes: int, depth: int = 4,
+                 ring: bool = True) -> None:  # fmt: skip
         super().__init__(spec, depth=depth)
         self.pool = pool
         self.processes = processes
+        self.use_ring = ring
+        self.ring: CropRing | None = None
 
     def _submit(self, chunk: Sequence[InputItem]) -> list[Future[Any]]:
         piece = max(1, -(-len(chunk) // self.processes))
+        if self.use_ring and self.ring is None:
+            # A slot per piece in flight (depth + 1 chunks pending, one more being consumed), sized by the first
+            # chunk's pieces with room for some images with two faces.
+            self.use_ring = False
+            self.ring = open_ring((self.depth + 2) * self.processes, piece + piece // 4 + 2, (*self.spec.size, 3))
         small = [(str(it.path), it.landmarks, it.rel) for it in chunk]
-        return [
-            self.pool.submit(_prepare_in_child, small[i : i + piece], self.spec) for i in range(0, len(small), piece)
-        ]
+        futures = []
+        for i in range(0, len(small), piece):
+            slot = self.ring.take() if self.ring is not None else None
+            futures.append(self.pool.submit(_prepare_in_child, small[i : i + piece], self.spec, slot))
+        return futures
 
     def _result(self, done: Any) -> tuple[list[Prepared], dict[str, float]]:
-        return unpack(done)
+        return unpack(done, self.ring)
+
+    def close(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
 
 
 def make_preparer(spec: PrepareSpec, processes: int, threads: int, detector: FaceDetector | None) -> Preparer:
