@@ -9,8 +9,8 @@ is a
 ``ValueError`` naming the row.
 
 A flat (exact) index is searched by tiled torch products over its stored vectors, used in place (a zero-copy view of
-the FAISS storage; on CUDA a device copy), screened in bf16 where the hardware runs it natively and re-scored in
-float32 with a proven bound (:class:`facesearch.indexer.search.ResidentGallery`): exact answers at the speed of the
+the FAISS storage; on CUDA a device copy), screened in int8 or bf16 where the hardware runs it natively and re-scored
+in float32 with a proven bound (:class:`facesearch.indexer.search.ResidentGallery`): exact answers at the speed of the
 low-precision product.  With a filter the strategy follows its selectivity p (the fraction of the gallery that passes):
 
 - ``subset`` (flat, p <= 50 %): gather the passing vectors, a cache-sized block at a time, and search only them;
@@ -43,8 +43,9 @@ from facesearch.engine.filters import Filter, parse_filter
 from facesearch.indexer.embed import predictor_crops
 from facesearch.indexer.faiss_import import faiss
 from facesearch.indexer.index import LoadedIndex, load_index
+from facesearch.indexer.screen import auto_screen
 from facesearch.indexer.search import ResidentGallery, normalize_queries
-from facesearch.model.device import cpu_has_bf16_units, resolve_device
+from facesearch.model.device import resolve_device
 from facesearch.model.faces.detect import FaceDetector
 from facesearch.model.faces.prepare import FACE_REASONS, FaceFailure, prepare_image
 from facesearch.model.inference import Embedder, iter_embeddings
@@ -162,8 +163,8 @@ class SearchEngine:
         if not np.array_equal(stored_ids, self.columns["id"]):  # rows out of step with the table: one reordered copy
             xb = xb[self.rows(stored_ids.tolist()).argsort()]
         dev = resolve_device(device)
-        if screen == "auto":  # bf16 only where it runs natively; elsewhere it is emulated and slower than float32
-            screen = "bf16" if dev.type == "cuda" or cpu_has_bf16_units() else "none"
+        if screen == "auto":  # int8 or bf16 only where they run natively; emulated they are slower than float32
+            screen = auto_screen(dev)
         self._xb = xb
         self.gallery = ResidentGallery(self.columns["id"], xb, device=str(dev), screen=screen)
 
@@ -179,8 +180,8 @@ class SearchEngine:
     ) -> SearchEngine:
         """Load ``index_dir``; with ``checkpoint`` (needed for image queries) its model must be the one that built
         the index: another fingerprint is refused, since its embeddings would not be comparable.  ``device`` runs
-        the model and a flat index's products; ``screen`` (auto | bf16 | fp16 | none) is the flat path's
-        low-precision screen (exact either way; auto = bf16 where the hardware runs it natively).
+        the model and a flat index's products; ``screen`` (auto | int8 | bf16 | fp16 | none) is the flat path's
+        low-precision screen (exact either way; auto: :func:`facesearch.indexer.screen.auto_screen`).
 
         A damaged or inconsistent index directory is a one-line ``ValueError`` naming the file and what disagrees
         (:func:`facesearch.indexer.index.load_index`: sizes, checksums of the small files, FAISS header vs
@@ -434,7 +435,8 @@ class SearchEngine:
             D, I = _pad(*self._search_all(xq, k), k)
             return D, I, "none", len(self.columns["id"])
         mask = flt if isinstance(flt, np.ndarray) else flt.mask(self.columns)
-        p = float(mask.mean()) if len(mask) else 0.0
+        passing = int(np.count_nonzero(mask))
+        p = passing / len(mask) if len(mask) else 0.0
         if strategy == "auto":
             if self.gallery is not None:
                 strategy = "subset" if p <= SUBSET_MAX else "masked"
@@ -443,7 +445,7 @@ class SearchEngine:
         run = {"subset": self._subset, "masked": self._masked, "selector": self._selector,
                "postfilter": self._postfilter}[strategy]  # fmt: skip
         D, I = _pad(*run(xq, k, mask), k)
-        return D, I, strategy, int(mask.sum())
+        return D, I, strategy, passing
 
     # -- the public query ---------------------------------------------------------------------------------------------
     def search(

@@ -5,10 +5,11 @@ top-k, so memory is bounded by the block/tile size and never by ``nb``. Two back
 
 - ``faiss``: ``faiss.IndexFlatIP`` per block (on the GPU when the installed faiss has GPU support and
   ``device="cuda"``);
-- ``torch``: a tiled matrix product + ``torch.topk`` on CPU or CUDA. Optionally the tile product runs in bfloat16 or
-  float16 (``screen``) **only as a screen**: the top ``k + margin`` candidates per query are re-scored exactly in
-  float32, and the result is accepted only when the k-th exact score provably beats every candidate the screen left out
-  (see :func:`_screen_error`); otherwise that query is recomputed exactly. Results therefore equal the float32 search.
+- ``torch``: a tiled matrix product + ``torch.topk`` on CPU or CUDA. Optionally the tile product runs in bfloat16,
+  float16 or int8 (``screen``, :mod:`facesearch.indexer.screen`) **only as a screen**: the top ``k + margin``
+  candidates per query are re-scored exactly in float32, and the result is accepted only when the k-th exact score
+  provably beats every item the screen left out (:func:`~facesearch.indexer.screen.screen_error`); otherwise every
+  item that may still beat it is re-scored too. Results therefore equal the float32 search.
 
 Ties: among equal scores the smaller id ranks first, deterministically, whatever the block boundaries (a boundary tie
 at position k is resolved by looking at every item of the block with that score). Scores are compared as the back-end
@@ -25,21 +26,31 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from facesearch.model.measure import gemm_flops, seconds_per_call
+from facesearch.indexer.screen import (
+    DEFAULT_MARGIN,
+    DTYPES,
+    SCREENS,
+    UNIT_ROUNDOFF,
+    Low,
+    batch_screen_pays,
+    check_screen,
+    gathered_product,
+    low_product,
+    screen_error,
+    tile_norms,
+    to_low,
+)
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "faiss", "torch")
-SCREENS = ("none", "bf16", "fp16")
-_UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11}
-_TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def normalize_queries(xq: np.ndarray) -> np.ndarray:
@@ -182,114 +193,12 @@ def _gpu_resources() -> Any:
     return _GPU_RES[0]
 
 
-def _tile_norms(xb32: torch.Tensor, xbs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The database side of the screen's error bound: max |y|, max |dy| and max |y~| over the rows (0-d tensors)."""
-    xb_up = xbs.float()
-    return (torch.linalg.vector_norm(xb32, dim=1).max(), torch.linalg.vector_norm(xb_up - xb32, dim=1).max(),
-            torch.linalg.vector_norm(xb_up, dim=1).max())  # fmt: skip
-
-
-def _screen_error(
-    xq32: torch.Tensor, xqs: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-) -> torch.Tensor:
-    """Upper bound, per query, of |low-precision score - float32 score| for every item of the tile, before the
-    rounding of the product's output (handled by the caller).  ``norms``: :func:`_tile_norms` of the tile (or of any
-    superset of it: the maxima only grow).
-
-    With x~ = x + dx and y~ = y + dy: |x~.y~ - x.y| = |dx.y + x~.dy| <= |dx| |y| + |x~| |dy| (Cauchy-Schwarz, using the
-    measured rounding-error norms), plus the float32 accumulation of d products in the screen, gamma_d |x~| |y~|, and
-    in the exact product a left-out item would get, gamma_d |x| |y| (gamma_d = d u32 / (1 - d u32)), so a left-out
-    item's *computed* float32 score is bounded, not only its real one. Returns (m,) float32."""
-    d = xq32.shape[1]
-    u32 = 2.0**-24
-    gamma = d * u32 / (1 - d * u32)
-    nb_max, db_max, nbs_max = norms
-    xq_up = xqs.float()
-    dq = torch.linalg.vector_norm(xq_up - xq32, dim=1)
-    nq_s = torch.linalg.vector_norm(xq_up, dim=1)
-    nq32 = torch.linalg.vector_norm(xq32, dim=1)
-    return dq * nb_max + nq_s * db_max + gamma * (nq_s * nbs_max + nq32 * nb_max)
-
-
 def _masked(S: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """Scores of items outside ``keep`` (a (n,) bool mask over the columns) set to -inf, in place: a broadcast add
     of 0 / -inf (exact for finite scores; 10x faster than a broadcast masked fill on the CPU)."""
     if keep is None:
         return S
     return S.add_(torch.zeros(keep.shape, dtype=S.dtype, device=S.device).masked_fill_(~keep, -np.inf))
-
-
-#: screen dtype -> whether a batch's screened search beats the unscreened float32 one on this CPU
-#: (:func:`batch_screen_pays`).
-_BATCH_SCREEN_PAYS: dict[torch.dtype, bool] = {}
-#: How much faster than float32 a screen's products must run to pay for its top-k and re-scoring.
-_BATCH_SCREEN_MIN_SPEEDUP = 1.5
-
-
-def batch_screen_pays(dtype: torch.dtype) -> bool:
-    """Whether products in ``dtype`` run at least :data:`_BATCH_SCREEN_MIN_SPEEDUP` times the float32 rate on this
-    CPU, timed once per process on a batch-sized product (256 x 1024 by 1024 x 8192).  A batch's search is bound by
-    its products: where the low precision is not much faster (a Xeon with ``avx512_bf16`` and no AMX ran bf16 GEMMs
-    at half the float32 rate), the screen only adds its top-k and re-scoring, and the resident gallery answers
-    batches over the whole gallery exactly in float32 instead; results are the same either way (both are exact)."""
-    if dtype not in _BATCH_SCREEN_PAYS:
-        with strict_matmul():
-            low = gemm_flops(256, 1024, 8192, dtype, min_run_time=0.05)
-            f32 = gemm_flops(256, 1024, 8192, torch.float32, min_run_time=0.05)
-        _BATCH_SCREEN_PAYS[dtype] = low >= _BATCH_SCREEN_MIN_SPEEDUP * f32
-        log.debug("batch screen in %s: %s (%.2f against %.2f TFLOP/s in float32)", dtype,
-                  "used" if _BATCH_SCREEN_PAYS[dtype] else "skipped", low / 1e12, f32 / 1e12)  # fmt: skip
-    return _BATCH_SCREEN_PAYS[dtype]
-
-
-#: (screen dtype, d) -> whether one query's screen product runs as a matrix-vector product on this CPU (else as a
-#: 1-row GEMM), chosen by timing both once per process (:func:`_one_query_by_mv`).
-_ONE_QUERY_MV: dict[tuple[torch.dtype, int], bool] = {}
-
-
-def _one_query_by_mv(xbs: torch.Tensor, q: torch.Tensor) -> bool:
-    """Whether ``torch.mv`` reads a database faster than a 1-row matrix product on this CPU, timed once per process
-    on (up to) 32,768 of its rows, larger than the caches.  Which is faster depends on the CPU and torch's kernels:
-    measured 5.8 against 9.6 GB/s for mv on one machine, 17.8 against 8.9 GB/s for the GEMM on another (avx512_bf16,
-    no AMX).  Both accumulate in float32 and round once (the screen's bound holds for either)."""
-    key = (xbs.dtype, xbs.shape[1])
-    if key not in _ONE_QUERY_MV:
-        sample = xbs[: min(len(xbs), 32768)]
-        mv = seconds_per_call(lambda: torch.mv(sample, q), min_run_time=0.05, warmup=1)
-        gemm = seconds_per_call(lambda: q[None] @ sample.T, min_run_time=0.05, warmup=1)
-        _ONE_QUERY_MV[key] = mv <= gemm
-        log.debug("one-query screen product: %s (mv %.2f ms, gemm %.2f ms on %d rows)",
-                  "mv" if mv <= gemm else "gemm", 1e3 * mv, 1e3 * gemm, len(sample))  # fmt: skip
-    return _ONE_QUERY_MV[key]
-
-
-def _low_product(xqs: torch.Tensor, xbs: torch.Tensor) -> torch.Tensor:
-    """The screen's product in its own precision, (m, n): top-k runs on it as is, with no float32 pass over it.
-    One query on the CPU goes through whichever of a matrix-vector product and a 1-row GEMM reads the database
-    faster here (:func:`_one_query_by_mv`); both accumulate in float32 and round once to the low precision (checked
-    against float64: within the bound of :func:`_screened_tile`)."""
-    if xqs.shape[0] == 1 and xqs.device.type == "cpu" and len(xbs) and _one_query_by_mv(xbs, xqs[0]):
-        return torch.mv(xbs, xqs[0])[None]
-    return xqs @ xbs.T
-
-
-#: Rows gathered at a time for a subset's screen product on the CPU: the gathered block (2 MiB at d = 1024 in bf16)
-#: stays in cache between its gather and its product, so the subset is read once from memory, not read, written
-#: and read again.
-_GATHER_ROWS = 1024
-
-
-def _gathered_low(xqs: torch.Tensor, xbs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The screen's product of ``xqs`` with the rows ``rows`` of ``xbs``, (m, len(rows)), a cache-sized block of
-    rows gathered at a time (each block through :func:`_low_product`, as a tile of gathered rows would be)."""
-    out = torch.empty((xqs.shape[0], len(rows)), dtype=xbs.dtype, device=xbs.device)
-    block = torch.empty((min(_GATHER_ROWS, len(rows)), xbs.shape[1]), dtype=xbs.dtype, device=xbs.device)
-    for s in range(0, len(rows), _GATHER_ROWS):
-        r = rows[s : s + _GATHER_ROWS]
-        b = block[: len(r)]
-        torch.index_select(xbs, 0, r, out=b)
-        out[:, s : s + len(r)] = _low_product(xqs, b)
-    return out
 
 
 def _screened_tile(
@@ -300,21 +209,28 @@ def _screened_tile(
     screen: str,
     margin: int,
     floor: np.ndarray,
-    xbs: torch.Tensor | None = None,
+    xbs: Low | None = None,
     norms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     keep: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
     low: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Top-k of one tile via a low-precision screen + exact re-scoring; queries that fail the proof run exactly.
+    """Top-k of one tile via a low-precision screen + exact re-scoring; proven exact for every query.
+
+    The top ``k + margin`` screened items of each query are re-scored in float32.  A query whose k-th exact score
+    (or the running ``floor``) is not proven above every left-out item's bound gets a second pass: every item whose
+    bound reaches it is re-scored (a few hundred at 1M rows with the int8 screen's wider bound); only when that is a
+    large part of the tile does the query run through the exact product of the whole tile.
 
     floor: (m,) float32, the running global k-th score (a left-out item below it cannot enter the result anyway).
-    xbs / norms: the tile in the screen's precision and its :func:`_tile_norms`, when kept resident (computed here
-    otherwise).  keep: (n,) bool, only these items may be returned (the others score -inf).  rows: the positions of
-    the tile's n items in ``xb32``, which is then a larger matrix read only at the re-scored candidates (a gathered
-    subset needs no float32 copy); ids, xbs and keep are per item of the tile either way.  low: the screen's product
-    of the tile, when already computed (:func:`_gathered_low`); then ``xbs`` is not read and ``norms`` must be given.
-    Returns D (m, k) float32, I (m, k) int64, and the number of queries that fell back to the exact product."""
+    xbs / norms: the tile in the screen's precision and its :func:`~facesearch.indexer.screen.tile_norms`, when kept
+    resident (computed here otherwise).  keep: (n,) bool, only these items may be returned (the others score -inf).
+    rows: the positions of the tile's n items in ``xb32``, which is then a larger matrix read only at the re-scored
+    candidates (a gathered subset needs no float32 copy); ids, xbs and keep are per item of the tile either way.
+    low: the screen's product of the tile, when already computed
+    (:func:`~facesearch.indexer.screen.gathered_product`); then ``xbs`` is not read and ``norms`` must be given.
+    Returns D (m, k) float32, I (m, k) int64, and the number of queries that fell back to the whole tile's exact
+    product."""
     n = xb32.shape[0] if rows is None else len(rows)
 
     def tile32(idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -326,42 +242,92 @@ def _screened_tile(
     kk = min(k + margin, n)
     if kk >= n:
         return (*_topk_full_rows(_masked(_scores(xq32, tile32()), keep), ids, k), 0)
-    dt = _TORCH_DTYPE[screen]
-    xqs = xq32.to(dt)
+    qs = to_low(xq32, screen)
     if low is None:
         if xbs is None:
-            xbs = tile32().to(dt)
-        low = _low_product(xqs, xbs)
+            xbs = to_low(tile32(), screen)
+        low = low_product(qs, xbs)
     elif norms is None:
         raise ValueError("a precomputed screen product needs the database norms of the error bound")
     low = _masked(low, keep)
-    vals, pos = torch.topk(low, kk, dim=1)
+    vals, pos = _top_candidates(low, kk)
     vals = vals.float()
-    # float32 re-scores of the candidates, (m, kk), by the same matrix product as the unscreened path (a batched
-    # matrix-vector product rounds differently on some CPUs, and exact copies must tie whichever path scored them);
-    # queries go in groups of _MIN_DIM so each group's candidate union stays small
+    D, I = _rescored(xq32, pos, tile32, ids, keep, k)
+    grow = UNIT_ROUNDOFF[screen] / (1 - UNIT_ROUNDOFF[screen])  # a computed screen score -> its real value's bound
+    thresh = vals[:, -1]  # every left-out item has a low-precision score <= thresh
+    if norms is None:
+        assert xbs is not None, "the screen's rows were read above"
+        norms = tile_norms(tile32(), xbs)
+    err = screen_error(xq32, qs, norms)
+    bound = (thresh + thresh.abs() * grow + err).cpu().numpy()
+    bar = np.maximum(D[:, k - 1], floor)
+    # thresh = -inf: fewer than kk items pass, so every passing item is a candidate and nothing was left out
+    fail = np.flatnonzero(~((bound < bar) | np.isneginf(thresh.cpu().numpy())))
+    if not len(fail):
+        return D, I, 0
+    # Second pass, per failing query: every item whose bound reaches the bar (the others score < bar, strictly: they
+    # cannot even tie); the whole tile when that is a large part of it
+    whole = []
+    for q in fail.tolist():
+        row = low[q].float()
+        cand = torch.nonzero((row + row.abs() * grow + err[q] >= float(bar[q])) & (row > -np.inf)).flatten()
+        if len(cand) > max(4 * kk, n // 8):
+            whole.append(q)
+            continue
+        D[q], I[q] = (a[0] for a in _topk_full_rows(_scores(xq32[q : q + 1], tile32(cand)), ids[cand], k))
+    if whole:
+        w = torch.as_tensor(whole, device=xq32.device)
+        Df, If = _topk_full_rows(_masked(_scores(xq32[w], tile32()), keep), ids, k)
+        D[whole], I[whole] = Df, If
+    return D, I, len(whole)
+
+
+#: Items per block of :func:`_top_candidates`.
+_TOP_BLOCK = 1024
+
+
+def _top_candidates(low: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(low, kk, dim=1)``'s values and positions, (m, kk).  One query's long row goes through the maxima
+    of its blocks of :data:`_TOP_BLOCK` items first: the top kk items lie in the blocks whose maximum reaches the
+    kk-th largest block maximum (at least kk items reach it, one per such block), so only those blocks' items are
+    ranked (~4x faster on 1M items: one pass for the maxima, then ~kk blocks).  Ties at the kk-th value may pick
+    other items of the same value than torch.topk would; the screen needs only the kk-th value and kk items at or
+    above it."""
+    m, n = low.shape
+    if m != 1 or n < 64 * _TOP_BLOCK or low.device.type != "cpu":
+        return torch.topk(low, kk, dim=1)
+    row = low[0]
+    full = n // _TOP_BLOCK
+    peaks = row[: full * _TOP_BLOCK].view(full, _TOP_BLOCK).amax(dim=1)
+    if n > full * _TOP_BLOCK:
+        peaks = torch.cat([peaks, row[full * _TOP_BLOCK :].amax()[None]])
+    reach = torch.topk(peaks, min(kk, len(peaks))).values[-1]
+    blocks = torch.nonzero(peaks >= reach).flatten()
+    pos = (blocks[:, None] * _TOP_BLOCK + torch.arange(_TOP_BLOCK)).flatten()
+    pos = pos[pos < n]
+    vals, at = torch.topk(row[pos], min(kk, len(pos)))
+    return vals[None], pos[at][None]
+
+
+def _rescored(
+    xq32: torch.Tensor,
+    pos: torch.Tensor,
+    tile32: Callable[[torch.Tensor], torch.Tensor],
+    ids: torch.Tensor,
+    keep: torch.Tensor | None,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of each query's candidates ``pos`` (m, c) (tile positions), re-scored in float32 by the same matrix
+    product as the unscreened path (a batched matrix-vector product rounds differently on some CPUs, and exact
+    copies must tie whichever path scored them); queries go in groups of _MIN_DIM so each group's candidate union
+    stays small.  Candidates outside ``keep`` score -inf."""
     exact = torch.empty(pos.shape, dtype=torch.float32, device=pos.device)
     for g in range(0, len(pos), _MIN_DIM):
         union, inverse = torch.unique(pos[g : g + _MIN_DIM], return_inverse=True)
         exact[g : g + _MIN_DIM] = torch.gather(_scores(xq32[g : g + _MIN_DIM], tile32(union)), 1, inverse)
     if keep is not None:
         exact.masked_fill_(~keep[pos], -np.inf)
-    D, I = _topk_full_rows_cand(exact, ids[pos], k)
-    u_out = _UNIT_ROUNDOFF[screen]
-    thresh = vals[:, -1]  # every left-out item has a low-precision score <= thresh
-    if norms is None:
-        assert xbs is not None, "the screen's rows were read above"
-        norms = _tile_norms(tile32(), xbs)
-    err = _screen_error(xq32, xqs, norms)
-    bound = (thresh + thresh.abs() * (u_out / (1 - u_out)) + err).cpu().numpy()
-    bar = np.maximum(D[:, k - 1], floor)
-    # thresh = -inf: fewer than kk items pass, so every passing item is a candidate and nothing was left out
-    fail = np.flatnonzero(~((bound < bar) | np.isneginf(thresh.cpu().numpy())))
-    if len(fail):
-        f = torch.as_tensor(fail, device=xq32.device)
-        Df, If = _topk_full_rows(_masked(_scores(xq32[f], tile32()), keep), ids, k)
-        D[fail], I[fail] = Df, If
-    return D, I, len(fail)
+    return _topk_full_rows_cand(exact, ids[pos], k)
 
 
 def _topk_full_rows_cand(S: torch.Tensor, cand_ids: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -422,9 +388,11 @@ class ResidentGallery:
 
     ids: (nb,) int64; xb: (nb, d) float32, used in place on the CPU (e.g. a zero-copy view of a FAISS ``IndexFlat``'s
     storage; it must outlive this object) and copied once to a CUDA device.  screen: ``bf16`` / ``fp16`` keep a
-    low-precision copy (nb x d x 2 bytes) that screens every tile; its candidates are re-scored in float32 and a query
-    whose k-th score is not proven (:func:`_screen_error`, with the gallery-wide norms) is recomputed exactly, so the
-    answer always equals the float32 search, ties by the smaller id; ``none`` multiplies in float32.
+    low-precision copy (nb x d x 2 bytes), ``int8`` (CPU only) one of nb x (d + 4) bytes (:mod:`.screen`), that
+    screens every tile; its candidates are re-scored in float32 and a query whose k-th score is not proven
+    (:func:`~facesearch.indexer.screen.screen_error`, with the gallery-wide norms) re-scores every item that may
+    still beat it, so the answer always equals the float32 search, ties by the smaller id; ``none`` multiplies in
+    float32.
 
     ``search`` restricts the answer to ``rows`` (positions, gathered first: cheap when few pass) or to ``keep`` (a
     (nb,) bool mask applied to the scores: one pass over the gallery whatever the selectivity).  Results are (nq, k),
@@ -432,29 +400,34 @@ class ResidentGallery:
 
     def __init__(
         self, ids: np.ndarray, xb: np.ndarray, device: str = "cpu", screen: str = "none", tile_rows: int = 65536,
-        margin: int = 16,
+        margin: int | None = None,
     ) -> None:  # fmt: skip
-        if screen not in SCREENS:
-            raise ValueError(f"screen {screen!r} is not one of {', '.join(SCREENS)}")
+        check_screen(screen, torch.device(device))
         if xb.ndim != 2 or len(ids) != xb.shape[0]:
             raise ValueError(f"{len(ids)} ids for vectors of shape {xb.shape}")
-        self.device, self.screen, self.tile_rows, self.margin = torch.device(device), screen, tile_rows, margin
+        self.device, self.screen, self.tile_rows = torch.device(device), screen, tile_rows
+        self.margin = DEFAULT_MARGIN.get(screen, 0) if margin is None else margin
         self.ids = torch.as_tensor(np.ascontiguousarray(ids, dtype=np.int64)).to(self.device)
         self.xb32 = torch.from_numpy(np.ascontiguousarray(xb, dtype=np.float32)).to(self.device)
-        self.xbs: torch.Tensor | None = None
+        self.xbs: Low | None = None
         self.norms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         if screen != "none" and len(ids):
-            self.xbs = torch.empty(self.xb32.shape, dtype=_TORCH_DTYPE[screen], device=self.device)
+            values = torch.empty(self.xb32.shape, dtype=DTYPES[screen], device=self.device)
+            scale = torch.empty(len(ids), device=self.device) if screen == "int8" else None
+            self.xbs = Low(values, scale)
             parts = []
             for s in range(0, len(ids), tile_rows):  # tile by tile: no float32 temporary of the whole gallery
-                self.xbs[s : s + tile_rows] = self.xb32[s : s + tile_rows]
-                parts.append(_tile_norms(self.xb32[s : s + tile_rows], self.xbs[s : s + tile_rows]))
+                tile = to_low(self.xb32[s : s + tile_rows], screen)
+                values[s : s + tile_rows] = tile.values
+                if scale is not None and tile.scale is not None:
+                    scale[s : s + tile_rows] = tile.scale
+                parts.append(tile_norms(self.xb32[s : s + tile_rows], tile))
             self.norms = tuple(torch.stack(c).max() for c in zip(*parts, strict=True))  # type: ignore[assignment]
 
     @property
     def nbytes(self) -> int:
         """Memory this object adds to the stored vectors (the screen's copy)."""
-        return 0 if self.xbs is None else self.xbs.numel() * self.xbs.element_size()
+        return 0 if self.xbs is None else self.xbs.nbytes
 
     def search(
         self, xq: np.ndarray, k: int, rows: np.ndarray | None = None, keep: np.ndarray | None = None
@@ -481,7 +454,7 @@ class ResidentGallery:
             elif dev.type == "cpu" and self.norms is not None:
                 fused = True
             else:
-                xbs = torch.index_select(xbs, 0, r)
+                xbs = xbs.select(r)
         keep_t = None if keep is None else torch.as_tensor(np.asarray(keep, dtype=bool), device=dev)
         nq = len(xq)
         D = np.full((nq, k), -np.inf, dtype=np.float32)
@@ -490,9 +463,12 @@ class ResidentGallery:
             return D, I
         xq32 = torch.from_numpy(np.ascontiguousarray(xq, dtype=np.float32)).to(dev)
         fallbacks = 0
+        # a tile's scores are (nq, tile) floats: few queries take longer tiles (one query: 64 x tile_rows rows), so
+        # its per-tile steps (top-k, re-scoring, merge) run a few times, not once per 65,536 rows
+        tile = self.tile_rows * max(1, _MIN_DIM // nq)
         with torch.inference_mode(), strict_matmul():
-            for s in range(0, len(ids), self.tile_rows):
-                e = s + self.tile_rows
+            for s in range(0, len(ids), tile):
+                e = s + tile
                 kt = None if keep_t is None else keep_t[s:e]
                 if kt is not None and not bool(kt.any()):
                     continue
@@ -503,7 +479,7 @@ class ResidentGallery:
                                                 xbs=xbs[s:e], norms=self.norms, keep=kt)  # fmt: skip
                 elif fused:
                     assert r is not None
-                    low = _gathered_low(xq32.to(xbs.dtype), xbs, r[s:e])
+                    low = gathered_product(to_low(xq32, self.screen), xbs, r[s:e])
                     Dt, It, nf = _screened_tile(xq32, ids[s:e], xb32, k, self.screen, self.margin, D[:, k - 1],
                                                 norms=self.norms, rows=r[s:e], low=low)  # fmt: skip
                 else:
@@ -548,21 +524,22 @@ def search_exact(
     device: str = "cpu",
     tile_rows: int = 16384,
     screen: str = "none",
-    margin: int = 16,
+    margin: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k inner-product search of ``xq`` against a stream of database blocks.
 
     xq: (nq, d) float32 queries. blocks: iterable of ``(ids (n,) int64, xb (n, d) float32 or float16)``; a block may be
     empty. k >= 1. backend: auto | faiss | torch. device: cpu | cuda | cuda:N. tile_rows: database rows per product
     (memory ~ nq * tile_rows * 4 bytes). screen: none | bf16 | fp16 (torch only; exact results, see module doc).
-    margin: extra candidates per query kept by the screen.
+    margin: extra candidates per query kept by the screen (None: the screen's
+    :data:`~facesearch.indexer.screen.DEFAULT_MARGIN`).
     Returns D (nq, k) float32 scores, descending, and I (nq, k) int64 ids; ties by smaller id; padding -inf / -1."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    margin = DEFAULT_MARGIN.get(screen, 0) if margin is None else margin
     if tile_rows < 1 or margin < 0:
         raise ValueError(f"tile_rows must be >= 1 and margin >= 0, got {tile_rows}, {margin}")
-    if screen not in SCREENS:
-        raise ValueError(f"screen {screen!r} is not one of {', '.join(SCREENS)}")
+    check_screen(screen, torch.device(device.split(":")[0]))
     backend = resolve_backend(backend, device)
     if screen != "none" and backend != "torch":
         raise ValueError(f"screen={screen!r} needs backend='torch' (FAISS flat search is float32 only)")

@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 _CUDA_SPEC = re.compile(r"^cuda(?::(\d+))?$")
 _CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+#: Flags of int8 dot-product instructions that sum 8-bit products into 32 bits without saturation.
+_CPU_INT8_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -48,6 +50,13 @@ def cpu_has_bf16_units(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """True when the CPU advertises native bf16 matrix instructions (``amx_bf16`` or ``avx512_bf16`` flags)."""
     flags, _ = _cpu_flags_and_vendor(cpuinfo)
     return any(f in flags for f in _CPU_BF16_FLAGS)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_int8_units(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when the CPU advertises int8 dot-product instructions (``amx_int8``, ``avx512_vnni`` or ``avx_vnni``)."""
+    flags, _ = _cpu_flags_and_vendor(cpuinfo)
+    return any(f in flags for f in _CPU_INT8_FLAGS)
 
 
 def _cpu_flags_and_vendor(cpuinfo: str) -> tuple[set[str], str]:
@@ -97,4 +106,12 @@ def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-__all__ = ["PRECISIONS", "autocast", "autocast_dtype", "cpu_bf16_autocast_pays", "cpu_has_bf16_units", "resolve_device"]
+__all__ = [
+    "PRECISIONS",
+    "autocast",
+    "autocast_dtype",
+    "cpu_bf16_autocast_pays",
+    "cpu_has_bf16_units",
+    "cpu_has_int8_units",
+    "resolve_device",
+]

@@ -139,10 +139,10 @@ def fifo() -> Callable[..., AbstractContextManager[list[float]]]:
 def _screened_batches_everywhere() -> Iterator[None]:
     """Resident galleries screen batches on every machine under test, so the screened batch path is exercised even
     where the CPU's low-precision products are too slow for it to pay (its own test checks that choice)."""
-    from facesearch.indexer import search
+    from facesearch.indexer import screen
 
-    saved = dict(search._BATCH_SCREEN_PAYS)
-    search._BATCH_SCREEN_PAYS.update({torch.bfloat16: True, torch.float16: True})
+    saved = dict(screen.BATCH_SCREEN_PAYS)
+    screen.BATCH_SCREEN_PAYS.update({torch.bfloat16: True, torch.float16: True, torch.int8: True})
     yield
-    search._BATCH_SCREEN_PAYS.clear()
-    search._BATCH_SCREEN_PAYS.update(saved)
+    screen.BATCH_SCREEN_PAYS.clear()
+    screen.BATCH_SCREEN_PAYS.update(saved)

@@ -15,14 +15,16 @@ index kind (built under ``--work`` once, reused after) and filter:
 - one query at a time, ``--single`` queries: p50 / p99 latency;
 - one batched call of ``--batch`` queries: queries per second;
 
-on the flat index also each strategy forced at 10 % and 50 % (gather vs. mask), the FAISS flat search itself and the
-float32 product without the bf16 screen, for reference.  ``--http`` starts ``facesearch serve`` on the flat index and
+on the flat index also each strategy forced at 10 % and 50 % (gather vs. mask), the FAISS flat search itself, the
+float32 product without a screen and the bf16 screen, for reference (the engine screens with what ``auto`` picks
+here: int8 on a CPU with VNNI, bf16 elsewhere).  ``--http`` starts ``facesearch serve`` on the flat index and
 loads it with ``wrk`` (a load tool: ``apt install wrk``) at several concurrency levels: requests per second and
 latency percentiles, with the server's count of merged batches.
 
-The hardware reference: a single flat query reads the whole gallery once (nb x d x 2 bytes in the bf16 screen), so
-its floor is that over the memory bandwidth (measured here with a large copy); a batch is bounded by the bf16 GEMM
-rate (measured: 2 nq nb d / FLOP/s).  ``<work>/latency.json`` holds every row, the machine and the provenance
+The hardware reference: a single flat query reads the whole gallery once (its screen copy: nb x d bytes in int8,
+x 2 in bf16), so its floor is that over the memory bandwidth (measured here with a large copy); a batch is bounded
+by the screen's product rate (measured: 2 nq nb d / FLOP/s, int8 or bf16, or float32 where the screen is skipped).
+``<work>/latency.json`` holds every row, the machine and the provenance
 record; ``<work>/latency.md`` the tables.
 """
 
@@ -53,7 +55,7 @@ from facesearch.indexer import shards
 from facesearch.indexer.index import IndexConfig, build_index, is_index_directory
 from facesearch.indexer.search import ResidentGallery
 from facesearch.indexer.synth_features import SynthFeaturesConfig, write_synth_features
-from facesearch.model.measure import copy_bandwidth, gemm_flops, peak_rss_bytes
+from facesearch.model.measure import copy_bandwidth, gemm_flops, peak_rss_bytes, seconds_per_call
 from facesearch.model.provenance import provenance
 from facesearch.model.tables import render_table
 
@@ -145,6 +147,10 @@ def _bench_kind(args: SearchLatencyConfig, kind: str, index_dir: Path) -> list[d
     eng = SearchEngine.open(index_dir)
     open_s = time.perf_counter() - t0
     nb = len(eng.columns["id"])
+    if eng.gallery is not None:
+        g = eng.gallery
+        read = g.nbytes if g.xbs is not None else g.xb32.numel() * 4
+        print(json.dumps({"screen": g.screen, "one_query_bytes": read}), flush=True)
     xq = _queries(args.probes, eng, max(args.single, args.batch))
     rows: list[dict[str, Any]] = []
     info = eng.loaded.info
@@ -158,13 +164,18 @@ def _bench_kind(args: SearchLatencyConfig, kind: str, index_dir: Path) -> list[d
     for label, expr, strategy in cases:
         single = _time_single(eng, xq[: args.single], args.k, expr, strategy)
         batch = _time_batch(eng, xq[: args.batch], args.k, expr, strategy)
-        row = {"kind": kind, "filter": label, "expr": expr, **single, **batch, "open_s": open_s, **extra}
+        row = {"kind": kind, "filter": label, "expr": expr, **single, **batch, "open_s": open_s, **extra,
+               "screen": None if eng.gallery is None else eng.gallery.screen}  # fmt: skip
+        if eng.gallery is not None and expr is None:
+            row["one_query_bytes"] = read
         rows.append(row)
         print(json.dumps(row), flush=True)
-    if eng.flat_vectors is not None:  # references: FAISS's own flat search and the unscreened float32 product
+    if eng.flat_vectors is not None:  # references: FAISS's own flat search, the float32 product, the bf16 screen
         fp32 = ResidentGallery(eng.columns["id"], eng.flat_vectors, screen="none")  # same vectors in place, no screen
+        bf16 = ResidentGallery(eng.columns["id"], eng.flat_vectors, screen="bf16")
         for label, fn in (("faiss flat", lambda x: eng.loaded.search(x, args.k)),
-                          ("torch fp32", lambda x: fp32.search(x, args.k))):  # fmt: skip
+                          ("torch fp32", lambda x: fp32.search(x, args.k)),
+                          ("torch bf16 screen", lambda x: bf16.search(x, args.k))):  # fmt: skip
             s = []
             for q in range(min(args.single, 30)):
                 t = time.perf_counter()
@@ -178,6 +189,7 @@ def _bench_kind(args: SearchLatencyConfig, kind: str, index_dir: Path) -> list[d
                    "batch_qps": args.batch / bt, "batch_s": bt}  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
+        del bf16
     return rows
 
 
@@ -258,11 +270,27 @@ def _bench_http(args: SearchLatencyConfig, index_dir: Path) -> list[dict[str, An
     return rows
 
 
+_REFERENCES = ("faiss flat", "torch fp32", "torch bf16 screen")
+
+
+def _int8_tops() -> float:
+    """int8 products (torch._int_mm, exact int32 sums) in tera-operations per second, the GEMM_N square shape."""
+    a = torch.ones((GEMM_N, GEMM_N), dtype=torch.int8)
+    return 2 * GEMM_N**3 / seconds_per_call(lambda: torch._int_mm(a, a), min_run_time=0.2) / 1e12
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The tables of a ``latency.json``: per kind and filter, then HTTP."""
     m = result["machine"]
     head = (f"{m['cores']} cores, torch {m['torch']}; copy bandwidth {m['bandwidth_gbs']:.1f} GB/s, GEMM fp32 "
-            f"{m['gemm_fp32_tflops']:.2f} / bf16 {m['gemm_bf16_tflops']:.2f} TFLOP/s.")  # fmt: skip
+            f"{m['gemm_fp32_tflops']:.2f} / bf16 {m['gemm_bf16_tflops']:.2f} TFLOP/s"
+            + (f" / int8 {m['gemm_int8_tops']:.2f} TOP/s." if "gemm_int8_tops" in m else "."))  # fmt: skip
+    for r in result["rows"]:
+        if r.get("one_query_bytes") and r["filter"] == "none" and r["strategy"] not in _REFERENCES:
+            floor = r["one_query_bytes"] / (m["bandwidth_gbs"] * 1e9) * 1e3
+            head += (f" One unfiltered {r['kind']} query reads its {r['screen']} screen copy, {r['one_query_bytes']:,}"
+                     f" bytes: floor {floor:.1f} ms at the copy bandwidth; p50 {r['p50_ms']:.1f} ms ="
+                     f" {r['p50_ms'] / floor:.2f}x.")  # fmt: skip
     rows = [[r["kind"], r["filter"], f"{r['passing']:,}", r["strategy"], f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",
              f"{r['batch_qps']:.0f}"] for r in result["rows"]]  # fmt: skip
     headers = ["index", "filter", "passing", "strategy", "one query p50 ms", "p99 ms", "batch queries/s"]
@@ -299,7 +327,7 @@ def run(args: SearchLatencyConfig) -> dict[str, Any]:
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                "bandwidth_gbs": copy_bandwidth(COPY_BYTES) / 1e9, "gemm_fp32_tflops": gemm_flops(GEMM_N) / 1e12,
-               "gemm_bf16_tflops": gemm_flops(GEMM_N, dtype="bf16") / 1e12}  # fmt: skip
+               "gemm_bf16_tflops": gemm_flops(GEMM_N, dtype="bf16") / 1e12, "gemm_int8_tops": _int8_tops()}  # fmt: skip
     print(json.dumps({"machine": machine}), flush=True)
     rows = []
     for kind in [k for k in args.kinds.split(",") if k]:

@@ -195,11 +195,11 @@ def finite(ctx: click.Context, param: click.Parameter, value: float | None) -> f
 
 SCREEN_OPTION = click.option(
     "--screen",
-    type=click.Choice(["auto", "bf16", "fp16", "none"]),
+    type=click.Choice(["auto", "int8", "bf16", "fp16", "none"]),
     default="auto",
     show_default=True,
     help="Flat index: low-precision screen of the exact search, re-scored in float32 (results stay exact; auto = "
-    "bf16 where the hardware runs it natively).",
+    "int8 on a CPU with int8 dot-product units (VNNI, AMX), else bf16 where the hardware runs it natively).",
 )
 C_INT = click.IntRange(1, 2**31 - 1)  # a FAISS / C ``int`` parameter: a larger value would overflow, not mean more
 DEVICE_OPTION = click.option(

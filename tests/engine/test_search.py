@@ -73,12 +73,13 @@ def test_filtered_top_k_is_exact_at_every_selectivity(gallery, expr, strategy):
 
 
 def test_screens_agree_and_postfilter_refetches_only_short_queries(gallery, monkeypatch):
-    """bf16-screened, fp16-screened and plain float32 resident searches return the same answer; a post-filter batch
-    fetches again only the queries whose over-fetch held too few passing hits."""
-    engines = [SearchEngine.open(gallery[1], screen=s) for s in ("none", "bf16", "fp16")]
+    """int8-, bf16-, fp16-screened and plain float32 resident searches return the same answer, one query or a batch;
+    a post-filter batch fetches again only the queries whose over-fetch held too few passing hits."""
+    engines = [SearchEngine.open(gallery[1], screen=s) for s in ("none", "int8", "bf16", "fp16")]
     xq = engines[0].vectors(list(range(0, 3000, 150)))
-    answers = [[[h.id for h in r.hits] for r in e.search(xq, k=10, filter="Big_Nose")] for e in engines]
-    assert answers[0] == answers[1] == answers[2]
+    for batch in (xq, xq[:1]):
+        answers = [[[h.id for h in r.hits] for r in e.search(batch, k=10, filter="Big_Nose")] for e in engines]
+        assert answers[0] == answers[1] == answers[2] == answers[3]
     eng = engines[0]
     calls = []
     real = eng.loaded.search

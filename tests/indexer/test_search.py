@@ -41,7 +41,9 @@ def _blocks(ids: np.ndarray, xb: np.ndarray, sizes: list[int]) -> list[tuple[np.
     return out
 
 
-@pytest.mark.parametrize("backend,screen", [("faiss", "none"), ("torch", "none"), ("torch", "bf16"), ("torch", "fp16")])
+@pytest.mark.parametrize(
+    "backend,screen", [("faiss", "none"), ("torch", "none"), ("torch", "bf16"), ("torch", "fp16"), ("torch", "int8")]
+)
 def test_matches_brute_force_over_uneven_blocks(backend: str, screen: str) -> None:
     rng = np.random.default_rng(0)
     nb, d, k = 3000, 64, 10
@@ -69,9 +71,10 @@ def test_screen_on_clustered_data_is_exact_and_falls_back() -> None:
     xq = xb[:20] + 1e-3 * rng.standard_normal((20, d)).astype(np.float32)
     xq /= np.linalg.norm(xq, axis=1, keepdims=True)
     Df, If = search_exact(xq, [(ids, xb)], 5, backend="faiss")
-    Dt, It = search_exact(xq, [(ids, xb)], 5, backend="torch", screen="bf16", tile_rows=512, margin=4)
-    # Near-duplicates score within a few ulps of each other: ids may swap only inside such near-ties.
-    assert_same_up_to_ties(Dt, It, Df, If, atol=1e-5)
+    for screen in ("bf16", "int8"):
+        Dt, It = search_exact(xq, [(ids, xb)], 5, backend="torch", screen=screen, tile_rows=512, margin=4)
+        # Near-duplicates score within a few ulps of each other: ids may swap only inside such near-ties.
+        assert_same_up_to_ties(Dt, It, Df, If, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["faiss", "torch"])
@@ -108,7 +111,7 @@ def _masked_brute(xq, xb, ids, k, keep):
     return np.pad(Dr, ((0, 0), (0, pad)), constant_values=-np.inf), np.pad(Ir, ((0, 0), (0, pad)), constant_values=-1)
 
 
-@pytest.mark.parametrize("screen", ["none", "bf16", "fp16"])
+@pytest.mark.parametrize("screen", ["none", "bf16", "fp16", "int8"])
 @pytest.mark.parametrize("nq", [1, 2, 70])  # one query: the matrix-vector screen; 70: two re-scoring groups
 def test_resident_gallery_equals_brute_force_with_rows_and_masks(screen: str, nq: int) -> None:
     rng = np.random.default_rng(5)
@@ -117,7 +120,7 @@ def test_resident_gallery_equals_brute_force_with_rows_and_masks(screen: str, nq
     ids = rng.permutation(10 * nb)[:nb].astype(np.int64)
     xq = _unit(rng, nq, d)
     gal = ResidentGallery(ids, xb, screen=screen, tile_rows=700, margin=4)
-    assert gal.nbytes == (0 if screen == "none" else nb * d * 2)
+    assert gal.nbytes == {"none": 0, "int8": nb * (d + 4)}.get(screen, nb * d * 2)
     D, I = gal.search(xq, k)
     Dr, Ir = _brute(xq, xb, ids, k)
     np.testing.assert_array_equal(I, Ir)
@@ -139,7 +142,7 @@ def test_resident_gallery_equals_brute_force_with_rows_and_masks(screen: str, nq
     assert (I == -1).all() and np.isneginf(D).all()
 
 
-@pytest.mark.parametrize("screen", ["none", "bf16"])
+@pytest.mark.parametrize("screen", ["none", "bf16", "int8"])
 def test_resident_gallery_ties_and_near_duplicates(screen: str) -> None:
     """Exact copies tie and the smaller ids win, with or without a mask; near-duplicates (within the bf16 screen's
     error) make the screen fall back, and the answer stays the float32 one."""
@@ -269,13 +272,13 @@ def test_normalize_queries_refuses_rows_it_cannot_normalise(row: list[float], me
 def test_one_query_screen_products_round_once(by_mv: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Both kernels a single query's screen product may use (matrix-vector or 1-row GEMM, whichever reads faster on
     the CPU at hand) accumulate in float32 and round once: within the bound the screen's proof assumes."""
-    from facesearch.indexer import search as S
+    from facesearch.indexer import screen
 
     rng = np.random.default_rng(11)
     xb, q = _unit(rng, 5000, 1024), _unit(rng, 1, 1024)
     xbs, qs = torch.from_numpy(xb).to(torch.bfloat16), torch.from_numpy(q).to(torch.bfloat16)
-    monkeypatch.setitem(S._ONE_QUERY_MV, (torch.bfloat16, 1024), by_mv)
-    low = S._low_product(qs, xbs).double().numpy()[0]
+    monkeypatch.setitem(screen.ONE_QUERY_MV, (torch.bfloat16, 1024), by_mv)
+    low = screen.low_product(screen.Low(qs), screen.Low(xbs)).double().numpy()[0]
     exact = xbs.double().numpy() @ qs.double().numpy()[0]  # the bf16 inputs' products, in float64
     d, u32, u16 = 1024, 2.0**-24, 2.0**-8
     gamma = d * u32 / (1 - d * u32)
@@ -289,6 +292,7 @@ def test_batches_skip_a_screen_that_does_not_pay(monkeypatch: pytest.MonkeyPatch
     """Where low-precision products are not much faster than float32, a resident gallery answers batches over the
     whole gallery (masked or not) exactly in float32; single queries and subsets keep the screen.  The same answers
     either way; the choice is timed once and cached."""
+    from facesearch.indexer import screen
     from facesearch.indexer import search as S
 
     rng = np.random.default_rng(12)
@@ -297,7 +301,7 @@ def test_batches_skip_a_screen_that_does_not_pay(monkeypatch: pytest.MonkeyPatch
     gal = ResidentGallery(ids, xb, screen="bf16", tile_rows=700, margin=4)
     keep = rng.random(3000) < 0.3
     screened = [gal.search(xq, 10), gal.search(xq, 10, rows=np.flatnonzero(keep)), gal.search(xq, 10, keep=keep)]
-    monkeypatch.setitem(S._BATCH_SCREEN_PAYS, torch.bfloat16, False)
+    monkeypatch.setitem(screen.BATCH_SCREEN_PAYS, torch.bfloat16, False)
     screen_tile = S._screened_tile
 
     def no_screen_for_batches(xq32: torch.Tensor, *args: object, **kw: object) -> object:
@@ -311,5 +315,94 @@ def test_batches_skip_a_screen_that_does_not_pay(monkeypatch: pytest.MonkeyPatch
         np.testing.assert_array_equal(Ia, Ib)
         np.testing.assert_allclose(Da, Db, atol=1e-6)
     np.testing.assert_array_equal(plain[0][1], _brute(xq, xb, ids, 10)[1])
-    monkeypatch.delitem(S._BATCH_SCREEN_PAYS, torch.float16, raising=False)
-    assert isinstance(S.batch_screen_pays(torch.float16), bool) and torch.float16 in S._BATCH_SCREEN_PAYS
+    for dtype in (torch.float16, torch.int8):
+        monkeypatch.delitem(screen.BATCH_SCREEN_PAYS, dtype, raising=False)
+        assert isinstance(screen.batch_screen_pays(dtype), bool) and dtype in screen.BATCH_SCREEN_PAYS
+
+
+def test_int8_screen_bound_holds_on_hard_rows() -> None:
+    """The int8 screen's scores stay within its proven bound of the exact products on rows that stress the
+    quantisation: Gaussian, one-hot, one large entry among small ones, constant, zero, and tiny-scale rows."""
+    from facesearch.indexer import screen
+
+    assert screen.int8_products_exact(), "this CPU's int8 products should be exact (VNNI or exact fallback)"
+    rng = np.random.default_rng(13)
+    d = 256
+    spiky = rng.standard_normal((40, d)) * 1e-3
+    spiky[:, 0] = 1.0
+    rows = np.concatenate([rng.standard_normal((200, d)), np.eye(d)[:20], spiky, np.ones((5, d)),
+                           rng.standard_normal((5, d)) * 1e-30])  # fmt: skip
+    xb = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+    xb = np.concatenate([xb, np.zeros((1, d), np.float32)])
+    xq = np.concatenate([_unit(rng, 20, d), xb[200:230]])
+    q32, b32 = torch.from_numpy(xq), torch.from_numpy(xb)
+    qs, bs = screen.to_low(q32, "int8"), screen.to_low(b32, "int8")
+    assert qs.values.dtype == torch.int8 and int(qs.values.abs().max()) <= 127 and int(bs.values.min()) >= -127
+    low = screen.low_product(qs, bs).double().numpy()
+    exact = xq.astype(np.float64) @ xb.astype(np.float64).T
+    err = screen.screen_error(q32, qs, screen.tile_norms(b32, bs)).double().numpy()
+    u = screen.UNIT_ROUNDOFF["int8"]
+    slack = np.abs(exact - low) - (err[:, None] + np.abs(low) * u / (1 - u))
+    assert (slack <= 0).all(), f"bound exceeded by {slack.max():.3g}"
+    assert (err < 0.2).all(), "the bound should be informative, not vacuous"
+
+
+def test_int8_screen_rescues_failed_proofs_without_the_whole_tile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the int8 screen's wider bound the first k + margin candidates rarely prove the k-th score on random data;
+    the second pass re-scores only the items that may still beat it, never the whole tile, and the answer is the
+    float32 search's."""
+    from facesearch.indexer import search as S
+
+    rng = np.random.default_rng(14)
+    nb, d, k = 20000, 256, 10
+    xb, xq = _unit(rng, nb, d), _unit(rng, 8, d)
+    ids = np.arange(nb, dtype=np.int64)
+    gal = ResidentGallery(ids, xb, screen="int8", tile_rows=nb, margin=2)
+    assert gal.xbs is not None
+    widths: list[int] = []
+    scores = S._scores
+    monkeypatch.setattr(S, "_scores", lambda a, b, *r: widths.append(len(b)) or scores(a, b, *r))
+    for n in (1, 8):
+        D, I = gal.search(xq[:n], k)
+        Dr, Ir = _brute(xq[:n], xb, ids, k)
+        np.testing.assert_array_equal(I, Ir)
+        np.testing.assert_allclose(D, Dr, atol=1e-5)
+    assert widths and max(widths) < nb // 8, f"a whole tile was re-scored: {max(widths)} rows"
+    assert len(widths) > 2, "the bound never failed: the second pass went untested"
+
+
+def test_int8_screen_is_refused_where_it_cannot_run() -> None:
+    xb = _unit(np.random.default_rng(15), 10, 8)
+    with pytest.raises(ValueError, match="int8 screen runs on the CPU"):
+        search_exact(xb, [(np.arange(10), xb)], 1, backend="torch", device="cuda", screen="int8")
+    with pytest.raises(ValueError, match="screen 'int4' is not one of none, bf16, fp16, int8"):
+        ResidentGallery(np.arange(10), xb, screen="int4")
+
+
+def test_auto_screen_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    from facesearch.indexer import screen
+    from facesearch.model import device
+
+    cases = ((True, True, "int8"), (True, False, "int8"), (False, True, "bf16"), (False, False, "none"))
+    for int8, bf16, want in cases:
+        monkeypatch.setattr(device, "cpu_has_int8_units", lambda int8=int8: int8)
+        monkeypatch.setattr(device, "cpu_has_bf16_units", lambda bf16=bf16: bf16)
+        assert screen.auto_screen(torch.device("cpu")) == want, (int8, bf16)
+    assert screen.auto_screen(torch.device("cuda")) == "bf16"
+
+
+def test_top_candidates_by_block_maxima_match_topk() -> None:
+    """One query's candidates found through block maxima are torch.topk's, ties and masked (-inf) items included."""
+    from facesearch.indexer import search as S
+
+    rng = np.random.default_rng(16)
+    n = 64 * S._TOP_BLOCK + 77  # a short last block
+    for row in (rng.standard_normal(n).astype(np.float32), np.round(rng.standard_normal(n), 1).astype(np.float32)):
+        row[rng.random(n) < 0.5] = -np.inf
+        low = torch.from_numpy(row)[None]
+        for kk in (1, 74, 3000):
+            v, p = S._top_candidates(low, kk)
+            ref = torch.topk(low, kk, dim=1)
+            assert torch.equal(v, ref.values), kk
+            assert torch.equal(low[0, p[0]], v[0]), "positions hold their values"
+            assert len(set(p[0].tolist())) == kk

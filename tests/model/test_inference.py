@@ -125,7 +125,7 @@ def test_device_and_precision_resolution() -> None:
 def test_cpu_bf16_autocast_rule(tmp_path: Path) -> None:
     """``auto`` precision on the CPU: bf16 with AMX, or avx512_bf16 on AMD; not on an Intel CPU with avx512_bf16 and
     no AMX (measured slower than float32 there); never without the flags or without /proc/cpuinfo."""
-    from facesearch.model.device import cpu_bf16_autocast_pays, cpu_has_bf16_units
+    from facesearch.model.device import cpu_bf16_autocast_pays, cpu_has_bf16_units, cpu_has_int8_units
 
     def info(vendor: str, flags: str) -> str:
         path = tmp_path / f"{vendor}-{flags.replace(' ', '_') or 'none'}"
@@ -142,3 +142,7 @@ def test_cpu_bf16_autocast_rule(tmp_path: Path) -> None:
         path = info(vendor, flags)
         assert cpu_bf16_autocast_pays(path) is pays and cpu_has_bf16_units(path) is units, (vendor, flags)
     assert cpu_bf16_autocast_pays(str(tmp_path / "missing")) is False
+    int8 = {"avx512f avx512_vnni": True, "avx2 avx_vnni": True, "amx_int8 amx_tile": True, "avx512f avx512bw": False}
+    for flags, units in int8.items():
+        assert cpu_has_int8_units(info("GenuineIntel", flags)) is units, flags
+    assert cpu_has_int8_units(str(tmp_path / "missing")) is False
