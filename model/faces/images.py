@@ -28,6 +28,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import cv2
 import numpy as np
@@ -196,28 +197,44 @@ def _to_rgb8(img: np.ndarray, name: str) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+#: The file libjpeg's stderr goes to while a block of :func:`libjpeg_warnings` runs: one per process (made on first
+#: use, emptied after every block; a new one after a fork), not a new temporary file per decode (~40 us each).
+_WARN_FILE: tuple[int, Any] | None = None
+
+
+def _warn_file() -> Any:
+    global _WARN_FILE
+    if _WARN_FILE is None or _WARN_FILE[0] != os.getpid():
+        _WARN_FILE = (os.getpid(), tempfile.TemporaryFile())
+    return _WARN_FILE[1]
+
+
 @contextmanager
 def libjpeg_warnings(found: list[str]) -> Iterator[None]:
     """Append to ``found`` the libjpeg warnings printed to stderr inside the block; anything else written to file
     descriptor 2 meanwhile (another thread's output) is passed on to it afterwards.  One block at a time per process;
     without a usable descriptor 2 the block just runs."""
-    with _STDERR_LOCK, tempfile.TemporaryFile() as tmp:
+    with _STDERR_LOCK:
         try:
             saved = os.dup(2)
         except OSError:
             yield
             return
+        tmp = _warn_file()
         try:
             os.dup2(tmp.fileno(), 2)
             yield
         finally:
             os.dup2(saved, 2)
-            tmp.seek(0)
-            lines = tmp.read().splitlines(keepends=True)
-            found += [line.decode("utf-8", "replace").strip() for line in lines if _LIBJPEG_WARNING.match(line)]
-            rest = b"".join(line for line in lines if not _LIBJPEG_WARNING.match(line))
-            if rest:
-                os.write(saved, rest)
+            if tmp.tell():  # something was written (descriptor 2 shared the file's offset)
+                tmp.seek(0)
+                lines = tmp.read().splitlines(keepends=True)
+                tmp.seek(0)
+                tmp.truncate()
+                found += [line.decode("utf-8", "replace").strip() for line in lines if _LIBJPEG_WARNING.match(line)]
+                rest = b"".join(line for line in lines if not _LIBJPEG_WARNING.match(line))
+                if rest:
+                    os.write(saved, rest)
             os.close(saved)
 
 

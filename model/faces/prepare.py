@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 from facesearch.model.config import INPUT_SIZE
-from facesearch.model.faces.align import EYE_WEIGHTS, align_face, check_landmarks
+from facesearch.model.faces.align import EYE_WEIGHTS, check_landmarks, warp_face
 from facesearch.model.faces.detect import FaceDetector, _as_rgb, pose_score
 from facesearch.model.faces.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, read_image_bytes
 from facesearch.model.measure import stage
@@ -182,7 +182,7 @@ def _align(image: np.ndarray, landmarks: np.ndarray, score: float | None, box: n
     """One face's crop, or its failure (so one bad face of several leaves the others and their numbers alone)."""
     try:
         pts = check_landmarks(landmarks, image.shape, name)
-        return AlignedFace(align_face(image, pts, size, weights, name, margin), pts, score, box, face)
+        return AlignedFace(warp_face(image, pts, size, weights, margin), pts, score, box, face)
     except ImageError as e:
         return FaceFailure(e, score, face)
 

@@ -56,6 +56,31 @@ def test_similarity_least_squares_and_no_reflection() -> None:
         similarity_transform(np.ones((5, 2)), src)
 
 
+def _umeyama(src: np.ndarray, dst: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Umeyama's weighted SVD solution with reflections forbidden (the reference the closed form replaced)."""
+    w = w / w.sum()
+    mu_s, mu_d = w @ src, w @ dst
+    xs, xd = src - mu_s, dst - mu_d
+    u, sig, vt = np.linalg.svd((xd * w[:, None]).T @ xs)
+    d = np.array([1.0, -1.0 if np.linalg.det(u) * np.linalg.det(vt) < 0 else 1.0])
+    rot = u @ np.diag(d) @ vt
+    scale = (sig * d).sum() / (w @ (xs**2).sum(axis=1))
+    return np.hstack([scale * rot, (mu_d - scale * rot @ mu_s)[:, None]])
+
+
+def test_closed_form_similarity_equals_umeyama() -> None:
+    """The closed-form 2D fit is Umeyama's optimum: random, mirrored and collinear points, uniform and eye weights."""
+    rng = np.random.default_rng(9)
+    for trial in range(200):
+        src = rng.uniform(-50, 250, (5, 2))
+        dst = rng.uniform(0, 112, (5, 2)) if trial % 3 else src * [-1, 1] + rng.normal(0, 3, (5, 2))
+        if trial % 7 == 0:
+            src[:, 1] = 2 * src[:, 0] + 1  # collinear source points
+        for w in (np.ones(5), np.asarray(EYE_WEIGHTS, np.float64)):
+            np.testing.assert_allclose(similarity_transform(src, dst, w), _umeyama(src, dst, w), rtol=1e-9,
+                                       atol=1e-9)  # fmt: skip
+
+
 def test_template_sizes() -> None:
     np.testing.assert_allclose(template(), REFERENCE_112x96)
     np.testing.assert_allclose(template((56, 48)), REFERENCE_112x96 / 2, atol=1e-5)
