@@ -125,9 +125,17 @@ def _attach(name: str) -> shared_memory.SharedMemory | None:
     except FileNotFoundError:  # its preparer closed meanwhile (a failed shard): the crops go pickled
         return None
     _ATTACHED[name] = shm
+    for old in [n for n in _ATTACHED if n != name and _unlinked(n)]:  # a closed preparer's: free its memory now
+        _ATTACHED.pop(old).close()
     while len(_ATTACHED) > _KEEP_ATTACHED:
         _ATTACHED.popitem(last=False)[1].close()
     return shm
+
+
+def _unlinked(name: str) -> bool:
+    """Whether segment ``name`` was unlinked by its ring (Linux: its /dev/shm entry is gone; elsewhere: unknown,
+    treated as still in use)."""
+    return os.path.isdir("/dev/shm") and not os.path.exists(os.path.join("/dev/shm", name.lstrip("/")))
 
 
 def write_crops(slot: RingSlot | None, crops: list[np.ndarray]) -> int:

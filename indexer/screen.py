@@ -252,11 +252,17 @@ def auto_screen(device: torch.device) -> str:
     return "bf16" if cpu_has_bf16_units() else "none"
 
 
-def check_screen(screen: str, device: torch.device) -> None:
-    """A ``ValueError`` for a screen that cannot run here: unknown, or int8 off the CPU or where its products are
-    not exact (:func:`int8_products_exact`)."""
+#: The largest dimension whose int8 sums fit int32 (127^2 d < 2^31).
+INT8_MAX_DIM = (2**31 - 1) // _INT8_MAX**2
+
+
+def check_screen(screen: str, device: torch.device, d: int | None = None) -> None:
+    """A ``ValueError`` for a screen that cannot run here: unknown, or int8 off the CPU, where its products are not
+    exact (:func:`int8_products_exact`) or for a dimension ``d`` whose sums could overflow int32."""
     if screen not in SCREENS:
         raise ValueError(f"screen {screen!r} is not one of {', '.join(SCREENS)}")
+    if screen == "int8" and d is not None and d > INT8_MAX_DIM:
+        raise ValueError(f"the int8 screen sums at most {INT8_MAX_DIM} products in int32; d = {d}: use bf16 or none")
     if screen == "int8" and device.type != "cpu":
         raise ValueError(f"the int8 screen runs on the CPU; on {device} use bf16 (or none)")
     if screen == "int8" and not int8_products_exact():

@@ -402,9 +402,9 @@ class ResidentGallery:
         self, ids: np.ndarray, xb: np.ndarray, device: str = "cpu", screen: str = "none", tile_rows: int = 65536,
         margin: int | None = None,
     ) -> None:  # fmt: skip
-        check_screen(screen, torch.device(device))
         if xb.ndim != 2 or len(ids) != xb.shape[0]:
             raise ValueError(f"{len(ids)} ids for vectors of shape {xb.shape}")
+        check_screen(screen, torch.device(device), xb.shape[1])
         self.device, self.screen, self.tile_rows = torch.device(device), screen, tile_rows
         self.margin = DEFAULT_MARGIN.get(screen, 0) if margin is None else margin
         self.ids = torch.as_tensor(np.ascontiguousarray(ids, dtype=np.int64)).to(self.device)
@@ -546,6 +546,7 @@ def search_exact(
     xq = np.ascontiguousarray(xq, dtype=np.float32)
     if xq.ndim != 2:
         raise ValueError(f"xq must be (nq, d), got shape {xq.shape}")
+    check_screen(screen, torch.device(device.split(":")[0]), xq.shape[1])
     checked = _check_blocks(blocks, xq.shape[1])
     if backend == "torch":
         return _torch_blocks(xq, checked, k, device, tile_rows, screen, margin)

@@ -95,3 +95,24 @@ def test_embedding_reads_crops_from_the_ring(tmp_path: Path, ckpt: Path, synth_d
     pickled = embed_partition(items, embedder, None, cfg.replace(decode_processes=2))
     assert sum(reads) == 18, "without a ring nothing is read from one"
     assert ring.equals(threads) and split.equals(threads) and pickled.equals(threads)
+
+
+def _attached(_: int) -> list[str]:
+    return list(crop_ring._ATTACHED)
+
+
+def test_a_process_lets_go_of_closed_rings(pool: ProcessPoolExecutor) -> None:
+    """A decode process keeps a few segments attached, and drops those whose ring was closed as soon as it attaches a
+    new one (their memory is freed then, not when they age out)."""
+    old, new = CropRing(1, 2, (6, 5, 3)), CropRing(1, 2, (6, 5, 3))
+    try:
+        assert pool.submit(_write, old.take(), 1, 4).result() == 1
+        assert old.shm is not None and old.shm.name in pool.submit(_attached, 0).result()
+        name = old.shm.name
+        old.close()
+        assert pool.submit(_write, new.take(), 1, 5).result() == 1
+        held = pool.submit(_attached, 0).result()
+        assert name not in held and new.shm is not None and new.shm.name in held
+    finally:
+        old.close()
+        new.close()

@@ -377,6 +377,9 @@ def test_int8_screen_is_refused_where_it_cannot_run() -> None:
         search_exact(xb, [(np.arange(10), xb)], 1, backend="torch", device="cuda", screen="int8")
     with pytest.raises(ValueError, match="screen 'int4' is not one of none, bf16, fp16, int8"):
         ResidentGallery(np.arange(10), xb, screen="int4")
+    wide = np.zeros((1, 140_000), np.float32)
+    with pytest.raises(ValueError, match=r"sums at most \d+ products in int32; d = 140000"):
+        ResidentGallery(np.arange(1), wide, screen="int8")
 
 
 def test_auto_screen_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
