@@ -132,11 +132,25 @@ def _wait_for_shards(proc: subprocess.Popen[bytes], notes: int, out: Path, count
             return
 
 
+def _semaphores() -> set[Path]:
+    """multiprocessing's named semaphores in /dev/shm (Linux; empty elsewhere)."""
+    shm = Path("/dev/shm")
+    return set(shm.glob("sem.mp-*")) if shm.is_dir() else set()
+
+
+def _drop_semaphores(paths: set[Path]) -> None:
+    """Unlink the named semaphores a SIGKILLed process group left behind: its resource tracker died with it, and
+    the kernel keeps named semaphores until they are unlinked (12 files per run otherwise)."""
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
 @pytest.mark.slow
 def test_sigkill_and_resume(tmp_path: Path, clean: Path, images: Path, ckpt: Path, yunet_path: Path) -> None:
     out = tmp_path / "shards"
     env = {**os.environ, "FACESEARCH_YUNET": str(yunet_path)}
     notes, write_end = os.pipe()
+    before = _semaphores()
     command = [sys.executable, "-c", REPORTING_EMBED, str(write_end), *_cli(images, ckpt, out)[3:]]
     proc = subprocess.Popen(command, cwd=REPO, start_new_session=True, env=env, pass_fds=(write_end,),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -147,6 +161,7 @@ def test_sigkill_and_resume(tmp_path: Path, clean: Path, images: Path, ckpt: Pat
         os.killpg(proc.pid, signal.SIGKILL)  # the command, its scheduler and its worker processes
         proc.wait()
         os.close(notes)
+        _drop_semaphores(_semaphores() - before)
     killed = read_manifest(out)
     assert not killed.complete and 2 <= len(killed.shards) < 11, "the kill should land mid-run"
     run = subprocess.run(_cli(images, ckpt, out), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
