@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 STATS: tuple[str, ...] = ("best", "median", "mean")
 #: Short dtype names accepted wherever a dtype is (``fp32`` / ``bf16`` as the speed scripts spell precisions).
 DTYPES: dict[str, str] = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-                          "fp16": "float16", "float16": "float16"}  # fmt: skip
+                          "fp16": "float16", "float16": "float16", "int8": "int8"}  # fmt: skip
 
 
 def _dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -70,7 +70,8 @@ def gemm_flops(
     stat: str = "best",
 ) -> float:
     """FLOP/s (2 m k n per product) of an (m, k) @ (k, n) matrix product in ``dtype`` on ``device`` (``k`` and ``n``
-    default to ``m``: a square product).  The caller sets the TF32 switches (a float32 floor wants them off)."""
+    default to ``m``: a square product; ``int8``: ``torch._int_mm``'s exact int32 sums, operations per second).  The
+    caller sets the TF32 switches (a float32 floor wants them off)."""
     import torch
 
     k, n = m if k is None else k, m if n is None else n
@@ -78,6 +79,10 @@ def gemm_flops(
         raise ValueError(f"GEMM sizes must be >= 1, got m={m}, k={k}, n={n}")
     dt = _dtype(dtype)
     gen = torch.Generator().manual_seed(0)
+    if dt == torch.int8:
+        a8 = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8).to(device)
+        b8 = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8).to(device)
+        return 2.0 * m * k * n / seconds_per_call(lambda: torch._int_mm(a8, b8.T), min_run_time, stat)
     a = torch.randn(m, k, generator=gen).to(device=device, dtype=dt)
     b = torch.randn(k, n, generator=gen).to(device=device, dtype=dt)
     return 2.0 * m * k * n / seconds_per_call(lambda: torch.mm(a, b), min_run_time, stat)

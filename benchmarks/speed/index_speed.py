@@ -89,7 +89,8 @@ def _search(out: str, backend: str, screen: str, k: int, tile_rows: int, block_r
     xq = read_all(Path(out) / "probes", columns=[]).xb.astype(np.float32)
     blocks = ((b.ids, b.xb) for b in iter_shards(Path(out) / "gallery", block_rows=block_rows, columns=[]))
     # measured now (other jobs' load varies): the search's own product, (nq, d) @ (d, tile)
-    flops = gemm_flops(len(xq), xq.shape[1], min(tile_rows, _rows(out)), "bf16" if screen == "bf16" else "fp32")
+    kind = screen if screen in ("bf16", "int8") else "fp32"
+    flops = gemm_flops(len(xq), xq.shape[1], min(tile_rows, _rows(out)), kind)
     t0 = time.perf_counter()
     D, I = search_exact(xq, blocks, k, backend=backend, screen=screen, tile_rows=tile_rows)
     seconds = time.perf_counter() - t0

@@ -55,7 +55,7 @@ from facesearch.indexer import shards
 from facesearch.indexer.index import IndexConfig, build_index, is_index_directory
 from facesearch.indexer.search import ResidentGallery
 from facesearch.indexer.synth_features import SynthFeaturesConfig, write_synth_features
-from facesearch.model.measure import copy_bandwidth, gemm_flops, peak_rss_bytes, seconds_per_call
+from facesearch.model.measure import copy_bandwidth, gemm_flops, peak_rss_bytes
 from facesearch.model.provenance import provenance
 from facesearch.model.tables import render_table
 
@@ -273,12 +273,6 @@ def _bench_http(args: SearchLatencyConfig, index_dir: Path) -> list[dict[str, An
 _REFERENCES = ("faiss flat", "torch fp32", "torch bf16 screen")
 
 
-def _int8_tops() -> float:
-    """int8 products (torch._int_mm, exact int32 sums) in tera-operations per second, the GEMM_N square shape."""
-    a = torch.ones((GEMM_N, GEMM_N), dtype=torch.int8)
-    return 2 * GEMM_N**3 / seconds_per_call(lambda: torch._int_mm(a, a), min_run_time=0.2) / 1e12
-
-
 def markdown(result: dict[str, Any]) -> str:
     """The tables of a ``latency.json``: per kind and filter, then HTTP."""
     m = result["machine"]
@@ -327,7 +321,8 @@ def run(args: SearchLatencyConfig) -> dict[str, Any]:
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                "bandwidth_gbs": copy_bandwidth(COPY_BYTES) / 1e9, "gemm_fp32_tflops": gemm_flops(GEMM_N) / 1e12,
-               "gemm_bf16_tflops": gemm_flops(GEMM_N, dtype="bf16") / 1e12, "gemm_int8_tops": _int8_tops()}  # fmt: skip
+               "gemm_bf16_tflops": gemm_flops(GEMM_N, dtype="bf16") / 1e12,
+               "gemm_int8_tops": gemm_flops(GEMM_N, dtype="int8") / 1e12}  # fmt: skip
     print(json.dumps({"machine": machine}), flush=True)
     rows = []
     for kind in [k for k in args.kinds.split(",") if k]:

@@ -80,7 +80,8 @@ def run(cfg: SearchSpeedConfig) -> dict[str, Any]:
     for spec in cfg.backends.split(","):
         backend, screen = spec.split(":")
         device = "cpu" if backend == "faiss" else cfg.device
-        flops = gemm_flops(cfg.queries, cfg.dim, cfg.tile_rows, "bf16" if screen == "bf16" else "fp32", device)
+        kind = screen if screen in ("bf16", "int8") else "fp32"
+        flops = gemm_flops(cfg.queries, cfg.dim, cfg.tile_rows, kind, device)
         floor = 2 * cfg.queries * cfg.rows * cfg.dim / flops
         t0 = time.perf_counter()
         _, I = search_exact(xq, blocks(xb, cfg.block_rows), cfg.k, backend, device, cfg.tile_rows, screen)
