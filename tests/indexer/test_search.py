@@ -409,3 +409,12 @@ def test_top_candidates_by_block_maxima_match_topk() -> None:
             assert torch.equal(v, ref.values), kk
             assert torch.equal(low[0, p[0]], v[0]), "positions hold their values"
             assert len(set(p[0].tolist())) == kk
+
+
+def test_the_batch_screen_choice_is_timed_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resident gallery times its screen's batch choice when it is built, so no query pays for the timing."""
+    from facesearch.indexer import screen
+
+    monkeypatch.delitem(screen.BATCH_SCREEN_PAYS, torch.int8, raising=False)
+    ResidentGallery(np.arange(300), _unit(np.random.default_rng(17), 300, 32), screen="int8")
+    assert torch.int8 in screen.BATCH_SCREEN_PAYS
