@@ -298,20 +298,19 @@ class ProcessPreparer(Preparer):
     task per piece: every process busy, and few round trips through the parent, whose one thread also feeds the
     model)."""
 
-    def __init__(self, spec: PrepareSpec, pool: Executor, processes: int, depth: int = 4,
-                 ring: bool = True) -> None:  # fmt: skip
+    def __init__(self, spec: PrepareSpec, pool: Executor, processes: int, depth: int = 4) -> None:
         super().__init__(spec, depth=depth)
         self.pool = pool
         self.processes = processes
-        self.use_ring = ring
         self.ring: CropRing | None = None
+        self.ring_tried = False  # the ring is opened at the first chunk (its slots are sized by its pieces)
 
     def _submit(self, chunk: Sequence[InputItem]) -> list[Future[Any]]:
         piece = max(1, -(-len(chunk) // self.processes))
-        if self.use_ring and self.ring is None:
+        if not self.ring_tried:
             # A slot per piece in flight (depth + 1 chunks pending, one more being consumed), sized by the first
             # chunk's pieces with room for some images with two faces.
-            self.use_ring = False
+            self.ring_tried = True
             self.ring = open_ring((self.depth + 2) * self.processes, piece + piece // 4 + 2, (*self.spec.size, 3))
         small = [(str(it.path), it.landmarks, it.rel) for it in chunk]
         futures = []

@@ -151,12 +151,17 @@ def low_product(qs: Low, bs: Low) -> torch.Tensor:
     1-row GEMM reads the database faster here (:func:`_one_query_by_mv`); both accumulate in float32 and round once."""
     if qs.scale is not None:
         assert bs.scale is not None, "int8 queries against int8 rows"
-        acc = torch._int_mm(qs.values, bs.values.T)  # exact int32 sums
-        return acc.float().mul_(bs.scale).mul_(qs.scale[:, None])  # exact conversion, two roundings
+        return _scaled(torch._int_mm(qs.values, bs.values.T), qs.scale, bs.scale)
     xqs, xbs = qs.values, bs.values
     if xqs.shape[0] == 1 and xqs.device.type == "cpu" and len(xbs) and _one_query_by_mv(xbs, xqs[0]):
         return torch.mv(xbs, xqs[0])[None]
     return xqs @ xbs.T
+
+
+def _scaled(acc: torch.Tensor, q_scale: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
+    """(m, n) exact int32 sums -> screened scores: float32 (exact up to d = 1040), times the row's then the query's
+    scale (two roundings: :data:`UNIT_ROUNDOFF`)."""
+    return acc.float().mul_(b_scale).mul_(q_scale[:, None])
 
 
 #: Rows gathered at a time for a subset's screen product on the CPU: the gathered block (2 MiB at d = 1024 in bf16)
@@ -178,7 +183,7 @@ def gathered_product(qs: Low, bs: Low, rows: torch.Tensor) -> torch.Tensor:
         out[:, s : s + len(r)] = torch._int_mm(qs.values, b.T) if int8 else low_product(qs, Low(b))
     if int8:  # the int32 sums scaled once for all blocks, as low_product scales them
         assert bs.scale is not None and qs.scale is not None
-        return out.float().mul_(torch.index_select(bs.scale, 0, rows)).mul_(qs.scale[:, None])
+        return _scaled(out, qs.scale, torch.index_select(bs.scale, 0, rows))
     return out
 
 
@@ -215,22 +220,17 @@ _DEFAULT_MIN_SPEEDUP = 1.5
 
 def batch_screen_pays(dtype: torch.dtype) -> bool:
     """Whether products in ``dtype`` run at least :data:`BATCH_SCREEN_MIN_SPEEDUP` (1.5 for bf16 / fp16, 4 for int8)
-    times the float32 rate on this
-    CPU, timed once per process on a batch-sized product (256 x 1024 by 1024 x 8192).  A batch's search is bound by
-    its products: where the low precision is not much faster (a Xeon with ``avx512_bf16`` and no AMX ran bf16 GEMMs
-    at half the float32 rate), the screen only adds its top-k and re-scoring, and the resident gallery answers
-    batches over the whole gallery exactly in float32 instead; results are the same either way (both are exact).
-    int8 products ran at 2.9-3.7x the float32 rate on that Xeon (VNNI)."""
+    times the float32 rate on this CPU, timed once per process on a batch-sized product (256 x 1024 by 1024 x 8192).  A
+    batch's search is bound by its products: where the low precision is not much faster (a Xeon with ``avx512_bf16`` and
+    no AMX ran bf16 GEMMs at half the float32 rate), the screen only adds its top-k and re-scoring, and the resident
+    gallery answers batches over the whole gallery exactly in float32 instead; results are the same either way (both are
+    exact). int8 products ran at 3.5-5x the float32 rate on that Xeon (VNNI)."""
     if dtype not in BATCH_SCREEN_PAYS:
         from facesearch.indexer.search import strict_matmul
 
         with strict_matmul():
             f32 = gemm_flops(256, 1024, 8192, torch.float32, min_run_time=0.05)
-            if dtype == torch.int8:
-                a, b = torch.ones((256, 1024), dtype=torch.int8), torch.ones((8192, 1024), dtype=torch.int8)
-                low = 2 * 256 * 1024 * 8192 / seconds_per_call(lambda: torch._int_mm(a, b.T), min_run_time=0.05)
-            else:
-                low = gemm_flops(256, 1024, 8192, dtype, min_run_time=0.05)
+            low = gemm_flops(256, 1024, 8192, dtype, min_run_time=0.05)
         BATCH_SCREEN_PAYS[dtype] = low >= BATCH_SCREEN_MIN_SPEEDUP.get(dtype, _DEFAULT_MIN_SPEEDUP) * f32
         log.debug("batch screen in %s: %s (%.2f against %.2f TFLOP/s in float32)", dtype,
                   "used" if BATCH_SCREEN_PAYS[dtype] else "skipped", low / 1e12, f32 / 1e12)  # fmt: skip

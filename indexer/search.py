@@ -214,6 +214,7 @@ def _screened_tile(
     keep: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
     low: torch.Tensor | None = None,
+    qs: Low | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Top-k of one tile via a low-precision screen + exact re-scoring; proven exact for every query.
 
@@ -222,15 +223,15 @@ def _screened_tile(
     bound reaches it is re-scored (a few hundred at 1M rows with the int8 screen's wider bound); only when that is a
     large part of the tile does the query run through the exact product of the whole tile.
 
-    floor: (m,) float32, the running global k-th score (a left-out item below it cannot enter the result anyway).
-    xbs / norms: the tile in the screen's precision and its :func:`~facesearch.indexer.screen.tile_norms`, when kept
-    resident (computed here otherwise).  keep: (n,) bool, only these items may be returned (the others score -inf).
-    rows: the positions of the tile's n items in ``xb32``, which is then a larger matrix read only at the re-scored
-    candidates (a gathered subset needs no float32 copy); ids, xbs and keep are per item of the tile either way.
-    low: the screen's product of the tile, when already computed
-    (:func:`~facesearch.indexer.screen.gathered_product`); then ``xbs`` is not read and ``norms`` must be given.
-    Returns D (m, k) float32, I (m, k) int64, and the number of queries that fell back to the whole tile's exact
-    product."""
+    floor: (m,) float32, the running global k-th score (a left-out item below it cannot enter the result anyway). xbs /
+    norms: the tile in the screen's precision and its :func:`~facesearch.indexer.screen.tile_norms`, when kept resident
+    (computed here otherwise).  keep: (n,) bool, only these items may be returned (the others score -inf). rows: the
+    positions of the tile's n items in ``xb32``, which is then a larger matrix read only at the re-scored candidates (a
+    gathered subset needs no float32 copy); ids, xbs and keep are per item of the tile either way. low: the screen's
+    product of the tile, when already computed (:func:`~facesearch.indexer.screen.gathered_product`); then ``xbs`` is
+    not read and ``norms`` must be given. qs: ``xq32`` in the screen's precision, when already made (once per search,
+    not once per tile).  Returns D (m, k) float32, I (m, k) int64, and the number of queries that fell back to the whole
+    tile's exact product."""
     n = xb32.shape[0] if rows is None else len(rows)
 
     def tile32(idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -242,7 +243,7 @@ def _screened_tile(
     kk = min(k + margin, n)
     if kk >= n:
         return (*_topk_full_rows(_masked(_scores(xq32, tile32()), keep), ids, k), 0)
-    qs = to_low(xq32, screen)
+    qs = to_low(xq32, screen) if qs is None else qs
     if low is None:
         if xbs is None:
             xbs = to_low(tile32(), screen)
@@ -468,6 +469,7 @@ class ResidentGallery:
         # a tile's scores are (nq, tile) floats: few queries take longer tiles (one query: 64 x tile_rows rows), so
         # its per-tile steps (top-k, re-scoring, merge) run a few times, not once per 65,536 rows
         tile = self.tile_rows * max(1, _MIN_DIM // nq)
+        qs = None if xbs is None else to_low(xq32, self.screen)  # the queries in the screen's precision, once
         with torch.inference_mode(), strict_matmul():
             for s in range(0, len(ids), tile):
                 e = s + tile
@@ -478,15 +480,15 @@ class ResidentGallery:
                     Dt, It = _topk_full_rows(_masked(_scores(xq32, xb32[s:e], pad_queries=False), kt), ids[s:e], k)
                 elif r is None:
                     Dt, It, nf = _screened_tile(xq32, ids[s:e], xb32[s:e], k, self.screen, self.margin, D[:, k - 1],
-                                                xbs=xbs[s:e], norms=self.norms, keep=kt)  # fmt: skip
+                                                xbs=xbs[s:e], norms=self.norms, keep=kt, qs=qs)  # fmt: skip
                 elif fused:
-                    assert r is not None
-                    low = gathered_product(to_low(xq32, self.screen), xbs, r[s:e])
+                    assert r is not None and qs is not None
+                    low = gathered_product(qs, xbs, r[s:e])
                     Dt, It, nf = _screened_tile(xq32, ids[s:e], xb32, k, self.screen, self.margin, D[:, k - 1],
-                                                norms=self.norms, rows=r[s:e], low=low)  # fmt: skip
+                                                norms=self.norms, rows=r[s:e], low=low, qs=qs)  # fmt: skip
                 else:
                     Dt, It, nf = _screened_tile(xq32, ids[s:e], xb32, k, self.screen, self.margin, D[:, k - 1],
-                                                xbs=xbs[s:e], norms=self.norms, rows=r[s:e])  # fmt: skip
+                                                xbs=xbs[s:e], norms=self.norms, rows=r[s:e], qs=qs)  # fmt: skip
                 if xbs is not None:
                     fallbacks += nf
                 D, I = merge_topk(np.concatenate([D, Dt], 1), np.concatenate([I, It], 1), k)
@@ -541,14 +543,13 @@ def search_exact(
     margin = DEFAULT_MARGIN.get(screen, 0) if margin is None else margin
     if tile_rows < 1 or margin < 0:
         raise ValueError(f"tile_rows must be >= 1 and margin >= 0, got {tile_rows}, {margin}")
-    check_screen(screen, torch.device(device.split(":")[0]))
-    backend = resolve_backend(backend, device)
-    if screen != "none" and backend != "torch":
-        raise ValueError(f"screen={screen!r} needs backend='torch' (FAISS flat search is float32 only)")
     xq = np.ascontiguousarray(xq, dtype=np.float32)
     if xq.ndim != 2:
         raise ValueError(f"xq must be (nq, d), got shape {xq.shape}")
     check_screen(screen, torch.device(device.split(":")[0]), xq.shape[1])
+    backend = resolve_backend(backend, device)
+    if screen != "none" and backend != "torch":
+        raise ValueError(f"screen={screen!r} needs backend='torch' (FAISS flat search is float32 only)")
     checked = _check_blocks(blocks, xq.shape[1])
     if backend == "torch":
         return _torch_blocks(xq, checked, k, device, tile_rows, screen, margin)

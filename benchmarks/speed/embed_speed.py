@@ -99,12 +99,9 @@ def _alone_crops(items: list[InputItem], cfg: EmbedConfig, detector: FaceDetecto
     return np.concatenate([x] * -(-len(items) // len(x)))[: len(items)]
 
 
-def _model_alone(ckpt: Path, items: list[InputItem], cfg: EmbedConfig, detector: FaceDetector | None,
-                 repeats: int) -> dict[int | str, dict[str, Any]]:  # fmt: skip
-    """Best-of-``repeats`` embed_crops throughput on pre-aligned crops, as many as ``items`` (the crops of the first
-    :data:`ALONE_CROPS` repeated: the speed does not depend on the pixels), with all threads and with one thread (on
-    a GPU: once)."""
-    x = _alone_crops(items, cfg, detector)
+def _model_alone(ckpt: Path, x: np.ndarray, cfg: EmbedConfig, repeats: int) -> dict[int | str, dict[str, Any]]:
+    """Best-of-``repeats`` embed_crops throughput on the pre-aligned crops ``x`` (:func:`_alone_crops`), with all
+    threads and with one thread (on a GPU: once)."""
     embedder = Embedder(ckpt, cfg.device, cfg.precision, cfg.batch_size)
     out: dict[int | str, dict[str, Any]] = {}
     gpu = embedder.device.type == "cuda"
@@ -208,7 +205,8 @@ def _measure(args: EmbedSpeedConfig, work: Path) -> dict[str, Any]:
                       decode_processes=args.decode_processes)  # fmt: skip
     items = plan_inputs(cfg)
     cores = os.cpu_count() or 1
-    alone_by_key = _model_alone(ckpt, items, cfg, FaceDetector() if args.detect else None, args.repeats)
+    x = _alone_crops(items, cfg, FaceDetector() if args.detect else None)
+    alone_by_key = _model_alone(ckpt, x, cfg, args.repeats)
     eager = alone_by_key.pop("eager", None)
     alone_by_threads = {int(k): v for k, v in alone_by_key.items()}
     gpu = torch.device(resolve_device(args.device)).type == "cuda"
@@ -216,7 +214,6 @@ def _measure(args: EmbedSpeedConfig, work: Path) -> dict[str, Any]:
     workers = args.workers or (max(1, torch.cuda.device_count()) if gpu else max(1, cores // args.threads_per_worker))
     concurrent = None
     if args.threads_per_worker == 1 and not gpu and workers > 1:
-        x = _alone_crops(items, cfg, FaceDetector() if args.detect else None)
         concurrent = _concurrent_alone(ckpt, x, cfg, workers, max(1, args.repeats), work)
     ideal = concurrent["images_per_s"] if concurrent else 0.0
     alone = max(alone_by_threads.values(), key=lambda a: a["images_per_s"])
