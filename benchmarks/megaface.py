@@ -12,6 +12,11 @@ float32 matrix product used **only as a screen**: with the proven bound ``eps`` 
 mate's by more than ``eps``; anything closer is re-scored canonically (and exactly where that is not enough).  The
 counts are therefore those of the true cosines of the stored features, exactly, including ties.
 
+**int8 screen** (``screen="int8"``, the default on a CPU with int8 dot-product units): the float32 product of every
+pair is replaced by an int8 product with a proven bound, and only the pairs that can reach their row's threshold
+(~0.8 % at d = 1024) get their float32 score (:mod:`facesearch.benchmarks.megaface_screen`): the same entries with
+float32 scores, so everything below is unchanged.  The first tile, which sets the thresholds, runs in float32.
+
 **CMC.** For every ordered same-identity pair (g, p): r(g,p) = #{d : s(p,d) > s(p,g)} (ties go to the mate by
 default; with ``tie_rule="distractor"`` they count against it).  Per block, each probe's row of screened scores is
 compared with its own lowest mate score; the few distractors above it are bucketed against the probe's sorted mate
@@ -21,6 +26,10 @@ scores (one ``searchsorted`` over all probes at once) into a histogram whose suf
 m = floor(f * N_neg), tau = the (m+1)-th largest negative, TAR = #{pos > tau} / N_pos.  Only the top ``keep`` =
 floor(f_max * N_neg) + 1 negatives (plus an ``2 eps`` margin) are kept while streaming, with a running threshold;
 ``tau`` is resolved canonically (re-fetching the few distractors near it) only when a positive lies within ``eps``.
+A running threshold starts low (the first tile's own keep-th largest: ~12 % of its pairs at 1M) and rises slowly, so
+the negatives are filtered from the start by a *guess* instead: the first tile's quantile at ``2 f_max``.  ``finish``
+proves it (at least ``keep`` kept negatives lie ``2 eps`` above it, so nothing dropped can matter) or raises
+:class:`ThresholdGuessMissed`, and the run is repeated without the guess (``guess=False``) — never a wrong count.
 
 **Filter (§6).** With attribute codes (two bit sets per row: attributes decided positive, decided negative; see
 :class:`facesearch.benchmarks.megaface_data.AttributeFilter`), probe p is compared only with the distractors whose
@@ -35,6 +44,7 @@ a false accept: at FAR = 1 the false accepts are the comparisons made, not N_neg
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -45,11 +55,38 @@ from typing import Any
 import numpy as np
 import torch
 
+from facesearch.benchmarks.megaface_screen import Int8Screen, Scratch
+from facesearch.indexer.screen import INT8_MAX_DIM, auto_screen, check_screen
 from facesearch.indexer.search import strict_matmul
 
 U32 = 2.0**-24  # float32 unit roundoff
 NAMED_FARS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3)
 TIE_RULES = ("mate", "distractor")
+#: The harness's screens: float32 products of every pair (``none``), or int8 products with float32 re-scoring of
+#: the pairs that can matter (:mod:`facesearch.benchmarks.megaface_screen`); ``auto``: int8 on a CPU with int8
+#: dot-product units, else none.
+SCREENS = ("auto", "none", "int8")
+#: The guessed negatives' threshold is the first tile's quantile at this many times ``far_max`` ...
+GUESS_FACTOR = 2
+#: ... when at least this many of its scores lie above it (else no guess: too few to estimate a quantile).
+GUESS_MIN_ABOVE = 64
+
+
+class ThresholdGuessMissed(RuntimeError):
+    """The guessed threshold of the top negatives was too high: fewer than ``keep`` negatives are certainly above it,
+    so the counts cannot be proven from the negatives kept; the run must be repeated with ``guess=False``."""
+
+
+def resolve_screen(screen: str, device: torch.device, d: int) -> str:
+    """``screen`` (one of :data:`SCREENS`) -> ``none`` or ``int8`` for this device; a ``ValueError`` where int8
+    cannot run (off the CPU, a CPU whose int8 sums are not exact, or d too large)."""
+    if screen not in SCREENS:
+        raise ValueError(f"screen {screen!r}: the MegaFace harness screens with one of {', '.join(SCREENS)}")
+    if screen == "auto":
+        return "int8" if device.type == "cpu" and d <= INT8_MAX_DIM and auto_screen(device) == "int8" else "none"
+    if screen == "int8":
+        check_screen("int8", device, d)
+    return screen
 
 
 def compatible(a: np.ndarray | int, b: np.ndarray) -> np.ndarray:
@@ -241,6 +278,8 @@ class Evaluation:
         keep_cap: int = 1 << 25,
         tile_rows: int = 8192,
         device: str = "cpu",
+        screen: str = "auto",
+        guess: bool = True,
     ) -> None:
         self.probes, self.nb, self.tile_rows = probes, int(n_distractors), tile_rows
         self.dev = torch.device(device)
@@ -276,6 +315,11 @@ class Evaluation:
         self.ties = np.zeros(len(self.mates.s), np.int64)
         self.neg = _Negatives()
         self.thr = -np.inf  # negatives below this screened value can never matter
+        # A guessed threshold for the top negatives (see :class:`ThresholdGuessMissed`): -inf when not guessing.
+        self.guessing, self.guess = guess and not self.keep_all, -np.inf
+        self.screen = resolve_screen(screen, self.dev, self.d)
+        self.scratch = Scratch(self.dev)
+        self.int8 = Int8Screen(self.p32, self.scratch) if self.screen == "int8" and not self.keep_all else None
         self.seen = 0
         self.compared = 0
         self.rescored = 0  # kept negatives re-scored canonically to resolve TAR thresholds
@@ -296,9 +340,10 @@ class Evaluation:
 
     def _tile(self, x: np.ndarray, codes: np.ndarray | None) -> None:
         t0 = time.perf_counter()
-        with warnings.catch_warnings():  # read-only Arrow buffers: never written, .float() copies
+        with warnings.catch_warnings():  # read-only Arrow buffers: only read (copied into the tile buffer)
             warnings.simplefilter("ignore", UserWarning)
-            x32 = torch.from_numpy(np.ascontiguousarray(x)).to(self.dev).float()
+            x32 = self.scratch.get("tile", x.shape, torch.float32)
+            x32.copy_(torch.from_numpy(np.ascontiguousarray(x)))
         norm = x32.norm(dim=1, keepdim=True)
         if bool((~torch.isfinite(norm) | (norm < 1e-18)).any()):
             # NaN/inf somewhere (an error), or zero / extreme rows whose float32 norm is 0 or overflows: normalise
@@ -309,7 +354,7 @@ class Evaluation:
                                  f"{self.seen + int(np.argmax(bad))} of the stream)")  # fmt: skip
             d32 = torch.from_numpy(canonical_normalize(x).astype(np.float32)).to(self.dev)
         else:
-            d32 = x32 / norm
+            d32 = x32.div_(norm)
         self.timings["prepare_s"] += time.perf_counter() - t0
         if codes is None:
             self._group(slice(None), None, x, d32)
@@ -327,20 +372,22 @@ class Evaluation:
         """Probes ``rows`` against tile columns ``cols`` (None = all) whose normalised float32 rows are ``d32``."""
         t0 = time.perf_counter()
         rows_idx = np.arange(len(self.p64))[rows]
-        with torch.inference_mode(), strict_matmul():
-            S = self.p32[torch.from_numpy(rows_idx).to(self.dev)] @ d32.T if cols is not None else self.p32 @ d32.T
-        self.compared += S.numel()
-        t1 = time.perf_counter()
-        self.timings["gemm_s"] += t1 - t0
-        lo = self.lo[torch.from_numpy(rows_idx).to(self.dev)] if cols is not None else self.lo
-        if not self.keep_all and self.thr == -np.inf and S.numel() > self.keep:
-            # A valid lower bound for the global keep-th largest: this tile's own keep-th largest.
-            kth = torch.kthvalue(S.reshape(-1).float().cpu(), S.numel() - self.keep + 1).values.item()
-            self.thr = float(np.float32(kth - 2 * self.eps))
-        t_row = torch.minimum(lo, torch.tensor(self.thr, dtype=torch.float32, device=self.dev).clamp_min(-3.0))
-        v, r_loc, c_loc = _select(S, t_row)
+        pick = torch.from_numpy(rows_idx).to(self.dev) if cols is not None else None
+        lo = self.lo[pick] if pick is not None else self.lo
+        self.compared += len(rows_idx) * len(d32)
+        if self.int8 is not None and self.thr > -np.inf:  # the int8 screen (the first tile sets the thresholds)
+            v, r_loc, c_loc = self.int8.select(rows_idx if pick is not None else None, d32, self._t_row(lo))
+        else:
+            S = self.scratch.get("scores", (len(rows_idx), len(d32)), torch.float32)
+            with torch.inference_mode(), strict_matmul():
+                torch.matmul(self.p32[pick] if pick is not None else self.p32, d32.T, out=S)
+            t1 = time.perf_counter()
+            self.timings["gemm_s"] += t1 - t0
+            if not self.keep_all and self.thr == -np.inf and S.numel() > self.keep:
+                self._first_thresholds(S.reshape(-1).float().cpu().numpy())
+            v, r_loc, c_loc = _select(S, self._t_row(lo))
+            self.timings["select_s"] += time.perf_counter() - t1
         t2 = time.perf_counter()
-        self.timings["select_s"] += t2 - t1
         r = rows_idx[r_loc]
         c = (cols[c_loc] if cols is not None else c_loc).astype(np.int64)
         cmc = v >= self.lo_np[r]
@@ -348,12 +395,28 @@ class Evaluation:
             self._count_cmc(v[cmc], r[cmc], c[cmc], x)
         t3 = time.perf_counter()
         self.timings["cmc_s"] += t3 - t2
-        roc = v >= self.thr
+        roc = v >= max(self.thr, self.guess)
         if roc.any():
             self.neg.add(v[roc], r[roc].astype(np.int32), c[roc] + self.seen)
             if self.neg.size > 2 * self.keep + min(self.keep, 1 << 20) and not self.keep_all:
                 self._prune()
         self.timings["roc_s"] += time.perf_counter() - t3
+
+    def _t_row(self, lo: torch.Tensor) -> torch.Tensor:
+        """Per probe, the lowest screened score that can matter: its CMC floor or the negatives' threshold."""
+        bar = max(self.thr, self.guess)
+        return torch.minimum(lo, torch.tensor(bar, dtype=torch.float32, device=self.dev).clamp_min(-3.0))
+
+    def _first_thresholds(self, flat: np.ndarray) -> None:
+        """From the first tile's screened scores: a valid lower bound for the keep-th largest negative (this tile's own
+        keep-th largest), and the guess (its ``GUESS_FACTOR * far_max`` quantile)."""
+        n = len(flat)
+        m = math.ceil(GUESS_FACTOR * self.far_max * n)
+        guessing = self.guessing and GUESS_MIN_ABOVE <= m < self.keep
+        part = np.partition(flat, [n - self.keep, n - m] if guessing else [n - self.keep])
+        self.thr = float(np.float32(float(part[n - self.keep]) - 2 * self.eps))
+        if guessing:
+            self.guess = max(self.thr, float(np.float32(float(part[n - m]) - 2 * self.eps)))
 
     def _count_cmc(self, v: np.ndarray, r: np.ndarray, c: np.ndarray, x: np.ndarray) -> None:
         key = 4.0 * r + 2.0 + v.astype(np.float64)
@@ -430,8 +493,14 @@ class Evaluation:
         out = self._cmc(tie_rule)
         out["roc"] = self._roc(fetch)
         self.timings["finish_s"] = time.perf_counter() - t0
+        if self.int8 is not None:  # the int8 screen's own seconds, in the stages they stand for
+            self.timings["prepare_s"] += self.int8.seconds["quantise_s"]
+            self.timings["gemm_s"] += self.int8.seconds["products_s"]
+            self.timings["select_s"] += self.int8.seconds["rescore_s"]
         out["timings"] = dict(self.timings)
         out["eps"] = self.eps
+        out["screen"] = self.screen
+        out["threshold_guess"] = None if self.guess == -np.inf else self.guess
         return out
 
     def _cmc(self, tie_rule: str) -> dict[str, Any]:
@@ -472,6 +541,11 @@ class Evaluation:
         order = np.argsort(-v, kind="stable")
         v, r, c = v[order], r[order], c[order]
         eps = self.eps
+        if self.guess > -np.inf and (len(v) < self.keep or self.guess > float(np.float32(v[self.keep - 1] - 2 * eps))):
+            raise ThresholdGuessMissed(
+                f"the guessed threshold {self.guess:.6g} for the top {self.keep} negatives was too high (only "
+                f"{int((v >= self.guess + 2 * eps).sum())} negatives are certainly above it)"
+            )
         rows = []
         pending: list[tuple[dict[str, Any], int, int, int]] = []
         for far in far_grid(self.n_neg, self.far_max):
@@ -566,15 +640,18 @@ def _ranges(n: np.ndarray) -> np.ndarray:
 
 __all__ = [
     "NAMED_FARS",
+    "SCREENS",
     "TIE_RULES",
     "Evaluation",
     "ExactRows",
     "ProbeSet",
+    "ThresholdGuessMissed",
     "canonical_error",
     "canonical_normalize",
     "canonical_scores",
     "check_finite",
     "far_grid",
     "floor_m",
+    "resolve_screen",
     "screen_error",
 ]

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from facesearch.benchmarks import devkit, report
-from facesearch.benchmarks.megaface import NAMED_FARS, Evaluation, ProbeSet, floor_m
+from facesearch.benchmarks.megaface import NAMED_FARS, SCREENS, Evaluation, ProbeSet, ThresholdGuessMissed, floor_m
 from facesearch.benchmarks.megaface_data import (
     AttributeFilter,
     CachedDistractors,
@@ -89,6 +89,7 @@ class BenchConfig:
     filters: tuple[AttributeFilter, ...] = ()
     far_max: float = 1e-3
     device: str = "auto"
+    screen: str = "auto"
     probe_name: str | None = None
     distractor_name: str | None = None
     allow_probe_overlap: bool = False
@@ -106,6 +107,8 @@ class BenchConfig:
             raise ValueError("the cleaned variant needs both noise lists (facescrub_noises.txt, megaface_noises.txt)")
         if self.sizes and min(self.sizes) < 1:
             raise ValueError(f"distractor sizes must be >= 1, got {list(self.sizes)}")
+        if self.screen not in SCREENS:
+            raise ValueError(f"screen must be one of {', '.join(SCREENS)}, got {self.screen!r}")
         if not 0 < self.far_max <= 1:
             raise ValueError(f"far_max must be in (0, 1], got {self.far_max}")
         for what, name in (("probe", self.probe_name), ("distractor", self.distractor_name)):
@@ -179,15 +182,25 @@ def _evaluate(
         assert flt.weight is not None
         xq = soft_features(xq, probes.attributes, flt.attributes, flt.weight, "probes")
         src = SoftDistractors(src, flt.attributes, flt.weight)
-    ev = Evaluation(ProbeSet(xq, probes.identity, codes), src.n, far_max=cfg.far_max, device=device)
     src = CachedDistractors(src)
-    read = 0.0
-    t_read = time.perf_counter()
-    for xb, attrs in prefetch(src.blocks()):
-        read += time.perf_counter() - t_read
-        ev.add(xb, flt.codes(attrs, "distractors") if exclude and flt is not None else None)
+    missed = None
+    for guess in (True, False):
+        ev = Evaluation(ProbeSet(xq, probes.identity, codes), src.n, far_max=cfg.far_max, device=device,
+                        screen=cfg.screen, guess=guess)  # fmt: skip
+        read = 0.0
         t_read = time.perf_counter()
-    out = ev.finish(src.take, tie_rule=cfg.tie_rule)
+        for xb, attrs in prefetch(src.blocks()):
+            read += time.perf_counter() - t_read
+            ev.add(xb, flt.codes(attrs, "distractors") if exclude and flt is not None else None)
+            t_read = time.perf_counter()
+        try:
+            out = ev.finish(src.take, tie_rule=cfg.tie_rule)
+        except ThresholdGuessMissed as e:  # rare (an unusual first block): the same run without the guess
+            log.warning("%s; streaming the distractors again without it", e)
+            missed = str(e)
+            continue
+        break
+    out["threshold_guess"] = {"value": out["threshold_guess"], "missed": missed}
     out["timings"]["read_s"] = read
     seconds = time.perf_counter() - t0
     out["timings"]["total_s"] = seconds
@@ -291,7 +304,9 @@ def _result(
         "roc_far_max": roc["far_max"],
         "tar_at_far": tar_at,
         "filter_stats": None,
+        "screen": out["screen"],
         "screen_eps": out["eps"],
+        "threshold_guess": out["threshold_guess"],
         "timings": out["timings"],
         "provenance": provenance(probes=probes.provenance, distractors=src.provenance, config=cfg.to_dict()),
     }

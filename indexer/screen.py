@@ -109,15 +109,26 @@ def screen_error(xq32: torch.Tensor, qs: Low, norms: tuple[torch.Tensor, torch.T
     get, gamma_d |x| |y| (gamma_d = d u32 / (1 - d u32)), so a left-out item's *computed* float32 score is bounded,
     not only its real one.  The norms are computed in float32; a relative 2^-10 on the whole covers their rounding.
     Returns (m,) float32."""
-    d = xq32.shape[1]
-    gamma = d * _U32 / (1 - d * _U32)
-    nb_max, db_max, nbs_max = norms
+    return screen_bound(query_terms(xq32, qs), torch.stack(list(norms)), xq32.shape[1])
+
+
+def query_terms(xq32: torch.Tensor, qs: Low) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The queries' side of :func:`screen_error`, (m,) each: |dx| (widened by the upcast's rounding for int8), |x~|
+    and |x|."""
     up = qs.upcast()
     dq = torch.linalg.vector_norm(up - xq32, dim=1)
     nq_s = torch.linalg.vector_norm(up, dim=1)
     if qs.scale is not None:
         dq = dq + 2 * _U32 * nq_s
-    nq32 = torch.linalg.vector_norm(xq32, dim=1)
+    return dq, nq_s, torch.linalg.vector_norm(xq32, dim=1)
+
+
+def screen_bound(terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor], norms: torch.Tensor, d: int) -> torch.Tensor:
+    """:func:`screen_error` from the queries' :func:`query_terms` and the database side ``norms`` (3, ...): max |y|,
+    max |dy|, max |y~| (one set, or one per group of rows: terms and norms broadcast)."""
+    gamma = d * _U32 / (1 - d * _U32)
+    dq, nq_s, nq32 = terms
+    nb_max, db_max, nbs_max = norms[0], norms[1], norms[2]
     return (dq * nb_max + nq_s * db_max + gamma * (nq_s * nbs_max + nq32 * nb_max)) * (1 + 2.0**-10)
 
 
@@ -272,6 +283,7 @@ def check_screen(screen: str, device: torch.device, d: int | None = None) -> Non
 __all__ = [
     "DEFAULT_MARGIN",
     "DTYPES",
+    "INT8_MAX_DIM",
     "SCREENS",
     "UNIT_ROUNDOFF",
     "Low",
@@ -281,6 +293,8 @@ __all__ = [
     "gathered_product",
     "int8_products_exact",
     "low_product",
+    "query_terms",
+    "screen_bound",
     "screen_error",
     "tile_norms",
     "to_low",

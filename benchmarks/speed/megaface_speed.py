@@ -2,7 +2,7 @@
 float32 GEMM floor, with peak memory.
 
     python -m facesearch.benchmarks.speed.megaface_speed --work runs/mf1m [--rows 1000000] [--dim 1024] [--device
-    cpu|cuda]
+    cpu|cuda] [--screen auto|int8|none]
     facesearch bench speed megaface ...   (the same options)
 
 Features: identity-clustered synthetic unit vectors in our shard format (``facesearch synth features``; generated
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from facesearch.benchmarks import report
+from facesearch.benchmarks.megaface import SCREENS
 from facesearch.benchmarks.megaface_run import BenchConfig, run_megaface
 from facesearch.indexer.synth_features import SynthFeaturesConfig, write_synth_features
 from facesearch.model.measure import gemm_flops, peak_rss_bytes
@@ -46,6 +47,7 @@ class MegafaceSpeedConfig:
     dim: int = 1024
     probes: int = 3530
     device: str = "cpu"
+    screen: str = "auto"
 
 
 def _features(work: Path, rows: int, dim: int, probes: int) -> tuple[Path, Path]:
@@ -65,7 +67,7 @@ def run(cfg: MegafaceSpeedConfig, progress: Callable[[str], None] | None = print
     before = gemm_flops(cfg.probes, cfg.dim, TILE, "fp32", cfg.device)
     t0 = time.perf_counter()
     (res,) = run_megaface(BenchConfig(out=cfg.work / "result", probes=prb, distractors=dis, sizes=(cfg.rows,),
-                                      device=cfg.device), progress=progress)  # fmt: skip
+                                      device=cfg.device, screen=cfg.screen), progress=progress)  # fmt: skip
     wall = time.perf_counter() - t0
     after = gemm_flops(cfg.probes, cfg.dim, TILE, "fp32", cfg.device)
     flop = 2.0 * cfg.probes * cfg.rows * cfg.dim
@@ -76,7 +78,8 @@ def run(cfg: MegafaceSpeedConfig, progress: Callable[[str], None] | None = print
                "gemm_tflops_before": before / 1e12, "gemm_tflops_after": after / 1e12, "floor_s": floor,
                "ratio_to_floor": wall / floor, "peak_rss_gib": peak_rss_bytes() / 2**30, "stages": res["timings"],
                "rank1": res["rank1"], "N": res["counts"]["N"],
-               "tar_at_1e-6": tar["tar"] if tar.get("supported", True) else report.NA_FAR,
+               "tar_at_1e-6": tar["tar"] if tar.get("supported", True) else report.NA_FAR, "screen": res["screen"],
+               "threshold_guess": res["threshold_guess"],
                "screen_eps": res["screen_eps"], "provenance": provenance(config=config)}  # fmt: skip
     (cfg.work / "speed.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
@@ -89,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dim", type=int, default=1024, help="Feature dimension.")
     ap.add_argument("--probes", type=int, default=3530, help="Probe images (80 identities, fewer below 160 probes).")
     ap.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
+    ap.add_argument(
+        "--screen", default="auto", choices=SCREENS, help="auto (int8 on a CPU with int8 units), int8, none."
+    )
     return ap
 
 

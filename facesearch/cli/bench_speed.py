@@ -165,6 +165,13 @@ def crop_store_command(**opts: Any) -> None:
 @click.option("--probes", type=int, default=3530, show_default=True,
               help="Probe images (80 identities, fewer below 160 probes).")  # fmt: skip
 @click.option("--device", default="cpu", show_default=True, help=_DEVICE_HELP)
+@click.option(
+    "--screen",
+    type=click.Choice(["auto", "int8", "none"]),
+    default="auto",
+    show_default=True,
+    help="Screen of the products: int8 (where the CPU has int8 dot-product units under auto) or none.",
+)
 @user_errors
 def megaface_command(**opts: Any) -> None:
     """The MegaFace run on synthetic features against the float32 GEMM floor, with peak memory."""

@@ -5,14 +5,29 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from facesearch.benchmarks.megaface import Evaluation, ProbeSet, canonical_normalize, floor_m
+from facesearch.benchmarks.megaface import Evaluation, ProbeSet, ThresholdGuessMissed, canonical_normalize, floor_m
+from facesearch.indexer.screen import int8_products_exact
+
+#: The harness's screens to test: float32 everywhere, int8 where this CPU's int8 sums are exact.
+SCREENS = ["none", pytest.param("int8", marks=pytest.mark.skipif(not int8_products_exact(), reason="no exact int8"))]
 
 
-def evaluate(xq, ids, xb, codes_q=None, codes_b=None, tile_rows=37, keep_cap=1 << 25, far_max=1e-3, tie_rule="mate"):
-    ev = Evaluation(ProbeSet(xq, ids, codes_q), len(xb), far_max=far_max, keep_cap=keep_cap, tile_rows=tile_rows)
-    for s in range(0, len(xb), 50):  # blocks of 50 rows, tiles of tile_rows: boundaries everywhere
-        ev.add(xb[s : s + 50], None if codes_b is None else codes_b[s : s + 50])
-    return ev.finish(lambda idx: xb[idx], tie_rule=tie_rule)
+def evaluate(xq, ids, xb, codes_q=None, codes_b=None, tile_rows=37, keep_cap=1 << 25, far_max=1e-3, tie_rule="mate",
+             screen="none", guess=True, block=50):  # fmt: skip
+    """The harness as ``facesearch bench megaface`` runs it: streamed in blocks, again without the guessed threshold
+    when it missed."""
+    for g in (True, False) if guess else (False,):
+        ev = Evaluation(ProbeSet(xq, ids, codes_q), len(xb), far_max=far_max, keep_cap=keep_cap, tile_rows=tile_rows,
+                        screen=screen, guess=g)  # fmt: skip
+        for s in range(0, len(xb), block):  # blocks of 50 rows, tiles of tile_rows: boundaries everywhere
+            ev.add(xb[s : s + block], None if codes_b is None else codes_b[s : s + block])
+        try:
+            out = ev.finish(lambda idx: xb[idx], tie_rule=tie_rule)
+        except ThresholdGuessMissed:
+            continue
+        out["evaluation"] = ev
+        return out
+    raise AssertionError("the run without a guess cannot miss")
 
 
 def check(out, ref, nb):
@@ -68,11 +83,12 @@ def test_quantised_features_with_many_ties(brute_force):
     check(evaluate(xq, ids, xb), brute_force(xq, ids, xb), len(xb))
 
 
-def test_streamed_top_negatives_with_pruning(brute_force):
+@pytest.mark.parametrize("screen", SCREENS)
+def test_streamed_top_negatives_with_pruning(brute_force, screen):
     """Keep only the negatives FAR <= far_max needs (pruned while streaming): the TAR counts stay exact."""
     rng = np.random.default_rng(5)
     xq, ids, xb = random_set(rng, nq_ids=10, per=4, nb=3000, d=12)
-    out = evaluate(xq, ids, xb, keep_cap=100, far_max=0.05, tile_rows=256)
+    out = evaluate(xq, ids, xb, keep_cap=100, far_max=0.05, tile_rows=256, screen=screen)
     ref = brute_force(xq, ids, xb)
     check(out, ref, len(xb))
     assert out["roc"]["kept_negatives"] < 40 * 3000 // 2
@@ -144,14 +160,15 @@ def test_bad_input_is_named():
         ev.finish(lambda i: np.zeros((len(i), 3)))
 
 
-def test_near_ties_below_float32_resolution_are_resolved_exactly(brute_force):
+@pytest.mark.parametrize("screen", SCREENS)
+def test_near_ties_below_float32_resolution_are_resolved_exactly(brute_force, screen):
     """Distractors within ~1e-7 of a mate (closer than the float32 screen can tell apart) are re-scored canonically;
     the TAR threshold near positives is resolved from re-fetched distractors."""
     rng = np.random.default_rng(8)
     xq, ids, xb = random_set(rng, nb=300, d=32)
     src = rng.integers(0, len(xq), 150)
     xb[:150] = xq[src] * (1 + rng.normal(scale=2e-7, size=(150, 32))).astype(np.float32)
-    out = evaluate(xq, ids, xb, keep_cap=500, far_max=0.2, tile_rows=64)
+    out = evaluate(xq, ids, xb, keep_cap=500, far_max=0.2, tile_rows=64, screen=screen)
     check(out, brute_force(xq, ids, xb), len(xb))
     assert any(r["threshold_exact"] and r["threshold"] is not None for r in out["roc"]["points"])
 
@@ -190,8 +207,9 @@ def _rounding_split_ties(seed: int, d: int = 64, n_ids: int = 4, per: int = 5, n
     return xq, ids, xb
 
 
+@pytest.mark.parametrize("screen", SCREENS)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_mathematical_ties_are_not_split_by_rounding(seed, brute_force):
+def test_mathematical_ties_are_not_split_by_rounding(seed, brute_force, screen):
     """cos(p, d) == cos(p, g) exactly for different vectors d, g: a tie (counted, going to the mate), not a rank lost
     or won by 1e-17 of float64 rounding; the TAR threshold among such ties is exact too."""
     xq, ids, xb = _rounding_split_ties(seed)
@@ -205,7 +223,7 @@ def test_mathematical_ties_are_not_split_by_rounding(seed, brute_force):
     assert split > 10, "the case must contain ties that float64 rounding splits"
     for rule in ("mate", "distractor"):
         for keep_cap, far_max in ((1 << 25, 1e-3), (300, 0.05)):
-            out = evaluate(xq, ids, xb, keep_cap=keep_cap, far_max=far_max, tie_rule=rule)
+            out = evaluate(xq, ids, xb, keep_cap=keep_cap, far_max=far_max, tie_rule=rule, screen=screen)
             check(out, brute_force(xq, ids, xb, tie_rule=rule), len(xb))
             assert out["ties_total"] > 0
 

@@ -39,7 +39,7 @@ NON_DEFAULT = {
               "--in-process"],
     "search": ["--rows", "100", "--queries", "3", "--dim", "8", "--identities", "5", "--k", "2", "--device", "cuda",
                "--backends", "torch:bf16", "--tile-rows", "8", "--block-rows", "16"],
-    "megaface": ["--work", "w", "--rows", "100", "--dim", "8", "--probes", "4", "--device", "cuda"],
+    "megaface": ["--work", "w", "--rows", "100", "--dim", "8", "--probes", "4", "--device", "cuda", "--screen", "none"],
     "latency": ["--shards", "s", "--probes", "p", "--rows", "100", "--dim", "8", "--kinds", "flat", "--single", "2",
                 "--batch", "3", "--k", "2", "--http", "--concurrency", "2,8", "--http-seconds", "1", "--work", "w"],
     "crop-store": ["--images", "40", "--identities", "4", "--image-size", "96", "--arch", "full", "--width", "0.5",
