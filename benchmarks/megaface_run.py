@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 
 from facesearch.benchmarks import devkit, report
 from facesearch.benchmarks.megaface import NAMED_FARS, SCREENS, Evaluation, ProbeSet, ThresholdGuessMissed, floor_m
@@ -172,29 +173,46 @@ def _distractor_lists(
 
 
 def _evaluate(
-    probes: Probes, src: DistractorSource, cfg: BenchConfig, device: str, flt: AttributeFilter | None
+    probes: Probes, src: CachedDistractors, cfg: BenchConfig, device: str, flt: AttributeFilter | None
 ) -> tuple[dict[str, Any], float]:
+    """One variant's exact counts over ``src`` (read from memory when :meth:`CachedDistractors.fill` kept it all)."""
     t0 = time.perf_counter()
     exclude = flt is not None and flt.excludes
     codes = flt.codes(probes.attributes, "probes") if exclude and flt is not None else None
     xq = probes.xq
+    stream: DistractorSource = src
     if flt is not None and flt.mode == "soft":  # re-scored, not excluded: attribute-augmented features
         assert flt.weight is not None
         xq = soft_features(xq, probes.attributes, flt.attributes, flt.weight, "probes")
-        src = SoftDistractors(src, flt.attributes, flt.weight)
-    src = CachedDistractors(src)
+        stream = SoftDistractors(src, flt.attributes, flt.weight)
     missed = None
+    threads = torch.get_num_threads()
     for guess in (True, False):
         ev = Evaluation(ProbeSet(xq, probes.identity, codes), src.n, far_max=cfg.far_max, device=device,
                         screen=cfg.screen, guess=guess)  # fmt: skip
+        # Not in memory yet: a background thread decodes the blocks (running ahead while they are cached) and the
+        # scoring leaves it a core until it is done — decoding beside scoring on every core slowed the products'
+        # threads (each waits for the core the decoder holds) more than the decoding took.
+        finished = threading.Event()
+        share = src.rows is None and threads > 1
+        blocks = prefetch(stream.blocks(), ahead=lambda: src.caching, finished=finished) if src.rows is None else (
+            stream.blocks())  # fmt: skip
         read = 0.0
-        t_read = time.perf_counter()
-        for xb, attrs in prefetch(src.blocks()):
-            read += time.perf_counter() - t_read
-            ev.add(xb, flt.codes(attrs, "distractors") if exclude and flt is not None else None)
-            t_read = time.perf_counter()
         try:
-            out = ev.finish(src.take, tie_rule=cfg.tie_rule)
+            if share:
+                torch.set_num_threads(threads - 1)
+            t_read = time.perf_counter()
+            for xb, attrs in blocks:
+                read += time.perf_counter() - t_read
+                if share and finished.is_set():
+                    torch.set_num_threads(threads)
+                    share = False
+                ev.add(xb, flt.codes(attrs, "distractors") if exclude and flt is not None else None)
+                t_read = time.perf_counter()
+        finally:
+            torch.set_num_threads(threads)
+        try:
+            out = ev.finish(stream.take, tie_rule=cfg.tie_rule)
         except ThresholdGuessMissed as e:  # rare (an unusual first block): the same run without the guess
             log.warning("%s; streaming the distractors again without it", e)
             missed = str(e)
@@ -207,24 +225,27 @@ def _evaluate(
     return out, seconds
 
 
-def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
-    """Produce ``items`` on a background thread, ``depth`` ahead: decoding the next shard block (single-threaded,
-    GIL released) overlaps the scoring of this one, filling the core the single-threaded stages leave idle."""
-    q: queue.Queue[Any] = queue.Queue(depth)
+def prefetch(
+    items: Iterator[T], depth: int = 2, ahead: Callable[[], bool] | None = None,
+    finished: threading.Event | None = None,
+) -> Iterator[T]:  # fmt: skip
+    """Produce ``items`` on a background thread, ``depth`` ahead — or without bound while ``ahead()`` says the items
+    are kept in memory anyway (a cached source); ``finished`` is set when the producer has made its last item."""
+    q: queue.Queue[Any] = queue.Queue()
+    room = threading.Condition()
     done = object()
     stop = threading.Event()
 
     def work() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                with room:
+                    room.wait_for(lambda: stop.is_set() or q.qsize() < depth or (ahead is not None and ahead()))
                 if stop.is_set():
                     return
+                q.put(item)
+            if finished is not None:
+                finished.set()
             q.put(done)
         except BaseException as e:  # re-raised in the consumer
             q.put(e)
@@ -233,11 +254,15 @@ def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
     thread.start()
     try:
         while (item := q.get()) is not done:
+            with room:
+                room.notify()
             if isinstance(item, BaseException):
                 raise item
             yield item
     finally:
         stop.set()
+        with room:
+            room.notify()
 
 
 def _cmc_points(hits: np.ndarray, n: int) -> dict[str, Any]:
@@ -403,7 +428,8 @@ def run_megaface(cfg: BenchConfig, progress: Callable[[str], None] | None = None
     say(f"{len(probes.keys):,} probes of {n_ids} identities loaded in {time.perf_counter() - t0:.1f} s")
     results = []
     for size in lists.sizes():
-        src, record = lists.source(size, attrs)
+        listed, record = lists.source(size, attrs)
+        src = CachedDistractors(listed)  # read once for every variant of the size
         out, secs = _evaluate(probes, src, cfg, device, None)
         res = _result(cfg, alg, probes, src, record, out, size, None, names)
         results.append(res)

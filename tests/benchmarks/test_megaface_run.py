@@ -4,19 +4,22 @@ reference for every size's own list, both feature sources agree, cleaned and fil
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from facesearch.benchmarks import devkit
-from facesearch.benchmarks.megaface import Evaluation, ProbeSet
+from facesearch.benchmarks.megaface import Evaluation, ProbeSet, ThresholdGuessMissed
 from facesearch.benchmarks.megaface_data import AttributeFilter, CachedDistractors, ShardDistractors, shard_paths
 from facesearch.benchmarks.megaface_run import BenchConfig, run_megaface
 from facesearch.cli import main
 from facesearch.indexer import shards
+from facesearch.indexer.screen import int8_products_exact
 from facesearch.indexer.synth_features import SynthFeaturesConfig, write_synth_features
 
 
@@ -189,7 +192,9 @@ def test_cached_distractors_take_equals_the_source(features):
         streamed = np.concatenate([xb for xb, _ in src.blocks()])
         idx = np.array([0, 5, 100, len(streamed) - 1])
         assert np.array_equal(src.take(idx), streamed[idx])
-        assert (src.parts is not None) == (limit > 1000)
+        assert (src.rows is not None) == (limit > 1000)
+        again = np.concatenate([xb for xb, _ in src.blocks()])  # a second pass: from memory when cached
+        assert np.array_equal(again, streamed)
 
 
 def test_confident_filter_chooses_margins_and_reports_predicted_beside_measured(features, tmp_path, brute_force):
@@ -286,3 +291,66 @@ def test_soft_mode_scores_every_pair_by_identity_and_attribute_agreement(feature
     assert got.tolist() == hist.tolist() and soft["counts"]["rank1_hits"] == hist[0]
     assert soft["rank1"] != results[0]["rank1"]  # the attributes moved some mates
     assert "soft: Male & Chubby agreement, weight 0.3" in (out / "megaface_summary.md").read_text()
+
+
+class _SmallKeep(Evaluation):
+    """The harness with room for only 100 negatives, so a small run prunes, guesses its threshold and screens."""
+
+    missed_once = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "keep_cap": 100, "tile_rows": 100})
+
+    def finish(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if self.guessing and self.guess > -np.inf and not _SmallKeep.missed_once:
+            _SmallKeep.missed_once = True  # the first guessed run "misses": the run must repeat without the guess
+            raise ThresholdGuessMissed("forced")
+        return super().finish(*args, **kwargs)
+
+
+@pytest.mark.parametrize("screen", ["none", pytest.param("int8", marks=pytest.mark.skipif(
+    not int8_products_exact(), reason="no exact int8"))])  # fmt: skip
+def test_screened_guessed_runs_equal_reference_and_restore_threads(features, tmp_path, brute_force, monkeypatch,
+                                                                   screen):  # fmt: skip
+    """Through run_megaface with pruned negatives: the guessed threshold (a forced miss, then the repeat without it),
+    the screen, a filtered variant replayed from memory, counts equal to the reference, torch's threads restored."""
+    import facesearch.benchmarks.megaface_run as mr
+
+    monkeypatch.setattr(mr, "Evaluation", _SmallKeep)
+    monkeypatch.setattr(_SmallKeep, "missed_once", False)
+    threads = torch.get_num_threads()
+    out = tmp_path / screen
+    cfg = BenchConfig(out=out, probes=features / "probes", distractors=features / "dis", sizes=(500,), seed=9,
+                      far_max=0.02, screen=screen, filters=(AttributeFilter(("Male",)),))  # fmt: skip
+    results = run_megaface(cfg)
+    assert torch.get_num_threads() == threads
+    xq, _, ids, pattrs = _rows(features / "probes")
+    xall, paths, _, dattrs = _rows(features / "dis")
+    where = {p: i for i, p in enumerate(paths)}
+    listed = devkit.read_distractor_list(out / "lists" / "megaface_features_list.json_500_1")
+    rows = np.array([where[devkit.stem_key(p)] for p in listed])
+    plain, filtered = results
+    assert plain["screen"] == screen and plain["threshold_guess"]["missed"] == "forced"
+    assert filtered["threshold_guess"]["missed"] is None and filtered["threshold_guess"]["value"] is not None
+    _check_against_reference(plain, xq, ids, xall[rows], brute_force)
+    cq, cb = (pattrs["Male"] > 0.5).astype(int), (dattrs["Male"][rows] > 0.5).astype(int)
+    _check_against_reference(filtered, xq, ids, xall[rows], brute_force, cq, cb)
+
+
+def test_prefetch_runs_ahead_only_while_allowed():
+    from facesearch.benchmarks.megaface_run import prefetch
+
+    for ahead, expect in ((True, True), (False, False)):
+        finished = threading.Event()
+        it = prefetch(iter(range(20)), depth=2, ahead=lambda a=ahead: a, finished=finished)
+        assert next(it) == 0
+        assert finished.wait(2 if expect else 0.3) is expect  # bounded: the producer waits at depth 2
+        assert list(it) == list(range(1, 20))
+        assert finished.is_set()
+
+    def bad():
+        yield 1
+        raise OSError("shard unreadable")
+
+    with pytest.raises(OSError, match="unreadable"):
+        list(prefetch(bad()))

@@ -84,8 +84,8 @@ def test_round_trip_exact(tmp_path: Path, dtype: str) -> None:
 def test_blocks_across_shard_boundaries(tmp_path: Path) -> None:
     _write_dir(tmp_path, [5, 1, 0, 9, 3])
     whole = read_all(tmp_path, columns=["path", "Male"])
-    for block_rows in (1, 2, 4, 7, 100):
-        blocks = list(iter_shards(tmp_path, block_rows=block_rows, columns=["path", "Male"]))
+    for block_rows, threads in ((1, True), (2, True), (4, False), (7, True), (100, False)):
+        blocks = list(iter_shards(tmp_path, block_rows=block_rows, columns=["path", "Male"], threads=threads))
         assert all(0 < len(b) <= block_rows for b in blocks)
         assert all(len(b) == block_rows for b in blocks[:-1])
         np.testing.assert_array_equal(np.concatenate([b.ids for b in blocks]), whole.ids)
