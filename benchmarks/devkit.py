@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import posixpath
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -185,10 +184,16 @@ def stem_key(path: str) -> str:
     """The key that matches list entries and feature files: relative path, '/' separators, no leading './', no
     extension, spaces as underscores (``'Michael Landes/Michael Landes_43667.jpg'`` -> ``'Michael_Landes/Michael_
     Landes_43667'``)."""
-    path = path.replace("\\", "/")
+    if "\\" in path:
+        path = path.replace("\\", "/")
     while path.startswith("./"):
         path = path[2:]
-    return posixpath.splitext(path)[0].replace(" ", "_")
+    # posixpath.splitext inlined (a million list entries: 0.7 -> 0.3 s): the last '.' of the last component, unless
+    # only dots precede it there
+    slash, dot = path.rfind("/"), path.rfind(".")
+    if dot > slash and path[slash + 1 : dot].strip("."):
+        path = path[:dot]
+    return path.replace(" ", "_")
 
 
 # --- template lists ---------------------------------------------------------------------------------------------------

@@ -421,14 +421,11 @@ def probe_overlap(probes: Probes, keys: Sequence[str], identities: Sequence[str 
     probe_ids = {_identity_key(i) for i in probes.identity}
     n = len(keys)
     image = np.fromiter((k in probe_keys for k in keys), dtype=bool, count=n)
-
-    def identity(i: int) -> str | None:
-        if identities is not None and identities[i] is not None:
-            return _identity_key(str(identities[i]))
-        parts = keys[i].split("/")
-        return parts[-2] if len(parts) > 1 else None
-
-    same = np.fromiter((identity(i) in probe_ids for i in range(n)), dtype=bool, count=n)
+    given = identities if identities is not None else [None] * n
+    # a row's identity: its own (spaces as underscores), else its parent folder (split("/")[-2]), else none
+    ident = (str(v).replace(" ", "_") if v is not None else (k.rsplit("/", 2)[-2] if "/" in k else None)
+             for k, v in zip(keys, given, strict=True))  # fmt: skip
+    same = np.fromiter((i in probe_ids for i in ident), dtype=bool, count=n)
     return ProbeOverlap(image, same & ~image)
 
 

@@ -147,6 +147,23 @@ def test_feature_tree_round_trip(tmp_path: Path) -> None:
         write_feature_tree(tmp_path / "feat", [rel[0], rel[0]], xb[:2], "_myalgo.bin")
 
 
+def test_stem_key_equals_the_posixpath_definition() -> None:
+    """The inlined extension split equals ``posixpath.splitext`` (hidden files, dots only, dotted folders...)."""
+    import posixpath
+    import random
+
+    def reference(path: str) -> str:
+        path = path.replace("\\", "/")
+        while path.startswith("./"):
+            path = path[2:]
+        return posixpath.splitext(path)[0].replace(" ", "_")
+
+    rng = random.Random(1)
+    paths = ["".join(rng.choice("ab./ \\\u00e9\n") for _ in range(rng.randint(0, 10))) for _ in range(50_000)]
+    paths += [".a", "..", "a/.b", "a/..b.c", "a.b/c", "x.", "./././y.z", "a/b.tar.gz"]
+    assert [stem_key(p) for p in paths] == [reference(p) for p in paths]
+
+
 def test_algorithm_name_and_stem_key() -> None:
     assert algorithm_name("_myalgo.bin") == "myalgo"
     assert algorithm_name("__resnet_100.bin") == "resnet_100"
