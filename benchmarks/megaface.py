@@ -15,7 +15,7 @@ counts are therefore those of the true cosines of the stored features, exactly, 
 **int8 screen** (``screen="int8"``, the default on a CPU with int8 dot-product units): the float32 product of every
 pair is replaced by an int8 product with a proven bound, and only the pairs that can reach their row's threshold
 (~0.8 % at d = 1024) get their float32 score (:mod:`facesearch.benchmarks.megaface_screen`): the same entries with
-float32 scores, so everything below is unchanged.  The first tile, which sets the thresholds, runs in float32.
+float32 scores, so everything below is unchanged.  Tiles before any threshold is set run in float32.
 
 **CMC.** For every ordered same-identity pair (g, p): r(g,p) = #{d : s(p,d) > s(p,g)} (ties go to the mate by
 default; with ``tie_rule="distractor"`` they count against it).  Per block, each probe's row of screened scores is
@@ -27,7 +27,8 @@ m = floor(f * N_neg), tau = the (m+1)-th largest negative, TAR = #{pos > tau} / 
 floor(f_max * N_neg) + 1 negatives (plus an ``2 eps`` margin) are kept while streaming, with a running threshold;
 ``tau`` is resolved canonically (re-fetching the few distractors near it) only when a positive lies within ``eps``.
 A running threshold starts low (the first tile's own keep-th largest: ~12 % of its pairs at 1M) and rises slowly, so
-the negatives are filtered from the start by a *guess* instead: the first tile's quantile at ``2 f_max``.  ``finish``
+the negatives are filtered from the start by a *guess* instead: the quantile at ``2 f_max`` of the probes' scores
+against the first 1,024 distractors (3.6M scores at 3,530 probes).  ``finish``
 proves it (at least ``keep`` kept negatives lie ``2 eps`` above it, so nothing dropped can matter) or raises
 :class:`ThresholdGuessMissed`, and the run is repeated without the guess (``guess=False``) — never a wrong count.
 
@@ -66,8 +67,10 @@ TIE_RULES = ("mate", "distractor")
 #: the pairs that can matter (:mod:`facesearch.benchmarks.megaface_screen`); ``auto``: int8 on a CPU with int8
 #: dot-product units, else none.
 SCREENS = ("auto", "none", "int8")
-#: The guessed negatives' threshold is the first tile's quantile at this many times ``far_max`` ...
+#: The guessed negatives' threshold is the quantile at this many times ``far_max`` of the scores of all probes
+#: against the first :data:`GUESS_COLUMNS` distractors ...
 GUESS_FACTOR = 2
+GUESS_COLUMNS = 1024
 #: ... when at least this many of its scores lie above it (else no guess: too few to estimate a quantile).
 GUESS_MIN_ABOVE = 64
 
@@ -375,7 +378,9 @@ class Evaluation:
         pick = torch.from_numpy(rows_idx).to(self.dev) if cols is not None else None
         lo = self.lo[pick] if pick is not None else self.lo
         self.compared += len(rows_idx) * len(d32)
-        if self.int8 is not None and self.thr > -np.inf:  # the int8 screen (the first tile sets the thresholds)
+        if self.guessing and self.guess == -np.inf:
+            self._guess(pick, d32)
+        if self.int8 is not None and max(self.thr, self.guess) > -np.inf:  # the int8 screen, once a bar is set
             v, r_loc, c_loc = self.int8.select(rows_idx if pick is not None else None, d32, self._t_row(lo))
         else:
             S = self.scratch.get("scores", (len(rows_idx), len(d32)), torch.float32)
@@ -383,7 +388,7 @@ class Evaluation:
                 torch.matmul(self.p32[pick] if pick is not None else self.p32, d32.T, out=S)
             t1 = time.perf_counter()
             self.timings["gemm_s"] += t1 - t0
-            if not self.keep_all and self.thr == -np.inf and S.numel() > self.keep:
+            if not self.keep_all and max(self.thr, self.guess) == -np.inf and S.numel() > self.keep:
                 self._first_thresholds(S.reshape(-1).float().cpu().numpy())
             v, r_loc, c_loc = _select(S, self._t_row(lo))
             self.timings["select_s"] += time.perf_counter() - t1
@@ -408,15 +413,23 @@ class Evaluation:
         return torch.minimum(lo, torch.tensor(bar, dtype=torch.float32, device=self.dev).clamp_min(-3.0))
 
     def _first_thresholds(self, flat: np.ndarray) -> None:
-        """From the first tile's screened scores: a valid lower bound for the keep-th largest negative (this tile's own
-        keep-th largest), and the guess (its ``GUESS_FACTOR * far_max`` quantile)."""
-        n = len(flat)
-        m = math.ceil(GUESS_FACTOR * self.far_max * n)
-        guessing = self.guessing and GUESS_MIN_ABOVE <= m < self.keep
-        part = np.partition(flat, [n - self.keep, n - m] if guessing else [n - self.keep])
-        self.thr = float(np.float32(float(part[n - self.keep]) - 2 * self.eps))
-        if guessing:
-            self.guess = max(self.thr, float(np.float32(float(part[n - m]) - 2 * self.eps)))
+        """A valid lower bound for the keep-th largest negative: this tile's own keep-th largest screened score."""
+        kth = np.partition(flat, len(flat) - self.keep)[len(flat) - self.keep]
+        self.thr = float(np.float32(float(kth) - 2 * self.eps))
+
+    def _guess(self, pick: torch.Tensor | None, d32: torch.Tensor) -> None:
+        """The guessed threshold of the top negatives: the ``GUESS_FACTOR * far_max`` quantile of the float32 scores
+        of (up to) :data:`GUESS_COLUMNS` of the first tile's distractors.  Tried once: with fewer than
+        :data:`GUESS_MIN_ABOVE` scores above that quantile the run keeps its running threshold only."""
+        self.guessing = False
+        sample = d32[:GUESS_COLUMNS]
+        with torch.inference_mode(), strict_matmul():
+            S = (self.p32[pick] if pick is not None else self.p32) @ sample.T
+        flat = S.reshape(-1).float().cpu().numpy()
+        m = math.ceil(GUESS_FACTOR * self.far_max * len(flat))
+        if GUESS_MIN_ABOVE <= m < min(self.keep, len(flat)):
+            kth = np.partition(flat, len(flat) - m)[len(flat) - m]
+            self.guess = float(np.float32(float(kth) - 2 * self.eps))
 
     def _count_cmc(self, v: np.ndarray, r: np.ndarray, c: np.ndarray, x: np.ndarray) -> None:
         key = 4.0 * r + 2.0 + v.astype(np.float64)

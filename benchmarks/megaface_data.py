@@ -29,7 +29,10 @@ from facesearch.benchmarks.megaface import canonical_normalize
 from facesearch.engine.filter_cost import MODES, AttributeStats, FilterCost, choose_margins, predicted_cost
 from facesearch.indexer import shards
 
-_BLOCK = 65536
+#: Distractor rows per streamed block: one Parquet row group of our shards.  The first block is decoded before any
+#: scoring can start (0.13 s at 16,384 rows against 1.3 s at 65,536), and smaller buffers decode faster here (300k
+#: rows: 2.3 against 3.7 s on one thread).
+_BLOCK = 16384
 #: The harness's filter modes: the two that exclude (:data:`facesearch.engine.filter_cost.MODES`) and soft scoring.
 FILTER_MODES: tuple[str, ...] = (*MODES, "soft")
 
@@ -280,8 +283,8 @@ class DevkitDistractors(DistractorSource):
         self.provenance = {"source": "devkit", "root": str(root), "file_ending": file_ending}
 
     def blocks(self) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-        for s in range(0, self.n, _BLOCK // 4):
-            yield devkit.read_feature_tree(self.root, self.paths[s : s + _BLOCK // 4], self.file_ending), {}
+        for s in range(0, self.n, _BLOCK):
+            yield devkit.read_feature_tree(self.root, self.paths[s : s + _BLOCK], self.file_ending), {}
 
     def take(self, idx: np.ndarray) -> np.ndarray:
         return devkit.read_feature_tree(self.root, [self.paths[i] for i in idx], self.file_ending)

@@ -302,7 +302,7 @@ class _SmallKeep(Evaluation):
         super().__init__(*args, **{**kwargs, "keep_cap": 100, "tile_rows": 100})
 
     def finish(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        if self.guessing and self.guess > -np.inf and not _SmallKeep.missed_once:
+        if self.guess > -np.inf and not _SmallKeep.missed_once:
             _SmallKeep.missed_once = True  # the first guessed run "misses": the run must repeat without the guess
             raise ThresholdGuessMissed("forced")
         return super().finish(*args, **kwargs)
