@@ -40,6 +40,7 @@ import numpy as np
 from facesearch.engine.attribute_match import AttributeMatch, combined_loss, match_groups, resolve_match
 from facesearch.engine.filter_cost import literal_recall_loss, statistics_from_source
 from facesearch.engine.filters import Filter, parse_filter
+from facesearch.engine.selections import Selection, Selections
 from facesearch.indexer.embed import predictor_crops
 from facesearch.indexer.faiss_import import faiss
 from facesearch.indexer.index import LoadedIndex, load_index
@@ -144,6 +145,7 @@ class SearchEngine:
             **{a: attrs.column(a).to_numpy(zero_copy_only=False).astype(np.float32) for a in self.attribute_names},
         }
         self._row_of = {int(i): r for r, i in enumerate(loaded.ids.tolist())}
+        self.selections = Selections(self.columns)  # recent filters' rows (the columns never change once open)
         ids = loaded.ids
         self._id_span = (int(ids.min()), int(ids.max()) + 1) if len(ids) else (0, 0)  # for bitmap selectors
         self.gallery: ResidentGallery | None = None
@@ -350,18 +352,18 @@ class SearchEngine:
             return self.gallery.search(xq, k)
         return self.loaded.search(xq, min(k, self.loaded.index.ntotal))
 
-    def _subset(self, xq: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _subset(self, xq: np.ndarray, k: int, sel: Selection) -> tuple[np.ndarray, np.ndarray]:
         if self.gallery is None:
             raise ValueError(f"the subset strategy needs a flat index; this one is {self.index_kind}")
-        return self.gallery.search(xq, k, rows=np.flatnonzero(mask))
+        return self.gallery.search(xq, k, rows=sel.rows)
 
-    def _masked(self, xq: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _masked(self, xq: np.ndarray, k: int, sel: Selection) -> tuple[np.ndarray, np.ndarray]:
         if self.gallery is None:
             raise ValueError(f"the masked strategy needs a flat index; this one is {self.index_kind}")
-        return self.gallery.search(xq, k, keep=mask)
+        return self.gallery.search(xq, k, keep=sel.mask)
 
-    def _selector(self, xq: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ids = self.columns["id"][mask]
+    def _selector(self, xq: np.ndarray, k: int, sel: Selection) -> tuple[np.ndarray, np.ndarray]:
+        ids = self.columns["id"][sel.rows]
         if not len(ids):
             return np.full((len(xq), k), -np.inf, np.float32), np.full((len(xq), k), -1, np.int64)
         sel, _bits = self._id_selector(ids)  # kept alive here: params.sel owns neither the selector nor its bits
@@ -402,11 +404,11 @@ class SearchEngine:
         pos = np.searchsorted(passing_ids, I).clip(0, max(len(passing_ids) - 1, 0))
         return (I >= 0) & (passing_ids[pos] == I) if len(passing_ids) else np.zeros(I.shape, bool)
 
-    def _postfilter(self, xq: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _postfilter(self, xq: np.ndarray, k: int, sel: Selection) -> tuple[np.ndarray, np.ndarray]:
         """Over-fetch from the FAISS index and keep the passing hits; only the queries still short of k are fetched
         again, each time twice as deep."""
-        nb, p = len(mask), max(mask.mean(), 1e-9)
-        passing_ids = np.sort(self.columns["id"][mask])
+        nb, p = len(sel.mask), max(sel.passing / max(len(sel.mask), 1), 1e-9)
+        passing_ids = np.sort(self.columns["id"][sel.rows])
         want = min(k, len(passing_ids))
         out_D = np.full((len(xq), k), -np.inf, np.float32)
         out_I = np.full((len(xq), k), -1, np.int64)
@@ -434,9 +436,9 @@ class SearchEngine:
         if flt is None:
             D, I = _pad(*self._search_all(xq, k), k)
             return D, I, "none", len(self.columns["id"])
-        mask = flt if isinstance(flt, np.ndarray) else flt.mask(self.columns)
-        passing = int(np.count_nonzero(mask))
-        p = passing / len(mask) if len(mask) else 0.0
+        sel = Selection.of(flt) if isinstance(flt, np.ndarray) else self.selections.get(flt)
+        passing = sel.passing
+        p = passing / len(sel.mask) if len(sel.mask) else 0.0
         if strategy == "auto":
             if self.gallery is not None:
                 strategy = "subset" if p <= SUBSET_MAX else "masked"
@@ -444,7 +446,7 @@ class SearchEngine:
                 strategy = "selector" if p <= SELECTOR_MAX else "postfilter"
         run = {"subset": self._subset, "masked": self._masked, "selector": self._selector,
                "postfilter": self._postfilter}[strategy]  # fmt: skip
-        D, I = _pad(*run(xq, k, mask), k)
+        D, I = _pad(*run(xq, k, sel), k)
         return D, I, strategy, passing
 
     # -- the public query ---------------------------------------------------------------------------------------------
@@ -500,7 +502,7 @@ class SearchEngine:
         t0 = time.perf_counter()
         parts: list[tuple[np.ndarray, Filter | np.ndarray | None]] = [(np.arange(len(xq)), flt)]
         if resolved is not None:  # one mask per distinct probe code, ANDed with the literal filter's
-            base = None if flt is None else flt.mask(self.columns)
+            base = None if flt is None else self.selections.get(flt).mask
             parts = list(match_groups(resolved, self.columns, self.attribute_names, probe_attributes, len(xq), base))
         fetched: list[Any] = [None] * len(xq)  # per query: its D row, I row, strategy, passing
         for rows, part in parts:
