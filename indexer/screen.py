@@ -185,13 +185,17 @@ def gathered_product(qs: Low, bs: Low, rows: torch.Tensor) -> torch.Tensor:
     """The screen's product of ``qs`` with the rows ``rows`` of ``bs``, (m, len(rows)), a cache-sized block of rows
     gathered at a time (each block through :func:`low_product`, as a tile of gathered rows would be)."""
     int8 = bs.scale is not None
-    out = torch.empty((qs.shape[0], len(rows)), dtype=torch.int32 if int8 else bs.dtype, device=bs.values.device)
-    block = torch.empty((min(GATHER_ROWS, len(rows)), bs.shape[1]), dtype=bs.dtype, device=bs.values.device)
-    for s in range(0, len(rows), GATHER_ROWS):
-        r = rows[s : s + GATHER_ROWS]
-        b = block[: len(r)]
-        torch.index_select(bs.values, 0, r, out=b)
-        out[:, s : s + len(r)] = torch._int_mm(qs.values, b.T) if int8 else low_product(qs, Low(b))
+    n, m = int(rows.shape[0]), int(qs.shape[0])
+    out = torch.empty((m, n), dtype=torch.int32 if int8 else bs.dtype, device=bs.values.device)
+    block = torch.empty((min(GATHER_ROWS, n), bs.shape[1]), dtype=bs.dtype, device=bs.values.device)
+    for s in range(0, n, GATHER_ROWS):
+        e = min(s + GATHER_ROWS, n)
+        b = block[: e - s]
+        torch.index_select(bs.values, 0, rows[s:e], out=b)
+        if int8 and m == 1:  # one query: its row of sums is contiguous, written in place
+            torch._int_mm(qs.values, b.T, out=out[:, s:e])
+        else:
+            out[:, s:e] = torch._int_mm(qs.values, b.T) if int8 else low_product(qs, Low(b))
     if int8:  # the int32 sums scaled once for all blocks, as low_product scales them
         assert bs.scale is not None and qs.scale is not None
         return _scaled(out, qs.scale, torch.index_select(bs.scale, 0, rows))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -450,7 +451,9 @@ class ResidentGallery:
         r = None
         fused = False  # the subset's screen product gathers its rows block by block (no gathered copy)
         if rows is not None:  # gather the subset: only its low-precision rows when screened (float32 read in place)
-            r = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=dev)
+            with warnings.catch_warnings():  # read-only positions (an engine's kept selection): only read here
+                warnings.simplefilter("ignore", UserWarning)
+                r = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=dev)
             ids = ids[r]
             if xbs is None:
                 xb32 = torch.index_select(xb32, 0, r)  # 1.7x faster than xb32[r] here
