@@ -152,6 +152,8 @@ class SearchEngine:
         self._xb: np.ndarray | None = None  # flat: the stored vectors in attribute-table row order (a view if possible)
         if self.exact:
             self._open_flat(device, screen)
+        if self.gallery is not None and self.gallery.xbs is not None:  # hot filters' rows: up to a quarter of it
+            self.selections.max_gathered_bytes = self.gallery.xbs.nbytes // 4
 
     def _open_flat(self, device: str, screen: str) -> None:
         """The resident exact path: the IndexFlat's storage viewed in place, in the attribute table's row order."""
@@ -355,7 +357,8 @@ class SearchEngine:
     def _subset(self, xq: np.ndarray, k: int, sel: Selection) -> tuple[np.ndarray, np.ndarray]:
         if self.gallery is None:
             raise ValueError(f"the subset strategy needs a flat index; this one is {self.index_kind}")
-        return self.gallery.search(xq, k, rows=sel.rows)
+        subset = self.selections.gathered(sel, self.gallery)  # a hot filter's rows, gathered once
+        return self.gallery.search(xq, k, rows=sel.rows if subset is None else subset)
 
     def _masked(self, xq: np.ndarray, k: int, sel: Selection) -> tuple[np.ndarray, np.ndarray]:
         if self.gallery is None:

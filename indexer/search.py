@@ -28,6 +28,7 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -433,11 +434,18 @@ class ResidentGallery:
         """Memory this object adds to the stored vectors (the screen's copy)."""
         return 0 if self.xbs is None else self.xbs.nbytes
 
+    def gather(self, rows: np.ndarray) -> GallerySubset:
+        """``rows`` (positions) with their screen rows gathered once, for repeated :meth:`search` es over them."""
+        with warnings.catch_warnings():  # read-only positions (an engine's kept selection): only read here
+            warnings.simplefilter("ignore", UserWarning)
+            r = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=self.device)
+        return GallerySubset(self, r, None if self.xbs is None else self.xbs.select(r))
+
     def search(
-        self, xq: np.ndarray, k: int, rows: np.ndarray | None = None, keep: np.ndarray | None = None
+        self, xq: np.ndarray, k: int, rows: np.ndarray | GallerySubset | None = None, keep: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """xq: (nq, d) float32 -> D (nq, k) float32 descending, I (nq, k) int64 ids; ``rows`` / ``keep`` restrict
-        the eligible items (see the class doc)."""
+        the eligible items (see the class doc); ``rows`` may be a :meth:`gather` ed subset."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if rows is not None and keep is not None:
@@ -450,13 +458,21 @@ class ResidentGallery:
             xbs = None
         r = None
         fused = False  # the subset's screen product gathers its rows block by block (no gathered copy)
-        if rows is not None:  # gather the subset: only its low-precision rows when screened (float32 read in place)
+        gathered = rows.low if isinstance(rows, GallerySubset) else None
+        if isinstance(rows, GallerySubset):
+            if rows.gallery is not self:
+                raise ValueError("a gathered subset searches only the gallery that gathered it")
+            r = rows.positions
+        elif rows is not None:
             with warnings.catch_warnings():  # read-only positions (an engine's kept selection): only read here
                 warnings.simplefilter("ignore", UserWarning)
                 r = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=dev)
+        if r is not None:  # the subset: only its low-precision rows when screened (float32 read in place)
             ids = ids[r]
             if xbs is None:
                 xb32 = torch.index_select(xb32, 0, r)  # 1.7x faster than xb32[r] here
+            elif gathered is not None:  # gathered once, contiguous: read as a stream
+                xbs = gathered
             elif dev.type == "cpu" and self.norms is not None:
                 fused = True
             else:
@@ -499,6 +515,21 @@ class ResidentGallery:
             log.debug("%s screen: %d query-tile pairs fell back to the exact product", self.screen, fallbacks)
         I[np.isneginf(D)] = -1  # masked-out items that filled a short answer
         return D, I
+
+
+@dataclass(frozen=True)
+class GallerySubset:
+    """Rows of a :class:`ResidentGallery` with their screen copy gathered once into one contiguous block
+    (:meth:`ResidentGallery.gather`): searching them again streams that block instead of gathering the rows anew (a
+    10 % subset of 1M rows: ~100 MB of 1 KB rows read at random, 4-5 ms a query here)."""
+
+    gallery: ResidentGallery
+    positions: torch.Tensor  # (n,) int64, the rows' positions in the gallery
+    low: Low | None  # their screen rows (None: no screen, the float32 rows are gathered per search)
+
+    @property
+    def nbytes(self) -> int:
+        return 8 * len(self.positions) + (0 if self.low is None else self.low.nbytes)
 
 
 def resolve_backend(backend: str, device: str) -> str:
@@ -577,6 +608,7 @@ def _check_blocks(blocks: Iterable[tuple[np.ndarray, np.ndarray]], d: int) -> It
 __all__ = [
     "BACKENDS",
     "SCREENS",
+    "GallerySubset",
     "ResidentGallery",
     "merge_topk",
     "normalize_queries",

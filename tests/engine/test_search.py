@@ -264,3 +264,32 @@ def test_filtered_results_say_the_expected_recall_loss(gallery):
     assert "expected to drop" in format_results(["q"], [res])
     assert eng.search(xq, k=3, filter="Male or Chubby")[0].expected_recall_loss is None  # not a conjunction
     assert eng.search(xq, k=3)[0].expected_recall_loss is None
+
+
+@pytest.mark.parametrize("screen", ["int8", "bf16"])
+def test_a_hot_filter_is_gathered_once_and_answers_the_same(gallery, screen):
+    """A filter's second use gathers its rows' screen copy into one block (within a quarter of the screen copy);
+    every answer equals the first (gathered per query) and brute force; without room nothing is gathered."""
+    eng = SearchEngine.open(gallery[1], screen=screen)
+    assert eng.gallery is not None and eng.gallery.xbs is not None
+    assert eng.selections.max_gathered_bytes == eng.gallery.xbs.nbytes // 4
+    xq = eng.vectors(list(range(0, 3000, 300)))
+    flt = "id < 600"  # 20 %: the subset strategy
+    first = eng.search(xq, k=10, filter=flt)
+    assert eng.selections.get(eng.parse(flt)).subset is None  # used once: its rows are gathered per query
+    again = eng.search(xq, k=10, filter=flt)
+    sel = eng.selections.get(eng.parse(flt))
+    assert sel.subset is not None  # used again: gathered once, kept
+    assert [[h.id for h in r.hits] for r in again] == [[h.id for h in r.hits] for r in first]
+    _check(again, _brute(gallery, xq, 10, eng.parse(flt).mask(eng.columns)), 10)
+    assert eng.selections.gathered_bytes == sel.subset.nbytes
+    eng.selections.max_gathered_bytes = sel.subset.nbytes  # room for one block: a second hot filter takes its place
+    other = "id >= 2400"
+    for _ in range(3):
+        eng.search(xq[:1], k=10, filter=other)
+    assert sel.subset is None and eng.selections.get(eng.parse(other)).subset is not None
+    eng.selections.max_gathered_bytes = 0  # no room: searched from the rows, the same answer
+    third = "id >= 1000 and id < 1600"
+    res = [eng.search(xq, k=10, filter=third) for _ in range(3)]
+    assert eng.selections.get(eng.parse(third)).subset is None
+    _check(res[-1], _brute(gallery, xq, 10, eng.parse(third).mask(eng.columns)), 10)

@@ -129,9 +129,15 @@ def test_resident_gallery_equals_brute_force_with_rows_and_masks(screen: str, nq
         keep = rng.random(nb) < p
         keep[:2] = True  # never empty
         Dr, Ir = _masked_brute(xq, xb, ids, k, keep)
-        for D, I in (gal.search(xq, k, keep=keep), gal.search(xq, k, rows=np.flatnonzero(keep))):
+        rows = np.flatnonzero(keep)
+        answers = (gal.search(xq, k, keep=keep), gal.search(xq, k, rows=rows), gal.search(xq, k, rows=gal.gather(rows)))
+        for D, I in answers:
             np.testing.assert_array_equal(I, Ir)
             np.testing.assert_allclose(D, Dr, atol=1e-5)
+        np.testing.assert_array_equal(answers[1][0], answers[2][0])  # a gathered subset: the very same answer
+    other = ResidentGallery(ids, xb, screen=screen, tile_rows=700, margin=4)
+    with pytest.raises(ValueError, match="only the gallery that gathered it"):
+        gal.search(xq, k, rows=other.gather(np.arange(10)))
     # a tile where nothing passes, one where only a few pass, and an answer shorter than k
     keep = np.zeros(nb, bool)
     keep[[5, 1500, 2999]] = True
