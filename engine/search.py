@@ -13,7 +13,8 @@ the FAISS storage; on CUDA a device copy), screened in int8 or bf16 where the ha
 in float32 with a proven bound (:class:`facesearch.indexer.search.ResidentGallery`): exact answers at the speed of the
 low-precision product.  With a filter the strategy follows its selectivity p (the fraction of the gallery that passes):
 
-- ``subset`` (flat, p <= 50 %): gather the passing vectors, a cache-sized block at a time, and search only them;
+- ``subset`` (flat, p <= 50 %): gather the passing vectors, a cache-sized block at a time, and search only them (a
+  filter used again: its rows' screen copy gathered once, :mod:`facesearch.engine.selections`);
 - ``masked`` (flat, p > 50 %): one pass over the gallery with the failing items' scores set to -inf (pre-filtering
   inside the product: never re-fetches, whatever the selectivity);
 - ``selector`` (IVF / PQ / HNSW, p <= 50 %): FAISS searches with an ``IDSelectorBatch`` of the passing ids;
