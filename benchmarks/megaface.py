@@ -379,9 +379,9 @@ class Evaluation:
         pick = torch.from_numpy(rows_idx).to(self.dev) if cols is not None else None
         lo = self.lo[pick] if pick is not None else self.lo
         self.compared += len(rows_idx) * len(d32)
-        if self.guessing and self.guess == -np.inf:
+        if self.guessing:
             self._guess(pick, d32)
-        if self.int8 is not None and max(self.thr, self.guess) > -np.inf:  # the int8 screen, once a bar is set
+        if self.int8 is not None and self.bar > -np.inf:  # the int8 screen, once a bar is set
             v, r_loc, c_loc = self.int8.select(rows_idx if pick is not None else None, d32, self._t_row(lo))
         else:
             S = self.scratch.get("scores", (len(rows_idx), len(d32)), torch.float32)
@@ -389,8 +389,9 @@ class Evaluation:
                 torch.matmul(self.p32[pick] if pick is not None else self.p32, d32.T, out=S)
             t1 = time.perf_counter()
             self.timings["gemm_s"] += t1 - t0
-            if not self.keep_all and max(self.thr, self.guess) == -np.inf and S.numel() > self.keep:
-                self._first_thresholds(S.reshape(-1).float().cpu().numpy())
+            if not self.keep_all and self.bar == -np.inf and S.numel() > self.keep:
+                # a valid lower bound for the keep-th largest negative: this tile's own keep-th largest
+                self.thr = self._kth_largest(S.reshape(-1).float().cpu().numpy(), self.keep)
             v, r_loc, c_loc = _select(S, self._t_row(lo))
             self.timings["select_s"] += time.perf_counter() - t1
         t2 = time.perf_counter()
@@ -401,22 +402,26 @@ class Evaluation:
             self._count_cmc(v[cmc], r[cmc], c[cmc], x)
         t3 = time.perf_counter()
         self.timings["cmc_s"] += t3 - t2
-        roc = v >= max(self.thr, self.guess)
+        roc = v >= self.bar
         if roc.any():
             self.neg.add(v[roc], r[roc].astype(np.int32), c[roc] + self.seen)
             if self.neg.size > 2 * self.keep + min(self.keep, 1 << 20) and not self.keep_all:
                 self._prune()
         self.timings["roc_s"] += time.perf_counter() - t3
 
+    @property
+    def bar(self) -> float:
+        """The screened score below which a negative is dropped: the running threshold or the guess."""
+        return max(self.thr, self.guess)
+
     def _t_row(self, lo: torch.Tensor) -> torch.Tensor:
         """Per probe, the lowest screened score that can matter: its CMC floor or the negatives' threshold."""
-        bar = max(self.thr, self.guess)
-        return torch.minimum(lo, torch.tensor(bar, dtype=torch.float32, device=self.dev).clamp_min(-3.0))
+        return torch.minimum(lo, torch.tensor(self.bar, dtype=torch.float32, device=self.dev).clamp_min(-3.0))
 
-    def _first_thresholds(self, flat: np.ndarray) -> None:
-        """A valid lower bound for the keep-th largest negative: this tile's own keep-th largest screened score."""
-        kth = np.partition(flat, len(flat) - self.keep)[len(flat) - self.keep]
-        self.thr = float(np.float32(float(kth) - 2 * self.eps))
+    def _kth_largest(self, flat: np.ndarray, m: int) -> float:
+        """The ``m``-th largest of the screened scores ``flat``, less ``2 eps``, in float32."""
+        kth = np.partition(flat, len(flat) - m)[len(flat) - m]
+        return float(np.float32(float(kth) - 2 * self.eps))
 
     def _guess(self, pick: torch.Tensor | None, d32: torch.Tensor) -> None:
         """The guessed threshold of the top negatives: the ``GUESS_FACTOR * far_max`` quantile of the float32 scores
@@ -429,8 +434,7 @@ class Evaluation:
         flat = S.reshape(-1).float().cpu().numpy()
         m = math.ceil(GUESS_FACTOR * self.far_max * len(flat))
         if GUESS_MIN_ABOVE <= m < min(self.keep, len(flat)):
-            kth = np.partition(flat, len(flat) - m)[len(flat) - m]
-            self.guess = float(np.float32(float(kth) - 2 * self.eps))
+            self.guess = self._kth_largest(flat, m)
 
     def _count_cmc(self, v: np.ndarray, r: np.ndarray, c: np.ndarray, x: np.ndarray) -> None:
         key = 4.0 * r + 2.0 + v.astype(np.float64)
@@ -513,7 +517,7 @@ class Evaluation:
             self.timings["select_s"] += self.int8.seconds["rescore_s"]
         out["timings"] = dict(self.timings)
         out["eps"] = self.eps
-        out["screen"] = self.screen
+        out["screen"] = "none" if self.int8 is None else "int8"  # what ran (none when all negatives are kept)
         out["threshold_guess"] = None if self.guess == -np.inf else self.guess
         return out
 

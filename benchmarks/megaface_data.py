@@ -317,8 +317,13 @@ class CachedDistractors(DistractorSource):
             if pos == 0 and self.n * xb.shape[1] * xb.itemsize <= self.limit:
                 arena = _Arena(self.n * xb.shape[1] * xb.itemsize)
                 rows = arena.array((self.n, xb.shape[1]), xb.dtype)
-            fits = rows is not None and xb.dtype == rows.dtype and xb.shape[1] == rows.shape[1]
-            if fits and rows is not None and arena is not None and pos + len(xb) <= self.n:
+            if (
+                arena is not None
+                and rows is not None
+                and rows.dtype == xb.dtype
+                and rows.shape[1] == xb.shape[1]
+                and pos + len(xb) <= self.n
+            ):
                 arena.populate(pos * xb.shape[1] * xb.itemsize, len(xb) * xb.shape[1] * xb.itemsize)
                 rows[pos : pos + len(xb)] = xb
                 xb = rows[pos : pos + len(xb)]
@@ -426,7 +431,7 @@ def probe_overlap(probes: Probes, keys: Sequence[str], identities: Sequence[str 
     image = np.fromiter((k in probe_keys for k in keys), dtype=bool, count=n)
     given = identities if identities is not None else [None] * n
     # a row's identity: its own (spaces as underscores), else its parent folder (split("/")[-2]), else none
-    ident = (str(v).replace(" ", "_") if v is not None else (k.rsplit("/", 2)[-2] if "/" in k else None)
+    ident = (_identity_key(v) if v is not None else (k.rsplit("/", 2)[-2] if "/" in k else None)
              for k, v in zip(keys, given, strict=True))  # fmt: skip
     same = np.fromiter((i in probe_ids for i in ident), dtype=bool, count=n)
     return ProbeOverlap(image, same & ~image)

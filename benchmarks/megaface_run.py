@@ -175,7 +175,7 @@ def _distractor_lists(
 def _evaluate(
     probes: Probes, src: CachedDistractors, cfg: BenchConfig, device: str, flt: AttributeFilter | None
 ) -> tuple[dict[str, Any], float]:
-    """One variant's exact counts over ``src`` (read from memory when :meth:`CachedDistractors.fill` kept it all)."""
+    """One variant's exact counts over ``src`` (replayed from memory once a first pass has cached it all)."""
     t0 = time.perf_counter()
     exclude = flt is not None and flt.excludes
     codes = flt.codes(probes.attributes, "probes") if exclude and flt is not None else None

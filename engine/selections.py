@@ -99,18 +99,17 @@ class Selections:
             return sel.subset
         if sel.uses < 2 or gallery.xbs is None:
             return None
-        xbs = gallery.xbs
-        need = sel.passing * (8 + xbs.values.shape[1] * xbs.values.element_size() + (4 if xbs.scale is not None else 0))
+        need = sel.passing * (8 + gallery.xbs.nbytes // max(len(gallery.xbs), 1))  # positions and screen rows
         with self._lock:
             if need > self.max_gathered_bytes or not any(s is sel for s in self._kept.values()):
                 return None
+            used = self.gathered_bytes
             for other in self._kept.values():  # least recent first
-                if self.gathered_bytes + need <= self.max_gathered_bytes:
+                if used + need <= self.max_gathered_bytes:
                     break
-                if other is not sel:
+                if other is not sel and other.subset is not None:
+                    used -= other.subset.nbytes
                     other.subset = None
-            if self.gathered_bytes + need > self.max_gathered_bytes:
-                return None
         built = gallery.gather(sel.rows)  # ~25 ms for 100,000 rows: outside the lock
         with self._lock:
             if sel.subset is None and self.gathered_bytes + built.nbytes <= self.max_gathered_bytes:

@@ -436,9 +436,7 @@ class ResidentGallery:
 
     def gather(self, rows: np.ndarray) -> GallerySubset:
         """``rows`` (positions) with their screen rows gathered once, for repeated :meth:`search` es over them."""
-        with warnings.catch_warnings():  # read-only positions (an engine's kept selection): only read here
-            warnings.simplefilter("ignore", UserWarning)
-            r = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=self.device)
+        r = _positions(rows, self.device)
         return GallerySubset(self, r, None if self.xbs is None else self.xbs.select(r))
 
     def search(
@@ -458,15 +456,13 @@ class ResidentGallery:
             xbs = None
         r = None
         fused = False  # the subset's screen product gathers its rows block by block (no gathered copy)
-        gathered = rows.low if isinstance(rows, GallerySubset) else None
+        gathered = None
         if isinstance(rows, GallerySubset):
             if rows.gallery is not self:
                 raise ValueError("a gathered subset searches only the gallery that gathered it")
-            r = rows.positions
+            r, gathered = rows.positions, rows.low
         elif rows is not None:
-            with warnings.catch_warnings():  # read-only positions (an engine's kept selection): only read here
-                warnings.simplefilter("ignore", UserWarning)
-                r = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=dev)
+            r = _positions(rows, dev)
         if r is not None:  # the subset: only its low-precision rows when screened (float32 read in place)
             ids = ids[r]
             if xbs is None:
@@ -515,6 +511,13 @@ class ResidentGallery:
             log.debug("%s screen: %d query-tile pairs fell back to the exact product", self.screen, fallbacks)
         I[np.isneginf(D)] = -1  # masked-out items that filled a short answer
         return D, I
+
+
+def _positions(rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Row positions as an int64 tensor on ``device`` (a view where possible)."""
+    with warnings.catch_warnings():  # read-only positions (an engine's kept selection): only read here
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.as_tensor(np.asarray(rows, dtype=np.int64), device=device)
 
 
 @dataclass(frozen=True)
