@@ -76,6 +76,7 @@ from facesearch.indexer.shards import (
     is_shard_directory,
     read_manifest,
     remove_temporaries,
+    same_schema,
     schema,
     shard_name,
     verify_shard,
@@ -253,7 +254,7 @@ def _adopt(out: Path, i: int, ids: range, expected: pa.Schema, keep_face: str) -
     path = out / shard_name(i)
     try:
         pf = pq.ParquetFile(path)
-        if pf.schema_arrow != expected or (keep_face != "all" and pf.metadata.num_rows != len(ids)):
+        if not same_schema(pf.schema_arrow, expected) or (keep_face != "all" and pf.metadata.num_rows != len(ids)):
             return None
         table = pf.read(columns=["id", "status"])
     except (OSError, pa.ArrowException):

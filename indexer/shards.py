@@ -5,17 +5,19 @@ A shard directory is also a plain Parquet dataset (``pyarrow.parquet.read_table(
 DuckDB, Spark): every other file in it, the manifest and the temporaries of writes in progress, starts with ``_`` or
 ``.``, which those readers skip.  The manifest, its names and their migration: :mod:`facesearch.indexer.manifest`.
 
-Row schema (see :func:`schema`): ``id`` int64 (stable: the row's position in the planned input list), ``path``
-string (relative to the input root), ``identity`` string (nullable), ``embedding`` fixed_size_list<float16|float32>[d]
-(L2-normalised; null for failed rows), one float32 column per attribute probability (nullable), ``det_score`` float32
-(null when landmarks were given), ``landmarks`` fixed_size_list<float32>[10] (x1, y1, …, x5, y5; nullable),
+Row schema (see :func:`schema`): ``id`` int64 (stable: the row's position in the planned input list), ``path`` string
+(relative to the input root), ``identity`` string (nullable), ``embedding`` fixed_size_list<float16|float32 not
+null>[d] (L2-normalised; the list is null for failed rows; stored uncompressed, see :data:`_PLAIN`), one float32
+column per attribute probability (nullable), ``det_score`` float32 (null when landmarks were given), ``landmarks``
+fixed_size_list<float32>[10] (x1, y1, …, x5, y5; nullable),
 ``status`` string (``ok`` or a :data:`facesearch.model.faces.images.REASONS` code) and ``error`` string (nullable),
 then the optional columns (:data:`OPTIONAL_COLUMNS`) the manifest's ``columns`` names, in that order: ``face`` int32
 (the face's number within its image, largest first from 0: ``id % 1000`` of a ``keep_face="all"`` output, the only kind
 that has it) and
 ``pose_score`` float32 (:func:`facesearch.model.faces.align.pose_score` of the row's ``landmarks``; null where they
 are).  A directory written before the optional columns has none (``columns`` absent, read as ``()``); every shard of a
-directory has the same schema.
+directory has the same columns (a shard written before 2026-12-05 declares its embedding elements nullable:
+:func:`same_schema`; readers relabel its batches).
 
 Readers stream :class:`Block` s with :func:`iter_shards`: shard boundaries are invisible and memory is bounded by
 ``block_rows``.  Every file is written atomically (a ``*.tmp`` named to be skipped by readers, fsync,
@@ -66,6 +68,11 @@ _ROW_GROUP = 16384
 # Dictionary-encode the string columns only: float16 embeddings have <= 65,536 distinct values, so Parquet would keep
 # them dictionary-encoded, which reads 3.3x slower than plain (measured: 1.25 vs 0.38 s per 50k x 1024 rows).
 _DICT = ["path", "identity", "status", "error"]
+# Embeddings are stored uncompressed, in a list whose elements are declared non-null (a failed row is a null list):
+# float16 embeddings barely compress (zstd saves ~8 %), and Parquet's list decoding is the bottleneck of reading
+# them -- measured on one core for 100k x 1024 float16 rows: 0.68 s zstd with nullable elements (shards before
+# 2026-12-05, still read as they are), 0.33 s uncompressed with non-null ones.  Other columns: zstd.
+_PLAIN = {"embedding"}
 _ARROW_DTYPE = {"float16": pa.float16(), "float32": pa.float32()}
 
 
@@ -90,6 +97,24 @@ def _check_optional(optional: Sequence[str]) -> list[str]:
     return [name for name in OPTIONAL_COLUMNS if name in optional]
 
 
+def embedding_type(d: int, dtype: str) -> pa.DataType:
+    """The ``embedding`` column's type: ``fixed_size_list<dtype not null>[d]`` (a failed row is a null list)."""
+    return pa.list_(pa.field("element", _check_dtype(dtype), nullable=False), d)
+
+
+def same_schema(found: pa.Schema, expected: pa.Schema) -> bool:
+    """``found`` (a shard file's schema) is ``expected`` -- or its layout before 2026-12-05, whose embedding
+    elements were declared nullable (the values are the same)."""
+    if found.remove_metadata() == expected:
+        return True
+    if "embedding" not in expected.names or "embedding" not in found.names:
+        return False
+    emb = expected.field("embedding")
+    legacy = emb.with_type(pa.list_(emb.type.value_type, emb.type.list_size))
+    i = expected.get_field_index("embedding")
+    return bool(found.remove_metadata() == expected.set(i, legacy))
+
+
 def schema(d: int, dtype: str, attributes: Sequence[str], optional: Sequence[str] = ()) -> pa.Schema:
     """The row schema of a shard with ``d``-dimensional ``dtype`` embeddings, the given attribute columns and the
     ``optional`` columns (names from :data:`OPTIONAL_COLUMNS`, placed after ``error`` in its order, whatever theirs)."""
@@ -102,7 +127,7 @@ def schema(d: int, dtype: str, attributes: Sequence[str], optional: Sequence[str
         pa.field("id", pa.int64(), nullable=False),
         pa.field("path", pa.string(), nullable=False),
         pa.field("identity", pa.string()),
-        pa.field("embedding", pa.list_(_check_dtype(dtype), d)),
+        pa.field("embedding", embedding_type(d, dtype)),
         *(pa.field(name, pa.float32()) for name in attributes),
         pa.field("det_score", pa.float32()),
         pa.field("landmarks", pa.list_(pa.float32(), 10)),
@@ -133,11 +158,11 @@ def _optional_column(name: str, values: np.ndarray, n: int) -> pa.Array:
     return pa.array(x.astype(np.int64, copy=False), type=OPTIONAL_COLUMNS[name])  # out of int32 range: ArrowInvalid
 
 
-def _list_column(values: np.ndarray, valid: np.ndarray, dtype: pa.DataType) -> pa.Array:
-    """(n, k) floats + (n,) bool validity -> fixed_size_list<dtype>[k]; invalid rows are null (child zeroed)."""
-    k = values.shape[1]
+def _list_column(values: np.ndarray, valid: np.ndarray, list_type: pa.FixedSizeListType) -> pa.Array:
+    """(n, k) floats + (n,) bool validity -> a ``list_type`` array; invalid rows are null (child zeroed)."""
+    dtype = list_type.value_type
     flat = np.where(valid[:, None], values, 0).astype(dtype.to_pandas_dtype()).reshape(-1)
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=dtype), k, mask=pa.array(~valid))
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=dtype), type=list_type, mask=pa.array(~valid))
 
 
 def table_from_arrays(
@@ -180,10 +205,10 @@ def table_from_arrays(
         pa.array(ids, pa.int64()),
         pa.array(list(paths), pa.string()),
         pa.array(list(identities), pa.string()),
-        _list_column(emb, ok, _check_dtype(dtype)),
+        _list_column(emb, ok, embedding_type(emb.shape[1], dtype)),
         *(_float_column(v, n, f"attribute {k}") for k, v in attributes.items()),
         _float_column(det_score, n, "det_score"),
-        _list_column(lm, np.asarray(np.isfinite(lm).all(axis=1)), pa.float32()),
+        _list_column(lm, np.asarray(np.isfinite(lm).all(axis=1)), pa.list_(pa.float32(), 10)),
         pa.array(list(status), pa.string()),
         pa.array(list(error), pa.string()),
         *(_optional_column(name, extra[name], n) for name in _check_optional(list(extra))),
@@ -216,13 +241,22 @@ def remove_temporaries(directory: Path) -> int:
     return gone
 
 
+def _compression(sch: pa.Schema) -> dict[str, str]:
+    """Codec per Parquet leaf column (a list column's leaf is ``name.list.element`` whatever its Arrow child's name;
+    a top-level list name alone would leave it uncompressed): :data:`_PLAIN` ones none, the others zstd."""
+    return {f"{f.name}.list.element" if pa.types.is_fixed_size_list(f.type) else f.name:
+            "none" if f.name in _PLAIN else "zstd" for f in sch}  # fmt: skip
+
+
 def write_shard(path: Path, table: pa.Table, id_range: tuple[int, int] | None = None) -> ShardEntry:
     """Write ``table`` to ``path`` atomically (hidden ``.tmp`` + fsync + ``os.replace``) and return its manifest
     entry.  ``id_range`` (the planned [lo, hi)) defaults to [min id, max id + 1) of the table ([0, 0) when empty)."""
     path = Path(path)
     atomic_write_with(  # a hidden temporary: a dataset reader during the write must not take it for a part
         path,
-        lambda tmp: pq.write_table(table, tmp, row_group_size=_ROW_GROUP, compression="zstd", use_dictionary=_DICT),
+        lambda tmp: pq.write_table(
+            table, tmp, row_group_size=_ROW_GROUP, use_dictionary=_DICT, compression=_compression(table.schema)
+        ),
         tmp_name=temporary_name(path.name),
     )
     if id_range is None:
@@ -333,6 +367,18 @@ def _meta_columns(manifest: Manifest, columns: Sequence[str] | None) -> list[str
     return list(columns)
 
 
+def _current_layout(batch: pa.RecordBatch, emb_type: pa.DataType) -> pa.RecordBatch:
+    """``batch`` with its embedding column in ``emb_type`` (a legacy shard's nullable elements relabelled, no copy of
+    the values), so that blocks spanning old and new shards are one table."""
+    i = batch.schema.get_field_index("embedding")
+    emb = batch.column(i)
+    if emb.type == emb_type:
+        return batch
+    values = emb.values.slice(emb.offset * emb_type.list_size, len(emb) * emb_type.list_size)  # .values: unsliced
+    now = pa.FixedSizeListArray.from_arrays(values, type=emb_type, mask=emb.is_null() if emb.null_count else None)
+    return batch.set_column(i, pa.field("embedding", emb_type), now)
+
+
 def _to_block(batches: list[pa.RecordBatch], meta_cols: list[str], d: int, dtype: type) -> Block:
     table = pa.Table.from_batches(batches)
     ids = table.column("id").to_numpy().astype(np.int64, copy=False)
@@ -379,12 +425,14 @@ def iter_shards(
                          f"{manifest.planned_shards} shards); re-run facesearch embed to finish it")  # fmt: skip
     meta_cols = _meta_columns(manifest, columns)
     read_cols = list(dict.fromkeys(["id", "embedding", *meta_cols, "status"]))
+    emb_type = embedding_type(manifest.d, manifest.dtype)
     pending: list[pa.RecordBatch] = []
     size = 0
     for entry in manifest.shards:
         path = directory / entry.file
         try:
             for batch in _shard_batches(path, entry.rows, block_rows, read_cols, threads):
+                batch = _current_layout(batch, emb_type)
                 if only_ok:
                     ok = pc.equal(batch.column("status"), "ok")
                     if not pc.all(ok).as_py():  # filtering copies every column: only when a row failed
@@ -464,6 +512,7 @@ __all__ = [
     "ShardEntry",
     "ShardProblem",
     "check_shard",
+    "embedding_type",
     "embeddings_to_numpy",
     "file_sha256",
     "is_shard_directory",
@@ -474,6 +523,7 @@ __all__ = [
     "read_all",
     "read_manifest",
     "remove_temporaries",
+    "same_schema",
     "schema",
     "shard_name",
     "table_from_arrays",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from facesearch.indexer.shards import (
     Manifest,
+    file_sha256,
     iter_shards,
     read_all,
     read_manifest,
@@ -139,3 +141,55 @@ def test_bad_arguments() -> None:
         table_from_arrays(np.arange(1), ["a"], [None], np.ones((1, 2)), {}, None, None, ["weird"], [None])
     with pytest.raises(ValueError, match="embeddings"):
         table_from_arrays(np.arange(2), ["a", "b"], [None] * 2, np.ones((1, 2)), {}, None, None, ["ok"] * 2, [None] * 2)
+
+
+def _legacy(table: pa.Table) -> pa.Table:
+    """``table`` in the layout of shards written before 2026-12-05: embedding elements declared nullable."""
+    i = table.schema.get_field_index("embedding")
+    emb = table.column(i).combine_chunks()
+    legacy = pa.FixedSizeListArray.from_arrays(emb.values, type=pa.list_(emb.type.value_type, emb.type.list_size),
+                                               mask=emb.is_null())  # fmt: skip
+    return table.set_column(i, pa.field("embedding", legacy.type), legacy)
+
+
+def test_embedding_layout_and_legacy_shards(tmp_path: Path) -> None:
+    """Embeddings are written uncompressed with non-null elements (a failed row is a null list); the other columns
+    zstd.  Shards of the earlier layout (nullable elements, zstd) are still read, verified and adopted, also mixed
+    with new ones in one directory."""
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    from facesearch.indexer.shards import same_schema
+
+    tables, x = _write_dir(tmp_path, [6, 5])
+    meta = pq.ParquetFile(tmp_path / shard_name(0)).metadata
+    chunks = {meta.row_group(0).column(c).path_in_schema: meta.row_group(0).column(c) for c in range(meta.num_columns)}
+    assert chunks["embedding.list.element"].compression == "UNCOMPRESSED"
+    assert {c.compression for p, c in chunks.items() if p != "embedding.list.element"} == {"ZSTD"}
+    emb_type = schema(8, "float16", ATTRS).field("embedding").type
+    assert not emb_type.value_field.nullable and emb_type.list_size == 8
+    new = read_all(tmp_path, only_ok=False)
+    # shard 1 rewritten in the legacy layout, as an older version wrote it, and recorded so
+    pq.write_table(_legacy(tables[1]), tmp_path / shard_name(1), compression="zstd")
+    man = read_manifest(tmp_path)
+    legacy_entry = replace(man.shards[1], sha256=file_sha256(tmp_path / shard_name(1)),
+                           size=(tmp_path / shard_name(1)).stat().st_size)  # fmt: skip
+    write_manifest(tmp_path, man.replace(shards=(man.shards[0], legacy_entry)))
+    assert verify_shard(tmp_path, legacy_entry)
+    got = read_all(tmp_path, only_ok=False)
+    np.testing.assert_array_equal(got.ids, new.ids)
+    np.testing.assert_array_equal(got.xb, new.xb)  # NaN rows in the same places (assert_array_equal: NaN == NaN)
+    assert got.meta.equals(new.meta)
+    for block_rows in (2, 3):  # blocks spanning both layouts, from sliced batches
+        blocks = list(iter_shards(tmp_path, block_rows=block_rows, only_ok=False, dtype=np.float16))
+        np.testing.assert_array_equal(np.concatenate([b.xb for b in blocks]), new.xb.astype(np.float16))
+    expected = schema(8, "float16", ATTRS)
+    assert same_schema(pq.ParquetFile(tmp_path / shard_name(1)).schema_arrow, expected)
+    assert same_schema(pq.ParquetFile(tmp_path / shard_name(0)).schema_arrow, expected)
+    assert not same_schema(pq.ParquetFile(tmp_path / shard_name(0)).schema_arrow, schema(8, "float32", ATTRS))
+    assert not same_schema(pq.ParquetFile(tmp_path / shard_name(0)).schema_arrow, schema(8, "float16", ("Male",)))
+    mixed = ds.dataset(tmp_path, format="parquet", exclude_invalid_files=False,
+                       ignore_prefixes=[".", "_"]).to_table().sort_by("id")  # fmt: skip
+    np.testing.assert_array_equal(
+        np.asarray(mixed.column("embedding").combine_chunks().values).reshape(-1, 8)[~np.isnan(new.xb).any(1)],
+        x[~np.isnan(new.xb).any(1)])  # fmt: skip
