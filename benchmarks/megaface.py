@@ -629,16 +629,22 @@ class Evaluation:
         return clear + sum(1 for i in close.tolist() if key_of(i) > key_t)
 
 
+_RESCORE_ROWS = 1024
+
+
 def _rescore_chunks(p64: np.ndarray, r: np.ndarray, xb: np.ndarray, where: np.ndarray) -> np.ndarray:
     """Canonical scores of probe rows ``r`` against raw distractor rows ``xb[where]``, in chunks (bounded memory) on
-    torch's number of threads (numpy releases the GIL in them; each chunk's scores are the same on any thread)."""
+    torch's number of threads (numpy releases the GIL in them; each chunk's scores are the same on any thread).
+    Chunks of :data:`_RESCORE_ROWS`: their float64 temporaries (8 MiB at d = 1024) are reused from the heap, where
+    ones over glibc's 32 MiB mmap ceiling would be fresh pages every time (0.65 -> 0.2 s for 57,000 pairs here)."""
     out = np.empty(len(r))
+    n = _RESCORE_ROWS
 
     def chunk(s: int) -> None:
-        x64 = canonical_normalize(xb[where[s : s + 8192]])
-        out[s : s + 8192] = np.sum(p64[r[s : s + 8192]] * x64, axis=1)
+        x64 = canonical_normalize(xb[where[s : s + n]])
+        out[s : s + n] = np.sum(p64[r[s : s + n]] * x64, axis=1)
 
-    starts = range(0, len(r), 8192)
+    starts = range(0, len(r), n)
     workers = min(len(starts), torch.get_num_threads())
     if workers > 1:
         with ThreadPoolExecutor(workers) as pool:
