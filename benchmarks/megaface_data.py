@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import mmap
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +24,14 @@ import pyarrow.parquet as pq
 
 from facesearch.benchmarks import devkit
 from facesearch.benchmarks.megaface import canonical_normalize
+from facesearch.benchmarks.megaface_store import BLOCK_ROWS, Arena, DecodedShards, shard_attributes
 from facesearch.engine.filter_cost import MODES, AttributeStats, FilterCost, choose_margins, predicted_cost
 from facesearch.indexer import shards
 
 #: Distractor rows per streamed block: one Parquet row group of our shards.  The first block is decoded before any
 #: scoring can start (0.13 s at 16,384 rows against 1.3 s at 65,536), and smaller buffers decode faster here (300k
 #: rows: 2.3 against 3.7 s on one thread).
-_BLOCK = 16384
+_BLOCK = BLOCK_ROWS
 #: The harness's filter modes: the two that exclude (:data:`facesearch.engine.filter_cost.MODES`) and soft scoring.
 FILTER_MODES: tuple[str, ...] = (*MODES, "soft")
 
@@ -192,16 +191,12 @@ def _match(keys: Sequence[str], wanted: Sequence[str], what: str) -> np.ndarray:
     return pos
 
 
-def _shard_attributes(meta: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
-    return {a: meta.column(a).to_numpy(zero_copy_only=False).astype(np.float32) for a in names}
-
-
 def probes_from_shards(directory: Path, probe_list: Path | None = None) -> Probes:
     """Probes from a shard directory; with a devkit probe list, its order and identities (matched by stem)."""
     manifest = shards.read_manifest(directory)
     block = shards.read_all(directory, columns=["path", "identity", *manifest.attributes])
     keys = [devkit.stem_key(p) for p in block.meta.column("path").to_pylist()]
-    attrs = _shard_attributes(block.meta, manifest.attributes)
+    attrs = shard_attributes(block.meta, manifest.attributes)
     prov = {"source": "shards", "directory": str(directory), "fingerprint": manifest.fingerprint}
     if probe_list is None:
         ident = block.meta.column("identity").to_pylist()
@@ -237,19 +232,45 @@ class DistractorSource:
         """Raw features of the rows at stream positions ``idx`` (sorted, unique)."""
         raise NotImplementedError
 
+    def decoding(self) -> bool:
+        """Whether streaming the blocks still decodes them (work beside the scoring), not only reads memory."""
+        return True
+
 
 class ShardDistractors(DistractorSource):
-    """The rows ``ids`` (sorted) of a shard directory."""
+    """The rows ``ids`` (sorted) of a shard directory; read from ``store`` (the directory's rows decoded once for the
+    run) when one is given that holds the ``attributes``, else decoded from the shards as they stream."""
 
-    def __init__(self, directory: Path, ids: np.ndarray, attributes: Sequence[str] = ()) -> None:
+    def __init__(
+        self, directory: Path, ids: np.ndarray, attributes: Sequence[str] = (), store: DecodedShards | None = None
+    ) -> None:
         self.directory, self.ids, self.n = Path(directory), np.sort(np.asarray(ids, np.int64)), len(ids)
         self.attributes = tuple(attributes)
         manifest = shards.read_manifest(self.directory)
         self.stored_dtype = manifest.dtype
         self.provenance = {"source": "shards", "directory": str(directory), "fingerprint": manifest.fingerprint,
                            "selection_sha256": hashlib.sha256(self.ids.tobytes()).hexdigest()}  # fmt: skip
+        self.store = store if store is not None and set(self.attributes) <= set(store.attributes) else None
+        if self.store is not None:
+            at = np.minimum(np.searchsorted(self.store.ids, self.ids), max(len(self.store.ids) - 1, 0))
+            found = self.store.ids[at] == self.ids if len(self.store.ids) else np.zeros(self.n, bool)
+            if not found.all():
+                raise ValueError(f"{self.directory}: {int((~found).sum())} selected distractor rows are missing or "
+                                 f"failed (first id: {int(self.ids[~found][0])})")  # fmt: skip
+            self.at = at
+
+    @property
+    def resident(self) -> bool:
+        """Whether the rows stream from memory (the store) rather than from the shards."""
+        return self.store is not None
+
+    def decoding(self) -> bool:
+        return self.store is None or not self.store.done
 
     def blocks(self) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        if self.store is not None:
+            yield from self._stored_blocks(self.store)
+            return
         # Stream in the stored dtype (float16 stays float16: the evaluator converts it on all cores).
         dtype = np.float16 if self.stored_dtype == "float16" else np.float32
         wanted, seen = self.ids, 0
@@ -266,11 +287,24 @@ class ShardDistractors(DistractorSource):
             else:
                 continue
             seen += len(xb)
-            yield xb, _shard_attributes(meta, self.attributes)
+            yield xb, shard_attributes(meta, self.attributes)
         if seen != self.n:
             raise ValueError(f"{self.directory}: {self.n - seen} selected distractor rows are missing or failed")
 
+    def _stored_blocks(self, store: DecodedShards) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Blocks of the selection from the store: views where the selected rows are contiguous, else gathered."""
+        for a in range(0, self.n, _BLOCK):
+            at = self.at[a : a + _BLOCK]
+            lo, hi = int(at[0]), int(at[-1]) + 1
+            store.wait(hi)
+            pick: slice | np.ndarray = slice(lo, hi) if hi - lo == len(at) else at
+            yield store.rows[pick], {name: store.attrs[name][pick] for name in self.attributes}
+
     def take(self, idx: np.ndarray) -> np.ndarray:
+        if self.store is not None:
+            at = self.at[idx]
+            self.store.wait(int(at.max()) + 1 if len(at) else 0)
+            return self.store.rows[at]
         dtype = np.float16 if self.stored_dtype == "float16" else np.float32
         return shards.take_rows(self.directory, self.ids[idx], dtype=dtype)
 
@@ -293,7 +327,9 @@ class DevkitDistractors(DistractorSource):
 class CachedDistractors(DistractorSource):
     """Keeps the streamed blocks (in their stored precision) while they fit ``limit_bytes``, so :meth:`take` is an
     in-memory gather instead of a second read of the source (2 GB at 1M x 1024 float16), and a second pass over the
-    blocks (a run repeated without its guessed threshold) reads memory; beyond the limit it asks the source.
+    blocks (a run repeated without its guessed threshold) reads memory; beyond the limit it asks the source.  A
+    source already in memory (``resident``: a :class:`ShardDistractors` reading the run's decoded store) is passed
+    through.
 
     The rows are copied into one array whose pages are mapped in bulk, a block ahead of each copy
     (``MADV_POPULATE_WRITE``, Linux >= 5.14): on a VM, faulting 2 GB in one 4 KiB page at a time cost ~4 s of kernel
@@ -306,7 +342,13 @@ class CachedDistractors(DistractorSource):
         self._caching = False  # blocks() is copying the blocks it streams
         self.attrs: list[tuple[int, int, dict[str, np.ndarray]]] | None = None  # complete: (start, stop, attrs)
 
+    def decoding(self) -> bool:
+        return self.rows is None and self.source.decoding()
+
     def blocks(self) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        if getattr(self.source, "resident", False):  # already in memory (a run's decoded store): no second copy
+            yield from self.source.blocks()
+            return
         if self.rows is not None and self.attrs is not None:  # a complete copy: replay it
             for a, b, attrs in self.attrs:
                 yield self.rows[a:b], attrs
@@ -315,7 +357,7 @@ class CachedDistractors(DistractorSource):
         self._caching = True
         for xb, attrs in self.source.blocks():
             if pos == 0 and self.n * xb.shape[1] * xb.itemsize <= self.limit:
-                arena = _Arena(self.n * xb.shape[1] * xb.itemsize)
+                arena = Arena(self.n * xb.shape[1] * xb.itemsize)
                 rows = arena.array((self.n, xb.shape[1]), xb.dtype)
             if (
                 arena is not None
@@ -345,30 +387,6 @@ class CachedDistractors(DistractorSource):
         if self.rows is None:
             return self.source.take(idx)
         return self.rows[idx]
-
-
-class _Arena:
-    """Anonymous memory for one array, its pages mapped in bulk on request (where the kernel can)."""
-
-    POPULATE_WRITE = 23  # MADV_POPULATE_WRITE (Linux >= 5.14); Python 3.11's mmap does not name it
-
-    def __init__(self, nbytes: int) -> None:
-        self.map = mmap.mmap(-1, max(nbytes, 1))
-        self.bulk = hasattr(self.map, "madvise") and sys.platform.startswith("linux")
-
-    def array(self, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
-        return np.frombuffer(self.map, dtype=dtype, count=shape[0] * shape[1]).reshape(shape)
-
-    def populate(self, start: int, length: int) -> None:
-        """Map the pages of [start, start + length) now (a no-op where the kernel cannot)."""
-        if not self.bulk or length <= 0:
-            return
-        page = mmap.PAGESIZE
-        lo = start // page * page
-        try:
-            self.map.madvise(self.POPULATE_WRITE, lo, min(len(self.map), start + length) - lo)
-        except (OSError, ValueError):  # an older kernel: pages fault in on first write, as usual
-            self.bulk = False
 
 
 def shard_rows(directory: Path) -> tuple[np.ndarray, list[str], list[str | None]]:

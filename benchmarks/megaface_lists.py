@@ -13,11 +13,14 @@ goes into its result JSON.
     lists = DistractorLists(ListConfig(out=res / "lists", distractors=shard_dir), probes, say=print)
     for size in lists.sizes():
         src, record = lists.source(size, attributes)
+        ...  # score src
+        settle(record)  # a drawn list's file written, its count and checksum in the record
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -38,6 +41,7 @@ from facesearch.benchmarks.megaface_data import (
     selection_record,
     shard_rows,
 )
+from facesearch.benchmarks.megaface_store import DecodedShards
 
 DEFAULT_SIZES: tuple[int, ...] = (10, 100, 1000, 10_000, 100_000, 1_000_000)
 
@@ -62,15 +66,34 @@ class ListConfig:
     allow_probe_overlap: bool = False
 
 
+_PENDING = "_pending"
+
+
+def _write_drawn(path: Path, paths: Sequence[str]) -> dict[str, Any]:
+    devkit.write_distractor_list(path, paths)
+    return selection_record(paths)
+
+
+def settle(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` once its drawn list is written (its count and SHA-256 filled in; an error writing it raised here);
+    a given list's record as it is."""
+    pending: Future[dict[str, Any]] | None = record.pop(_PENDING, None)
+    if pending is not None:
+        record.update(pending.result())
+    return record
+
+
 class DistractorLists:
     """The distractor selection of every size for one probe set: :meth:`sizes` to run, :meth:`source` to stream one
     (with its record); ``noise`` entries (the cleaned variant) are removed from every list; ``say`` reports what was
-    drawn and every warning as it happens."""
+    drawn and every warning as it happens; ``store``: the distractor directory's rows decoded once for every size
+    (:class:`~facesearch.benchmarks.megaface_store.DecodedShards`), else each size decodes its own."""
 
     def __init__(
-        self, cfg: ListConfig, probes: Probes, noise: tuple[str, ...] = (), say: Callable[[str], None] | None = None
-    ) -> None:
-        self.cfg, self.probes, self.noise = cfg, probes, noise
+        self, cfg: ListConfig, probes: Probes, noise: tuple[str, ...] = (), say: Callable[[str], None] | None = None,
+        store: DecodedShards | None = None,
+    ) -> None:  # fmt: skip
+        self.cfg, self.probes, self.noise, self.store = cfg, probes, noise, store
         self.say: Callable[[str], None] = say or (lambda msg: None)
         self.lists = devkit.find_distractor_lists(cfg.lists) if cfg.lists else {}
         if cfg.distractors is not None:
@@ -154,16 +177,19 @@ class DistractorLists:
         paths = [self.paths[i] for i in pos]
         drawn = cfg.out / devkit.distractor_list_name(self.name, size, cfg.set_number)
         drawn.parent.mkdir(parents=True, exist_ok=True)
-        devkit.write_distractor_list(drawn, paths)
+        # Writing the list (1M entries: ~1 s of JSON, checksum and fsync) runs beside the scoring; settle() waits.
+        pool = ThreadPoolExecutor(1, thread_name_prefix="write-list")
+        pending = pool.submit(_write_drawn, drawn, paths)
+        pool.shutdown(wait=False)  # the thread ends with its one task
         record = {"source": "drawn", "seed": cfg.seed, "written": str(drawn), **self.draw_record(),
-                  **selection_record(paths), "warnings": []}  # fmt: skip
+                  "count": len(paths), _PENDING: pending, "warnings": []}  # fmt: skip
         self.say(f"size {size:>9,}: no list given, drew {size:,} distractors with seed {cfg.seed} from "
                  f"{record['candidates']:,} candidates of the {record['rows']:,} rows of {cfg.distractors} "
                  f"(excluded {record['excluded_probe_images']:,} probe images and "
                  f"{record['excluded_probe_identities']:,} other images of probe identities); "
                  f"written to {drawn}")  # fmt: skip
         ids = self.ids[pos[self._drop_noisy(paths, record)]]
-        return ShardDistractors(cfg.distractors, ids, attributes), record
+        return ShardDistractors(cfg.distractors, ids, attributes, self.store), record
 
     def _given(self, size: int, listed: Path, attributes: tuple[str, ...]) -> tuple[DistractorSource, dict[str, Any]]:
         cfg = self.cfg
@@ -180,7 +206,7 @@ class DistractorLists:
             pos = list_positions(self._keys, paths, f"distractors {cfg.distractors} vs list {listed}")
             ov = self._overlap
             self._check_given(listed, paths, ProbeOverlap(ov.image[pos], ov.identity[pos]), record)
-            return ShardDistractors(cfg.distractors, self.ids[pos], attributes), record
+            return ShardDistractors(cfg.distractors, self.ids[pos], attributes, self.store), record
         assert cfg.distractor_root is not None, "a list without shard rows needs a devkit feature root"
         self._check_given(listed, paths, probe_overlap(self.probes, [devkit.stem_key(p) for p in paths]), record)
         return DevkitDistractors(cfg.distractor_root, paths, cfg.file_ending), record
@@ -208,4 +234,4 @@ class DistractorLists:
             )  # fmt: skip
 
 
-__all__ = ["DEFAULT_SIZES", "DistractorLists", "ListConfig"]
+__all__ = ["DEFAULT_SIZES", "DistractorLists", "ListConfig", "settle"]

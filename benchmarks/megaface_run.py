@@ -40,8 +40,9 @@ from facesearch.benchmarks.megaface_data import (
     probes_from_devkit,
     probes_from_shards,
 )
-from facesearch.benchmarks.megaface_lists import DEFAULT_SIZES, DistractorLists, ListConfig
+from facesearch.benchmarks.megaface_lists import DEFAULT_SIZES, DistractorLists, ListConfig, settle
 from facesearch.benchmarks.megaface_soft import SoftDistractors, soft_features
+from facesearch.benchmarks.megaface_store import DecodedShards, fits
 from facesearch.engine.filter_cost import AttributeStats, FilterCost, statistics_from_source
 from facesearch.indexer import shards
 from facesearch.indexer.embed import EmbedConfig
@@ -162,14 +163,14 @@ def _algorithm(cfg: BenchConfig, probes: Probes) -> str:
 
 
 def _distractor_lists(
-    cfg: BenchConfig, probes: Probes, noise: tuple[str, ...], say: Callable[[str], None]
+    cfg: BenchConfig, probes: Probes, noise: tuple[str, ...], say: Callable[[str], None], store: DecodedShards | None
 ) -> DistractorLists:
     """The run's distractor selections; drawn lists go to ``<out>/lists``."""
     lists = ListConfig(out=cfg.out / "lists", distractors=cfg.distractors, distractor_root=cfg.distractor_root,
                        lists=cfg.distractor_lists, file_ending=cfg.file_ending, sizes=cfg.sizes,
                        set_number=cfg.set_number, seed=cfg.seed, name=cfg.distractor_name,
                        allow_probe_overlap=cfg.allow_probe_overlap)  # fmt: skip
-    return DistractorLists(lists, probes, noise, say)
+    return DistractorLists(lists, probes, noise, say, store)
 
 
 def _evaluate(
@@ -190,11 +191,11 @@ def _evaluate(
     for guess in (True, False):
         ev = Evaluation(ProbeSet(xq, probes.identity, codes), src.n, far_max=cfg.far_max, device=device,
                         screen=cfg.screen, guess=guess)  # fmt: skip
-        # Not in memory yet: a background thread decodes the blocks (running ahead while they are cached) and the
-        # scoring leaves it a core until it is done — decoding beside scoring on every core slowed the products'
-        # threads (each waits for the core the decoder holds) more than the decoding took.
+        # Not in memory yet: a background thread decodes the blocks (the run's store, or the prefetch below running
+        # ahead while they are cached) and the scoring leaves it a core until it is done — decoding beside scoring on
+        # every core slowed the products' threads (each waits for the core the decoder holds) more than it took.
         finished = threading.Event()
-        share = src.rows is None and threads > 1
+        share = src.decoding() and threads > 1
         blocks = prefetch(stream.blocks(), ahead=lambda: src.caching, finished=finished) if src.rows is None else (
             stream.blocks())  # fmt: skip
         read = 0.0
@@ -204,7 +205,7 @@ def _evaluate(
             t_read = time.perf_counter()
             for xb, attrs in blocks:
                 read += time.perf_counter() - t_read
-                if share and finished.is_set():
+                if share and (finished.is_set() or not src.decoding()):
                     torch.set_num_threads(threads)
                     share = False
                 ev.add(xb, flt.codes(attrs, "distractors") if exclude and flt is not None else None)
@@ -411,6 +412,20 @@ def run_megaface(cfg: BenchConfig, progress: Callable[[str], None] | None = None
     device = str(resolve_device(cfg.device))
     cfg.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    # The distractor shards decode from now on, once for every size, beside everything up to the scoring (a
+    # directory too large for memory is decoded per size as it streams).
+    attrs = tuple(dict.fromkeys(a for f in cfg.filters for a in f.attributes))
+    store = DecodedShards(cfg.distractors, attrs) if cfg.distractors is not None and fits(cfg.distractors) else None
+    try:
+        return _run(cfg, say, device, t0, store)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _run(
+    cfg: BenchConfig, say: Callable[[str], None], device: str, t0: float, store: DecodedShards | None
+) -> list[dict[str, Any]]:
     probes = _load_probes(cfg)
     _check_mates(cfg, probes)
     noise: tuple[str, ...] = ()
@@ -420,7 +435,7 @@ def run_megaface(cfg: BenchConfig, progress: Callable[[str], None] | None = None
         probes.provenance["noisy_probes_replaced"] = n_noisy
         noise = devkit.read_noise_list(cfg.distractor_noise)
     alg = _algorithm(cfg, probes)
-    lists = _distractor_lists(cfg, probes, noise, say)
+    lists = _distractor_lists(cfg, probes, noise, say, store)
     names = (_probe_name(cfg), lists.name)
     filters = _resolve_filters(cfg, say)
     attrs = tuple(dict.fromkeys(a for f, _ in filters for a in f.attributes))
@@ -431,6 +446,7 @@ def run_megaface(cfg: BenchConfig, progress: Callable[[str], None] | None = None
         listed, record = lists.source(size, attrs)
         src = CachedDistractors(listed)  # read once for every variant of the size
         out, secs = _evaluate(probes, src, cfg, device, None)
+        settle(record)
         res = _result(cfg, alg, probes, src, record, out, size, None, names)
         results.append(res)
         _write(cfg, res)

@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from facesearch.benchmarks import devkit
+from facesearch.benchmarks.megaface_data import selection_record
 from facesearch.benchmarks.megaface_run import BenchConfig, run_megaface
 from facesearch.cli import main
 from facesearch.indexer.synth_features import SynthFeaturesConfig, write_synth_features
@@ -62,6 +63,8 @@ def test_drawn_list_from_the_probe_directory_excludes_probe_images_and_identitie
     probes = devkit.read_probe_list(data / "facescrub_features_list.json")
     listed = devkit.read_distractor_list(Path(rec["written"]))
     assert len(listed) == 500
+    # written beside the scoring, settled before the result: the record checks the file, nothing left pending
+    assert {k: rec[k] for k in ("count", "sha256")} == selection_record(listed) and "_pending" not in rec
     assert not set(map(devkit.stem_key, listed)) & set(map(devkit.stem_key, probes.paths)), "no probe image"
     assert not {_identity(p) for p in listed} & set(probes.ids), "no image of a probe identity"
     said = "\n".join(messages)
