@@ -115,7 +115,7 @@ class DecodedShards:
         pos, row_bytes = 0, self.rows.shape[1] * self.dtype.itemsize
         try:
             blocks = shards.iter_shards(self.directory, BLOCK_ROWS, columns=list(self.attributes),
-                                        dtype=self.dtype.type, threads=False)  # fmt: skip
+                                        dtype=self.dtype.type, threads=False, joined=False)  # fmt: skip
             for block in blocks:
                 if self._stop:
                     return

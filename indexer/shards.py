@@ -407,13 +407,16 @@ def iter_shards(
     only_ok: bool = True,
     allow_incomplete: bool = False,
     threads: bool = True,
+    joined: bool = True,
 ) -> Iterator[Block]:
     """Stream the rows of a shard directory as :class:`Block` s of at most ``block_rows`` rows, in id order, across
-    shard boundaries.  ``columns``: the ``meta`` columns (``None`` = all but ``id`` / ``embedding``; ``[]`` = none).
-    ``dtype``: ``np.float32`` or ``np.float16`` for ``xb`` (an explicit cast from the stored dtype).
-    ``only_ok`` drops failed rows.  An incomplete directory (a job still running or killed) raises unless
-    ``allow_incomplete``.  ``threads=False`` decodes on the calling thread only.  Memory is bounded by ``block_rows``
-    (plus one shard of up to 4 blocks, or one Parquet row group of a larger shard)."""
+    shard boundaries (``joined=False``: a block per decoded Parquet batch, as many rows or fewer, its ``xb`` a
+    view of the decoded values where no row failed, instead of a copy joining batches into full blocks).
+    ``columns``: the ``meta`` columns (``None`` = all but ``id`` / ``embedding``; ``[]`` = none). ``dtype``:
+    ``np.float32`` or ``np.float16`` for ``xb`` (an explicit cast from the stored dtype). ``only_ok`` drops
+    failed rows.  An incomplete directory (a job still running or killed) raises unless ``allow_incomplete``.
+    ``threads=False`` decodes on the calling thread only.  Memory is bounded by ``block_rows`` (plus one shard of
+    up to 4 blocks, or one Parquet row group of a larger shard)."""
     if block_rows < 1:
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
     if np.dtype(dtype) not in (np.float16, np.float32):
@@ -437,6 +440,10 @@ def iter_shards(
                     ok = pc.equal(batch.column("status"), "ok")
                     if not pc.all(ok).as_py():  # filtering copies every column: only when a row failed
                         batch = batch.filter(ok)
+                if not joined:
+                    if batch.num_rows:
+                        yield _to_block([batch], meta_cols, manifest.d, dtype)
+                    continue
                 while batch.num_rows:
                     take = batch.slice(0, block_rows - size)
                     pending.append(take)

@@ -93,6 +93,13 @@ def test_blocks_across_shard_boundaries(tmp_path: Path) -> None:
         np.testing.assert_array_equal(np.concatenate([b.ids for b in blocks]), whole.ids)
         np.testing.assert_array_equal(np.concatenate([b.xb for b in blocks]), whole.xb)
         assert pa.concat_tables([b.meta for b in blocks]).equals(whole.meta)
+        loose = list(
+            iter_shards(tmp_path, block_rows=block_rows, columns=["path", "Male"], threads=threads, joined=False)
+        )  # a block per decoded batch: never across shards, never joined
+        assert all(0 < len(b) <= block_rows for b in loose) and len(loose) >= len(blocks)
+        np.testing.assert_array_equal(np.concatenate([b.ids for b in loose]), whole.ids)
+        np.testing.assert_array_equal(np.concatenate([b.xb for b in loose]), whole.xb)
+        assert pa.concat_tables([b.meta for b in loose]).equals(whole.meta)
     assert whole.xb.dtype == np.float32 and whole.meta.column_names == ["path", "Male"]
     assert not (whole.ids % 5 == 0).any()  # only_ok drops the failed rows
 
