@@ -556,7 +556,7 @@ class Evaluation:
         if not self.keep_all and self.neg.size > self.keep:
             self._prune()  # sort only what can matter
         v, r, c = self.neg.arrays()
-        order = np.argsort(-v, kind="stable")
+        order = _descending(v)
         v, r, c = v[order], r[order], c[order]
         eps = self.eps
         if self.guess > -np.inf and (len(v) < self.keep or self.guess > float(np.float32(v[self.keep - 1] - 2 * eps))):
@@ -653,6 +653,19 @@ def _rescore_chunks(p64: np.ndarray, r: np.ndarray, xb: np.ndarray, where: np.nd
         for s in starts:
             chunk(s)
     return out
+
+
+def _descending(v: np.ndarray) -> np.ndarray:
+    """``np.argsort(-v, kind="stable")`` for float32 ``v``: one sort of 64-bit keys (the score's bits, mapped so that
+    unsigned order is descending score order, above the position), 0.07-0.27 s against 0.5 s for 3.6M scores."""
+    if v.dtype != np.float32 or len(v) >= 1 << 32:
+        return np.argsort(-v, kind="stable")
+    b = (v + np.float32(0)).view(np.uint32)  # -0.0 -> +0.0: equal scores get equal keys
+    asc = np.where(b >> 31, ~b, b | np.uint32(0x80000000))  # the float order as unsigned integers
+    key = (~asc).astype(np.uint64) << np.uint64(32)
+    key |= np.arange(len(v), dtype=np.uint64)
+    key.sort()
+    return (key & np.uint64(0xFFFFFFFF)).astype(np.int64)
 
 
 def _select(S: torch.Tensor, t_row: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

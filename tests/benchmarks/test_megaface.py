@@ -250,3 +250,16 @@ def test_rows_below_one_over_n_neg_are_marked_unsupported():
     flags = {r["far"]: r["supported"] for r in points}
     assert flags[0.0] and flags[1e-3] and flags[1.0]
     assert not flags[1e-6] and not flags[1e-5] and not flags[1e-4]
+
+
+def test_descending_order_is_the_stable_argsort() -> None:
+    from facesearch.benchmarks.megaface import _descending
+
+    rng = np.random.default_rng(5)
+    v = rng.standard_normal(10_000).astype(np.float32)
+    v[::7] = v[1::7][: len(v[::7])]  # ties
+    v[::101], v[1::101] = 0.0, -0.0  # signed zeros are one score
+    v[:4] = [np.float32(3.4e38), np.float32(-3.4e38), np.float32(1e-45), np.float32(-1e-45)]  # extremes, subnormals
+    assert np.array_equal(_descending(v), np.argsort(-v, kind="stable"))
+    assert np.array_equal(_descending(v.astype(np.float64)), np.argsort(-v, kind="stable"))  # other dtypes: argsort
+    assert _descending(np.zeros(0, np.float32)).tolist() == []
