@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from facesearch.benchmarks import devkit
@@ -396,10 +397,12 @@ def shard_rows(directory: Path) -> tuple[np.ndarray, list[str], list[str | None]
     ids, keys, idents = [], [], []
     for entry in manifest.shards:
         t = pq.read_table(directory / entry.file, columns=["id", "path", "identity", "status"])
-        ok = np.asarray(t.column("status").to_pylist()) == "ok" if len(t) else np.zeros(0, bool)
-        ids.append(t.column("id").to_numpy()[ok])
-        keys += [p for p, o in zip(t.column("path").to_pylist(), ok, strict=True) if o]
-        idents += [i for i, o in zip(t.column("identity").to_pylist(), ok, strict=True) if o]
+        ok = pc.equal(t.column("status"), "ok")
+        if not pc.all(ok).as_py():
+            t = t.filter(ok)
+        ids.append(t.column("id").to_numpy())
+        keys += t.column("path").to_pylist()
+        idents += t.column("identity").to_pylist()
     return (np.concatenate(ids) if ids else np.zeros(0, np.int64)), keys, idents
 
 
