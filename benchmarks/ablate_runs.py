@@ -35,7 +35,7 @@ from facesearch.benchmarks.ablate_plan import Tier, Variant
 from facesearch.benchmarks.ablate_shared import Shared
 from facesearch.benchmarks.ablate_stats import attribute_counts, attribute_rates, rank1_by_identity
 from facesearch.benchmarks.lfw import evaluate_lfw, read_pairs
-from facesearch.benchmarks.megaface import NAMED_FARS
+from facesearch.benchmarks.megaface_exact import NAMED_FARS
 from facesearch.benchmarks.megaface_run import BenchConfig, run_megaface
 from facesearch.benchmarks.report import NA_FAR
 from facesearch.indexer import shards

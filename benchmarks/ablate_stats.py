@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from facesearch.benchmarks.megaface import canonical_normalize, canonical_scores
+from facesearch.benchmarks.megaface_exact import canonical_normalize, canonical_scores
 
 #: Fields of the last axis of :func:`attribute_counts`.
 COUNT_FIELDS: tuple[str, ...] = ("tp", "pos", "tn", "neg")

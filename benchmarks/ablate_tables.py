@@ -29,7 +29,7 @@ from facesearch.benchmarks.ablate_stats import (
     paired_attribute_difference,
     paired_ratio_difference,
 )
-from facesearch.benchmarks.megaface import NAMED_FARS, floor_m
+from facesearch.benchmarks.megaface_exact import NAMED_FARS, floor_m
 from facesearch.model.fileio import atomic_write_text
 from facesearch.model.provenance import provenance
 from facesearch.model.tables import render_table

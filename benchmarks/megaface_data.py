@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from facesearch.benchmarks import devkit
-from facesearch.benchmarks.megaface import canonical_normalize
+from facesearch.benchmarks.megaface_exact import canonical_normalize
 from facesearch.benchmarks.megaface_store import BLOCK_ROWS, Arena, DecodedShards, shard_attributes
 from facesearch.engine.filter_cost import MODES, AttributeStats, FilterCost, choose_margins, predicted_cost
 from facesearch.indexer import shards

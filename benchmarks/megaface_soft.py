@@ -18,8 +18,8 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from facesearch.benchmarks.megaface import canonical_normalize
 from facesearch.benchmarks.megaface_data import DistractorSource
+from facesearch.benchmarks.megaface_exact import canonical_normalize
 
 
 def soft_features(x: np.ndarray, probs: Mapping[str, np.ndarray], attributes: Sequence[str], weight: float,
