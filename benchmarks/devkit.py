@@ -349,10 +349,26 @@ def compress_curve(x: FloatSeq, y: FloatSeq, step: float = 0.01) -> tuple[list[f
     xs, ys = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if xs.shape != ys.shape or xs.ndim != 1 or xs.size == 0:
         raise ValueError(f"x and y must be non-empty 1-d and equal in length, got shapes {xs.shape} and {ys.shape}")
-    ylist, keep = ys.tolist(), [0]  # a plain-float loop: ~0.1 s for a 1M-rank CMC
-    for i in range(1, len(ylist) - 1):
-        if ylist[i] - ylist[keep[-1]] >= step - 1e-12:
-            keep.append(i)
+    ylist, keep, rise = ys.tolist(), [0], step - 1e-12
+    if len(ylist) > 2 and bool(np.all(ys[1:] >= ys[:-1])):
+        # a non-decreasing curve (CMC, ROC): fl(y[i] - y[last]) >= rise is monotone in i, so each next point is a
+        # bisection away (~100 points of a 1M-rank CMC instead of a 1M-step loop); the same points as the loop
+        n = len(ylist) - 1
+        while True:
+            base, lo, hi = ylist[keep[-1]], keep[-1] + 1, n  # the first i in [lo, n) that rises enough, else n
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if ylist[mid] - base >= rise:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            if lo >= n:
+                break
+            keep.append(lo)
+    else:
+        for i in range(1, len(ylist) - 1):
+            if ylist[i] - ylist[keep[-1]] >= rise:
+                keep.append(i)
     if len(ylist) > 1:
         keep.append(len(ylist) - 1)
     return [float(xs[i]) for i in keep], [float(ys[i]) for i in keep]

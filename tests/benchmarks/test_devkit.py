@@ -296,6 +296,31 @@ def test_compress_curve_rule() -> None:
         compress_curve([0, 1], [0.5])
 
 
+def _compress_by_definition(x: list[float], y: list[float], step: float) -> tuple[list[float], list[float]]:
+    keep = [0]
+    for i in range(1, len(y) - 1):
+        if y[i] - y[keep[-1]] >= step - 1e-12:
+            keep.append(i)
+    keep += [len(y) - 1] if len(y) > 1 else []
+    return [float(x[i]) for i in keep], [float(y[i]) for i in keep]
+
+
+def test_compress_curve_equals_its_definition_on_monotone_and_other_curves() -> None:
+    """Non-decreasing curves are compressed by bisection; every kind gives the points of the defining loop."""
+    rng = np.random.default_rng(0)
+    for t in range(200):
+        n = int(rng.integers(1, 1500))
+        if t % 4 == 0:
+            y = rng.random(n)  # not monotone: the loop itself
+        elif t % 4 == 1:
+            y = np.round(np.sort(rng.random(n)), 2)  # plateaus and exact steps of 0.01
+        else:
+            y = np.cumsum(rng.choice([0.0, 0.0, 0.01, 0.005, 0.02, 1e-13, 0.0099999999999], n))
+        x = np.arange(n, dtype=float)
+        for step in (0.01, 0.05):
+            assert compress_curve(x, y, step) == _compress_by_definition(x.tolist(), y.tolist(), step)
+
+
 def test_devkit_json_round_trip(tmp_path: Path) -> None:
     assert devkit_result_name("facescrub", "megaface", "myalgo", 1000000, 1) == (
         "cmc_facescrub_megaface_myalgo_1000000_1.json"
