@@ -299,7 +299,10 @@ class ShardDistractors(DistractorSource):
             lo, hi = int(at[0]), int(at[-1]) + 1
             store.wait(hi)
             pick: slice | np.ndarray = slice(lo, hi) if hi - lo == len(at) else at
-            yield store.rows[pick], {name: store.attrs[name][pick] for name in self.attributes}
+            xb, attrs = store.rows[pick], {name: store.attrs[name][pick] for name in self.attributes}
+            for view in (xb, *attrs.values()):
+                view.flags.writeable = False  # views of the store, shared by every size and variant
+            yield xb, attrs
 
     def take(self, idx: np.ndarray) -> np.ndarray:
         if self.store is not None:

@@ -50,6 +50,7 @@ def test_store_holds_the_ok_rows_and_serves_selections(features: Path, monkeypat
         src = ShardDistractors(directory, ids, ("Male",), store)
         assert src.resident and not src.decoding()
         got = list(src.blocks())
+        assert not any(b.flags.writeable for b, _ in got)  # nobody writes into the shared store
         xb, attrs = _streamed(directory, ids, ("Male",))
         np.testing.assert_array_equal(np.concatenate([b for b, _ in got]), xb)
         np.testing.assert_array_equal(np.concatenate([m["Male"] for _, m in got]), attrs["Male"])
