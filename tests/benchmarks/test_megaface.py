@@ -253,7 +253,7 @@ def test_rows_below_one_over_n_neg_are_marked_unsupported():
 
 
 def test_descending_order_is_the_stable_argsort() -> None:
-    from facesearch.benchmarks.megaface import _descending
+    from facesearch.benchmarks.megaface_counts import _descending
 
     rng = np.random.default_rng(5)
     v = rng.standard_normal(10_000).astype(np.float32)
