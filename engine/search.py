@@ -31,8 +31,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, overload
 
@@ -41,7 +40,9 @@ import numpy as np
 from facesearch.engine.attribute_match import AttributeMatch, combined_loss, match_groups, resolve_match
 from facesearch.engine.filter_cost import literal_recall_loss, statistics_from_source
 from facesearch.engine.filters import Filter, parse_filter
+from facesearch.engine.results import Hit, QueryResult, drop_ids, format_results, pad_columns
 from facesearch.engine.selections import Selection, Selections
+from facesearch.engine.strategies import SELECTOR_MAX, STRATEGIES, SUBSET_MAX, FilterStrategies
 from facesearch.indexer.embed import predictor_crops
 from facesearch.indexer.faiss_import import faiss
 from facesearch.indexer.index import LoadedIndex, load_index
@@ -53,44 +54,7 @@ from facesearch.model.faces.prepare import FACE_REASONS, FaceFailure, prepare_im
 from facesearch.model.inference import Embedder, iter_embeddings
 from facesearch.model.predictors import AttributePredictor, load_predictor
 
-# flat: gather up to SUBSET_MAX (at 1M x 1024, 50 % passing: 139 ms against 154 for one query, 93 against 64
-# queries/s batched; benchmarks/RESULTS.md); FAISS kinds: selector up to SELECTOR_MAX
-SUBSET_MAX, SELECTOR_MAX = 0.5, 0.5
 AGGREGATES = ("max", "mean")
-STRATEGIES = ("auto", "subset", "masked", "selector", "postfilter")
-_BITMAP_MAX_IDS = 1 << 30  # ids below this: FAISS selectors are bitmaps (<= 128 MiB) instead of hash sets
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One gallery item (or, grouped, one identity with its best item) and its score."""
-
-    id: int
-    path: str
-    identity: str | None
-    score: float
-    attributes: dict[str, float] = field(default_factory=dict)
-    count: int = 1  # gallery items of this identity among the retrieved hits (grouped results)
-    rank_score: float | None = None  # soft mode: the combined score the hits are ranked by
-
-
-@dataclass(frozen=True)
-class QueryResult:
-    """The answer to one query: ranked hits, how they were found, and the open-set decision."""
-
-    hits: tuple[Hit, ...]
-    strategy: str
-    seconds: float
-    exact: bool
-    passing: int | None = None  # gallery items that pass the filter
-    accepted: bool | None = None  # best score >= threshold (None without a threshold)
-    expected_recall_loss: float | None = None  # share of a matching person's images the filter drops (validation)
-    margins: dict[str, float] | None = None  # attribute match: the confident margin of each matched attribute
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"hits": [h.__dict__ for h in self.hits], "strategy": self.strategy, "seconds": self.seconds,
-                "exact": self.exact, "passing": self.passing, "accepted": self.accepted,
-                "expected_recall_loss": self.expected_recall_loss, "margins": self.margins}  # fmt: skip
 
 
 def _index_predictor(
@@ -123,7 +87,7 @@ class UnknownIdError(KeyError, ValueError):
         return str(self.args[0]) if self.args else "unknown id"
 
 
-class SearchEngine:
+class SearchEngine(FilterStrategies):
     """A loaded index plus its metadata columns (for filters and hits)."""
 
     def __init__(
@@ -349,85 +313,6 @@ class SearchEngine:
         attrs = {a: float(c[a][row]) for a in self.attribute_names}
         return Hit(int(c["id"][row]), str(c["path"][row]), c["identity"][row], float(score), attrs, count, rank_score)
 
-    # -- retrieval ----------------------------------------------------------------------------------------------------
-    def _search_all(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.gallery is not None:
-            return self.gallery.search(xq, k)
-        return self.loaded.search(xq, min(k, self.loaded.index.ntotal))
-
-    def _subset(self, xq: np.ndarray, k: int, sel: Selection) -> tuple[np.ndarray, np.ndarray]:
-        if self.gallery is None:
-            raise ValueError(f"the subset strategy needs a flat index; this one is {self.index_kind}")
-        subset = self.selections.gathered(sel, self.gallery)  # a hot filter's rows, gathered once
-        return self.gallery.search(xq, k, rows=sel.rows if subset is None else subset)
-
-    def _masked(self, xq: np.ndarray, k: int, sel: Selection) -> tuple[np.ndarray, np.ndarray]:
-        if self.gallery is None:
-            raise ValueError(f"the masked strategy needs a flat index; this one is {self.index_kind}")
-        return self.gallery.search(xq, k, keep=sel.mask)
-
-    def _selector(self, xq: np.ndarray, k: int, sel: Selection) -> tuple[np.ndarray, np.ndarray]:
-        ids = self.columns["id"][sel.rows]
-        if not len(ids):
-            return np.full((len(xq), k), -np.inf, np.float32), np.full((len(xq), k), -1, np.int64)
-        sel, _bits = self._id_selector(ids)  # kept alive here: params.sel owns neither the selector nor its bits
-        params = self._params()
-        params.sel = sel
-        D, I = self.loaded.index.search(np.ascontiguousarray(xq, np.float32), min(k, len(ids)), params=params)
-        return D, I.astype(np.int64)
-
-    def _id_selector(self, ids: np.ndarray) -> tuple[Any, np.ndarray | None]:
-        """A FAISS selector of ``ids``: a bitmap indexed by id when the ids are small enough (bit tests; building a
-        hash set of 500k ids took ~100 ms per query), else ``IDSelectorBatch``; with the array the selector reads."""
-        low, top = self._id_span
-        if low >= 0 and top <= _BITMAP_MAX_IDS:
-            bits = np.zeros(top, bool)
-            bits[ids] = True
-            packed = np.packbits(bits, bitorder="little")  # FAISS: bit (i & 7) of byte i >> 3
-            return faiss.IDSelectorBitmap(top, faiss.swig_ptr(packed)), packed
-        return faiss.IDSelectorBatch(ids), None
-
-    def _params(self) -> Any:
-        """Search parameters of the index's type, carrying its configured nprobe / efSearch."""
-        index = self.loaded.index
-        ivf = faiss.try_extract_index_ivf(index)
-        if ivf is not None:
-            params = faiss.SearchParametersIVF()
-            params.nprobe = ivf.nprobe
-            return params
-        # the wrapped index comes back from FAISS as a plain ``Index``: downcast it to see the HNSW
-        inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
-        if isinstance(inner, faiss.IndexHNSW):
-            params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # missing from the stubs
-            params.efSearch = inner.hnsw.efSearch
-            return params
-        return faiss.SearchParameters()
-
-    def _passes(self, I: np.ndarray, passing_ids: np.ndarray) -> np.ndarray:
-        """Which returned ids (-1 = none) are among ``passing_ids`` (sorted)."""
-        pos = np.searchsorted(passing_ids, I).clip(0, max(len(passing_ids) - 1, 0))
-        return (I >= 0) & (passing_ids[pos] == I) if len(passing_ids) else np.zeros(I.shape, bool)
-
-    def _postfilter(self, xq: np.ndarray, k: int, sel: Selection) -> tuple[np.ndarray, np.ndarray]:
-        """Over-fetch from the FAISS index and keep the passing hits; only the queries still short of k are fetched
-        again, each time twice as deep."""
-        nb, p = len(sel.mask), max(sel.passing / max(len(sel.mask), 1), 1e-9)
-        passing_ids = np.sort(self.columns["id"][sel.rows])
-        want = min(k, len(passing_ids))
-        out_D = np.full((len(xq), k), -np.inf, np.float32)
-        out_I = np.full((len(xq), k), -1, np.int64)
-        todo = np.arange(len(xq))
-        depth = min(nb, math.ceil(1.5 * k / p) + 16)
-        while len(todo):
-            D, I = self.loaded.search(xq[todo], depth)
-            ok = self._passes(I, passing_ids)
-            done = (ok.sum(axis=1) >= want) | (depth >= nb)
-            for j in np.flatnonzero(done):
-                keep = np.flatnonzero(ok[j])[:want]
-                out_D[todo[j], : len(keep)], out_I[todo[j], : len(keep)] = D[j, keep], I[j, keep]
-            todo, depth = todo[~done], min(nb, depth * 2)
-        return out_D, out_I
-
     def retrieve(
         self, xq: np.ndarray, k: int, flt: Filter | np.ndarray | None = None, strategy: str = "auto"
     ) -> tuple[np.ndarray, np.ndarray, str, int]:
@@ -438,7 +323,7 @@ class SearchEngine:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
         if flt is None:
-            D, I = _pad(*self._search_all(xq, k), k)
+            D, I = pad_columns(*self._search_all(xq, k), k)
             return D, I, "none", len(self.columns["id"])
         sel = Selection.of(flt) if isinstance(flt, np.ndarray) else self.selections.get(flt)
         passing = sel.passing
@@ -450,7 +335,7 @@ class SearchEngine:
                 strategy = "selector" if p <= SELECTOR_MAX else "postfilter"
         run = {"subset": self._subset, "masked": self._masked, "selector": self._selector,
                "postfilter": self._postfilter}[strategy]  # fmt: skip
-        D, I = _pad(*run(xq, k, sel), k)
+        D, I = pad_columns(*run(xq, k, sel), k)
         return D, I, strategy, passing
 
     # -- the public query ---------------------------------------------------------------------------------------------
@@ -547,7 +432,7 @@ class SearchEngine:
             return self._retrieve_deep(xq, k, flt, strategy, grouped, exclude)
         extra = 0 if exclude is None else 1  # one more: the excluded item may be among the top k
         D, I, used, passing = self.retrieve(xq, k + extra, flt, strategy)
-        D, I = _drop(D, I, exclude)
+        D, I = drop_ids(D, I, exclude)
         return D, I, used, passing
 
     def _check(
@@ -594,15 +479,15 @@ class SearchEngine:
         nb = len(self.columns["id"])
         depth = max(1, min(nb, 10 * k))
         D, I, used, passing = self.retrieve(xq, depth, flt, strategy)
-        D, I = _drop(D, I, exclude)
+        D, I = drop_ids(D, I, exclude)
         short = np.array([grouped and self._identities(row) < k for row in I], dtype=bool)
         while short.any() and depth < min(passing, nb):
             depth = min(passing, nb, depth * 4)  # deeper than the passing items would only fetch padding
             todo = np.flatnonzero(short)
             # the strategy the first fetch used, so both fetches agree; unfiltered it reports "none", not a strategy
             D2, I2, _, _ = self.retrieve(xq[todo], depth, flt, strategy if flt is None else used)
-            D2, I2 = _drop(D2, I2, None if exclude is None else exclude[todo])
-            D, I = _pad(D, I, depth)
+            D2, I2 = drop_ids(D2, I2, None if exclude is None else exclude[todo])
+            D, I = pad_columns(D, I, depth)
             D[todo], I[todo] = D2, I2
             short[todo] = [self._identities(row) < k for row in I2]
         return D, I, used, passing
@@ -643,52 +528,6 @@ class SearchEngine:
             hits.append(self._hit(members[0][1], score, len(members), rank_score))
         hits.sort(key=lambda h: (-(h.score if h.rank_score is None else h.rank_score), h.id))
         return hits[:k]
-
-
-def _pad(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """D, I widened to k columns with -inf / -1: a FAISS search returns fewer columns when asked for more items
-    than it holds or than pass its selector, and callers stack answers of one width."""
-    if D.shape[1] >= k:
-        return D, I
-    width = ((0, 0), (0, k - D.shape[1]))
-    return np.pad(D, width, constant_values=-np.inf), np.pad(I, width, constant_values=-1)
-
-
-def _drop(D: np.ndarray, I: np.ndarray, exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Each row of D, I (nq, c) without the id ``exclude[q]``: later hits move up, the row ends in -inf / -1."""
-    if exclude is None:
-        return D, I
-    gone = (I == exclude[:, None]) & (I >= 0)
-    if not gone.any():
-        return D, I
-    order = np.argsort(gone, axis=1, kind="stable")  # kept hits first, in their order
-    D = np.take_along_axis(np.where(gone, -np.inf, D), order, 1).astype(np.float32)
-    return D, np.take_along_axis(np.where(gone, -1, I), order, 1)
-
-
-def format_results(
-    names: Sequence[str], results: Sequence[QueryResult], attrs: Sequence[str] = (), first: Iterable[str] = ()
-) -> str:
-    """The readable table of ranked hits per query (what `facesearch search` prints): three attribute
-    probabilities per hit, those named in ``first`` (e.g. the filter's) before the others."""
-    wanted = set(first)
-    shown = ([a for a in attrs if a in wanted] + [a for a in attrs if a not in wanted])[:3]
-    lines = []
-    for name, res in zip(names, results, strict=True):
-        head = f"query {name}: {res.strategy} search, {res.seconds * 1e3:.1f} ms"
-        head += f", {res.passing:,} pass the filter" if res.strategy not in ("none",) else ""
-        if res.expected_recall_loss is not None:
-            head += f" (expected to drop {100 * res.expected_recall_loss:.1f} % of a matching person's images)"
-        head += "" if res.exact else " (approximate index)"
-        if res.accepted is not None:
-            head += ", ACCEPTED" if res.accepted else ", no match above the threshold"
-        lines += [head, f"  {'rank':>4}  {'score':>7}  {'id':>13}  {'identity':<20}  {'attributes':<46}  path"]
-        for r, h in enumerate(res.hits, 1):
-            top = ", ".join(f"{a}={h.attributes[a]:.2f}" for a in shown)
-            ident = "-" if h.identity is None else str(h.identity)[:20]
-            lines.append(f"  {r:>4}  {h.score:7.4f}  {h.id:>13}  {ident:<20}  {top:<46}  {h.path}")
-        lines.append("")
-    return "\n".join(lines)
 
 
 __all__ = [

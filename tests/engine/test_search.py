@@ -113,13 +113,13 @@ def test_flat_storage_used_in_place_in_table_order(gallery, tmp_path):
 
 def test_selector_without_a_bitmap(gallery, monkeypatch):
     """Galleries whose ids are too large for a bitmap selector use FAISS's hash-set selector: same answers."""
-    import facesearch.engine.search as search_module
+    import facesearch.engine.strategies as strategies_module
 
     eng = SearchEngine.open(gallery[1])
     xq = eng.vectors([3, 1000, 2500])
     ref = _brute(gallery, xq, 10, eng.parse("Male").mask(eng.columns))
     _check(eng.search(xq, k=10, filter="Male", strategy="selector"), ref, 10)
-    monkeypatch.setattr(search_module, "_BITMAP_MAX_IDS", 0)
+    monkeypatch.setattr(strategies_module, "_BITMAP_MAX_IDS", 0)
     assert eng._id_selector(np.array([1, 2]))[1] is None
     _check(eng.search(xq, k=10, filter="Male", strategy="selector"), ref, 10)
 
