@@ -28,9 +28,10 @@ floor(f_max * N_neg) + 1 negatives (plus an ``2 eps`` margin) are kept while str
 ``tau`` is resolved canonically (re-fetching the few distractors near it) only when a positive lies within ``eps``.
 A running threshold starts low (the first tile's own keep-th largest: ~12 % of its pairs at 1M) and rises slowly, so
 the negatives are filtered from the start by a *guess* instead: the quantile at ``2 f_max`` of the probes' scores
-against the first 1,024 distractors (3.6M scores at 3,530 probes).  ``finish``
-proves it (at least ``keep`` kept negatives lie ``2 eps`` above it, so nothing dropped can matter) or raises
-:class:`ThresholdGuessMissed`, and the run is repeated without the guess (``guess=False``) — never a wrong count.
+against the first 1,024 distractors (3.6M scores at 3,530 probes).  ``finish`` proves it (at least ``keep`` kept
+negatives lie ``2 eps`` above it, so nothing dropped can matter) or raises
+:class:`~facesearch.benchmarks.megaface_counts.ThresholdGuessMissed`, and the run is repeated without the guess
+(``guess=False``) — never a wrong count.
 
 **Filter (§6).** With attribute codes (two bit sets per row: attributes decided positive, decided negative; see
 :class:`facesearch.benchmarks.megaface_data.AttributeFilter`), probe p is compared only with the distractors whose
@@ -57,21 +58,16 @@ import numpy as np
 import torch
 
 from facesearch.benchmarks.megaface_counts import (
-    TIE_RULES,
     Counting,
     Negatives,
-    ThresholdGuessMissed,
     build_mates,
 )
 from facesearch.benchmarks.megaface_exact import (
-    NAMED_FARS,
     ExactRows,
     canonical_error,
     canonical_normalize,
-    canonical_scores,
     check_finite,
     compatible,
-    far_grid,
     floor_m,
     integer_row,
     screen_error,
@@ -336,21 +332,4 @@ def _ranges(n: np.ndarray) -> np.ndarray:
     return np.arange(total) - starts
 
 
-__all__ = [
-    "NAMED_FARS",
-    "SCREENS",
-    "TIE_RULES",
-    "Evaluation",
-    "ExactRows",
-    "ProbeSet",
-    "ThresholdGuessMissed",
-    "canonical_error",
-    "canonical_normalize",
-    "canonical_scores",
-    "check_finite",
-    "compatible",
-    "far_grid",
-    "floor_m",
-    "resolve_screen",
-    "screen_error",
-]
+__all__ = ["GUESS_COLUMNS", "GUESS_FACTOR", "GUESS_MIN_ABOVE", "SCREENS", "Evaluation", "ProbeSet", "resolve_screen"]

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from facesearch.benchmarks import devkit
 from facesearch.benchmarks.megaface_exact import canonical_normalize
-from facesearch.benchmarks.megaface_store import BLOCK_ROWS, Arena, DecodedShards, shard_attributes
+from facesearch.benchmarks.megaface_store import BLOCK_ROWS, STORE_LIMIT_BYTES, Arena, DecodedShards, shard_attributes
 from facesearch.engine.filter_cost import MODES, AttributeStats, FilterCost, choose_margins, predicted_cost
 from facesearch.indexer import shards
 
@@ -339,7 +339,7 @@ class CachedDistractors(DistractorSource):
     (``MADV_POPULATE_WRITE``, Linux >= 5.14): on a VM, faulting 2 GB in one 4 KiB page at a time cost ~4 s of kernel
     time against ~0.5 s in bulk."""
 
-    def __init__(self, source: DistractorSource, limit_bytes: int = 3 << 30) -> None:
+    def __init__(self, source: DistractorSource, limit_bytes: int = STORE_LIMIT_BYTES) -> None:
         self.source, self.limit = source, limit_bytes
         self.n, self.attributes, self.provenance = source.n, source.attributes, source.provenance
         self.rows: np.ndarray | None = None

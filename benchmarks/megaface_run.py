@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from facesearch.benchmarks import devkit, report
-from facesearch.benchmarks.megaface import NAMED_FARS, SCREENS, Evaluation, ProbeSet, ThresholdGuessMissed, floor_m
+from facesearch.benchmarks.megaface import SCREENS, Evaluation, ProbeSet
+from facesearch.benchmarks.megaface_counts import ThresholdGuessMissed
 from facesearch.benchmarks.megaface_data import (
     AttributeFilter,
     CachedDistractors,
@@ -40,6 +41,7 @@ from facesearch.benchmarks.megaface_data import (
     probes_from_devkit,
     probes_from_shards,
 )
+from facesearch.benchmarks.megaface_exact import NAMED_FARS, floor_m
 from facesearch.benchmarks.megaface_lists import DEFAULT_SIZES, DistractorLists, ListConfig, settle
 from facesearch.benchmarks.megaface_soft import SoftDistractors, soft_features
 from facesearch.benchmarks.megaface_store import DecodedShards, fits

@@ -7,7 +7,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from facesearch.benchmarks.megaface import canonical_normalize, far_grid
+from facesearch.benchmarks.megaface_exact import canonical_normalize, far_grid
 
 WINDOW = 1e-9  # canonical scores closer than this are compared exactly (far wider than float64 rounding)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from facesearch.benchmarks.megaface import Evaluation, ProbeSet, ThresholdGuessMissed, canonical_normalize, floor_m
+from facesearch.benchmarks.megaface import Evaluation, ProbeSet
+from facesearch.benchmarks.megaface_counts import ThresholdGuessMissed
+from facesearch.benchmarks.megaface_exact import canonical_normalize, floor_m
 from facesearch.indexer.screen import int8_products_exact
 
 #: The harness's screens to test: float32 everywhere, int8 where this CPU's int8 sums are exact.

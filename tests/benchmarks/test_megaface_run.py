@@ -14,7 +14,8 @@ import torch
 from click.testing import CliRunner
 
 from facesearch.benchmarks import devkit
-from facesearch.benchmarks.megaface import Evaluation, ProbeSet, ThresholdGuessMissed
+from facesearch.benchmarks.megaface import Evaluation, ProbeSet
+from facesearch.benchmarks.megaface_counts import ThresholdGuessMissed
 from facesearch.benchmarks.megaface_data import AttributeFilter, CachedDistractors, ShardDistractors, shard_paths
 from facesearch.benchmarks.megaface_run import BenchConfig, run_megaface
 from facesearch.cli import main

@@ -9,14 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from facesearch.benchmarks.megaface import (
-    Evaluation,
-    ProbeSet,
-    ThresholdGuessMissed,
-    _select,
-    canonical_normalize,
-    resolve_screen,
-)
+from facesearch.benchmarks.megaface import Evaluation, ProbeSet, _select, resolve_screen
+from facesearch.benchmarks.megaface_counts import ThresholdGuessMissed
+from facesearch.benchmarks.megaface_exact import canonical_normalize
 from facesearch.benchmarks.megaface_run import BenchConfig
 from facesearch.benchmarks.megaface_screen import Int8Screen, Scratch, _group_rows
 from facesearch.indexer.screen import auto_screen, int8_products_exact, query_terms, screen_bound
